@@ -1,0 +1,30 @@
+"""cachemw: route-level caching for Starlette and FastAPI, responses first."""
+
+from cachemw.background import Supervisor
+from cachemw.config import Settings, load_settings
+from cachemw.entry import Entry
+from cachemw.middleware import CacheMiddleware
+from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration
+from cachemw.rules import RuleTable, build_rule_table, cache
+from cachemw.store import MemoryStore, RedisStore, Store, StoreError
+
+__all__ = [
+    "PRESETS",
+    "CacheMiddleware",
+    "ConfigError",
+    "Entry",
+    "MemoryStore",
+    "Policy",
+    "RedisStore",
+    "RuleTable",
+    "Settings",
+    "Store",
+    "StoreError",
+    "Supervisor",
+    "build_rule_table",
+    "cache",
+    "load_settings",
+    "parse_duration",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,195 @@
+"""The supervisor of detached work: responses first, everything else after.
+
+One supervisor owns one anyio task group for the app's lifetime. Request code
+hands it jobs with ``submit`` and returns at once; a bounded queue feeds a fixed
+pool of workers. Every job runs under a timeout and an exception barrier (one
+uncaught error would otherwise cancel the whole group). A full queue sheds the
+job and counts it; it never blocks a response. On shutdown the queue is drained
+within a grace period and what is left is cancelled, counted and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+__all__ = ["JobCounters", "Supervisor"]
+
+logger = logging.getLogger(__name__)
+
+JobFunction = Callable[..., Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class JobCounters:
+    queued: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    shed: int = 0
+    abandoned: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    kind: str
+    key: str
+    function: JobFunction
+    args: tuple[Any, ...]
+    timeout: float
+    retries: int
+
+
+@dataclass(slots=True)
+class _State:
+    send: MemoryObjectSendStream[_Job]
+    task_group: TaskGroup
+    workers_left: int
+    idle: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Supervisor:
+    """Bounded, supervised background work for one app.
+
+    ``queue_size`` bounds waiting jobs, ``concurrency`` the jobs running at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        queue_size: int = 10_000,
+        concurrency: int = 32,
+        job_timeout: float = 30.0,
+        grace_period: float = 10.0,
+        retry_backoff: float = 0.1,
+    ) -> None:
+        if queue_size < 1 or concurrency < 1:
+            raise ValueError("queue_size and concurrency must be at least 1")
+        self.queue_size = queue_size
+        self.concurrency = concurrency
+        self.job_timeout = job_timeout
+        self.grace_period = grace_period
+        self.retry_backoff = retry_backoff
+        self.counters: dict[str, JobCounters] = {}
+        self._state: _State | None = None
+        self._draining = False
+
+    @property
+    def running(self) -> bool:
+        """True while jobs are accepted: between startup and the start of shutdown."""
+        return self._state is not None and not self._draining
+
+    def counters_for(self, kind: str) -> JobCounters:
+        counters = self.counters.get(kind)
+        if counters is None:
+            counters = self.counters[kind] = JobCounters()
+        return counters
+
+    def submit(
+        self,
+        kind: str,
+        function: JobFunction,
+        *args: Any,
+        key: str = "",
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> bool:
+        """Queue ``function(*args)`` without waiting. False if the job was not taken.
+
+        Not taken means shed (queue full: counted) or no supervisor running (no
+        lifespan, or shutting down): the caller decides whether to run it inline.
+        """
+        counters = self.counters_for(kind)
+        state = self._state
+        if state is None or self._draining:
+            return False
+        job = _Job(kind, key, function, args, self.job_timeout if timeout is None else timeout, retries)
+        try:
+            state.send.send_nowait(job)
+        except anyio.WouldBlock:
+            counters.shed += 1
+            return False
+        counters.queued += 1
+        return True
+
+    @asynccontextmanager
+    async def run(self) -> AsyncIterator[Supervisor]:
+        """Own the task group for the app's lifetime; drain it on the way out."""
+        if self._state is not None:
+            raise RuntimeError("this supervisor is already running")
+        send, receive = anyio.create_memory_object_stream[_Job](self.queue_size)
+        async with anyio.create_task_group() as task_group:
+            self._state = _State(send, task_group, self.concurrency)
+            self._draining = False
+            async with receive:
+                for _ in range(self.concurrency):
+                    await task_group.start(self._worker, receive.clone())
+            try:
+                yield self
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.drain()
+                self._state = None
+
+    async def drain(self) -> None:
+        """Stop taking jobs, let the queue empty within the grace period, cancel the rest."""
+        state = self._state
+        if state is None or self._draining:
+            return
+        self._draining = True
+        state.send.close()
+        with anyio.move_on_after(self.grace_period):
+            await state.idle.wait()
+        if not state.idle.is_set():
+            left = 0
+            for counters in self.counters.values():
+                left += counters.queued + counters.running
+                counters.abandoned += counters.queued + counters.running
+            logger.warning("cachemw: shutdown grace period of %.1fs ran out; abandoned %d background jobs",
+                           self.grace_period, left)
+            state.task_group.cancel_scope.cancel()
+
+    async def _worker(
+        self, receive: MemoryObjectReceiveStream[_Job], *, task_status: TaskStatus[None]
+    ) -> None:
+        state = self._state
+        assert state is not None
+        task_status.started()
+        try:
+            async with receive:
+                async for job in receive:
+                    counters = self.counters_for(job.kind)
+                    counters.queued -= 1
+                    counters.running += 1
+                    try:
+                        await self._run(job, counters)
+                    finally:
+                        counters.running -= 1
+        finally:
+            state.workers_left -= 1
+            if state.workers_left == 0:
+                state.idle.set()
+
+    async def _run(self, job: _Job, counters: JobCounters) -> None:
+        for attempt in range(job.retries + 1):
+            try:
+                with anyio.fail_after(job.timeout):
+                    await job.function(*job.args)
+            except Exception as exc:  # the barrier: one job's failure never reaches the others
+                if attempt < job.retries:
+                    await anyio.sleep(min(self.retry_backoff * math.pow(2, attempt), 30.0))
+                    continue
+                counters.failed += 1
+                logger.warning("cachemw: background %s job failed (key %s): %r", job.kind, job.key or "-", exc,
+                               exc_info=not isinstance(exc, TimeoutError))
+                return
+            counters.done += 1
+            return

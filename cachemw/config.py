@@ -1,0 +1,196 @@
+"""Settings: the ``[cachemw]`` table of a TOML file, validated once, at startup.
+
+Every error names the file, the rule and the field, and nothing is guessed: an
+unknown key is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+
+__all__ = ["FileRule", "Settings", "load_settings"]
+
+REDIS_URL_ENV = "CACHEMW_REDIS_URL"
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_POLICY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class FileRule:
+    """One ``[[cachemw.rules]]`` entry; its policy is resolved and validated at load time."""
+
+    index: int  # 1-based, as a person counts rules in the file
+    route: str
+    policy: Policy
+    source: str  # e.g. 'cachemw.toml rule 2'
+
+    @property
+    def is_glob(self) -> bool:
+        return any(c in self.route for c in "*?[")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable outside the code; ``Settings()`` is the embedded default."""
+
+    redis_url: str | None = None
+    key_prefix: str = "cachemw"
+    store_timeout: float = 0.05
+    memory_max_bytes: int = 64 * 1024 * 1024
+    session_cookie: str = "session"
+    presets: Mapping[str, Policy] = field(default_factory=lambda: dict(PRESETS))
+    rules: tuple[FileRule, ...] = ()
+    source: str | None = None  # the file these came from
+
+
+_SETTING_KEYS = {"redis_url", "key_prefix", "store_timeout", "memory_max_bytes", "session_cookie"}
+_TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
+
+
+def load_settings(path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read a ``cachemw.toml`` (``[cachemw]``) or ``pyproject.toml`` (``[tool.cachemw]``).
+
+    ``None`` gives the defaults. ``CACHEMW_REDIS_URL`` overrides ``redis_url``.
+    """
+    env = os.environ if environ is None else environ
+    if path is None:
+        settings = Settings()
+    else:
+        settings = _parse_file(Path(path))
+    url = env.get(REDIS_URL_ENV)
+    if url:
+        settings = replace(settings, redis_url=url)
+    return settings
+
+
+def _parse_file(path: Path) -> Settings:
+    name = str(path)
+    try:
+        with path.open("rb") as fh:
+            document = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot be read: {exc}") from None
+
+    if path.name == "pyproject.toml":
+        table = document.get("tool", {}).get("cachemw")
+        if table is None:
+            raise ConfigError(f"{name}: has no [tool.cachemw] table")
+        where = f"{name}: [tool.cachemw]"
+    else:
+        extra = sorted(set(document) - {"cachemw"})
+        if extra:
+            raise ConfigError(f"{name}: unexpected top-level key(s) {extra}; everything goes under [cachemw]")
+        table = document.get("cachemw")
+        if table is None:
+            raise ConfigError(f"{name}: has no [cachemw] table")
+        where = f"{name}: [cachemw]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    return settings_from_table(table, source=name, where=where)
+
+
+def settings_from_table(table: Mapping[str, Any], *, source: str, where: str) -> Settings:
+    unknown = sorted(set(table) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(_TOP_KEYS)}")
+    values: dict[str, Any] = {"source": source}
+    for key in _SETTING_KEYS & set(table):
+        values[key] = _setting(key, table[key], where)
+    presets = _presets(table.get("policies", {}), source)
+    values["presets"] = presets
+    values["rules"] = _rules(table.get("rules", []), presets, source)
+    return Settings(**values)
+
+
+def _setting(key: str, raw: object, where: str) -> object:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: field {key!r}: {raw!r} is not valid; expected {expected}")
+
+    if key == "redis_url":
+        if not isinstance(raw, str) or not raw.startswith(("redis://", "rediss://", "unix://")):
+            raise bad("a URL starting with redis://, rediss:// or unix://")
+        return raw
+    if key == "key_prefix":
+        if not isinstance(raw, str) or not _PREFIX.fullmatch(raw):
+            raise bad("1-64 characters from A-Z a-z 0-9 _ . : -")
+        return raw
+    if key == "store_timeout":
+        try:
+            seconds = parse_duration(raw)
+        except ValueError:
+            raise bad('a duration such as "50ms" or 0.05') from None
+        if not 0 < seconds <= 10:
+            raise bad("a duration above 0 and at most 10 seconds")
+        return seconds
+    if key == "memory_max_bytes":
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1024:
+            raise bad("a whole number of bytes >= 1024")
+        return raw
+    if key == "session_cookie":
+        if not isinstance(raw, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", raw):
+            raise bad("a cookie name")
+        return raw
+    raise AssertionError(key)  # pragma: no cover
+
+
+def _presets(raw: object, source: str) -> dict[str, Policy]:
+    where = f"{source}: [cachemw.policies]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table of policy tables")
+    presets = dict(PRESETS)
+    for name, fields_ in raw.items():
+        here = f"{source}: policy {name!r}"
+        if not _POLICY_NAME.fullmatch(name):
+            raise ConfigError(f"{here}: a policy name is 1-64 characters from A-Z a-z 0-9 _ -")
+        if not isinstance(fields_, dict):
+            raise ConfigError(f"{here}: must be a table of fields")
+        # A policy table defines the preset completely: fields it does not name
+        # take their defaults, whatever a built-in of the same name said.
+        presets[name] = policy_from_fields(fields_, base=Policy(preset=name), where=here)
+    return presets
+
+
+def _rules(raw: object, presets: Mapping[str, Policy], source: str) -> tuple[FileRule, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: 'rules' must be an array of tables ([[cachemw.rules]])")
+    rules: list[FileRule] = []
+    for index, item in enumerate(raw, start=1):
+        here = f"{source}: rule {index}"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{here}: must be a table")
+        fields_ = dict(item)
+        route = fields_.pop("route", None)
+        if not isinstance(route, str) or not route.startswith("/"):
+            raise ConfigError(f"{here}: field 'route': {route!r} is not valid; expected a path template "
+                              'such as "/products/{id}" or a glob such as "/stats/*"')
+        here = f"{source}: rule {index} (route {route!r})"
+        base = resolve_preset(fields_.pop("policy", None), presets, here)
+        policy = policy_from_fields(fields_, base=base, where=here)
+        rules.append(FileRule(index=index, route=route, policy=policy, source=f"{source} rule {index}"))
+    return tuple(rules)
+
+
+def resolve_preset(name: object, presets: Mapping[str, Policy], where: str) -> Policy:
+    """The named preset, or no caching when ``name`` is None."""
+    if name is None:
+        return Policy()
+    if not isinstance(name, str) or name not in presets:
+        raise ConfigError(f"{where}: field 'policy': unknown policy {name!r}; known: {sorted(presets)}")
+    return presets[name]

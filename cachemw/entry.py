@@ -1,0 +1,101 @@
+"""The stored entry and its binary format.
+
+One codec module knows the bytes. A version byte leads so an old or foreign
+value is recognised and treated as a miss; nothing here can run code (no
+pickle), whatever bytes it is given.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+__all__ = ["Entry", "EntryDecodeError", "decode_entry", "encode_entry"]
+
+_MAGIC = b"CMW"
+VERSION = 1
+_HEAD = struct.Struct("<3sBdHHHI")  # magic, version, stored_at, status, n_headers, n_tags, body length
+_LEN2 = struct.Struct("<HH")
+_LEN1 = struct.Struct("<H")
+MAX_HEADERS = 256
+
+
+class EntryDecodeError(ValueError):
+    """The bytes are not an entry this version of cachemw wrote."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored response, headers ready to replay (ETag and Content-Length included)."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    stored_at: float
+    etag: bytes
+    tags: tuple[str, ...] = ()
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """Raises ValueError for an entry the format cannot hold (such a response is not stored)."""
+    if len(entry.headers) > MAX_HEADERS:
+        raise ValueError("too many headers to store")
+    try:
+        return _encode(entry)
+    except struct.error as exc:
+        raise ValueError(f"entry cannot be stored: {exc}") from None
+
+
+def _encode(entry: Entry) -> bytes:
+    parts = [
+        _HEAD.pack(_MAGIC, VERSION, entry.stored_at, entry.status, len(entry.headers), len(entry.tags),
+                   len(entry.body)),
+        _LEN1.pack(len(entry.etag)),
+        entry.etag,
+    ]
+    for name, value in entry.headers:
+        parts.append(_LEN2.pack(len(name), len(value)))
+        parts.append(name)
+        parts.append(value)
+    for tag in entry.tags:
+        raw = tag.encode()
+        parts.append(_LEN1.pack(len(raw)))
+        parts.append(raw)
+    parts.append(entry.body)
+    return b"".join(parts)
+
+
+def decode_entry(data: bytes) -> Entry:
+    try:
+        magic, version, stored_at, status, n_headers, n_tags, body_len = _HEAD.unpack_from(data, 0)
+        if magic != _MAGIC:
+            raise EntryDecodeError("not a cachemw entry")
+        if version != VERSION:
+            raise EntryDecodeError(f"entry format version {version}, expected {VERSION}")
+        if not 100 <= status <= 599 or n_headers > MAX_HEADERS or stored_at != stored_at:
+            raise EntryDecodeError("implausible entry header")
+        offset = _HEAD.size
+        (etag_len,) = _LEN1.unpack_from(data, offset)
+        offset += _LEN1.size
+        etag = data[offset : offset + etag_len]
+        offset += etag_len
+        headers = []
+        for _ in range(n_headers):
+            name_len, value_len = _LEN2.unpack_from(data, offset)
+            offset += _LEN2.size
+            name = data[offset : offset + name_len]
+            offset += name_len
+            headers.append((name, data[offset : offset + value_len]))
+            offset += value_len
+        tags = []
+        for _ in range(n_tags):
+            (tag_len,) = _LEN1.unpack_from(data, offset)
+            offset += _LEN1.size
+            tags.append(data[offset : offset + tag_len].decode())
+            offset += tag_len
+        body = data[offset:]
+    except (struct.error, UnicodeDecodeError, TypeError) as exc:
+        raise EntryDecodeError(f"truncated or malformed entry: {exc}") from None
+    if len(body) != body_len or len(etag) != etag_len:
+        raise EntryDecodeError("truncated or malformed entry")
+    return Entry(status, tuple(headers), body, stored_at, etag, tuple(tags))

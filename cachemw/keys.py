@@ -1,0 +1,138 @@
+"""The cache key of a request: everything the app reads that can change its answer.
+
+Pure over the ASGI scope. Keys stay bounded (the variable part is hashed) and
+keep the route template readable, so a route can be purged and an entry found
+by eye. The digest sits in a Redis Cluster hash tag so an entry and its lock
+share one slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.requests import cookie_parser
+
+from cachemw.policy import Policy
+
+__all__ = ["Identity", "KeyedRequest", "RequestHeaders", "SessionIdentity", "make_key", "route_path"]
+
+Scope = Mapping[str, Any]
+Identity = Callable[[Scope], "str | None"]
+
+
+class RequestHeaders:
+    """The request headers cachemw reads, gathered in one pass over the scope."""
+
+    __slots__ = ("_cookies", "values")
+
+    def __init__(self, scope: Scope) -> None:
+        values: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            if name in values:
+                separator = b"; " if name == b"cookie" else b", "
+                values[name] = values[name] + separator + value
+            else:
+                values[name] = value
+        self.values = values
+        self._cookies: dict[str, str] | None = None
+
+    def get(self, name: bytes) -> bytes | None:
+        return self.values.get(name)
+
+    def cookie(self, name: str) -> str | None:
+        raw = self.values.get(b"cookie")
+        if raw is None:
+            return None
+        if self._cookies is None:
+            self._cookies = cookie_parser(raw.decode("latin-1"))
+        return self._cookies.get(name)
+
+
+class SessionIdentity:
+    """Default identity: the session cookie, else the ``Authorization`` header.
+
+    Used both to key ``private`` entries and to keep requests that carry
+    credentials away from shared entries.
+    """
+
+    def __init__(self, cookie_name: str = "session") -> None:
+        self.cookie_name = cookie_name
+        self._needle = (cookie_name + "=").encode("latin-1")
+
+    def __call__(self, headers: RequestHeaders) -> str | None:
+        raw_cookie = headers.get(b"cookie")
+        if raw_cookie is not None and self._needle in raw_cookie:
+            value = headers.cookie(self.cookie_name)
+            if value:
+                return "c:" + value
+        authorization = headers.get(b"authorization")
+        if authorization:
+            return "a:" + authorization.decode("latin-1")
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedRequest:
+    key: str
+    query_string: bytes | None  # what the app must see instead, or None to leave the request as is
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches (Starlette's ``get_route_path``)."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if not root_path or not path.startswith(root_path):
+        return path
+    if path == root_path:
+        return ""
+    if path[len(root_path)] == "/":
+        return path[len(root_path) :]
+    return path
+
+
+def make_key(
+    scope: Scope, headers: RequestHeaders, policy: Policy, label: str, prefix: str, identity: str | None
+) -> KeyedRequest:
+    """Key GET and HEAD alike; ``identity`` is only given for private policies."""
+    query_string: bytes = scope.get("query_string", b"")
+    replacement: bytes | None = None
+    pairs: list[tuple[str, str]] = []
+    if query_string:
+        # Parse exactly as Starlette's QueryParams does, so the key sees what the app reads.
+        pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+        if policy.query is not None:
+            kept = [pair for pair in pairs if pair[0] in policy.query]
+            if len(kept) != len(pairs):
+                replacement = urlencode(kept).encode("latin-1")
+            pairs = kept
+        # Sorted by name only: a stable sort keeps repeated names in their order.
+        pairs.sort(key=_name)
+    elif policy.query is not None:
+        pairs = []
+
+    host = headers.get(b"host")
+    if host is None:
+        server = scope.get("server")
+        host = f"{server[0]}:{server[1]}".encode() if server else b""
+    vary = [headers.get(name.encode("latin-1")) for name in policy.vary_headers]
+    cookies = [headers.cookie(name) for name in policy.vary_cookies]
+    material = repr((
+        scope.get("scheme", "http"),
+        host.lower(),
+        scope.get("root_path", ""),
+        scope["path"],
+        pairs,
+        vary,
+        cookies,
+        identity,
+    ))
+    digest = hashlib.blake2b(material.encode("utf-8", "backslashreplace"), digest_size=16).hexdigest()
+    return KeyedRequest(f"{prefix}:e:{label}:{{{digest}}}", replacement)
+
+
+def _name(pair: tuple[str, str]) -> str:
+    return pair[0]

@@ -1,0 +1,203 @@
+"""Freshness policies: durations, presets, and the freshness decision.
+
+Pure: no I/O, no clock. Callers pass ``now`` in, so every decision is testable
+with plain numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = [
+    "DEFAULT_STATUSES",
+    "PRESETS",
+    "ConfigError",
+    "Freshness",
+    "Policy",
+    "freshness",
+    "parse_duration",
+    "policy_from_fields",
+]
+
+DEFAULT_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
+DEFAULT_MAX_BODY = 1024 * 1024
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class ConfigError(ValueError):
+    """A policy, rule or settings value is wrong; the message says where and why."""
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"90s"``, ``"5m"``, ``"6h"``, ``"2d"``, ``"250ms"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, (int, float)):
+        if value < 0 or value != value or value == float("inf"):
+            raise ValueError(f"{value!r} is not a duration: it must be a finite number >= 0")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(
+        f"{value!r} is not a duration; expected a number of seconds or a string like "
+        '"90s", "5m", "6h", "2d"'
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How one route is cached. Durations are seconds.
+
+    ``ttl == 0`` means the route is never answered from a shared cache (the
+    ``realtime`` preset); such a policy still carries ``invalidates``.
+    """
+
+    ttl: float = 0.0
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
+    sync: float = 0.0
+    vary: tuple[str, ...] = ()
+    query: tuple[str, ...] | None = None
+    private: bool = False
+    tags: tuple[str, ...] = ()
+    invalidates: tuple[str, ...] = ()
+    max_body: int = DEFAULT_MAX_BODY
+    statuses: frozenset[int] = DEFAULT_STATUSES
+    origin_timeout: float = 30.0
+    preset: str | None = field(default=None, compare=False)
+
+    @property
+    def cacheable(self) -> bool:
+        return self.ttl > 0
+
+    @property
+    def usable_for(self) -> float:
+        """How long after storing an entry can still be served in some way."""
+        return self.ttl + max(self.stale_while_revalidate, self.stale_if_error)
+
+    @property
+    def vary_headers(self) -> tuple[str, ...]:
+        return tuple(v for v in self.vary if not v.startswith("cookie:"))
+
+    @property
+    def vary_cookies(self) -> tuple[str, ...]:
+        return tuple(v[len("cookie:") :] for v in self.vary if v.startswith("cookie:"))
+
+
+PRESETS: Mapping[str, Policy] = {
+    # Shopping carts: must read in real time, never from a shared entry.
+    "realtime": Policy(preset="realtime"),
+    # Inboxes, product pages: may lag a few minutes.
+    "minutes": Policy(ttl=120.0, stale_while_revalidate=600.0, stale_if_error=3600.0, preset="minutes"),
+    # Aggregates and reports.
+    "hours": Policy(ttl=3600.0, stale_while_revalidate=6 * 3600.0, stale_if_error=86400.0, preset="hours"),
+    # Nearly static content.
+    "days": Policy(ttl=86400.0, stale_while_revalidate=7 * 86400.0, stale_if_error=7 * 86400.0, preset="days"),
+}
+
+POLICY_FIELDS: frozenset[str] = frozenset(f.name for f in fields(Policy)) - {"preset"}
+
+
+def _string_list(value: object, *, lower: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{value!r} is not a list of strings")
+    items: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"{value!r} is not a list of non-empty strings")
+        items.append(item.strip().lower() if lower else item.strip())
+    return tuple(items)
+
+
+def _vary(value: object) -> tuple[str, ...]:
+    items = _string_list(value, lower=True)
+    for item in items:
+        name = item[len("cookie:") :] if item.startswith("cookie:") else item
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", name):
+            raise ValueError(f"{item!r} is not a header name (or 'cookie:NAME')")
+    return items
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a whole number >= 0")
+    return value
+
+
+def _statuses(value: object) -> frozenset[int]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{value!r} is not a list of HTTP status codes")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
+            raise ValueError(f"{item!r} is not an HTTP status code (100-599)")
+    return frozenset(value)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+_PARSERS: dict[str, Any] = {
+    "ttl": parse_duration,
+    "stale_while_revalidate": parse_duration,
+    "stale_if_error": parse_duration,
+    "sync": parse_duration,
+    "origin_timeout": parse_duration,
+    "vary": _vary,
+    "query": _string_list,
+    "private": _bool,
+    "tags": _string_list,
+    "invalidates": _string_list,
+    "max_body": _positive_int,
+    "statuses": _statuses,
+}
+
+
+def policy_from_fields(values: Mapping[str, object], *, base: Policy, where: str) -> Policy:
+    """Validate raw field values (from TOML or a decorator) on top of ``base``.
+
+    ``where`` names the place for error messages, e.g. ``'cachemw.toml: rule 2 (route "/x")'``.
+    """
+    changes: dict[str, Any] = {}
+    for name, raw in values.items():
+        parser = _PARSERS.get(name)
+        if parser is None:
+            known = ", ".join(sorted(_PARSERS))
+            raise ConfigError(f"{where}: unknown field {name!r}; known fields: {known}")
+        try:
+            changes[name] = parser(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: field {name!r}: {exc}") from None
+    if "origin_timeout" in changes and changes["origin_timeout"] <= 0:
+        raise ConfigError(f"{where}: field 'origin_timeout': must be more than 0 seconds")
+    return replace(base, **changes)
+
+
+class Freshness(enum.Enum):
+    """Where an entry stands at ``now`` under a policy."""
+
+    FRESH = "fresh"
+    STALE = "stale"  # past ttl, inside stale_while_revalidate: serve and refresh
+    STALE_IF_ERROR = "stale-if-error"  # only usable if the origin fails
+    EXPIRED = "expired"
+
+
+def freshness(stored_at: float, policy: Policy, now: float) -> Freshness:
+    age = now - stored_at
+    if age < policy.ttl:
+        return Freshness.FRESH
+    if age < policy.ttl + policy.stale_while_revalidate:
+        return Freshness.STALE
+    if age < policy.ttl + policy.stale_if_error:
+        return Freshness.STALE_IF_ERROR
+    return Freshness.EXPIRED

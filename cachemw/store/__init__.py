@@ -1,0 +1,28 @@
+"""Stores: where cached entries live. The middleware only sees the ``Store`` protocol."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from cachemw.store.base import Store, StoreError
+from cachemw.store.memory import MemoryStore
+from cachemw.store.redis import RedisStore
+
+__all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "store_from_url"]
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int) -> Store:
+    """The store a configuration names: no URL means the in-process memory store."""
+    if url is None:
+        return MemoryStore(max_bytes=memory_max_bytes)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in _REDIS_SCHEMES:
+        return RedisStore.from_url(url, timeout=timeout)
+    accepted = ", ".join(f"{s}://" for s in _REDIS_SCHEMES)
+    # Don't echo the whole URL: it may carry a password.
+    raise ValueError(
+        f"unsupported store URL scheme {scheme + '://' if scheme else '(none)'}: "
+        f"accepted are {accepted}, or no URL for the in-process memory store"
+    )

@@ -1,0 +1,121 @@
+"""In-process store: an LRU bounded in bytes, for one process and for trying cachemw out.
+
+Also the building block of the per-process L1 in front of Redis, so ``get`` is kept
+to a dict lookup, one clock read and a ``move_to_end``. Everything runs on one event
+loop and nothing awaits inside a method, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["MemoryStore", "MemoryStoreStats"]
+
+
+@dataclass(frozen=True)
+class MemoryStoreStats:
+    """A snapshot of a MemoryStore's counters (for metrics and the CLI)."""
+
+    entries: int
+    bytes_used: int
+    max_bytes: int
+    evictions: int  # entries dropped to make room (LRU)
+    expirations: int  # expired entries dropped when touched
+    rejected: int  # values not stored because they alone exceed max_bytes
+
+
+class MemoryStore:
+    """LRU store bounded by ``max_bytes`` (key length + value length per entry).
+
+    Expired entries are dropped when touched, and otherwise age out through the LRU:
+    the byte bound holds either way. ``clock`` is injectable so tests control time.
+    """
+
+    __slots__ = ("_clock", "_data", "bytes_used", "evictions", "expirations", "max_bytes", "rejected")
+
+    def __init__(
+        self,
+        max_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._clock = clock
+        # key -> (value, expires_at on ``clock``); order = recency, oldest first.
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self.bytes_used = 0
+        self.evictions = 0
+        self.expirations = 0
+        self.rejected = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __bool__(self) -> bool:
+        # Without this an empty store would be falsy (because of __len__), and
+        # ``store or default`` would silently swap it out.
+        return True
+
+    @property
+    def stats(self) -> MemoryStoreStats:
+        return MemoryStoreStats(
+            entries=len(self._data),
+            bytes_used=self.bytes_used,
+            max_bytes=self.max_bytes,
+            evictions=self.evictions,
+            expirations=self.expirations,
+            rejected=self.rejected,
+        )
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._data[key]
+            self.bytes_used -= len(key) + len(entry[0])
+            self.expirations += 1
+            return None
+        self._data.move_to_end(key)
+        return entry[0]
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        # Any earlier value is replaced, even when the new one is not kept: a
+        # failed replacement must not leave the older value readable.
+        self._discard(key)
+        if not ttl > 0:  # also catches NaN
+            return
+        size = len(key) + len(value)
+        if size > self.max_bytes:
+            self.rejected += 1
+            return
+        data = self._data
+        while data and self.bytes_used + size > self.max_bytes:
+            old_key, (old_value, _) = data.popitem(last=False)
+            self.bytes_used -= len(old_key) + len(old_value)
+            self.evictions += 1
+        data[key] = (bytes(value), self._clock() + ttl)
+        self.bytes_used += size
+
+    async def delete(self, *keys: str) -> int:
+        now = self._clock()
+        existed = 0
+        for key in keys:
+            entry = self._discard(key)
+            if entry is not None and entry[1] > now:
+                existed += 1
+        return existed
+
+    async def aclose(self) -> None:
+        self._data.clear()
+        self.bytes_used = 0
+
+    def _discard(self, key: str) -> tuple[bytes, float] | None:
+        entry = self._data.pop(key, None)
+        if entry is not None:
+            self.bytes_used -= len(key) + len(entry[0])
+        return entry

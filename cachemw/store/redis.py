@@ -1,0 +1,116 @@
+"""Redis store on redis-py's asyncio client (hiredis parser when installed).
+
+A cache must answer within a request's budget or get out of the way, so the factory
+sets its own pool and time budget instead of redis-py's defaults (a pool that raises
+at 100 connections, 5 s socket timeouts, 10 retries with backoff):
+
+- ``BlockingConnectionPool``: when all connections are busy, wait at most ``timeout``
+  for one, then fail, instead of raising ``MaxConnectionsError`` at once;
+- connect, read and write each time out after ``timeout``;
+- no retries: a failed call fails fast and the caller falls back to the app.
+
+A call on a healthy pooled connection is thus bounded by about ``timeout``; a call
+that also has to wait for the pool and (re)connect by a small multiple of it.
+
+Never reusing a timed-out connection (its late reply would answer the next command,
+CVE-2023-28858/28859): redis-py 8 closes the connection itself when a read or write
+times out, fails, or is cancelled (``Connection.read_response`` /
+``send_packed_command`` call ``disconnect()`` on any error, including
+``CancelledError``), and the pool reconnects it on next use. The store tests check
+this end to end (a frozen server, then the next reply must be the right one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, cast
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.asyncio.connection import parse_url
+from redis.exceptions import RedisError
+
+from cachemw.store.base import StoreError
+
+__all__ = ["RedisStore"]
+
+# What the driver may raise for a down, slow or refusing server. asyncio.TimeoutError
+# is the builtin TimeoutError (an OSError) from 3.11 on, but not on 3.10.
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class RedisStore:
+    """Store on one Redis server (cluster support comes later).
+
+    Values are stored as plain Redis strings with a millisecond expiry, so any Redis
+    tool can inspect them. ``aclose()`` closes the client and its connection pool.
+    """
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 0.05, max_connections: int = 256) -> RedisStore:
+        """A store with its own bounded pool and time budget; ``redis://``, ``rediss://``,
+        ``unix://`` URLs, with redis-py's query-string options (which win over these)."""
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
+        kwargs: dict[str, Any] = {
+            "max_connections": max_connections,
+            "timeout": timeout,  # longest wait for a free pooled connection
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "retry_on_timeout": False,
+            "health_check_interval": 0,  # no extra PING round trips
+        }
+        kwargs.update(parse_url(url))  # raises ValueError for unknown schemes
+        # Values are opaque bytes, whatever the URL says.
+        kwargs["decode_responses"] = False
+        pool = BlockingConnectionPool(**kwargs)
+        return cls(Redis(connection_pool=pool))
+
+    @property
+    def client(self) -> Redis:
+        """The underlying client, for the parts of cachemw that need more than get/set."""
+        return self._client
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            value = await self._client.get(key)
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis GET failed: {exc!r}") from exc
+        return cast("bytes | None", value)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        if not ttl > 0:  # also NaN: the value would be expired at once
+            await self.delete(key)
+            return
+        try:
+            if math.isinf(ttl):
+                await self._client.set(key, value)
+            else:
+                # PX 0 is an error and a sub-millisecond ttl should still store.
+                await self._client.set(key, value, px=max(1, math.ceil(ttl * 1000)))
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis SET failed: {exc!r}") from exc
+
+    async def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0  # DEL without keys is a syntax error
+        try:
+            return int(await self._client.delete(*keys))
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis DEL failed: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        try:
+            await self._client.aclose(close_connection_pool=True)
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"closing the redis client failed: {exc!r}") from exc
