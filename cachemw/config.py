@@ -66,12 +66,10 @@ def load_settings(path: str | os.PathLike[str] | None, *, environ: Mapping[str, 
     ``None`` gives the defaults. ``CACHEMW_REDIS_URL`` overrides ``redis_url``.
     """
     env = os.environ if environ is None else environ
-    if path is None:
-        settings = Settings()
-    else:
-        settings = _parse_file(Path(path))
+    settings = Settings() if path is None else _parse_file(Path(path))
     url = env.get(REDIS_URL_ENV)
     if url:
+        _setting("redis_url", url, f"environment variable {REDIS_URL_ENV}")  # same checks as the file
         settings = replace(settings, redis_url=url)
     return settings
 

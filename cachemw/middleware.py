@@ -73,6 +73,7 @@ class CacheMiddleware:
         self._identity: Callable[[RequestHeaders, Scope], str | None] = _no_identity
         self._prefix = "cachemw"
         self._warned_corrupt = False
+        self.store_errors = 0
 
     # -- startup ---------------------------------------------------------------------------------
 
@@ -158,7 +159,7 @@ class CacheMiddleware:
         policy = match.rule.policy
         assert policy is not None
         if scope["method"] not in _CACHED_METHODS:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _marking(send, _BYPASS, http.STATUS_BYPASS_METHOD))
             return
         if not policy.cacheable:
             await self.app(scope, receive, _marking(send, _BYPASS, http.STATUS_BYPASS))
@@ -202,6 +203,7 @@ class CacheMiddleware:
         try:
             data = await store.get(key)
         except StoreError:
+            self.store_errors += 1
             return None  # fail open: the app answers
         if data is None:
             return None
@@ -219,10 +221,7 @@ class CacheMiddleware:
         if not self.supervisor.running:
             # No lifespan, so no task group to hand this to: store it here. The
             # client already has the whole response; only this ASGI task waits.
-            try:
-                await self._store_entry(key, entry, policy.usable_for)
-            except StoreError:
-                pass
+            await self._store_entry(key, entry, policy.usable_for)
 
     async def _store_entry(self, key: str, entry: Entry, ttl: float) -> None:
         store = self.store
@@ -232,7 +231,10 @@ class CacheMiddleware:
             data = encode_entry(entry)
         except ValueError:
             return
-        await store.set(key, data, ttl)
+        try:
+            await store.set(key, data, ttl)
+        except StoreError:
+            self.store_errors += 1  # the store is down or slow: this fill is lost, the next miss refills
 
 
 def _no_identity(headers: RequestHeaders, scope: Scope) -> str | None:
@@ -290,8 +292,20 @@ class _FillResponder:
     chunk is the whole body the ETag can be sent on the miss too.
     """
 
-    __slots__ = ("_chunks", "_head", "_headers", "_held", "_policy", "_send", "_size", "_status",
-                 "cache_status", "complete", "stored_at", "storable")
+    __slots__ = (
+        "_chunks",
+        "_head",
+        "_headers",
+        "_held",
+        "_policy",
+        "_send",
+        "_size",
+        "_status",
+        "cache_status",
+        "complete",
+        "storable",
+        "stored_at",
+    )
 
     def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes) -> None:
         self._send = send

@@ -7,6 +7,7 @@ with plain numbers.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -39,13 +40,19 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration")
     if isinstance(value, (int, float)):
-        if value < 0 or value != value or value == float("inf"):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
+        if not 0 <= seconds < math.inf:
             raise ValueError(f"{value!r} is not a duration: it must be a finite number >= 0")
-        return float(value)
+        return seconds
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            if seconds < math.inf:  # hundreds of digits overflow to inf
+                return seconds
     raise ValueError(
         f"{value!r} is not a duration; expected a number of seconds or a string like "
         '"90s", "5m", "6h", "2d"'
@@ -118,12 +125,19 @@ def _string_list(value: object, *, lower: bool = False) -> tuple[str, ...]:
 
 
 def _vary(value: object) -> tuple[str, ...]:
-    items = _string_list(value, lower=True)
-    for item in items:
-        name = item[len("cookie:") :] if item.startswith("cookie:") else item
-        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", name):
+    items: list[str] = []
+    for item in _string_list(value):
+        # Header names are case-insensitive (ASGI gives them lowercased); cookie
+        # names are not, and are looked up exactly as written.
+        if item[: len("cookie:")].lower() == "cookie:":
+            name = item[len("cookie:") :]
+            item = "cookie:" + name
+        else:
+            item = name = item.lower()
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
             raise ValueError(f"{item!r} is not a header name (or 'cookie:NAME')")
-    return items
+        items.append(item)
+    return tuple(items)
 
 
 def _positive_int(value: object) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from starlette.routing import BaseRoute, Mount
+from starlette.routing import BaseRoute, Mount, WebSocketRoute
 
 from cachemw.config import FileRule, Settings, resolve_preset
 from cachemw.policy import ConfigError, Policy, policy_from_fields
@@ -82,7 +82,9 @@ class RouteMatch:
         for match, convertors in self._matches:
             for key, raw in match.groupdict().items():
                 convertor = convertors.get(key)
-                params[key] = str(convertor.convert(raw)) if convertor is not None else raw
+                if convertor is None:
+                    continue  # a mount's remaining path, which Starlette drops from path_params too
+                params[key] = str(convertor.convert(raw))
         return params
 
 
@@ -162,7 +164,7 @@ def _policy_for(template: str, endpoint: object, settings: Settings) -> tuple[Po
 def _compile(routes: Iterable[BaseRoute], prefix: str, settings: Settings, used: set[int],
              rules: list[RouteRule]) -> tuple[_Node, ...]:
     nodes: list[_Node] = []
-    for route in routes:
+    for route in _expand_included(routes):
         regex = getattr(route, "path_regex", None)
         path = getattr(route, "path", None)
         if regex is None or path is None:
@@ -174,8 +176,8 @@ def _compile(routes: Iterable[BaseRoute], prefix: str, settings: Settings, used:
             continue
         if not hasattr(route, "endpoint"):
             continue  # a websocket-only or unknown route
-        if type(route).__name__ == "WebSocketRoute":
-            continue
+        if isinstance(route, WebSocketRoute):
+            continue  # FastAPI's APIWebSocketRoute too: never matches an HTTP request
         template = prefix + path
         methods = getattr(route, "methods", None)
         method_set = frozenset(m.upper() for m in methods) if methods else None
@@ -197,6 +199,22 @@ def _compile(routes: Iterable[BaseRoute], prefix: str, settings: Settings, used:
     return tuple(nodes)
 
 
+def _expand_included(routes: Iterable[BaseRoute]) -> Iterator[Any]:
+    """The routes as the router tries them, with FastAPI's included routers flattened.
+
+    FastAPI's ``include_router`` (recent versions) adds one opaque route for the
+    whole router; it tries the router's routes, prefixed, in order, which is the
+    same as listing them in its place.
+    """
+    for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts):
+            for context in contexts():
+                yield getattr(context, "starlette_route", None) or context
+        else:
+            yield route
+
+
 def build_rule_table(routes: Iterable[BaseRoute], settings: Settings) -> RuleTable:
     """Resolve every route's policy; a file rule that matches no route is a startup error."""
     used: set[int] = set()
@@ -205,8 +223,9 @@ def build_rule_table(routes: Iterable[BaseRoute], settings: Settings) -> RuleTab
     for file_rule in settings.rules:
         if file_rule.index not in used:
             known = ", ".join(rule.template for rule in rules) or "(none)"
+            file_name, _, number = file_rule.source.rpartition(" rule ")
             raise ConfigError(
-                f"{file_rule.source.replace(' rule', ': rule')} (route {file_rule.route!r}): "
+                f"{file_name}: rule {number} (route {file_rule.route!r}): "
                 f"field 'route': matches no route of the app; its routes are: {known}"
             )
     return RuleTable(rules, nodes)

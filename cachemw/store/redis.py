@@ -7,7 +7,9 @@ at 100 connections, 5 s socket timeouts, 10 retries with backoff):
 - ``BlockingConnectionPool``: when all connections are busy, wait at most ``timeout``
   for one, then fail, instead of raising ``MaxConnectionsError`` at once;
 - connect, read and write each time out after ``timeout``;
-- no retries: a failed call fails fast and the caller falls back to the app.
+- no retries: a failed call fails fast and the caller falls back to the app;
+- RESP2 without maintenance notifications, so the pool replaces a pooled connection
+  the server closed (or one with unread data) before using it (see ``from_url``).
 
 A call on a healthy pooled connection is thus bounded by about ``timeout``; a call
 that also has to wait for the pool and (re)connect by a small multiple of it.
@@ -27,10 +29,11 @@ import math
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from cachemw.store.base import StoreError
 
@@ -46,6 +49,8 @@ class RedisStore:
 
     Values are stored as plain Redis strings with a millisecond expiry, so any Redis
     tool can inspect them. ``aclose()`` closes the client and its connection pool.
+    Prefer ``from_url``: a client built with redis-py's defaults has none of the time
+    budget and pool settings described above.
     """
 
     __slots__ = ("_client",)
@@ -69,6 +74,13 @@ class RedisStore:
             "retry": Retry(NoBackoff(), 0),
             "retry_on_timeout": False,
             "health_check_interval": 0,  # no extra PING round trips
+            # redis-py 8 speaks RESP3 by default and then turns on "maintenance
+            # notifications" (a Redis Enterprise feature), which also switches off the
+            # pool's check that a pooled connection is neither closed by the server nor
+            # holding unread data: a connection the server dropped while idle would fail
+            # the next command. RESP2 is all GET/SET/DEL need, and works on every server.
+            "protocol": 2,
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         }
         kwargs.update(parse_url(url))  # raises ValueError for unknown schemes
         # Values are opaque bytes, whatever the URL says.

@@ -1,0 +1,47 @@
+"""``python -m sample_app [--host 127.0.0.1] [--port 8000]``: serve the sample app with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import uvicorn
+
+from cachemw.config import load_settings
+from sample_app.app import CONFIG_PATH, app
+
+
+def describe_store(redis_url: str | None) -> str:
+    """The store in words, with any password in the Redis URL masked: this line goes to logs."""
+    if not redis_url:
+        return "in-process memory (set CACHEMW_REDIS_URL=redis://... to use Redis)"
+    parts = urlsplit(redis_url)
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        port = f":{parts.port}" if parts.port is not None else ""
+        parts = parts._replace(netloc=f"{user}:***@{host}{port}")
+    return f"Redis at {urlunsplit(parts)}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sample_app", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    # The middleware resolves the store the same way (config file, then CACHEMW_REDIS_URL).
+    store = describe_store(load_settings(CONFIG_PATH).redis_url)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"cachemw sample app: store {store}; "
+        f"try `curl -i http://{host}:{args.port}/products/1` twice (X-Cache: MISS, then HIT)",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The sample shop: the three kinds of data from cachemw's design, on a slow SQLite database.
+
+- ``/products/{id}`` may lag a few minutes: ``@cache("minutes")`` on the handler;
+- ``/stats`` may be hours old: a rule in ``cachemw.toml`` (no decorator);
+- ``/cart`` must be real time and per user: the ``realtime`` rule in ``cachemw.toml``;
+- ``/api/products/{product_id}``: the same product route written for FastAPI.
+
+Every query sleeps ``SAMPLE_DB_DELAY`` seconds (default 0.3), so a cache hit is
+plain to see, and ``/debug/queries`` counts the queries that really ran.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
+from pathlib import Path
+from typing import TypedDict, TypeGuard
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from cachemw import CacheMiddleware, cache
+from sample_app.api import fastapi_app
+from sample_app.db import KINDS, MAX_LINE_QTY, Database, create_and_seed, database
+
+__all__ = ["CONFIG_PATH", "SESSION_COOKIE", "create_app"]
+
+CONFIG_PATH = Path(__file__).with_name("cachemw.toml")
+SESSION_COOKIE = "session"  # the cookie cachemw's default identity reads, too
+# The cookie is only sent to the cart routes: cachemw never answers a request
+# that carries credentials from a shared entry, so a site-wide cookie would turn
+# every product page into a miss for anyone who has a cart.
+_SESSION_PATH = "/cart"
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_SESSION_MAX_AGE = 30 * 24 * 3600
+
+
+class State(TypedDict):
+    db: Database
+
+
+async def index(request: Request) -> Response:
+    """What to try, with the server's own address, so the commands can be pasted as they are."""
+    base = str(request.base_url).rstrip("/")
+    return PlainTextResponse(
+        f"""cachemw sample app
+
+GET  /products/{{id}}          a product; @cache("minutes") on the handler
+GET  /api/products/{{id}}      the same, as a FastAPI route; @cache(ttl="5m")
+GET  /stats                  order statistics; cachemw.toml rule, policy "hours"
+GET  /cart                   your cart (session cookie); cachemw.toml rule, policy "realtime"
+POST /cart/items             add to your cart: {{"product_id": 1, "qty": 2}}
+GET  /debug/queries          how many slow queries really ran (never cached)
+
+Every query takes {database(request).delay:g} s. Try:
+
+  curl -si {base}/products/1 | grep -iE 'x-cache|age|etag'     # twice: MISS, then HIT
+  curl -s {base}/debug/queries                                  # the product query ran once
+  time curl -s {base}/stats > /dev/null                         # twice: slow, then instant
+  curl -s -c jar -b jar {base}/cart/items -H 'content-type: application/json' \\
+       -d '{{"product_id": 2, "qty": 1}}'
+  curl -si -c jar -b jar {base}/cart                            # never from the cache
+"""
+    )
+
+
+@cache("minutes", tags=["product:{id}"])
+async def product(request: Request) -> Response:
+    """Public and slow-changing: every visitor may get the same cached copy."""
+    product_id: int = request.path_params["id"]
+    row = await database(request).product(product_id)
+    if row is None:
+        return JSONResponse({"error": f"no product {product_id}"}, status_code=404)
+    return JSONResponse(row)
+
+
+async def stats(request: Request) -> Response:
+    """Expensive aggregates; cached by the ``/stats`` rule of ``cachemw.toml``, not by code."""
+    return JSONResponse(await database(request).stats())
+
+
+def _session(request: Request) -> tuple[str, bool]:
+    """The visitor's session id, and whether it is new (then the response must set it)."""
+    sid = request.cookies.get(SESSION_COOKIE, "")
+    if _SESSION_ID.fullmatch(sid):
+        return sid, False
+    return secrets.token_urlsafe(18), True
+
+
+def _with_session(request: Request, response: Response, sid: str, new: bool) -> Response:
+    if new:
+        response.set_cookie(
+            SESSION_COOKIE,
+            sid,
+            max_age=_SESSION_MAX_AGE,
+            path=_SESSION_PATH,
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",  # plain http on localhost must still work
+        )
+    return response
+
+
+async def cart_view(request: Request) -> Response:
+    """The visitor's own cart, read live; the ``realtime`` rule keeps it out of shared entries."""
+    sid, new = _session(request)
+    cart = await database(request).cart(sid)
+    return _with_session(request, JSONResponse(cart), sid, new)
+
+
+async def cart_add(request: Request) -> Response:
+    """Add ``qty`` of ``product_id`` to the visitor's cart and answer the updated cart."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return JSONResponse({"error": "the body must be JSON"}, status_code=400)
+    if not isinstance(body, dict):
+        return JSONResponse({"error": 'expected {"product_id": n, "qty": n}'}, status_code=422)
+    product_id, qty = body.get("product_id"), body.get("qty", 1)
+    if not _is_int(product_id) or not _is_int(qty) or not 1 <= qty <= MAX_LINE_QTY:
+        return JSONResponse(
+            {"error": f'expected {{"product_id": n, "qty": n}} with qty from 1 to {MAX_LINE_QTY}'},
+            status_code=422,
+        )
+    sid, new = _session(request)
+    db = database(request)
+    if not await db.add_to_cart(sid, product_id, qty):
+        return JSONResponse({"error": f"no product {product_id}"}, status_code=404)
+    return _with_session(request, JSONResponse(await db.cart(sid)), sid, new)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+async def debug_queries(request: Request) -> Response:
+    """Queries run so far, per kind; no rule matches it, so it always shows the live count."""
+    counts = database(request).counts
+    return JSONResponse({**{kind: counts[kind] for kind in KINDS}, "total": sum(counts.values())})
+
+
+def _db_delay() -> float:
+    raw = os.environ.get("SAMPLE_DB_DELAY", "0.3")
+    try:
+        delay = float(raw)
+    except ValueError:
+        delay = -1.0
+    if not 0 <= delay < 60:
+        raise ValueError(f"SAMPLE_DB_DELAY={raw!r}: expected a number of seconds from 0 to 60")
+    return delay
+
+
+def create_app(*, db_path: str | os.PathLike[str] | None = None, db_delay: float | None = None) -> Starlette:
+    """Build the app; the database is created and seeded at startup (lifespan), not at import.
+
+    ``db_path`` defaults to ``SAMPLE_DB_PATH`` (its sample tables are recreated on
+    every start, so demos repeat), else a file in a temporary directory removed at
+    shutdown; ``db_delay`` defaults to ``SAMPLE_DB_DELAY``.
+    """
+    path_setting = db_path if db_path is not None else os.environ.get("SAMPLE_DB_PATH") or None
+    delay = _db_delay() if db_delay is None else db_delay
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        with ExitStack() as stack:
+            if path_setting is None:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cachemw-sample-"))
+                path = Path(tmp) / "sample.sqlite3"
+            else:
+                path = Path(path_setting)
+            await anyio.to_thread.run_sync(create_and_seed, path)
+            yield {"db": Database(path, delay)}
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/products/{id:int}", product),
+            Route("/stats", stats),
+            Route("/cart", cart_view, methods=["GET"]),
+            Route("/cart/items", cart_add, methods=["POST"]),
+            Route("/debug/queries", debug_queries),
+            Mount("/api", app=fastapi_app),
+        ],
+        lifespan=lifespan,
+    )
+    app.add_middleware(CacheMiddleware, config=CONFIG_PATH)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,206 @@
+"""A deliberately slow SQLite database, so a cache hit is visibly faster than a miss.
+
+Every query opens its own connection inside a worker thread (``sqlite3`` objects
+must not cross threads) and sleeps ``delay`` seconds there first, standing in for
+a busy database server. Queries are counted per kind in process memory so a user
+can see, at ``/debug/queries``, that a cached route ran its query once.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from collections.abc import Sequence
+from contextlib import closing
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio.to_thread
+from starlette.requests import HTTPConnection
+
+__all__ = ["KINDS", "Database", "Kind", "create_and_seed", "database", "product_json"]
+
+Kind = Literal["product", "stats", "cart"]
+KINDS: tuple[Kind, ...] = ("product", "stats", "cart")
+
+Row = dict[str, Any]
+
+PRODUCTS: tuple[tuple[int, str, int], ...] = (
+    # id, name, price in cents (money is never a float in the database)
+    (1, "Espresso cup", 850),
+    (2, "Pour-over kettle", 3900),
+    (3, "Burr grinder", 12900),
+    (4, "Paper filters (100)", 625),
+    (5, "Coffee beans, 1 kg", 2490),
+)
+
+_SCHEMA = """
+DROP TABLE IF EXISTS cart_items;
+DROP TABLE IF EXISTS orders;
+DROP TABLE IF EXISTS products;
+CREATE TABLE products (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    price_cents INTEGER NOT NULL
+);
+CREATE TABLE orders (
+    id INTEGER PRIMARY KEY,
+    product_id INTEGER NOT NULL REFERENCES products(id),
+    qty INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE cart_items (
+    session TEXT NOT NULL,
+    product_id INTEGER NOT NULL REFERENCES products(id),
+    qty INTEGER NOT NULL,
+    PRIMARY KEY (session, product_id)
+);
+"""
+
+
+def create_and_seed(path: Path, *, orders: int = 500, seed: int = 2007) -> None:
+    """(Re)create the schema and fill it; the same data on every start, so demos repeat."""
+    rng = random.Random(seed)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    order_rows = [
+        (
+            rng.choice(PRODUCTS)[0],
+            rng.randint(1, 4),
+            (now - timedelta(minutes=rng.randint(0, 30 * 24 * 60))).isoformat(),
+        )
+        for _ in range(orders)
+    ]
+    with closing(sqlite3.connect(path)) as conn:
+        # WAL lets readers in other threads go on while a cart write commits.
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)
+        with conn:
+            conn.executemany("INSERT INTO products (id, name, price_cents) VALUES (?, ?, ?)", PRODUCTS)
+            conn.executemany("INSERT INTO orders (product_id, qty, created_at) VALUES (?, ?, ?)", order_rows)
+
+
+class Database:
+    """Runs each query in a worker thread on a fresh connection, after an artificial delay.
+
+    ``counts`` is only touched on the event loop thread, so it needs no lock.
+    """
+
+    def __init__(self, path: Path, delay: float) -> None:
+        self.path = path
+        self.delay = delay
+        self.counts: dict[Kind, int] = dict.fromkeys(KINDS, 0)
+
+    async def fetch(self, kind: Kind, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        """Rows as plain dicts, built in the worker thread so no sqlite3 object leaves it."""
+        self.counts[kind] += 1
+        return await anyio.to_thread.run_sync(self._fetch, sql, tuple(params))
+
+    async def execute(self, kind: Kind, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one write in its own transaction; returns the number of rows changed."""
+        self.counts[kind] += 1
+        return await anyio.to_thread.run_sync(self._execute, sql, tuple(params))
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _fetch(self, sql: str, params: tuple[object, ...]) -> list[Row]:
+        time.sleep(self.delay)
+        with closing(self._connect()) as conn:
+            return [dict(row) for row in conn.execute(sql, params)]
+
+    def _execute(self, sql: str, params: tuple[object, ...]) -> int:
+        time.sleep(self.delay)
+        with closing(self._connect()) as conn, conn:  # the inner `conn` commits or rolls back
+            return conn.execute(sql, params).rowcount
+
+    # The app's queries. SQL lives here so the HTTP modules only shape responses.
+
+    async def product(self, product_id: int) -> Row | None:
+        """One product, or None; a single slow query."""
+        rows = await self.fetch(
+            "product", "SELECT id, name, price_cents FROM products WHERE id = ?", (product_id,)
+        )
+        return product_json(rows[0]) if rows else None
+
+    async def stats(self) -> Row:
+        """Aggregates over every order: several slow queries, the kind of page worth caching for hours."""
+        totals = (await self.fetch(
+            "stats",
+            "SELECT COUNT(*) AS orders, COALESCE(SUM(o.qty), 0) AS items,"
+            " COALESCE(SUM(o.qty * p.price_cents), 0) AS revenue_cents"
+            " FROM orders o JOIN products p ON p.id = o.product_id",
+        ))[0]
+        top = await self.fetch(
+            "stats",
+            "SELECT p.id, p.name, SUM(o.qty) AS sold FROM orders o JOIN products p ON p.id = o.product_id"
+            " GROUP BY p.id ORDER BY sold DESC, p.id LIMIT 3",
+        )
+        since = (datetime.now(timezone.utc) - timedelta(days=6)).date().isoformat()
+        days = await self.fetch(
+            "stats",
+            "SELECT substr(created_at, 1, 10) AS day, COUNT(*) AS orders FROM orders"
+            " WHERE created_at >= ? GROUP BY day ORDER BY day",
+            (since,),
+        )
+        orders = totals["orders"]
+        return {
+            "orders": orders,
+            "items": totals["items"],
+            "revenue": totals["revenue_cents"] / 100,
+            "average_order": round(totals["revenue_cents"] / orders / 100, 2) if orders else 0.0,
+            "top_products": top,
+            "orders_per_day": {row["day"]: row["orders"] for row in days},
+            "generated_at": _now(),
+        }
+
+    async def cart(self, session: str) -> Row:
+        """The cart of one session, read live: this is the data that must never lag."""
+        rows = await self.fetch(
+            "cart",
+            "SELECT c.product_id, p.name, p.price_cents, c.qty FROM cart_items c"
+            " JOIN products p ON p.id = c.product_id WHERE c.session = ? ORDER BY c.product_id",
+            (session,),
+        )
+        items = [
+            {"product_id": row["product_id"], "name": row["name"], "price": row["price_cents"] / 100,
+             "qty": row["qty"]}
+            for row in rows
+        ]
+        total_cents = sum(row["price_cents"] * row["qty"] for row in rows)
+        return {"items": items, "total": total_cents / 100, "generated_at": _now()}
+
+    async def add_to_cart(self, session: str, product_id: int, qty: int) -> bool:
+        """Add ``qty`` of a product; False if there is no such product (one query, no race)."""
+        changed = await self.execute(
+            "cart",
+            # The SELECT inserts nothing for an unknown product; its WHERE also keeps
+            # SQLite from reading ON CONFLICT as part of a join.
+            "INSERT INTO cart_items (session, product_id, qty) SELECT ?, id, ? FROM products WHERE id = ?"
+            f" ON CONFLICT (session, product_id) DO UPDATE SET qty = MIN(qty + excluded.qty, {MAX_LINE_QTY})",
+            (session, qty, product_id),
+        )
+        return changed > 0
+
+
+MAX_LINE_QTY = 999
+
+
+def product_json(row: Row) -> Row:
+    """The public shape of a product; ``generated_at`` shows when a cached copy was made."""
+    return {"id": row["id"], "name": row["name"], "price": row["price_cents"] / 100, "generated_at": _now()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def database(request: HTTPConnection) -> Database:
+    """The app's database, from the lifespan state (shared by the Starlette app and the FastAPI mount)."""
+    db = getattr(request.state, "db", None)
+    if not isinstance(db, Database):
+        raise RuntimeError("the sample app's lifespan has not run (is uvicorn started with --lifespan off?)")
+    return db

@@ -1,0 +1,83 @@
+"""Test helpers: drive an ASGI app's lifespan, wait for conditions with a deadline."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+from starlette.types import ASGIApp, Message
+
+from cachemw.store import Store
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], *, timeout: float = 5.0,
+                     what: str = "condition") -> None:
+    """Poll ``condition`` until true; fail after ``timeout`` seconds."""
+    with anyio.move_on_after(timeout):
+        while True:
+            if await condition():
+                return
+            await anyio.sleep(0.005)
+    raise AssertionError(f"{what} did not hold within {timeout}s")
+
+
+class LifespanFailed(Exception):
+    pass
+
+
+@asynccontextmanager
+async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
+    """Run the app's lifespan around the block, as a server would."""
+    to_app_send, to_app_receive = anyio.create_memory_object_stream[Message](4)
+    from_app_send, from_app_receive = anyio.create_memory_object_stream[Message](4)
+    scope: dict[str, Any] = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+
+    failure: str | None = None
+    async with anyio.create_task_group() as tg, to_app_send, from_app_receive:
+        async def run() -> None:
+            async with to_app_receive, from_app_send:
+                await app(scope, to_app_receive.receive, from_app_send.send)
+
+        tg.start_soon(run)
+        await to_app_send.send({"type": "lifespan.startup"})
+        reply = await from_app_receive.receive()
+        if reply["type"] != "lifespan.startup.complete":
+            failure = reply.get("message", reply["type"])
+        else:
+            try:
+                yield
+            finally:
+                await to_app_send.send({"type": "lifespan.shutdown"})
+                with anyio.fail_after(15):
+                    reply = await from_app_receive.receive()
+                assert reply["type"] == "lifespan.shutdown.complete", reply
+    if failure is not None:
+        raise LifespanFailed(failure)
+
+
+def client(app: ASGIApp) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+class SpyStore:
+    """Wraps a store and remembers the keys written, so tests can reach an entry."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.keys_set: list[str] = []
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.inner.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self.keys_set.append(key)
+        await self.inner.set(key, value, ttl)
+
+    async def delete(self, *keys: str) -> int:
+        return await self.inner.delete(*keys)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
