@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +22,35 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-__all__ = ["JobCounters", "Supervisor"]
+__all__ = ["JobCounters", "Supervisor", "current_supervisor", "detach"]
 
 logger = logging.getLogger(__name__)
 
 JobFunction = Callable[..., Awaitable[Any]]
+ServiceFunction = Callable[..., Awaitable[None]]
+
+# Set by the middleware for each request it handles, so handlers can reach their app's supervisor.
+_current: ContextVar[Supervisor] = ContextVar("cachemw_supervisor")
+
+
+def current_supervisor() -> Supervisor:
+    supervisor = _current.get(None)
+    if supervisor is None:
+        raise RuntimeError(
+            "cachemw.detach() was called outside a request handled by CacheMiddleware. "
+            "HINT: add the middleware to the app (app.add_middleware(CacheMiddleware, ...)), or call "
+            "supervisor.detach() on a Supervisor you own."
+        )
+    return supervisor
+
+
+def detach(function: JobFunction, *args: Any, kind: str = "task", retries: int = 0) -> bool:
+    """Run ``function(*args)`` after the response, supervised: ``detach(send_receipt, order_id)``.
+
+    Returns False if the job was shed (queue full: counted). Call it from a handler
+    behind ``CacheMiddleware``.
+    """
+    return current_supervisor().detach(function, *args, kind=kind, retries=retries)
 
 
 @dataclass(slots=True)
@@ -56,6 +81,19 @@ class _State:
     idle: anyio.Event = field(default_factory=anyio.Event)
 
 
+class _StartOnce:
+    """A task status a restarted service may report on again without error."""
+
+    def __init__(self, inner: TaskStatus[None]) -> None:
+        self._inner = inner
+        self._done = False
+
+    def started(self, value: None = None) -> None:
+        if not self._done:
+            self._done = True
+            self._inner.started(value)
+
+
 class Supervisor:
     """Bounded, supervised background work for one app.
 
@@ -79,8 +117,20 @@ class Supervisor:
         self.grace_period = grace_period
         self.retry_backoff = retry_backoff
         self.counters: dict[str, JobCounters] = {}
+        self.service_restarts: dict[str, int] = {}
+        self._services: list[tuple[str, ServiceFunction]] = []
         self._state: _State | None = None
         self._draining = False
+        self._inline: list[_Job] | None = None
+
+    def add_service(self, name: str, function: ServiceFunction) -> None:
+        """A task that lives as long as the app (a subscriber, a flusher): restarted if it fails.
+
+        ``function`` is called with ``task_status=`` and must call ``task_status.started()``.
+        A service added again under the same name replaces the earlier one.
+        """
+        self._services = [(n, f) for n, f in self._services if n != name]
+        self._services.append((name, function))
 
     @property
     def running(self) -> bool:
@@ -110,6 +160,12 @@ class Supervisor:
         counters = self.counters_for(kind)
         state = self._state
         if state is None or self._draining:
+            if self._inline is not None and not self._draining:
+                # No lifespan: the middleware runs these after the response, in the request's task.
+                self._inline.append(_Job(kind, key, function, args, self.job_timeout if timeout is None else timeout,
+                                         retries))
+                counters.queued += 1
+                return True
             return False
         job = _Job(kind, key, function, args, self.job_timeout if timeout is None else timeout, retries)
         try:
@@ -119,6 +175,35 @@ class Supervisor:
             return False
         counters.queued += 1
         return True
+
+    def detach(self, function: JobFunction, *args: Any, kind: str = "task", retries: int = 0) -> bool:
+        """The public face of ``submit`` for handlers' own work."""
+        return self.submit(kind, function, *args, retries=retries)
+
+    def bind(self) -> None:
+        """Make this the supervisor ``detach()`` reaches from the current request."""
+        _current.set(self)
+
+    @asynccontextmanager
+    async def inline_after_response(self) -> AsyncIterator[None]:
+        """Without a lifespan nothing owns a task group: collect jobs and run them at the end of the request."""
+        if self._state is not None:
+            yield
+            return
+        jobs: list[_Job] = []
+        self._inline = jobs
+        try:
+            yield
+        finally:
+            self._inline = None
+            for job in jobs:
+                counters = self.counters_for(job.kind)
+                counters.queued -= 1
+                counters.running += 1
+                try:
+                    await self._run(job, counters)
+                finally:
+                    counters.running -= 1
 
     @asynccontextmanager
     async def run(self) -> AsyncIterator[Supervisor]:
@@ -132,11 +217,16 @@ class Supervisor:
             async with receive:
                 for _ in range(self.concurrency):
                     await task_group.start(self._worker, receive.clone())
+            services = [anyio.CancelScope() for _ in self._services]
+            for (name, function), scope in zip(self._services, services):
+                await task_group.start(self._service, name, function, scope)
             try:
                 yield self
             finally:
                 with anyio.CancelScope(shield=True):
                     await self.drain()
+                for scope in services:
+                    scope.cancel()
                 self._state = None
 
     async def drain(self) -> None:
@@ -156,6 +246,24 @@ class Supervisor:
             logger.warning("cachemw: shutdown grace period of %.1fs ran out; abandoned %d background jobs",
                            self.grace_period, left)
             state.task_group.cancel_scope.cancel()
+
+    async def _service(
+        self, name: str, function: ServiceFunction, scope: anyio.CancelScope, *, task_status: TaskStatus[None]
+    ) -> None:
+        once = _StartOnce(task_status)
+        with scope:
+            backoff = self.retry_backoff
+            while True:
+                try:
+                    await function(task_status=once)
+                    return
+                except Exception as exc:
+                    once.started()  # a failing service must not hold up startup
+                    logger.warning("cachemw: service %s failed (%r); restarting in %.2fs", name, exc, backoff,
+                                   exc_info=True)
+                    self.service_restarts[name] = self.service_restarts.get(name, 0) + 1
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
 
     async def _worker(
         self, receive: MemoryObjectReceiveStream[_Job], *, task_status: TaskStatus[None]

@@ -96,10 +96,8 @@ def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
     from cachemw.middleware import CacheMiddleware
 
     options: dict[str, Any] = {}
-    routes_owner = app
     if isinstance(app, CacheMiddleware):
         options = {"config": app._config, "settings": app._given_settings, "key_prefix": app._key_prefix}
-        routes_owner = app.app
     else:
         for middleware in getattr(app, "user_middleware", ()):
             if middleware.cls is CacheMiddleware:
@@ -111,10 +109,16 @@ def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
         settings = options["settings"]
     else:
         settings = load_settings(options.get("config"))
-    routes = getattr(routes_owner, "routes", None)
+    return build_rule_table(_routes_of(app), settings), settings
+
+
+def _routes_of(app: Any) -> Any:
+    from cachemw.middleware import CacheMiddleware
+
+    routes = getattr(app.app if isinstance(app, CacheMiddleware) else app, "routes", None)
     if routes is None:
         raise SystemExit("cachemw: the app has no routes (is it a Starlette or FastAPI app?)")
-    return build_rule_table(routes, settings), settings
+    return routes
 
 
 def _cmd_routes(args: argparse.Namespace) -> int:
@@ -146,7 +150,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.file, environ={})
     if args.app:
         app = load_app(args.app)
-        build_rule_table(app.routes, settings)
+        build_rule_table(_routes_of(app), settings)
     print(f"{args.file}: ok ({len(settings.rules)} rule(s), {len(settings.presets)} polic"
           f"{'y' if len(settings.presets) == 1 else 'ies'})")
     return 0
@@ -174,9 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not as a traceback at exit
     except ConfigError as exc:
         print(f"cachemw: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left early (`cachemw routes app | head`); what it read is all it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return result
 
 

@@ -51,12 +51,19 @@ class Settings:
     store_timeout: float = 0.05
     memory_max_bytes: int = 64 * 1024 * 1024
     session_cookie: str = "session"
+    lock_timeout: float = 5.0  # how long one fill may hold a key's lock, and others wait for it
+    queue_size: int = 10_000  # background jobs waiting at most; more are shed and counted
+    concurrency: int = 32  # background jobs running at once
+    grace_period: float = 10.0  # on shutdown, how long queued jobs may take to finish
     presets: Mapping[str, Policy] = field(default_factory=lambda: dict(PRESETS))
     rules: tuple[FileRule, ...] = ()
     source: str | None = None  # the file these came from
 
 
-_SETTING_KEYS = {"redis_url", "key_prefix", "store_timeout", "memory_max_bytes", "session_cookie"}
+# Bounded durations and counts: (lowest, highest) allowed.
+_DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "lock_timeout": (0.0, 300.0), "grace_period": (0.0, 3600.0)}
+_COUNT_SETTINGS = {"memory_max_bytes": (1024, 2**40), "queue_size": (1, 10_000_000), "concurrency": (1, 10_000)}
+_SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_COUNT_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
 
 
@@ -129,17 +136,19 @@ def _setting(key: str, raw: object, where: str) -> object:
         if not isinstance(raw, str) or not _PREFIX.fullmatch(raw):
             raise bad("1-64 characters from A-Z a-z 0-9 _ . : -")
         return raw
-    if key == "store_timeout":
+    if key in _DURATION_SETTINGS:
+        low, high = _DURATION_SETTINGS[key]
         try:
             seconds = parse_duration(raw)
         except ValueError:
-            raise bad('a duration such as "50ms" or 0.05') from None
-        if not 0 < seconds <= 10:
-            raise bad("a duration above 0 and at most 10 seconds")
+            raise bad('a duration such as "50ms", "5s" or a number of seconds') from None
+        if not low < seconds <= high:
+            raise bad(f"a duration above {low:g} and at most {high:g} seconds")
         return seconds
-    if key == "memory_max_bytes":
-        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1024:
-            raise bad("a whole number of bytes >= 1024")
+    if key in _COUNT_SETTINGS:
+        low_count, high_count = _COUNT_SETTINGS[key]
+        if isinstance(raw, bool) or not isinstance(raw, int) or not low_count <= raw <= high_count:
+            raise bad(f"a whole number from {low_count} to {high_count}")
         return raw
     if key == "session_cookie":
         if not isinstance(raw, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", raw):

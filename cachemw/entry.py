@@ -7,6 +7,7 @@ pickle), whatever bytes it is given.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ def decode_entry(data: bytes) -> Entry:
             raise EntryDecodeError("not a cachemw entry")
         if version != VERSION:
             raise EntryDecodeError(f"entry format version {version}, expected {VERSION}")
-        if not 100 <= status <= 599 or n_headers > MAX_HEADERS or stored_at != stored_at:
+        if not 100 <= status <= 599 or n_headers > MAX_HEADERS or not math.isfinite(stored_at):
             raise EntryDecodeError("implausible entry header")
         offset = _HEAD.size
         (etag_len,) = _LEN1.unpack_from(data, offset)
@@ -96,6 +97,8 @@ def decode_entry(data: bytes) -> Entry:
         body = data[offset:]
     except (struct.error, UnicodeDecodeError, TypeError) as exc:
         raise EntryDecodeError(f"truncated or malformed entry: {exc}") from None
-    if len(body) != body_len or len(etag) != etag_len:
+    # Slicing never fails short, so a value cut inside its last header or tag
+    # only shows in the total: every declared length must add up to the data.
+    if offset + body_len != len(data):
         raise EntryDecodeError("truncated or malformed entry")
     return Entry(status, tuple(headers), body, stored_at, etag, tuple(tags))

@@ -142,3 +142,12 @@ STATUS_STALE_MISS = b"cachemw; fwd=stale"
 STATUS_BYPASS = b"cachemw; fwd=bypass"
 STATUS_BYPASS_REQUEST = b"cachemw; fwd=request"
 STATUS_BYPASS_METHOD = b"cachemw; fwd=method"
+# Another request's fill answered this one (RFC 9211 "collapsed").
+STATUS_COLLAPSED = b"cachemw; fwd=uri-miss; collapsed"
+
+
+def cache_status_stale_if_error(origin_status: int | None) -> bytes:
+    """The origin failed (a 5xx, an exception, a timeout) and a stale entry answered."""
+    if origin_status is None:
+        return b"cachemw; fwd=stale; detail=stale-if-error"
+    return b"cachemw; fwd=stale; fwd-status=%d; detail=stale-if-error" % origin_status

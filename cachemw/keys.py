@@ -61,7 +61,8 @@ class SessionIdentity:
 
     def __init__(self, cookie_name: str = "session") -> None:
         self.cookie_name = cookie_name
-        self._needle = (cookie_name + "=").encode("latin-1")
+        # Only the name: the cookie parser strips spaces around "=", so "session = x" is the cookie too.
+        self._needle = cookie_name.encode("latin-1")
 
     def __call__(self, headers: RequestHeaders) -> str | None:
         raw_cookie = headers.get(b"cookie")
@@ -114,15 +115,21 @@ def make_key(
     elif policy.query is not None:
         pairs = []
 
-    host = headers.get(b"host")
-    if host is None:
+    # Repeated headers are keyed value by value, never joined: Starlette reads the
+    # first Host, the first of a header and only the first Cookie header, so
+    # ("x=1", "lang=fr") must not share a key with "lang=fr" (cache poisoning).
+    hosts = tuple(value.lower() for value in _all_values(scope, b"host"))
+    if not hosts:
         server = scope.get("server")
-        host = f"{server[0]}:{server[1]}".encode() if server else b""
-    vary = [headers.get(name.encode("latin-1")) for name in policy.vary_headers]
-    cookies = [headers.cookie(name) for name in policy.vary_cookies]
+        hosts = (f"{server[0]}:{server[1]}".encode(),) if server else ()
+    vary = [_all_values(scope, name.encode("latin-1")) for name in policy.vary_headers]
+    cookies: list[tuple[str | None, ...]] = []
+    if policy.vary_cookies:
+        jars = [cookie_parser(raw.decode("latin-1")) for raw in _all_values(scope, b"cookie")]
+        cookies = [tuple(jar.get(name) for jar in jars) for name in policy.vary_cookies]
     material = repr((
         scope.get("scheme", "http"),
-        host.lower(),
+        hosts,
         scope.get("root_path", ""),
         scope["path"],
         pairs,
@@ -132,6 +139,10 @@ def make_key(
     ))
     digest = hashlib.blake2b(material.encode("utf-8", "backslashreplace"), digest_size=16).hexdigest()
     return KeyedRequest(f"{prefix}:e:{label}:{{{digest}}}", replacement)
+
+
+def _all_values(scope: Scope, name: bytes) -> tuple[bytes, ...]:
+    return tuple(value for key, value in scope["headers"] if key == name)
 
 
 def _name(pair: tuple[str, str]) -> str:

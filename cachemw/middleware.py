@@ -1,23 +1,28 @@
 """The ASGI shell: match the route, look the key up once, answer or forward, store later.
 
 Decisions live in the pure modules (policy, keys, http, entry); this module only
-executes them. Per-request state lives in a small responder object, never on
-the middleware.
+executes them. Per-request state lives in small responder objects, never on the
+middleware. Everything that does not shape the response (storing fills,
+refreshing stale entries, releasing locks, access logging) is handed to the
+supervisor and runs after the response is sent.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import anyio
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachemw import http
+from cachemw.accesslog import AccessLog
 from cachemw.background import Supervisor
 from cachemw.config import Settings, load_settings
 from cachemw.entry import Entry, EntryDecodeError, decode_entry, encode_entry
@@ -37,10 +42,32 @@ _MISS = b"MISS"
 _BYPASS = b"BYPASS"
 
 
+class _Flight:
+    """One in-process fill of a key that other requests for the key wait on."""
+
+    __slots__ = ("done", "entry", "failed")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.entry: Entry | None = None
+        self.failed = False
+
+    def finish(self, entry: Entry | None, failed: bool = False) -> None:
+        if not self.done.is_set():
+            self.entry = entry
+            self.failed = failed
+            self.done.set()
+
+    async def wait(self, timeout: float) -> bool:
+        with anyio.move_on_after(timeout):
+            await self.done.wait()
+        return self.done.is_set()
+
+
 class CacheMiddleware:
     """Answer requests from a cache by per-route freshness policies.
 
-    ``config`` names a ``cachemw.toml`` or ``pyproject.toml``; ``redis_url``,
+    ``config`` names a ``cachemw.toml`` or ``pyproject.toml``; ``redis_url`` and
     ``key_prefix`` override it; ``store`` replaces the store it would build.
     ``identity`` returns who a request is for (keys ``private`` entries, and
     keeps credentialed requests off shared ones); by default the session
@@ -58,6 +85,7 @@ class CacheMiddleware:
         identity: Callable[[HTTPConnection], str | None] | None = None,
         settings: Settings | None = None,
         supervisor: Supervisor | None = None,
+        access_log_json: bool = False,
     ) -> None:
         self.app = app
         self._config = config
@@ -65,13 +93,18 @@ class CacheMiddleware:
         self._key_prefix = key_prefix
         self._custom_identity = identity
         self._given_settings = settings
+        self._given_supervisor = supervisor
         self.store: Store | None = store
         self._owns_store = store is None
         self.supervisor = supervisor or Supervisor()
+        self.access_log = AccessLog(json_lines=access_log_json)
         self.settings: Settings | None = None
         self.table: RuleTable | None = None
         self._identity: Callable[[RequestHeaders, Scope], str | None] = _no_identity
         self._prefix = "cachemw"
+        self._lock_timeout = 5.0
+        self._flights: dict[str, _Flight] = {}
+        self._refreshing: set[str] = set()
         self._warned_corrupt = False
         self.store_errors = 0
 
@@ -97,7 +130,13 @@ class CacheMiddleware:
                 )
             except ValueError as exc:
                 raise ConfigError(f"{settings.source or 'settings'}: field 'redis_url': {exc}") from None
+        if self._given_supervisor is None:
+            self.supervisor = Supervisor(queue_size=settings.queue_size, concurrency=settings.concurrency,
+                                         grace_period=settings.grace_period)
+        self.supervisor.add_service("fill-notifications", self.store.listen)
+        self.supervisor.add_service("access-log", self.access_log.consume)
         self._prefix = settings.key_prefix
+        self._lock_timeout = settings.lock_timeout
         if self._custom_identity is None:
             session = SessionIdentity(settings.session_cookie)
             self._identity = lambda headers, scope: session(headers)
@@ -113,11 +152,13 @@ class CacheMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             table = self.table or self.prepare(scope.get("app"))
-            match = table.match(route_path(scope), scope["method"]) if table.has_policies else None
-            if match is None:
-                await self.app(scope, receive, send)
-                return
-            await self._handle(scope, receive, send, match)
+            supervisor = self.supervisor
+            supervisor.bind()
+            if supervisor.running:
+                await self._http(scope, receive, send, table)
+            else:
+                async with supervisor.inline_after_response():
+                    await self._http(scope, receive, send, table)
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
@@ -151,62 +192,248 @@ class CacheMiddleware:
                 await self.app(scope, receive_with_drain, send)
         finally:
             if self._owns_store and self.store is not None:
-                await self.store.aclose()
+                with anyio.CancelScope(shield=True):
+                    await _quietly(self.store.aclose())
                 self.store = None
                 self.table = None
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send, table: RuleTable) -> None:
+        match = table.match(route_path(scope), scope["method"]) if table.has_policies else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
         policy = match.rule.policy
         assert policy is not None
         if scope["method"] not in _CACHED_METHODS:
-            await self.app(scope, receive, _marking(send, _BYPASS, http.STATUS_BYPASS_METHOD))
+            await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_METHOD)
             return
         if not policy.cacheable:
-            await self.app(scope, receive, _marking(send, _BYPASS, http.STATUS_BYPASS))
+            await self._bypass(scope, receive, send, match, http.STATUS_BYPASS)
             return
         headers = RequestHeaders(scope)
         identity = self._identity(headers, scope)
         if policy.private:
             if identity is None:  # nobody to key on: nothing may be shared
-                await self.app(scope, receive, _marking(send, _BYPASS, http.STATUS_BYPASS_REQUEST))
+                await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
                 return
         elif identity is not None or headers.get(b"authorization") is not None:
             # Credentials on a shared route: never answered from, nor stored into, a shared entry.
-            await self.app(scope, receive, _marking(send, _BYPASS, http.STATUS_BYPASS_REQUEST))
+            await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
             return
+        started = time.perf_counter()
         keyed = make_key(scope, headers, policy, match.rule.label, self._prefix, identity)
+        key = keyed.key
         if keyed.query_string is not None:
             scope = dict(scope, query_string=keyed.query_string)
-        entry = await self._lookup(keyed.key)
-        now = time.time()
-        stale_entry: Entry | None = None
+        entry = await self._lookup(key)
+        fallback: Entry | None = None
         if entry is not None:
+            now = time.time()
             state = freshness(entry.stored_at, policy, now)
             if state is Freshness.FRESH:
-                await _serve(entry, scope, headers, send, now, _HIT,
-                             http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
+                status = await _serve(entry, scope, headers, send, now, _HIT,
+                                      http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
+                self._log(match, key, "HIT", status, None, started, len(entry.body))
                 return
-            stale_entry = entry
+            if state is Freshness.STALE:
+                status = await _serve(entry, scope, headers, send, now, _STALE,
+                                      http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
+                self._refresh_later(key, scope, policy, match)
+                self._log(match, key, "STALE", status, None, started, len(entry.body))
+                return
+            if state is Freshness.STALE_IF_ERROR:
+                fallback = entry
+        await self._miss(scope, receive, send, key, headers, policy, match, fallback, started)
+
+    # -- misses: one fill per key, in this process and across processes ---------------------------
+
+    async def _miss(self, scope: Scope, receive: Receive, send: Send, key: str, headers: RequestHeaders,
+                    policy: Policy, match: RouteMatch, fallback: Entry | None, started: float) -> None:
+        flight = self._flights.get(key)
+        if flight is not None:
+            # Another request of this process is filling the key: wait (bounded) and share its result.
+            if await flight.wait(self._lock_timeout):
+                if flight.entry is not None:
+                    status = await _serve(flight.entry, scope, headers, send, time.time(), _MISS,
+                                          http.STATUS_COLLAPSED)
+                    self._log(match, key, "MISS", status, None, started, len(flight.entry.body))
+                    return
+                if flight.failed and fallback is not None:
+                    await self._serve_fallback(fallback, scope, headers, send, None, match, key, started)
+                    return
+            await self._forward(scope, receive, send, key, policy, match, fallback, None, started)
+            return
+        flight = self._flights[key] = _Flight()
+        try:
+            shared = await self._wait_for_other_process(key, policy)
+            if isinstance(shared, Entry):
+                flight.finish(shared)
+                status = await _serve(shared, scope, headers, send, time.time(), _MISS, http.STATUS_COLLAPSED)
+                self._log(match, key, "MISS", status, None, started, len(shared.body))
+                return
+            entry, failed = await self._forward(scope, receive, send, key, policy, match, fallback, shared,
+                                                started)
+            flight.finish(entry, failed)
+        finally:
+            del self._flights[key]
+            flight.finish(None)
+
+    async def _wait_for_other_process(self, key: str, policy: Policy) -> Entry | str | None:
+        """Take the key's fill lock (returns its token), or wait for the process holding it.
+
+        Returns an entry when another process stored one meanwhile; None when
+        the app must be called without the lock (store down, or the owner died).
+        """
+        store = self.store
+        if store is None:
+            return None
+        waiter = store.waiter(key)
+        try:
+            try:
+                token, current = await store.lock(key, self._lock_timeout)
+            except StoreError:
+                self.store_errors += 1
+                return None
+            entry = self._fresh(current, policy)
+            if entry is not None:
+                # Filled between our lookup and the lock: nothing to do but release it.
+                if token is not None:
+                    self.supervisor.submit("unlock", self._unlock, key, token, key=key)
+                return entry
+            if token is not None:
+                return token
+            if await waiter.wait(self._lock_timeout):
+                return self._fresh(await self._get(key), policy)
+            return None
+        finally:
+            waiter.close()
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, key: str, policy: Policy,
+                       match: RouteMatch, fallback: Entry | None, token: str | None,
+                       started: float) -> tuple[Entry | None, bool]:
+        """Call the app, streaming its response to the client; store the copy afterwards.
+
+        With a ``fallback`` (an entry within stale_if_error) a 5xx, an exception
+        or no response start within ``origin_timeout`` serves the fallback instead.
+        """
         responder = _FillResponder(send, policy, head=scope["method"] == "HEAD",
-                                   cache_status=http.STATUS_STALE_MISS if stale_entry else http.STATUS_MISS)
-        await self.app(scope, receive, responder.send)
-        fill = responder.entry(tags=_tags(policy, match))
-        if fill is not None:
-            await self._store_after_response(keyed.key, fill, policy)
+                                   cache_status=http.STATUS_STALE_MISS if fallback else http.STATUS_MISS,
+                                   hold_errors=fallback is not None)
+        origin_started = time.perf_counter()
+        failure: str | None = None
+        try:
+            if fallback is None:
+                await self.app(scope, receive, responder.send)
+            else:
+                with anyio.move_on_after(policy.origin_timeout) as deadline:
+                    responder.deadline = deadline
+                    await self.app(scope, receive, responder.send)
+                if deadline.cancelled_caught and not responder.started:
+                    failure = "timeout"
+        except Exception:
+            if fallback is None or responder.started:
+                self._release(key, token)
+                raise
+            failure = "exception"
+        origin_time = time.perf_counter() - origin_started
+        if responder.failed_status:
+            failure = "status"
+        if failure is not None and fallback is not None:
+            self._release(key, token)
+            await self._serve_fallback(fallback, scope, RequestHeaders(scope), send, responder.failed_status,
+                                       match, key, started)
+            return None, True
+        entry = responder.entry(tags=_tags(policy, match))
+        if entry is None:
+            self._release(key, token)
+        elif not self.supervisor.submit("fill", self._fill, key, entry, policy.usable_for, token, key=key):
+            self._release(key, token)
+        self._log(match, key, "MISS", responder.status, origin_time, started, responder.size)
+        return entry, responder.status >= 500
+
+    async def _serve_fallback(self, entry: Entry, scope: Scope, headers: RequestHeaders, send: Send,
+                              origin_status: int | None, match: RouteMatch, key: str, started: float) -> None:
+        status = await _serve(entry, scope, headers, send, time.time(), _STALE,
+                              http.cache_status_stale_if_error(origin_status))
+        self._log(match, key, "STALE", status, None, started, len(entry.body))
+
+    # -- stale-while-revalidate ------------------------------------------------------------------
+
+    def _refresh_later(self, key: str, scope: Scope, policy: Policy, match: RouteMatch) -> None:
+        if key in self._refreshing:
+            return  # one refresh per key in this process; the lock makes it one across processes
+        self._refreshing.add(key)
+        refresh_scope = _refresh_scope(scope, policy)
+        if not self.supervisor.submit("refresh", self._refresh, key, refresh_scope, policy, match, key=key,
+                                      timeout=policy.origin_timeout + self._lock_timeout):
+            self._refreshing.discard(key)
+
+    async def _refresh(self, key: str, scope: Scope, policy: Policy, match: RouteMatch) -> None:
+        store = self.store
+        try:
+            if store is None:
+                return
+            try:
+                token, current = await store.lock(key, self._lock_timeout)
+            except StoreError:
+                self.store_errors += 1
+                return
+            if token is None:
+                return  # another process is refreshing it
+            if self._fresh(current, policy) is not None:
+                await self._unlock(key, token)
+                return
+            entry: Entry | None = None
+            try:
+                with anyio.fail_after(policy.origin_timeout):
+                    entry = await self._call_app(scope, policy, match)
+            finally:
+                if entry is None:
+                    await self._unlock(key, token)  # a failed refresh keeps the old entry
+            if entry is not None:
+                await self._fill(key, entry, policy.usable_for, token)
+        finally:
+            self._refreshing.discard(key)
+
+    async def _call_app(self, scope: Scope, policy: Policy, match: RouteMatch) -> Entry | None:
+        """Run the app for a request nobody waits on; the entry if its response may be stored."""
+        done = anyio.Event()
+        requested = False
+
+        async def receive() -> Message:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        responder = _FillResponder(_discard, policy, head=False, cache_status=http.STATUS_MISS, hold_errors=False)
+        try:
+            await self.app(scope, receive, responder.send)
+        finally:
+            done.set()
+        if responder.status >= 500:
+            return None
+        return responder.entry(tags=_tags(policy, match))
 
     # -- store access ----------------------------------------------------------------------------
 
-    async def _lookup(self, key: str) -> Entry | None:
+    async def _get(self, key: str) -> bytes | None:
         store = self.store
         if store is None:
             return None
         try:
-            data = await store.get(key)
+            return await store.get(key)
         except StoreError:
             self.store_errors += 1
             return None  # fail open: the app answers
-        if data is None:
-            return None
+
+    async def _lookup(self, key: str) -> Entry | None:
+        data = await self._get(key)
+        return None if data is None else self._decode(key, data)
+
+    def _decode(self, key: str, data: bytes) -> Entry | None:
         try:
             return decode_entry(data)
         except EntryDecodeError as exc:
@@ -215,30 +442,75 @@ class CacheMiddleware:
                 self.supervisor.submit("log", _log_corrupt, key, str(exc))
             return None  # a miss; the fill overwrites it
 
-    async def _store_after_response(self, key: str, entry: Entry, policy: Policy) -> None:
-        if self.supervisor.submit("fill", self._store_entry, key, entry, policy.usable_for, key=key):
-            return
-        if not self.supervisor.running:
-            # No lifespan, so no task group to hand this to: store it here. The
-            # client already has the whole response; only this ASGI task waits.
-            await self._store_entry(key, entry, policy.usable_for)
+    def _fresh(self, data: bytes | None, policy: Policy) -> Entry | None:
+        if data is None:
+            return None
+        try:
+            entry = decode_entry(data)
+        except EntryDecodeError:
+            return None
+        if freshness(entry.stored_at, policy, time.time()) is Freshness.FRESH:
+            return entry
+        return None
 
-    async def _store_entry(self, key: str, entry: Entry, ttl: float) -> None:
+    async def _fill(self, key: str, entry: Entry, ttl: float, token: str | None) -> None:
         store = self.store
-        if store is None or ttl <= 0:
+        if store is None:
             return
         try:
             data = encode_entry(entry)
         except ValueError:
+            if token is not None:
+                await self._unlock(key, token)
             return
         try:
-            await store.set(key, data, ttl)
+            await store.fill(key, data, ttl, token)
         except StoreError:
             self.store_errors += 1  # the store is down or slow: this fill is lost, the next miss refills
+
+    async def _unlock(self, key: str, token: str) -> None:
+        store = self.store
+        if store is None:
+            return
+        try:
+            await store.unlock(key, token)
+        except StoreError:
+            self.store_errors += 1  # the lock expires by itself
+
+    def _release(self, key: str, token: str | None) -> None:
+        if token is not None:
+            self.supervisor.submit("unlock", self._unlock, key, token, key=key)
+
+    # -- bypass and logging ----------------------------------------------------------------------
+
+    async def _bypass(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch,
+                      cache_status: bytes) -> None:
+        marker = _Marker(send, _BYPASS, cache_status)
+        started = time.perf_counter()
+        await self.app(scope, receive, marker.send)
+        self._log(match, "", "BYPASS", marker.status, time.perf_counter() - started, started, marker.size)
+
+    def _log(self, match: RouteMatch, key: str, state: str, status: int, origin: float | None, started: float,
+             size: int) -> None:
+        if self.access_log.enabled:
+            key_hash = key[key.rfind("{") + 1 : key.rfind("}")] if key else "-"
+            self.access_log.emit((match.rule.template, key_hash[:12] or "-", state, status, origin,
+                                  time.perf_counter() - started, size))
 
 
 def _no_identity(headers: RequestHeaders, scope: Scope) -> str | None:
     return None
+
+
+async def _quietly(closing: Any) -> None:
+    try:
+        await closing
+    except StoreError:
+        pass
+
+
+async def _discard(message: Message) -> None:
+    pass
 
 
 async def _log_corrupt(key: str, reason: str) -> None:
@@ -256,8 +528,20 @@ def _tags(policy: Policy, match: RouteMatch) -> tuple[str, ...]:
         return tuple(policy.tags)
 
 
+def _refresh_scope(scope: Scope, policy: Policy) -> dict[str, Any]:
+    """A bodiless GET with only the headers that form the key: what the entry was made of."""
+    keep = {b"host", *(name.encode("latin-1") for name in policy.vary_headers)}
+    if policy.private or policy.vary_cookies:
+        keep |= {b"cookie", b"authorization"}
+    refresh = dict(scope)
+    refresh["method"] = "GET"
+    refresh["headers"] = [(name, value) for name, value in scope["headers"] if name in keep]
+    refresh["extensions"] = {}
+    return refresh
+
+
 async def _serve(entry: Entry, scope: Scope, headers: RequestHeaders, send: Send, now: float,
-                 x_cache: bytes, cache_status: bytes) -> None:
+                 x_cache: bytes, cache_status: bytes) -> int:
     age = now - entry.stored_at
     if_none_match = headers.get(b"if-none-match")
     if if_none_match is not None and http.etag_matches(if_none_match, entry.etag):
@@ -265,73 +549,84 @@ async def _serve(entry: Entry, scope: Scope, headers: RequestHeaders, send: Send
                     "headers": http.hit_headers(http.not_modified_headers(entry.headers), age, x_cache,
                                                 cache_status)})
         await send({"type": "http.response.body", "body": b""})
-        return
+        return 304
     await send({"type": "http.response.start", "status": entry.status,
                 "headers": http.hit_headers(entry.headers, age, x_cache, cache_status)})
     body = b"" if scope["method"] == "HEAD" else entry.body
     await send({"type": "http.response.body", "body": body})
+    return entry.status
 
 
-def _marking(send: Send, x_cache: bytes, cache_status: bytes) -> Send:
+class _Marker:
     """Pass the response through, adding only the cache headers."""
 
-    async def marked(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = dict(message)
-            message["headers"] = [*message.get("headers", ()), (http.X_CACHE, x_cache),
-                                  (http.CACHE_STATUS, cache_status)]
-        await send(message)
+    __slots__ = ("_cache_status", "_send", "_x_cache", "size", "status")
 
-    return marked
+    def __init__(self, send: Send, x_cache: bytes, cache_status: bytes) -> None:
+        self._send = send
+        self._x_cache = x_cache
+        self._cache_status = cache_status
+        self.status = 0
+        self.size = 0
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            message = dict(message)
+            message["headers"] = [*message.get("headers", ()), (http.X_CACHE, self._x_cache),
+                                  (http.CACHE_STATUS, self._cache_status)]
+        elif message["type"] == "http.response.body":
+            self.size += len(message.get("body", b""))
+        await self._send(message)
 
 
 class _FillResponder:
     """Streams the app's response to the client while keeping a copy to store.
 
     A storable response's start is held until the first body chunk: when that
-    chunk is the whole body the ETag can be sent on the miss too.
+    chunk is the whole body the ETag can be sent on the miss too. With
+    ``hold_errors`` a 5xx is swallowed, so a stale entry can answer instead.
     """
 
-    __slots__ = (
-        "_chunks",
-        "_head",
-        "_headers",
-        "_held",
-        "_policy",
-        "_send",
-        "_size",
-        "_status",
-        "cache_status",
-        "complete",
-        "storable",
-        "stored_at",
-    )
+    __slots__ = ("_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy", "_send", "cache_status",
+                 "complete", "deadline", "failed_status", "size", "started", "status", "storable", "stored_at")
 
-    def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes) -> None:
+    def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes, hold_errors: bool) -> None:
         self._send = send
         self._policy = policy
         self._head = head
+        self._hold_errors = hold_errors
         self.cache_status = cache_status
         self._chunks: list[bytes] = []
-        self._size = 0
         self._held: dict[str, Any] | None = None
-        self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
+        self.size = 0
+        self.status = 0
+        self.failed_status: int | None = None
         self.storable = False
+        self.started = False  # something went to the client: no way back to a fallback
         self.complete = False
         self.stored_at = 0.0
+        self.deadline: anyio.CancelScope | None = None
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
+        if self.failed_status is not None:
+            return  # the app's error response is replaced by the fallback
         if kind == "http.response.start":
             self.stored_at = time.time()
-            self._status = message["status"]
+            self.status = message["status"]
+            if self._hold_errors and self.status >= 500:
+                self.failed_status = self.status
+                return
+            if self.deadline is not None:
+                self.deadline.deadline = math.inf  # answered in time: let the body take what it takes
             raw_headers = list(message.get("headers", ()))
             self._headers = raw_headers
-            self.storable = not self._head and http.not_storable_reason(
-                self._status, raw_headers, self._policy) is None
+            self.storable = not self._head and http.not_storable_reason(self.status, raw_headers, self._policy) is None
             start: dict[str, Any] = dict(message)
             start["headers"] = [*raw_headers, (http.X_CACHE, _MISS), (http.CACHE_STATUS, self.cache_status)]
+            self.started = True
             if self.storable:
                 self._held = start
                 return
@@ -340,9 +635,9 @@ class _FillResponder:
         if kind == "http.response.body":
             body: bytes = message.get("body", b"")
             more = message.get("more_body", False)
+            self.size += len(body)
             if self.storable:
-                self._size += len(body)
-                if self._size > self._policy.max_body:
+                if self.size > self._policy.max_body:
                     self.storable = False
                     self._chunks = []
                 else:
@@ -370,7 +665,7 @@ class _FillResponder:
         body = b"".join(self._chunks)
         etag = http.response_etag(self._headers) or http.make_etag(body)
         return Entry(
-            status=self._status,
+            status=self.status,
             headers=http.stored_headers(self._headers, etag, len(body)),
             body=body,
             stored_at=self.stored_at,

@@ -81,3 +81,10 @@ class SpyStore:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    async def fill(self, key: str, value: bytes, ttl: float, token: str | None) -> None:
+        self.keys_set.append(key)
+        await self.inner.fill(key, value, ttl, token)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # lock, unlock, waiter, listen

@@ -7,10 +7,16 @@ loop and nothing awaits inside a method, so no locks are needed.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskStatus
+
+from cachemw.store.base import FillWaiter, LockResult, wake
 
 __all__ = ["MemoryStore", "MemoryStoreStats"]
 
@@ -34,7 +40,8 @@ class MemoryStore:
     the byte bound holds either way. ``clock`` is injectable so tests control time.
     """
 
-    __slots__ = ("_clock", "_data", "bytes_used", "evictions", "expirations", "max_bytes", "rejected")
+    __slots__ = ("_clock", "_data", "_locks", "_waiters", "bytes_used", "evictions", "expirations", "max_bytes",
+                 "rejected")
 
     def __init__(
         self,
@@ -51,6 +58,9 @@ class MemoryStore:
         self.evictions = 0
         self.expirations = 0
         self.rejected = 0
+        # Fill locks and waiters: apps sharing this store in one process coordinate through it.
+        self._locks: dict[str, tuple[str, float]] = {}
+        self._waiters: dict[str, set[anyio.Event]] = {}
 
     def __len__(self) -> int:
         return len(self._data)
@@ -110,8 +120,36 @@ class MemoryStore:
                 existed += 1
         return existed
 
+    async def lock(self, key: str, ttl: float) -> LockResult:
+        value = await self.get(key)
+        held = self._locks.get(key)
+        now = self._clock()
+        if held is not None and held[1] > now:
+            return None, value
+        token = secrets.token_hex(8)
+        self._locks[key] = (token, now + ttl)
+        return token, value
+
+    async def fill(self, key: str, value: bytes, ttl: float, token: str | None) -> None:
+        await self.set(key, value, ttl)
+        if token is not None:
+            await self.unlock(key, token)
+        wake(self._waiters, key)
+
+    async def unlock(self, key: str, token: str) -> None:
+        held = self._locks.get(key)
+        if held is not None and held[0] == token:
+            del self._locks[key]
+
+    def waiter(self, key: str) -> FillWaiter:
+        return FillWaiter(self._waiters, key)
+
+    async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # one process: fills wake waiters directly
+
     async def aclose(self) -> None:
         self._data.clear()
+        self._locks.clear()
         self.bytes_used = 0
 
     def _discard(self, key: str) -> tuple[bytes, float] | None:

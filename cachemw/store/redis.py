@@ -25,19 +25,53 @@ this end to end (a frozen server, then the next reply must be the right one).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import secrets
 from typing import Any, cast
 
-from redis.asyncio import BlockingConnectionPool, Redis
+import anyio
+from anyio.abc import TaskStatus
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from cachemw.store.base import StoreError
+from cachemw.store.base import FillWaiter, LockResult, StoreError, wake
 
 __all__ = ["RedisStore"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHANNEL = "cachemw:fills"
+
+# The entry and its lock share the key's hash tag, so each script stays in one slot.
+_LOCK_SCRIPT = """
+local value = redis.call('GET', KEYS[1])
+local taken = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+if taken then return {1, value} end
+return {0, value}
+"""
+_FILL_SCRIPT = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+redis.call('PUBLISH', ARGV[4], KEYS[1])
+return 1
+"""
+_UNLOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _lock_key(key: str) -> str:
+    return key + ":lock"
+
+
+def _millis(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
 
 # What the driver may raise for a down, slow or refusing server. asyncio.TimeoutError
 # is the builtin TimeoutError (an OSError) from 3.11 on, but not on 3.10.
@@ -53,10 +87,16 @@ class RedisStore:
     budget and pool settings described above.
     """
 
-    __slots__ = ("_client",)
+    __slots__ = ("_client", "_fill_script", "_listening", "_lock_script", "_unlock_script", "_waiters", "channel")
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, channel: str = DEFAULT_CHANNEL) -> None:
         self._client = client
+        self.channel = channel
+        self._lock_script = client.register_script(_LOCK_SCRIPT)
+        self._fill_script = client.register_script(_FILL_SCRIPT)
+        self._unlock_script = client.register_script(_UNLOCK_SCRIPT)
+        self._waiters: dict[str, set[anyio.Event]] = {}
+        self._listening = False
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.05, max_connections: int = 256) -> RedisStore:
@@ -121,8 +161,85 @@ class RedisStore:
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis DEL failed: {exc!r}") from exc
 
+    async def lock(self, key: str, ttl: float) -> LockResult:
+        token = secrets.token_hex(8)
+        try:
+            reply = await self._lock_script(keys=[key, _lock_key(key)], args=[token, _millis(ttl)])
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis lock failed: {exc!r}") from exc
+        taken = bool(reply[0])
+        value = reply[1] if len(reply) > 1 and isinstance(reply[1], bytes) else None
+        return (token if taken else None), value
+
+    async def fill(self, key: str, value: bytes, ttl: float, token: str | None) -> None:
+        try:
+            await self._fill_script(
+                keys=[key, _lock_key(key)], args=[value, _millis(ttl), token or "", self.channel]
+            )
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis fill failed: {exc!r}") from exc
+
+    async def unlock(self, key: str, token: str) -> None:
+        try:
+            await self._unlock_script(keys=[_lock_key(key)], args=[token])
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis unlock failed: {exc!r}") from exc
+
+    def waiter(self, key: str) -> FillWaiter:
+        return FillWaiter(self._waiters, key)
+
+    @property
+    def listening(self) -> bool:
+        """True while subscribed: only then can a waiter be woken by another process."""
+        return self._listening
+
+    async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Subscribe to fill announcements; resubscribe after any loss, until cancelled."""
+        # A subscriber blocks reading for as long as nothing is published: it needs its
+        # own connection without the request path's short socket timeout.
+        kwargs = dict(self._client.connection_pool.connection_kwargs)
+        kwargs.update(socket_timeout=None, socket_keepalive=True)
+        pool = ConnectionPool(connection_class=self._client.connection_pool.connection_class, **kwargs)
+        client = Redis(connection_pool=pool)
+        started = False
+        backoff = 0.05
+        try:
+            while True:
+                pubsub = client.pubsub()
+                try:
+                    await pubsub.subscribe(self.channel)
+                    self._listening = True
+                    backoff = 0.05
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            wake(self._waiters, message["data"].decode("utf-8", "replace"))
+                except _DRIVER_ERRORS as exc:
+                    logger.debug("cachemw: fill subscription lost (%r); resubscribing", exc)
+                finally:
+                    self._listening = False
+                    with anyio.CancelScope(shield=True):
+                        await _quietly_close(pubsub)
+                if not started:
+                    started = True
+                    task_status.started()  # don't hold up startup while Redis is down
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose(close_connection_pool=True)
+
     async def aclose(self) -> None:
         try:
             await self._client.aclose(close_connection_pool=True)
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
+
+
+async def _quietly_close(pubsub: Any) -> None:
+    try:
+        await pubsub.aclose()
+    except _DRIVER_ERRORS:
+        pass
