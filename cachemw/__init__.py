@@ -1,6 +1,6 @@
 """cachemw: route-level caching for Starlette and FastAPI, responses first."""
 
-from cachemw.background import Supervisor
+from cachemw.background import Supervisor, detach
 from cachemw.config import Settings, load_settings
 from cachemw.entry import Entry
 from cachemw.middleware import CacheMiddleware
@@ -23,6 +23,7 @@ __all__ = [
     "Supervisor",
     "build_rule_table",
     "cache",
+    "detach",
     "load_settings",
     "parse_duration",
 ]

@@ -64,6 +64,6 @@ class AccessLog:
         origin_ms = None if origin is None else round(origin * 1000, 2)
         total_ms = round(total * 1000, 2)
         if self.json_lines:
-            return json.dumps(dict(zip(_FIELDS, (route, key, cache, status, origin_ms, total_ms, size))))
+            return json.dumps(dict(zip(_FIELDS, (route, key, cache, status, origin_ms, total_ms, size), strict=True)))
         return (f"route={route} key={key} cache={cache} status={status} "
                 f"origin_ms={'-' if origin_ms is None else origin_ms} total_ms={total_ms} bytes={size}")

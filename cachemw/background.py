@@ -218,7 +218,7 @@ class Supervisor:
                 for _ in range(self.concurrency):
                     await task_group.start(self._worker, receive.clone())
             services = [anyio.CancelScope() for _ in self._services]
-            for (name, function), scope in zip(self._services, services):
+            for (name, function), scope in zip(self._services, services, strict=True):
                 await task_group.start(self._service, name, function, scope)
             try:
                 yield self

@@ -9,6 +9,7 @@ supervisor and runs after the response is sent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -261,7 +262,7 @@ class CacheMiddleware:
                 if flight.failed and fallback is not None:
                     await self._serve_fallback(fallback, scope, headers, send, None, match, key, started)
                     return
-            await self._forward(scope, receive, send, key, policy, match, fallback, None, started)
+            await self._forward(scope, receive, send, key, headers, policy, match, fallback, None, started)
             return
         flight = self._flights[key] = _Flight()
         try:
@@ -271,8 +272,8 @@ class CacheMiddleware:
                 status = await _serve(shared, scope, headers, send, time.time(), _MISS, http.STATUS_COLLAPSED)
                 self._log(match, key, "MISS", status, None, started, len(shared.body))
                 return
-            entry, failed = await self._forward(scope, receive, send, key, policy, match, fallback, shared,
-                                                started)
+            entry, failed = await self._forward(scope, receive, send, key, headers, policy, match, fallback,
+                                                shared, started)
             flight.finish(entry, failed)
         finally:
             del self._flights[key]
@@ -308,8 +309,8 @@ class CacheMiddleware:
         finally:
             waiter.close()
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, key: str, policy: Policy,
-                       match: RouteMatch, fallback: Entry | None, token: str | None,
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, key: str, headers: RequestHeaders,
+                       policy: Policy, match: RouteMatch, fallback: Entry | None, token: str | None,
                        started: float) -> tuple[Entry | None, bool]:
         """Call the app, streaming its response to the client; store the copy afterwards.
 
@@ -340,13 +341,11 @@ class CacheMiddleware:
             failure = "status"
         if failure is not None and fallback is not None:
             self._release(key, token)
-            await self._serve_fallback(fallback, scope, RequestHeaders(scope), send, responder.failed_status,
-                                       match, key, started)
+            await self._serve_fallback(fallback, scope, headers, send, responder.failed_status, match, key, started)
             return None, True
         entry = responder.entry(tags=_tags(policy, match))
-        if entry is None:
-            self._release(key, token)
-        elif not self.supervisor.submit("fill", self._fill, key, entry, policy.usable_for, token, key=key):
+        if entry is None or not self.supervisor.submit("fill", self._fill, key, entry, policy.usable_for, token,
+                                                       key=key):
             self._release(key, token)
         self._log(match, key, "MISS", responder.status, origin_time, started, responder.size)
         return entry, responder.status >= 500
@@ -503,10 +502,8 @@ def _no_identity(headers: RequestHeaders, scope: Scope) -> str | None:
 
 
 async def _quietly(closing: Any) -> None:
-    try:
+    with contextlib.suppress(StoreError):
         await closing
-    except StoreError:
-        pass
 
 
 async def _discard(message: Message) -> None:

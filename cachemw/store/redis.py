@@ -25,6 +25,7 @@ this end to end (a frozen server, then the next reply must be the right one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
@@ -239,7 +240,5 @@ class RedisStore:
 
 
 async def _quietly_close(pubsub: Any) -> None:
-    try:
+    with contextlib.suppress(*_DRIVER_ERRORS):
         await pubsub.aclose()
-    except _DRIVER_ERRORS:
-        pass
