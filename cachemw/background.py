@@ -121,7 +121,8 @@ class Supervisor:
         self._services: list[tuple[str, ServiceFunction]] = []
         self._state: _State | None = None
         self._draining = False
-        self._inline: list[_Job] | None = None
+        # Per request, not per supervisor: concurrent requests without a lifespan each collect their own jobs.
+        self._inline: ContextVar[list[_Job] | None] = ContextVar("cachemw_inline", default=None)
 
     def add_service(self, name: str, function: ServiceFunction) -> None:
         """A task that lives as long as the app (a subscriber, a flusher): restarted if it fails.
@@ -160,10 +161,11 @@ class Supervisor:
         counters = self.counters_for(kind)
         state = self._state
         if state is None or self._draining:
-            if self._inline is not None and not self._draining:
+            inline = self._inline.get()
+            if inline is not None and not self._draining:
                 # No lifespan: the middleware runs these after the response, in the request's task.
-                self._inline.append(_Job(kind, key, function, args, self.job_timeout if timeout is None else timeout,
-                                         retries))
+                inline.append(_Job(kind, key, function, args, self.job_timeout if timeout is None else timeout,
+                                   retries))
                 counters.queued += 1
                 return True
             return False
@@ -191,11 +193,11 @@ class Supervisor:
             yield
             return
         jobs: list[_Job] = []
-        self._inline = jobs
+        token = self._inline.set(jobs)
         try:
             yield
         finally:
-            self._inline = None
+            self._inline.reset(token)
             for job in jobs:
                 counters = self.counters_for(job.kind)
                 counters.queued -= 1
@@ -243,6 +245,7 @@ class Supervisor:
             for counters in self.counters.values():
                 left += counters.queued + counters.running
                 counters.abandoned += counters.queued + counters.running
+                counters.queued = 0  # the queue is dropped with the task group: these never start
             logger.warning("cachemw: shutdown grace period of %.1fs ran out; abandoned %d background jobs",
                            self.grace_period, left)
             state.task_group.cancel_scope.cancel()

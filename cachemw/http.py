@@ -62,8 +62,11 @@ def not_storable_reason(
         name = key.lower()
         if name == b"set-cookie":
             return "set-cookie"
-        if name == b"cache-control" and _directives([value]) & _UNCACHEABLE_DIRECTIVES:
-            return "cache-control"
+        if name == b"cache-control":
+            directives = _directives([value])
+            # A private rule keys per user, so "private" is what its responses should say.
+            if directives & (_UNCACHEABLE_DIRECTIVES - {"private"} if policy.private else _UNCACHEABLE_DIRECTIVES):
+                return "cache-control"
         if name == b"vary":
             vary.extend(v.strip().lower() for v in value.decode("latin-1").split(",") if v.strip())
         if name == b"content-type" and value.lower().startswith(STREAMING_TYPES):

@@ -384,9 +384,9 @@ def test_request_headers_join_repeats_and_parse_cookies_once() -> None:
 )
 def test_route_path_mirrors_starlette(path: str, root_path: str) -> None:
     s = {"type": "http", "path": path, "root_path": root_path}
-    assert route_path(s) == get_route_path(s)  # type: ignore[arg-type]
+    assert route_path(s) == get_route_path(s)
 
 
 def test_route_path_without_root_path_in_the_scope() -> None:
     s = {"type": "http", "path": "/items"}
-    assert route_path(s) == get_route_path(s) == "/items"  # type: ignore[arg-type]
+    assert route_path(s) == get_route_path(s) == "/items"
