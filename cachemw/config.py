@@ -50,6 +50,7 @@ class Settings:
     key_prefix: str = "cachemw"
     store_timeout: float = 0.05
     memory_max_bytes: int = 64 * 1024 * 1024
+    l1_max_bytes: int = 32 * 1024 * 1024  # the per-process L1 in front of Redis (rules with sync > 0)
     session_cookie: str = "session"
     lock_timeout: float = 5.0  # how long one fill may hold a key's lock, and others wait for it
     queue_size: int = 10_000  # background jobs waiting at most; more are shed and counted
@@ -62,7 +63,7 @@ class Settings:
 
 # Bounded durations and counts: (lowest, highest) allowed.
 _DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "lock_timeout": (0.0, 300.0), "grace_period": (0.0, 3600.0)}
-_COUNT_SETTINGS = {"memory_max_bytes": (1024, 2**40), "queue_size": (1, 10_000_000), "concurrency": (1, 10_000)}
+_COUNT_SETTINGS = {"memory_max_bytes": (1024, 2**40), "l1_max_bytes": (1024, 2**40), "queue_size": (1, 10_000_000), "concurrency": (1, 10_000)}
 _SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_COUNT_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
 

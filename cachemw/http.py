@@ -154,3 +154,15 @@ def cache_status_stale_if_error(origin_status: int | None) -> bytes:
     if origin_status is None:
         return b"cachemw; fwd=stale; detail=stale-if-error"
     return b"cachemw; fwd=stale; fwd-status=%d; detail=stale-if-error" % origin_status
+
+
+# A handler tags its own entry with this response header (space or comma separated);
+# it is stripped before the response reaches the client.
+CACHE_TAG = b"cache-tag"
+
+
+def parse_cache_tags(headers: RawHeaders) -> tuple[str, ...]:
+    tags: list[str] = []
+    for value in header_values(headers, CACHE_TAG):
+        tags.extend(t for t in value.decode("latin-1").replace(",", " ").split() if t)
+    return tuple(dict.fromkeys(tags))

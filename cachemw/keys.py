@@ -147,3 +147,25 @@ def _all_values(scope: Scope, name: bytes) -> tuple[bytes, ...]:
 
 def _name(pair: tuple[str, str]) -> str:
     return pair[0]
+
+
+ALL_TAG = "*"  # every entry under the prefix: bumped by a purge of everything
+
+
+def tag_keys(prefix: str, tag: str) -> tuple[str, str]:
+    """The Redis keys of a tag: its index (entry keys) and its generation, in one slot."""
+    digest = hashlib.blake2b(tag.encode("utf-8", "backslashreplace"), digest_size=10).hexdigest()
+    return f"{prefix}:t:{{{digest}}}", f"{prefix}:g:{{{digest}}}"
+
+
+def route_tag(template: str) -> str:
+    return "route:" + template
+
+
+def path_tag(path: str) -> str:
+    return "path:" + path
+
+
+def entry_pattern(prefix: str) -> str:
+    """A SCAN pattern for every entry under the prefix (the prefix has no glob characters)."""
+    return f"{prefix}:e:*"

@@ -15,7 +15,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -27,12 +28,14 @@ from cachemw.accesslog import AccessLog
 from cachemw.background import Supervisor
 from cachemw.config import Settings, load_settings
 from cachemw.entry import Entry, EntryDecodeError, decode_entry, encode_entry
-from cachemw.keys import RequestHeaders, SessionIdentity, make_key, route_path
+from cachemw.invalidation import Invalidator, format_tags, targets_for_unsafe_request
+from cachemw.keys import ALL_TAG, RequestHeaders, SessionIdentity, make_key, path_tag, route_path, route_tag, tag_keys
+from cachemw.l1 import L1
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
-from cachemw.rules import RouteMatch, RuleTable, build_rule_table
+from cachemw.rules import RouteMatch, RuleTable, build_rule_table, normalise_template
 from cachemw.store import Store, StoreError, store_from_url
 
-__all__ = ["CacheMiddleware"]
+__all__ = ["CacheMiddleware", "current_cache", "invalidate"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,48 @@ _HIT = b"HIT"
 _STALE = b"STALE"
 _MISS = b"MISS"
 _BYPASS = b"BYPASS"
+
+
+_current: ContextVar[CacheMiddleware] = ContextVar("cachemw_cache")
+
+
+def current_cache() -> CacheMiddleware:
+    """The CacheMiddleware handling the current request."""
+    cache = _current.get(None)
+    if cache is None:
+        raise RuntimeError("no CacheMiddleware is handling this request. HINT: call this from a handler of an app "
+                           "with app.add_middleware(CacheMiddleware, ...), or use CacheMiddleware.invalidator.")
+    return cache
+
+
+async def invalidate(*, tags: tuple[str, ...] | list[str] = (), routes: tuple[str, ...] | list[str] = (),
+                     urls: tuple[str, ...] | list[str] = (), everything: bool = False) -> int:
+    """Drop entries from a handler: by tag, route template, URL, or all. Returns how many were dropped.
+
+    Done in the shared store and this process's L1 before it returns; other
+    processes drop theirs when the broadcast reaches them (at most ``sync`` later).
+    """
+    invalidator = current_cache().invalidator
+    if invalidator is None:
+        return 0
+    if everything:
+        return await invalidator.everything()
+    wanted = [*tags, *(route_tag(normalise_template(r)) for r in routes)]
+    dropped = await invalidator.tags(*wanted) if wanted else 0
+    return dropped + (await invalidator.urls(*urls) if urls else 0)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a fill of one key needs to be stored safely: its tags and the generations seen at its start."""
+
+    key: str
+    policy: Policy
+    match: RouteMatch
+    tags: tuple[str, ...]
+    generation_keys: tuple[str, ...]
+    generations: tuple[int, ...] | None = None  # unknown: the fill is served but never stored
+    token: str | None = None
 
 
 class _Flight:
@@ -106,6 +151,8 @@ class CacheMiddleware:
         self._lock_timeout = 5.0
         self._flights: dict[str, _Flight] = {}
         self._refreshing: set[str] = set()
+        self.l1 = L1()
+        self.invalidator: Invalidator | None = None
         self._warned_corrupt = False
         self.store_errors = 0
 
@@ -134,7 +181,11 @@ class CacheMiddleware:
         if self._given_supervisor is None:
             self.supervisor = Supervisor(queue_size=settings.queue_size, concurrency=settings.concurrency,
                                          grace_period=settings.grace_period)
-        self.supervisor.add_service("fill-notifications", self.store.listen)
+        self.supervisor.add_service("notifications", self.store.listen)
+        self.l1 = L1(max_bytes=settings.l1_max_bytes)
+        self.store.notifications.on_invalidate.append(self.l1.drop_tags)
+        self.store.notifications.on_lost.append(self.l1.lost_sync)
+        self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1)
         self.supervisor.add_service("access-log", self.access_log.consume)
         self._prefix = settings.key_prefix
         self._lock_timeout = settings.lock_timeout
@@ -155,6 +206,7 @@ class CacheMiddleware:
             table = self.table or self.prepare(scope.get("app"))
             supervisor = self.supervisor
             supervisor.bind()
+            _current.set(self)
             if supervisor.running:
                 await self._http(scope, receive, send, table)
             else:
@@ -206,7 +258,7 @@ class CacheMiddleware:
         policy = match.rule.policy
         assert policy is not None
         if scope["method"] not in _CACHED_METHODS:
-            await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_METHOD)
+            await self._unsafe(scope, receive, send, match, policy)
             return
         if not policy.cacheable:
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS)
@@ -226,12 +278,30 @@ class CacheMiddleware:
         key = keyed.key
         if keyed.query_string is not None:
             scope = dict(scope, query_string=keyed.query_string)
-        entry = await self._lookup(key)
+        store = self.store
+        if policy.sync > 0 and store is not None and store.listening:
+            entry = self.l1.get(key)
+            if entry is not None:
+                now = time.time()
+                if freshness(entry.stored_at, policy, now) is Freshness.FRESH:
+                    status = await _serve(entry, scope, headers, send, now, _HIT,
+                                          http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
+                    self._log(match, key, "HIT", status, None, started, len(entry.body))
+                    return
+        data, failed = await self._get(key)
+        entry = None if data is None else self._decode(key, data)
+        if failed and policy.sync > 0:
+            entry = self.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
         fallback: Entry | None = None
         if entry is not None:
             now = time.time()
             state = freshness(entry.stored_at, policy, now)
+            if failed and state is not Freshness.EXPIRED:
+                await self._serve_fallback(entry, scope, headers, send, None, match, key, started)
+                return
             if state is Freshness.FRESH:
+                if policy.sync > 0:
+                    self.l1.put(key, entry, policy.sync)
                 status = await _serve(entry, scope, headers, send, now, _HIT,
                                       http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
                 self._log(match, key, "HIT", status, None, started, len(entry.body))
@@ -239,17 +309,24 @@ class CacheMiddleware:
             if state is Freshness.STALE:
                 status = await _serve(entry, scope, headers, send, now, _STALE,
                                       http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
-                self._refresh_later(key, scope, policy, match)
+                self._refresh_later(self._plan(key, policy, match, scope), scope)
                 self._log(match, key, "STALE", status, None, started, len(entry.body))
                 return
             if state is Freshness.STALE_IF_ERROR:
                 fallback = entry
-        await self._miss(scope, receive, send, key, headers, policy, match, fallback, started)
+        await self._miss(scope, receive, send, self._plan(key, policy, match, scope), headers, fallback, started)
+
+    def _plan(self, key: str, policy: Policy, match: RouteMatch, scope: Scope) -> _Plan:
+        tags = (*format_tags(policy.tags, match.path_params), route_tag(normalise_template(match.rule.template)),
+                path_tag(scope["path"]))
+        generation_keys = tuple(tag_keys(self._prefix, tag)[1] for tag in (*tags, ALL_TAG))
+        return _Plan(key, policy, match, tags, generation_keys)
 
     # -- misses: one fill per key, in this process and across processes ---------------------------
 
-    async def _miss(self, scope: Scope, receive: Receive, send: Send, key: str, headers: RequestHeaders,
-                    policy: Policy, match: RouteMatch, fallback: Entry | None, started: float) -> None:
+    async def _miss(self, scope: Scope, receive: Receive, send: Send, plan: _Plan, headers: RequestHeaders,
+                    fallback: Entry | None, started: float) -> None:
+        key = plan.key
         flight = self._flights.get(key)
         if flight is not None:
             # Another request of this process is filling the key: wait (bounded) and share its result.
@@ -257,66 +334,68 @@ class CacheMiddleware:
                 if flight.entry is not None:
                     status = await _serve(flight.entry, scope, headers, send, time.time(), _MISS,
                                           http.STATUS_COLLAPSED)
-                    self._log(match, key, "MISS", status, None, started, len(flight.entry.body))
+                    self._log(plan.match, key, "MISS", status, None, started, len(flight.entry.body))
                     return
                 if flight.failed and fallback is not None:
-                    await self._serve_fallback(fallback, scope, headers, send, None, match, key, started)
+                    await self._serve_fallback(fallback, scope, headers, send, None, plan.match, key, started)
                     return
-            await self._forward(scope, receive, send, key, headers, policy, match, fallback, None, started)
+            await self._forward(scope, receive, send, headers, plan, fallback, started)  # unknown generations
             return
         flight = self._flights[key] = _Flight()
         try:
-            shared = await self._wait_for_other_process(key, policy)
-            if isinstance(shared, Entry):
+            shared = await self._lock_or_wait(plan)
+            if shared is not None:
                 flight.finish(shared)
                 status = await _serve(shared, scope, headers, send, time.time(), _MISS, http.STATUS_COLLAPSED)
-                self._log(match, key, "MISS", status, None, started, len(shared.body))
+                self._log(plan.match, key, "MISS", status, None, started, len(shared.body))
                 return
-            entry, failed = await self._forward(scope, receive, send, key, headers, policy, match, fallback,
-                                                shared, started)
+            entry, failed = await self._forward(scope, receive, send, headers, plan, fallback, started)
             flight.finish(entry, failed)
         finally:
             del self._flights[key]
             flight.finish(None)
 
-    async def _wait_for_other_process(self, key: str, policy: Policy) -> Entry | str | None:
-        """Take the key's fill lock (returns its token), or wait for the process holding it.
+    async def _lock_or_wait(self, plan: _Plan) -> Entry | None:
+        """Take the key's fill lock, or wait for the process holding it.
 
-        Returns an entry when another process stored one meanwhile; None when
-        the app must be called without the lock (store down, or the owner died).
+        Returns an entry another process stored meanwhile; None when the app
+        must be called (with the lock in ``plan.token``, or without it when the
+        owner died or the store is down).
         """
         store = self.store
         if store is None:
             return None
-        waiter = store.waiter(key)
+        waiter = store.notifications.waiter(plan.key)
         try:
             try:
-                token, current = await store.lock(key, self._lock_timeout)
+                token, current, generations = await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
             except StoreError:
                 self.store_errors += 1
                 return None
-            entry = self._fresh(current, policy)
+            plan.generations = generations
+            entry = self._fresh(current, plan.policy)
             if entry is not None:
                 # Filled between our lookup and the lock: nothing to do but release it.
-                if token is not None:
-                    self.supervisor.submit("unlock", self._unlock, key, token, key=key)
+                self._release(plan.key, token)
                 return entry
             if token is not None:
-                return token
+                plan.token = token
+                return None
             if await waiter.wait(self._lock_timeout):
-                return self._fresh(await self._get(key), policy)
+                data, _ = await self._get(plan.key)
+                return self._fresh(data, plan.policy)
             return None
         finally:
             waiter.close()
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, key: str, headers: RequestHeaders,
-                       policy: Policy, match: RouteMatch, fallback: Entry | None, token: str | None,
-                       started: float) -> tuple[Entry | None, bool]:
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, plan: _Plan,
+                       fallback: Entry | None, started: float) -> tuple[Entry | None, bool]:
         """Call the app, streaming its response to the client; store the copy afterwards.
 
         With a ``fallback`` (an entry within stale_if_error) a 5xx, an exception
         or no response start within ``origin_timeout`` serves the fallback instead.
         """
+        policy = plan.policy
         responder = _FillResponder(send, policy, head=scope["method"] == "HEAD",
                                    cache_status=http.STATUS_STALE_MISS if fallback else http.STATUS_MISS,
                                    hold_errors=fallback is not None)
@@ -333,21 +412,22 @@ class CacheMiddleware:
                     failure = "timeout"
         except Exception:
             if fallback is None or responder.started:
-                self._release(key, token)
+                self._release(plan.key, plan.token)
                 raise
             failure = "exception"
         origin_time = time.perf_counter() - origin_started
         if responder.failed_status:
             failure = "status"
         if failure is not None and fallback is not None:
-            self._release(key, token)
-            await self._serve_fallback(fallback, scope, headers, send, responder.failed_status, match, key, started)
+            self._release(plan.key, plan.token)
+            await self._serve_fallback(fallback, scope, headers, send, responder.failed_status, plan.match,
+                                       plan.key, started)
             return None, True
-        entry = responder.entry(tags=_tags(policy, match))
-        if entry is None or not self.supervisor.submit("fill", self._fill, key, entry, policy.usable_for, token,
-                                                       key=key):
-            self._release(key, token)
-        self._log(match, key, "MISS", responder.status, origin_time, started, responder.size)
+        entry = responder.entry(tags=plan.tags)
+        if entry is None or plan.generations is None or not self.supervisor.submit(
+                "fill", self._fill, plan, entry, key=plan.key):
+            self._release(plan.key, plan.token)
+        self._log(plan.match, plan.key, "MISS", responder.status, origin_time, started, responder.size)
         return entry, responder.status >= 500
 
     async def _serve_fallback(self, entry: Entry, scope: Scope, headers: RequestHeaders, send: Send,
@@ -358,43 +438,44 @@ class CacheMiddleware:
 
     # -- stale-while-revalidate ------------------------------------------------------------------
 
-    def _refresh_later(self, key: str, scope: Scope, policy: Policy, match: RouteMatch) -> None:
-        if key in self._refreshing:
+    def _refresh_later(self, plan: _Plan, scope: Scope) -> None:
+        if plan.key in self._refreshing:
             return  # one refresh per key in this process; the lock makes it one across processes
-        self._refreshing.add(key)
-        refresh_scope = _refresh_scope(scope, policy)
-        if not self.supervisor.submit("refresh", self._refresh, key, refresh_scope, policy, match, key=key,
-                                      timeout=policy.origin_timeout + self._lock_timeout):
-            self._refreshing.discard(key)
+        self._refreshing.add(plan.key)
+        refresh_scope = _refresh_scope(scope, plan.policy)
+        if not self.supervisor.submit("refresh", self._refresh, plan, refresh_scope, key=plan.key,
+                                      timeout=plan.policy.origin_timeout + self._lock_timeout):
+            self._refreshing.discard(plan.key)
 
-    async def _refresh(self, key: str, scope: Scope, policy: Policy, match: RouteMatch) -> None:
+    async def _refresh(self, plan: _Plan, scope: Scope) -> None:
         store = self.store
         try:
             if store is None:
                 return
             try:
-                token, current = await store.lock(key, self._lock_timeout)
+                token, current, generations = await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
             except StoreError:
                 self.store_errors += 1
                 return
             if token is None:
                 return  # another process is refreshing it
-            if self._fresh(current, policy) is not None:
-                await self._unlock(key, token)
+            plan.token, plan.generations = token, generations
+            if self._fresh(current, plan.policy) is not None:
+                await self._unlock(plan.key, token)
                 return
             entry: Entry | None = None
             try:
-                with anyio.fail_after(policy.origin_timeout):
-                    entry = await self._call_app(scope, policy, match)
+                with anyio.fail_after(plan.policy.origin_timeout):
+                    entry = await self._call_app(scope, plan)
             finally:
                 if entry is None:
-                    await self._unlock(key, token)  # a failed refresh keeps the old entry
+                    await self._unlock(plan.key, token)  # a failed refresh keeps the old entry
             if entry is not None:
-                await self._fill(key, entry, policy.usable_for, token)
+                await self._fill(plan, entry)
         finally:
-            self._refreshing.discard(key)
+            self._refreshing.discard(plan.key)
 
-    async def _call_app(self, scope: Scope, policy: Policy, match: RouteMatch) -> Entry | None:
+    async def _call_app(self, scope: Scope, plan: _Plan) -> Entry | None:
         """Run the app for a request nobody waits on; the entry if its response may be stored."""
         done = anyio.Event()
         requested = False
@@ -407,30 +488,57 @@ class CacheMiddleware:
             await done.wait()
             return {"type": "http.disconnect"}
 
-        responder = _FillResponder(_discard, policy, head=False, cache_status=http.STATUS_MISS, hold_errors=False)
+        responder = _FillResponder(_discard, plan.policy, head=False, cache_status=http.STATUS_MISS,
+                                   hold_errors=False)
         try:
             await self.app(scope, receive, responder.send)
         finally:
             done.set()
         if responder.status >= 500:
             return None
-        return responder.entry(tags=_tags(policy, match))
+        return responder.entry(tags=plan.tags)
+
+    # -- unsafe methods ----------------------------------------------------------------------------
+
+    async def _unsafe(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch, policy: Policy) -> None:
+        """Never answered from the cache; a success invalidates what the rule declares, before it completes.
+
+        The last body message is held until the shared store has dropped the
+        entries: once the client has the whole response, no server serves them
+        from the store again (read-your-writes).
+        """
+        if not policy.invalidates or self.invalidator is None:
+            await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_METHOD)
+            return
+        invalidator = self.invalidator
+        tags = targets_for_unsafe_request(policy.invalidates, match.path_params)
+        marker = _Marker(send, _BYPASS, http.STATUS_BYPASS_METHOD)
+
+        async def send_after_invalidating(message: Message) -> None:
+            if (message["type"] == "http.response.body" and not message.get("more_body", False)
+                    and 200 <= marker.status < 400 and tags):
+                try:
+                    await invalidator.tags(*tags)
+                except StoreError:
+                    self.store_errors += 1  # the entries expire by themselves; the response still goes out
+            await marker.send(message)
+
+        started = time.perf_counter()
+        await self.app(scope, receive, send_after_invalidating)
+        self._log(match, "", "BYPASS", marker.status, time.perf_counter() - started, started, marker.size)
 
     # -- store access ----------------------------------------------------------------------------
 
-    async def _get(self, key: str) -> bytes | None:
+    async def _get(self, key: str) -> tuple[bytes | None, bool]:
+        """The stored value, and whether the store failed (then the app answers: fail open)."""
         store = self.store
         if store is None:
-            return None
+            return None, False
         try:
-            return await store.get(key)
+            return await store.get(key), False
         except StoreError:
             self.store_errors += 1
-            return None  # fail open: the app answers
-
-    async def _lookup(self, key: str) -> Entry | None:
-        data = await self._get(key)
-        return None if data is None else self._decode(key, data)
+            return None, True
 
     def _decode(self, key: str, data: bytes) -> Entry | None:
         try:
@@ -452,20 +560,25 @@ class CacheMiddleware:
             return entry
         return None
 
-    async def _fill(self, key: str, entry: Entry, ttl: float, token: str | None) -> None:
+    async def _fill(self, plan: _Plan, entry: Entry) -> None:
         store = self.store
-        if store is None:
+        if store is None or plan.generations is None:
             return
         try:
             data = encode_entry(entry)
         except ValueError:
-            if token is not None:
-                await self._unlock(key, token)
+            if plan.token is not None:
+                await self._unlock(plan.key, plan.token)
             return
+        tag_sets = [tag_keys(self._prefix, tag)[0] for tag in entry.tags]
         try:
-            await store.fill(key, data, ttl, token)
+            stored = await store.fill(plan.key, data, plan.policy.usable_for, plan.token, tag_sets,
+                                      plan.generation_keys, plan.generations)
         except StoreError:
             self.store_errors += 1  # the store is down or slow: this fill is lost, the next miss refills
+            return
+        if stored and plan.policy.sync > 0:
+            self.l1.put(plan.key, entry, plan.policy.sync)
 
     async def _unlock(self, key: str, token: str) -> None:
         store = self.store
@@ -513,16 +626,6 @@ async def _discard(message: Message) -> None:
 async def _log_corrupt(key: str, reason: str) -> None:
     logger.warning("cachemw: value under %s is not a cachemw entry (%s); treated as a miss and overwritten. "
                    "Further such values are not logged.", key, reason)
-
-
-def _tags(policy: Policy, match: RouteMatch) -> tuple[str, ...]:
-    if not policy.tags:
-        return ()
-    params = match.path_params
-    try:
-        return tuple(tag.format_map(params) for tag in policy.tags)
-    except (KeyError, IndexError, ValueError):
-        return tuple(policy.tags)
 
 
 def _refresh_scope(scope: Scope, policy: Policy) -> dict[str, Any]:
@@ -586,7 +689,8 @@ class _FillResponder:
     """
 
     __slots__ = ("_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy", "_send", "cache_status",
-                 "complete", "deadline", "failed_status", "size", "started", "status", "storable", "stored_at")
+                 "complete", "deadline", "failed_status", "response_tags", "size", "started", "status", "storable",
+                 "stored_at")
 
     def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes, hold_errors: bool) -> None:
         self._send = send
@@ -605,6 +709,7 @@ class _FillResponder:
         self.complete = False
         self.stored_at = 0.0
         self.deadline: anyio.CancelScope | None = None
+        self.response_tags: tuple[str, ...] = ()
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -618,7 +723,10 @@ class _FillResponder:
                 return
             if self.deadline is not None:
                 self.deadline.deadline = math.inf  # answered in time: let the body take what it takes
-            raw_headers = list(message.get("headers", ()))
+            raw_headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != http.CACHE_TAG]
+            if len(raw_headers) != len(message.get("headers", ())):
+                # Tags the handler adds to its own entry; the client never sees the header.
+                self.response_tags = http.parse_cache_tags(message["headers"])
             self._headers = raw_headers
             self.storable = not self._head and http.not_storable_reason(self.status, raw_headers, self._policy) is None
             start: dict[str, Any] = dict(message)
@@ -667,5 +775,5 @@ class _FillResponder:
             body=body,
             stored_at=self.stored_at,
             etag=etag,
-            tags=tags,
+            tags=(*tags, *self.response_tags),
         )

@@ -82,9 +82,10 @@ class SpyStore:
     async def aclose(self) -> None:
         await self.inner.aclose()
 
-    async def fill(self, key: str, value: bytes, ttl: float, token: str | None) -> None:
+    async def fill(self, key: str, value: bytes, ttl: float, token: str | None, *args: Any) -> bool:
         self.keys_set.append(key)
-        await self.inner.fill(key, value, ttl, token)
+        stored: bool = await self.inner.fill(key, value, ttl, token, *args)
+        return stored
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)  # lock, unlock, waiter, listen

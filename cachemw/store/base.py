@@ -8,20 +8,22 @@ wake-up for those waiting on it). Every driver failure crosses this boundary as
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import anyio
 from anyio.abc import TaskStatus
 
-__all__ = ["FillWaiter", "LockResult", "Store", "StoreError"]
+__all__ = ["FillWaiter", "LockResult", "Notifications", "Store", "StoreError"]
 
 
 class StoreError(Exception):
     """The store could not answer (down, slow, refused, full, or misused)."""
 
 
-LockResult = tuple["str | None", "bytes | None"]
-"""``(token, value)``: ``token`` is set if the fill lock was taken; ``value`` is what the key holds now."""
+LockResult = tuple["str | None", "bytes | None", tuple[int, ...]]
+"""``(token, value, generations)``: ``token`` is set if the fill lock was taken, ``value`` is
+what the key holds now, ``generations`` the current values of the generation keys asked for."""
 
 
 class FillWaiter:
@@ -54,6 +56,29 @@ def wake(registry: dict[str, set[anyio.Event]], key: str) -> None:
         event.set()
 
 
+class Notifications:
+    """What a store hears from other processes (or its own): fills, invalidations, losing the line."""
+
+    def __init__(self) -> None:
+        self.waiters: dict[str, set[anyio.Event]] = {}
+        self.on_invalidate: list[Callable[[Sequence[str]], None]] = []
+        self.on_lost: list[Callable[[], None]] = []
+
+    def waiter(self, key: str) -> FillWaiter:
+        return FillWaiter(self.waiters, key)
+
+    def filled(self, key: str) -> None:
+        wake(self.waiters, key)
+
+    def invalidated(self, tags: Sequence[str]) -> None:
+        for callback in self.on_invalidate:
+            callback(tags)
+
+    def lost(self) -> None:
+        for callback in self.on_lost:
+            callback()
+
+
 @runtime_checkable
 class Store(Protocol):
     async def get(self, key: str) -> bytes | None:
@@ -65,20 +90,38 @@ class Store(Protocol):
     async def delete(self, *keys: str) -> int:
         """Remove the keys; return how many existed."""
 
-    async def lock(self, key: str, ttl: float) -> LockResult:
-        """Try to take ``key``'s fill lock for ``ttl`` seconds; also return the key's value, in one round trip."""
+    notifications: Notifications
 
-    async def fill(self, key: str, value: bytes, ttl: float, token: str | None) -> None:
-        """Store a fill, release the lock ``token`` if still held, and wake those waiting for ``key``."""
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str]) -> LockResult:
+        """Try to take ``key``'s fill lock for ``ttl`` seconds; also read the key and the generations."""
+
+    async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
+                   generation_keys: Sequence[str], generations: Sequence[int]) -> bool:
+        """Store a fill, index it under ``tag_sets``, release the lock ``token``, wake waiters.
+
+        If a generation moved since ``generations`` were read (an invalidation ran
+        while the response was made), the value is removed again and False returned:
+        an invalidated entry never comes back.
+        """
+
+    async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
+        """Bump the generations, delete every entry indexed under the tag sets, publish ``message``."""
+
+    async def purge(self, pattern: str, generation_key: str, message: str) -> int:
+        """Bump ``generation_key``, delete every entry whose key matches ``pattern``, publish ``message``."""
+
+    async def publish_invalidation(self, message: str) -> None:
+        """Tell other processes (their L1) what was invalidated."""
 
     async def unlock(self, key: str, token: str) -> None:
         """Release the fill lock without a fill (the response could not be stored)."""
 
-    def waiter(self, key: str) -> FillWaiter:
-        """Start listening for a fill of ``key`` (announced by ``fill`` in any process)."""
+    @property
+    def listening(self) -> bool:
+        """True while announcements from other processes reach ``notifications``."""
 
     async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run for the app's lifetime: receive fill announcements from other processes."""
+        """Run for the app's lifetime: receive fill and invalidation announcements."""
 
     async def aclose(self) -> None:
         """Release connections. The store is not used afterwards."""

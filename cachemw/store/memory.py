@@ -7,16 +7,18 @@ loop and nothing awaits inside a method, so no locks are needed.
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskStatus
 
-from cachemw.store.base import FillWaiter, LockResult, wake
+from cachemw.store.base import LockResult, Notifications
 
 __all__ = ["MemoryStore", "MemoryStoreStats"]
 
@@ -40,8 +42,8 @@ class MemoryStore:
     the byte bound holds either way. ``clock`` is injectable so tests control time.
     """
 
-    __slots__ = ("_clock", "_data", "_locks", "_waiters", "bytes_used", "evictions", "expirations", "max_bytes",
-                 "rejected")
+    __slots__ = ("_clock", "_data", "_generations", "_locks", "_tag_sets", "bytes_used", "evictions", "expirations",
+                 "max_bytes", "notifications", "rejected")
 
     def __init__(
         self,
@@ -58,9 +60,12 @@ class MemoryStore:
         self.evictions = 0
         self.expirations = 0
         self.rejected = 0
-        # Fill locks and waiters: apps sharing this store in one process coordinate through it.
+        # Fill locks, tag index and generations: apps sharing this store in one process
+        # coordinate through it exactly as processes do through Redis.
         self._locks: dict[str, tuple[str, float]] = {}
-        self._waiters: dict[str, set[anyio.Event]] = {}
+        self._tag_sets: dict[str, dict[str, float]] = {}
+        self._generations: dict[str, int] = {}
+        self.notifications = Notifications()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -120,36 +125,66 @@ class MemoryStore:
                 existed += 1
         return existed
 
-    async def lock(self, key: str, ttl: float) -> LockResult:
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str]) -> LockResult:
         value = await self.get(key)
+        generations = tuple(self._generations.get(g, 0) for g in generation_keys)
         held = self._locks.get(key)
         now = self._clock()
         if held is not None and held[1] > now:
-            return None, value
+            return None, value, generations
         token = secrets.token_hex(8)
         self._locks[key] = (token, now + ttl)
-        return token, value
+        return token, value, generations
 
-    async def fill(self, key: str, value: bytes, ttl: float, token: str | None) -> None:
-        await self.set(key, value, ttl)
+    async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
+                   generation_keys: Sequence[str], generations: Sequence[int]) -> bool:
+        current = tuple(self._generations.get(g, 0) for g in generation_keys)
+        stored = current == tuple(generations)
+        if stored:
+            await self.set(key, value, ttl)
+            expires = self._clock() + ttl
+            for tag_set in tag_sets:
+                self._tag_sets.setdefault(tag_set, {})[key] = expires
         if token is not None:
             await self.unlock(key, token)
-        wake(self._waiters, key)
+        self.notifications.filled(key)
+        return stored
 
     async def unlock(self, key: str, token: str) -> None:
         held = self._locks.get(key)
         if held is not None and held[0] == token:
             del self._locks[key]
 
-    def waiter(self, key: str) -> FillWaiter:
-        return FillWaiter(self._waiters, key)
+    async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
+        for generation_key in generation_keys:
+            self._generations[generation_key] = self._generations.get(generation_key, 0) + 1
+        keys: set[str] = set()
+        for tag_set in tag_sets:
+            keys.update(self._tag_sets.pop(tag_set, {}))
+        dropped = await self.delete(*keys)
+        await self.publish_invalidation(message)
+        return dropped
+
+    async def purge(self, pattern: str, generation_key: str, message: str) -> int:
+        self._generations[generation_key] = self._generations.get(generation_key, 0) + 1
+        dropped = await self.delete(*[key for key in list(self._data) if fnmatch.fnmatchcase(key, pattern)])
+        await self.publish_invalidation(message)
+        return dropped
+
+    async def publish_invalidation(self, message: str) -> None:
+        self.notifications.invalidated(json.loads(message))
+
+    @property
+    def listening(self) -> bool:
+        return True  # one process: announcements are calls, never lost
 
     async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()  # one process: fills wake waiters directly
+        task_status.started()
 
     async def aclose(self) -> None:
         self._data.clear()
         self._locks.clear()
+        self._tag_sets.clear()
         self.bytes_used = 0
 
     def _discard(self, key: str) -> tuple[bytes, float] | None:

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import secrets
+import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import anyio
@@ -40,13 +43,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from cachemw.store.base import FillWaiter, LockResult, StoreError, wake
+from cachemw.store.base import LockResult, Notifications, StoreError
 
 __all__ = ["RedisStore"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHANNEL = "cachemw:fills"
+DEFAULT_INVALIDATION_CHANNEL = "cachemw:invalidations"
 
 # The entry and its lock share the key's hash tag, so each script stays in one slot.
 _LOCK_SCRIPT = """
@@ -61,6 +65,14 @@ if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL'
 redis.call('PUBLISH', ARGV[4], KEYS[1])
 return 1
 """
+# A tag's index: entry keys scored by expiry; expired members are dropped on every
+# write, and the index itself lives as long as its longest-lived member.
+_INDEX_SCRIPT = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return 1
+"""
 _UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -69,6 +81,13 @@ return 0
 
 def _lock_key(key: str) -> str:
     return key + ":lock"
+
+
+def _int(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload,no-any-return]
+    except (TypeError, ValueError):
+        return 0  # a foreign value under a generation key counts as none
 
 
 def _millis(seconds: float) -> int:
@@ -88,15 +107,16 @@ class RedisStore:
     budget and pool settings described above.
     """
 
-    __slots__ = ("_client", "_fill_script", "_listening", "_lock_script", "_unlock_script", "_waiters", "channel")
+    __slots__ = ("_client", "_listening", "_unlock_script", "channel",
+                 "invalidation_channel", "notifications")
 
-    def __init__(self, client: Redis, *, channel: str = DEFAULT_CHANNEL) -> None:
+    def __init__(self, client: Redis, *, channel: str = DEFAULT_CHANNEL,
+                 invalidation_channel: str = DEFAULT_INVALIDATION_CHANNEL) -> None:
         self._client = client
         self.channel = channel
-        self._lock_script = client.register_script(_LOCK_SCRIPT)
-        self._fill_script = client.register_script(_FILL_SCRIPT)
+        self.invalidation_channel = invalidation_channel
+        self.notifications = Notifications()
         self._unlock_script = client.register_script(_UNLOCK_SCRIPT)
-        self._waiters: dict[str, set[anyio.Event]] = {}
         self._listening = False
 
     @classmethod
@@ -162,23 +182,44 @@ class RedisStore:
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis DEL failed: {exc!r}") from exc
 
-    async def lock(self, key: str, ttl: float) -> LockResult:
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str]) -> LockResult:
         token = secrets.token_hex(8)
         try:
-            reply = await self._lock_script(keys=[key, _lock_key(key)], args=[token, _millis(ttl)])
+            async with self._client.pipeline(transaction=False) as pipe:
+                # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
+                # Redis caches the compiled script by its text anyway.
+                pipe.eval(_LOCK_SCRIPT, 2, key, _lock_key(key), token, _millis(ttl))
+                for generation_key in generation_keys:
+                    pipe.get(generation_key)
+                reply, *generations = await pipe.execute()
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis lock failed: {exc!r}") from exc
         taken = bool(reply[0])
         value = reply[1] if len(reply) > 1 and isinstance(reply[1], bytes) else None
-        return (token if taken else None), value
+        return (token if taken else None), value, tuple(_int(g) for g in generations)
 
-    async def fill(self, key: str, value: bytes, ttl: float, token: str | None) -> None:
+    async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
+                   generation_keys: Sequence[str], generations: Sequence[int]) -> bool:
+        # Store and index first, then read the generations: an invalidation that bumped
+        # them before our read is seen here (we delete the entry again), and one that
+        # bumped them after our read finds the entry in its tag set (it deletes it).
+        now = time.time()
+        expires = now + ttl
         try:
-            await self._fill_script(
-                keys=[key, _lock_key(key)], args=[value, _millis(ttl), token or "", self.channel]
-            )
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.eval(_FILL_SCRIPT, 2, key, _lock_key(key), value, _millis(ttl), token or "", self.channel)
+                for tag_set in tag_sets:
+                    pipe.eval(_INDEX_SCRIPT, 1, tag_set, key, expires, now, _millis(ttl + 60))
+                for generation_key in generation_keys:
+                    pipe.get(generation_key)
+                replies = await pipe.execute()
+            current = tuple(_int(g) for g in replies[len(replies) - len(generation_keys):])
+            if current != tuple(generations):
+                await self._client.delete(key)
+                return False
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis fill failed: {exc!r}") from exc
+        return True
 
     async def unlock(self, key: str, token: str) -> None:
         try:
@@ -186,41 +227,89 @@ class RedisStore:
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis unlock failed: {exc!r}") from exc
 
-    def waiter(self, key: str) -> FillWaiter:
-        return FillWaiter(self._waiters, key)
+    async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for generation_key in generation_keys:
+                    pipe.incr(generation_key)
+                for tag_set in tag_sets:
+                    pipe.zrange(tag_set, 0, -1)
+                replies = await pipe.execute()
+            keys = {member for members in replies[len(generation_keys):] for member in members}
+            dropped = 0
+            batch = list(keys)
+            for start in range(0, len(batch), 500):
+                dropped += int(await self._client.delete(*batch[start : start + 500]))
+            if tag_sets:
+                await self._client.delete(*tag_sets)
+            await self._client.publish(self.invalidation_channel, message)
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis invalidate failed: {exc!r}") from exc
+        return dropped
+
+    async def purge(self, pattern: str, generation_key: str, message: str) -> int:
+        try:
+            await self._client.incr(generation_key)
+            dropped = 0
+            batch: list[bytes] = []
+            async for found in self._client.scan_iter(match=pattern, count=1000):
+                batch.append(found)
+                if len(batch) >= 500:
+                    dropped += int(await self._client.delete(*batch))
+                    batch = []
+            if batch:
+                dropped += int(await self._client.delete(*batch))
+            await self._client.publish(self.invalidation_channel, message)
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis purge failed: {exc!r}") from exc
+        return dropped
+
+    async def publish_invalidation(self, message: str) -> None:
+        try:
+            await self._client.publish(self.invalidation_channel, message)
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis publish failed: {exc!r}") from exc
 
     @property
     def listening(self) -> bool:
-        """True while subscribed: only then can a waiter be woken by another process."""
+        """True while subscribed: only then do other processes' announcements arrive."""
         return self._listening
 
     async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Subscribe to fill announcements; resubscribe after any loss, until cancelled."""
+        """Subscribe to fill and invalidation announcements; resubscribe after any loss, until cancelled."""
         # A subscriber blocks reading for as long as nothing is published: it needs its
         # own connection without the request path's short socket timeout.
         kwargs = dict(self._client.connection_pool.connection_kwargs)
         kwargs.update(socket_timeout=None, socket_keepalive=True)
         pool = ConnectionPool(connection_class=self._client.connection_pool.connection_class, **kwargs)
         client = Redis(connection_pool=pool)
+        fills = self.channel.encode()
         started = False
         backoff = 0.05
         try:
             while True:
                 pubsub = client.pubsub()
                 try:
-                    await pubsub.subscribe(self.channel)
+                    await pubsub.subscribe(self.channel, self.invalidation_channel)
                     self._listening = True
                     backoff = 0.05
                     if not started:
                         started = True
                         task_status.started()
                     async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            wake(self._waiters, message["data"].decode("utf-8", "replace"))
+                        if message.get("type") != "message":
+                            continue
+                        data = message["data"].decode("utf-8", "replace")
+                        if message["channel"] == fills:
+                            self.notifications.filled(data)
+                        else:
+                            self._invalidated(data)
                 except _DRIVER_ERRORS as exc:
-                    logger.debug("cachemw: fill subscription lost (%r); resubscribing", exc)
+                    logger.debug("cachemw: subscription lost (%r); resubscribing", exc)
                 finally:
-                    self._listening = False
+                    if self._listening:
+                        self._listening = False
+                        self.notifications.lost()
                     with anyio.CancelScope(shield=True):
                         await _quietly_close(pubsub)
                 if not started:
@@ -231,6 +320,14 @@ class RedisStore:
         finally:
             with anyio.CancelScope(shield=True):
                 await client.aclose(close_connection_pool=True)
+
+    def _invalidated(self, data: str) -> None:
+        try:
+            tags = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(tags, list) and all(isinstance(tag, str) for tag in tags):
+            self.notifications.invalidated(tags)
 
     async def aclose(self) -> None:
         try:

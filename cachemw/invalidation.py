@@ -1,0 +1,87 @@
+"""Invalidation: by tag, by route, by URL, or everything; and what unsafe requests invalidate.
+
+Every entry is indexed under its tags, plus two implicit ones (``route:TEMPLATE``
+and ``path:PATH``), so all four kinds of purge are one mechanism. A purge bumps
+the tags' generations before it deletes: a fill that began before it sees the
+change when it stores and removes itself (no resurrection).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+from cachemw.keys import ALL_TAG, entry_pattern, path_tag, route_tag, tag_keys
+from cachemw.l1 import L1
+from cachemw.rules import normalise_template
+from cachemw.store import Store
+
+__all__ = ["Invalidator", "targets_for_unsafe_request"]
+
+_PARAM = re.compile(r"{([^{}:]+)(?::[^{}]*)?}")
+
+
+class Invalidator:
+    """Purges entries in the shared store and this process's L1; other processes hear it by pub/sub."""
+
+    def __init__(self, store: Store, prefix: str, l1: L1 | None = None) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.l1 = l1
+
+    async def tags(self, *tags: str) -> int:
+        """Drop every entry carrying one of ``tags``; returns how many entries were dropped."""
+        wanted = [tag for tag in dict.fromkeys(tags) if tag]
+        if not wanted:
+            return 0
+        if self.l1 is not None:
+            self.l1.drop_tags(wanted)
+        pairs = [tag_keys(self.prefix, tag) for tag in wanted]
+        return await self.store.invalidate([p[0] for p in pairs], [p[1] for p in pairs], json.dumps(wanted))
+
+    async def routes(self, *templates: str) -> int:
+        """Every entry of these routes (``"/products/{id}"`` as the app declares it)."""
+        return await self.tags(*(route_tag(normalise_template(t)) for t in templates))
+
+    async def urls(self, *urls: str) -> int:
+        """Every entry of these paths, whatever their query string, vary headers or users."""
+        return await self.tags(*(path_tag(urlsplit(url).path or "/") for url in urls))
+
+    async def everything(self) -> int:
+        """Every entry under the key prefix."""
+        if self.l1 is not None:
+            self.l1.clear()
+        _, generation = tag_keys(self.prefix, ALL_TAG)
+        return await self.store.purge(entry_pattern(self.prefix), generation, json.dumps([ALL_TAG]))
+
+
+def targets_for_unsafe_request(invalidates: Iterable[str], params: Mapping[str, str]) -> list[str]:
+    """The tags a successful unsafe request invalidates, from a rule's ``invalidates`` templates.
+
+    ``"/products/{id}"`` is a path: with every parameter known it names that path,
+    otherwise the whole route. Anything else is a tag template (``"product:{id}"``);
+    one naming a parameter the request lacks is skipped rather than guessed.
+    """
+    tags: list[str] = []
+    for template in invalidates:
+        names = _PARAM.findall(template)
+        known = all(name in params for name in names)
+        if template.startswith("/"):
+            if known:
+                tags.append(path_tag(_fill(template, params)))
+            else:
+                tags.append(route_tag(normalise_template(template)))
+        elif known:
+            tags.append(_fill(template, params))
+    return tags
+
+
+def _fill(template: str, params: Mapping[str, str]) -> str:
+    return _PARAM.sub(lambda m: params[m.group(1)], template)
+
+
+def format_tags(templates: Sequence[str], params: Mapping[str, str]) -> tuple[str, ...]:
+    """A rule's ``tags`` for one request; a template naming an unknown parameter is kept as written."""
+    return tuple(_fill(t, params) if all(n in params for n in _PARAM.findall(t)) else t for t in templates)
