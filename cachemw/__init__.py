@@ -3,7 +3,8 @@
 from cachemw.background import Supervisor, detach
 from cachemw.config import Settings, load_settings
 from cachemw.entry import Entry
-from cachemw.middleware import CacheMiddleware
+from cachemw.invalidation import Invalidator
+from cachemw.middleware import CacheMiddleware, invalidate
 from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration
 from cachemw.rules import RuleTable, build_rule_table, cache
 from cachemw.store import MemoryStore, RedisStore, Store, StoreError
@@ -13,6 +14,7 @@ __all__ = [
     "CacheMiddleware",
     "ConfigError",
     "Entry",
+    "Invalidator",
     "MemoryStore",
     "Policy",
     "RedisStore",
@@ -24,6 +26,7 @@ __all__ = [
     "build_rule_table",
     "cache",
     "detach",
+    "invalidate",
     "load_settings",
     "parse_duration",
 ]

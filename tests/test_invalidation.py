@@ -1,0 +1,244 @@
+"""Invalidation and the cross-server staleness bound, on two app instances sharing one Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import redis.asyncio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache, invalidate
+from tests.asgi import SpyStore, eventually, lifespan
+
+pytestmark = pytest.mark.anyio
+
+SYNC = 1.0
+
+
+class Database:
+    def __init__(self) -> None:
+        self.versions: dict[int, int] = {}
+        self.reads = 0
+        self.gate = anyio.Event()
+        self.gate.set()
+
+
+def make_app(db: Database, store: Any, *, sync: float = SYNC) -> Starlette:
+    @cache(ttl="5m", sync=sync, tags=["product:{id}"])
+    async def product(request: Request) -> Response:
+        product_id = request.path_params["id"]
+        version = db.versions.get(product_id, 1)
+        db.reads += 1
+        await db.gate.wait()
+        return JSONResponse({"id": product_id, "version": version})
+
+    @cache("realtime", invalidates=["product:{id}"])
+    async def update(request: Request) -> Response:
+        product_id = request.path_params["id"]
+        db.versions[product_id] = db.versions.get(product_id, 1) + 1
+        return JSONResponse({"id": product_id, "version": db.versions[product_id]})
+
+    @cache(ttl="5m")
+    async def stats(request: Request) -> Response:
+        db.reads += 1
+        return PlainTextResponse(f"stats {request.query_params.get('x')}", headers={"cache-tag": "reports daily"})
+
+    async def reset(request: Request) -> Response:
+        dropped = await invalidate(tags=["reports"])
+        return JSONResponse({"dropped": dropped})
+
+    app = Starlette(routes=[
+        Route("/products/{id:int}", product, methods=["GET"]),
+        Route("/products/{id:int}", update, methods=["POST"]),
+        Route("/stats", stats),
+        Route("/reset", reset, methods=["POST"]),
+    ])
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=2.0))
+    return app
+
+
+def middleware(app: Starlette) -> CacheMiddleware:
+    layer: Any = app.middleware_stack
+    while not isinstance(layer, CacheMiddleware):
+        layer = layer.app
+    return layer
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+@asynccontextmanager
+async def servers(redis_url: str, count: int = 2, *, sync: float = SYNC
+                  ) -> AsyncIterator[tuple[Database, list[Starlette], list[httpx.AsyncClient], list[SpyStore]]]:
+    """``count`` app instances with their own Redis connections and lifespans, like separate servers."""
+    db = Database()
+    stores = [SpyStore(RedisStore.from_url(redis_url, timeout=1.0)) for _ in range(count)]
+    apps = [make_app(db, store, sync=sync) for store in stores]
+    async with AsyncExitStack() as stack:
+        for app in apps:
+            await stack.enter_async_context(lifespan(app))
+        clients = [await stack.enter_async_context(client(app)) for app in apps]
+        for app in apps:
+            await eventually(lambda app=app: _true(middleware(app).store.listening), what="subscribed")  # type: ignore[misc]
+        try:
+            yield db, apps, clients, stores
+        finally:
+            for store in stores:
+                await store.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def version(http: httpx.AsyncClient, path: str = "/products/1") -> tuple[str, int]:
+    response = await http.get(path)
+    return response.headers["x-cache"], response.json()["version"]
+
+
+async def warm(http: httpx.AsyncClient, store: SpyStore, path: str = "/products/1") -> None:
+    """Fill the entry and read it once more, so it sits in this server's L1."""
+    await http.get(path)
+    await eventually(lambda: _true(bool(store.keys_set)), what="the fill being stored")
+    assert (await http.get(path)).headers["x-cache"] == "HIT"
+
+
+async def test_invalidation_on_one_server_reaches_the_other_by_pubsub(redis_url: str) -> None:
+    async with servers(redis_url, sync=60) as (db, apps, (a, b), (_, store_b)):
+        await warm(b, store_b)
+        db.versions[1] = 2
+        dropped = await middleware(apps[0]).invalidator.tags("product:1")  # type: ignore[union-attr]
+        assert dropped == 1
+
+        async def b_sees_new() -> bool:
+            return (await version(b)) == ("MISS", 2)
+
+        # sync is 60 s: only the broadcast can make B drop its L1 copy this fast.
+        await eventually(b_sees_new, timeout=5, what="server B dropping its L1 copy")
+
+
+async def test_l1_serves_at_most_sync_after_a_change_it_was_not_told_about(redis_url: str) -> None:
+    async with servers(redis_url) as (db, _, (_a, b), (_, store_b)):
+        await warm(b, store_b)
+        raw = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            db.versions[1] = 2
+            await raw.delete(store_b.keys_set[-1])  # behind cachemw's back: no broadcast
+        finally:
+            await raw.aclose()
+        changed_at = time.monotonic()
+        assert await version(b) == ("HIT", 1)  # the L1 copy still answers...
+        await _assert_bound(b, changed_at)  # ...but never longer than sync
+
+
+async def _assert_bound(http: httpx.AsyncClient, changed_at: float) -> None:
+    seen_new = False
+    while time.monotonic() < changed_at + 2 * SYNC:
+        asked_at = time.monotonic()
+        _, value = await version(http)
+        if asked_at > changed_at + SYNC:
+            assert value == 2, f"old entry served {asked_at - changed_at:.3f}s after the change"
+        seen_new = seen_new or value == 2
+        await anyio.sleep(0.02)
+    assert seen_new
+
+
+async def test_lost_subscription_keeps_the_bound(redis_url: str) -> None:
+    async with servers(redis_url) as (db, apps, (_a, b), (_, store_b)):
+        await warm(b, store_b)
+        raw = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        finally:
+            await raw.aclose()
+        db.versions[1] = 2
+        await middleware(apps[0]).invalidator.tags("product:1")  # type: ignore[union-attr]
+        await _assert_bound(b, time.monotonic())
+
+
+async def test_post_through_a_then_get_through_b_is_never_stale(redis_url: str) -> None:
+    async with servers(redis_url, sync=0) as (_, _apps, (a, b), (_, store_b)):
+        await b.get("/products/1")
+        await eventually(lambda: _true(bool(store_b.keys_set)), what="the fill being stored")
+        assert await version(b) == ("HIT", 1)
+        assert (await a.post("/products/1")).json()["version"] == 2
+        assert await version(b) == ("MISS", 2)
+
+
+async def test_post_then_get_on_the_same_server_skips_its_l1(redis_url: str) -> None:
+    async with servers(redis_url, count=1, sync=60) as (_, _apps, (a,), (store,)):
+        await warm(a, store)
+        await a.post("/products/1")
+        assert await version(a) == ("MISS", 2)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpyStore]:
+    if request.param == "memory":
+        spy = SpyStore(MemoryStore())
+    else:
+        spy = SpyStore(RedisStore.from_url(request.getfixturevalue("redis_url"), timeout=1.0))
+    yield spy
+    await spy.aclose()
+
+
+async def test_a_fill_that_began_before_an_invalidation_is_not_stored(store: SpyStore) -> None:
+    db = Database()
+    app = make_app(db, store)
+    async with lifespan(app), client(app) as http:
+        db.gate = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            responses: list[httpx.Response] = []
+
+            async def request() -> None:
+                responses.append(await http.get("/products/1"))
+
+            tg.start_soon(request)
+            await eventually(lambda: _true(db.reads == 1), what="the handler reading the old row")
+            db.versions[1] = 2
+            await middleware(app).invalidator.tags("product:1")  # type: ignore[union-attr]
+            db.gate.set()  # the handler answers with what it read before the change
+        assert responses[0].json()["version"] == 1
+        fills = middleware(app).supervisor.counters_for("fill")
+        await eventually(lambda: _true(fills.done == 1), what="the fill job finishing")
+        after = await http.get("/products/1")
+    assert after.headers["x-cache"] == "MISS" and after.json()["version"] == 2
+
+
+async def test_purge_by_route_url_and_everything_counts_what_it_dropped(store: SpyStore) -> None:
+    db = Database()
+    app = make_app(db, store, sync=0)
+    async with client(app) as http:  # no lifespan: fills are stored before each request returns
+        for path in ("/products/1", "/products/2", "/stats?x=1", "/stats?x=2"):
+            await http.get(path)
+        invalidator = middleware(app).invalidator
+        assert invalidator is not None
+        assert await invalidator.urls("http://testserver/stats") == 2
+        assert (await http.get("/products/2")).headers["x-cache"] == "HIT"
+        assert await invalidator.routes("/products/{id}") == 2
+        assert (await http.get("/products/2")).headers["x-cache"] == "MISS"
+        await http.get("/stats?x=3")
+        assert await invalidator.everything() == 2
+        assert (await http.get("/stats?x=3")).headers["x-cache"] == "MISS"
+
+
+async def test_handler_tags_are_stripped_and_purgeable_from_a_handler(store: SpyStore) -> None:
+    db = Database()
+    app = make_app(db, store, sync=0)
+    async with client(app) as http:
+        first = await http.get("/stats?x=1")
+        assert "cache-tag" not in first.headers
+        assert (await http.get("/stats?x=1")).headers["x-cache"] == "HIT"
+        assert (await http.post("/reset")).json() == {"dropped": 1}
+        assert (await http.get("/stats?x=1")).headers["x-cache"] == "MISS"
+    assert db.reads == 2
