@@ -178,9 +178,19 @@ class RedisStore:
         if not keys:
             return 0  # DEL without keys is a syntax error
         try:
-            return int(await self._client.delete(*keys))
+            return await self._delete_each(keys)
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis DEL failed: {exc!r}") from exc
+
+    async def _delete_each(self, keys: Sequence[str | bytes]) -> int:
+        """One DEL per key, pipelined: a multi-key DEL would cross Redis Cluster slots."""
+        dropped = 0
+        for start in range(0, len(keys), 500):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys[start : start + 500]:
+                    pipe.delete(key)
+                dropped += sum(int(n) for n in await pipe.execute())
+        return dropped
 
     async def lock(self, key: str, ttl: float, generation_keys: Sequence[str]) -> LockResult:
         token = secrets.token_hex(8)
@@ -236,12 +246,8 @@ class RedisStore:
                     pipe.zrange(tag_set, 0, -1)
                 replies = await pipe.execute()
             keys = {member for members in replies[len(generation_keys):] for member in members}
-            dropped = 0
-            batch = list(keys)
-            for start in range(0, len(batch), 500):
-                dropped += int(await self._client.delete(*batch[start : start + 500]))
-            if tag_sets:
-                await self._client.delete(*tag_sets)
+            dropped = await self._delete_each(list(keys))
+            await self._delete_each(list(tag_sets))
             await self._client.publish(self.invalidation_channel, message)
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis invalidate failed: {exc!r}") from exc
@@ -255,10 +261,9 @@ class RedisStore:
             async for found in self._client.scan_iter(match=pattern, count=1000):
                 batch.append(found)
                 if len(batch) >= 500:
-                    dropped += int(await self._client.delete(*batch))
+                    dropped += await self._delete_each(batch)
                     batch = []
-            if batch:
-                dropped += int(await self._client.delete(*batch))
+            dropped += await self._delete_each(batch)
             await self._client.publish(self.invalidation_channel, message)
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis purge failed: {exc!r}") from exc
