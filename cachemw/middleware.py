@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cachemw import http
 from cachemw.accesslog import AccessLog
 from cachemw.background import Supervisor
+from cachemw.breaker import CircuitBreaker
 from cachemw.config import Settings, load_settings
 from cachemw.entry import Entry, EntryDecodeError, decode_entry, encode_entry
 from cachemw.invalidation import Invalidator, format_tags, targets_for_unsafe_request
@@ -33,7 +34,8 @@ from cachemw.keys import ALL_TAG, RequestHeaders, SessionIdentity, make_key, pat
 from cachemw.l1 import L1
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RuleTable, build_rule_table, normalise_template
-from cachemw.store import Store, StoreError, store_from_url
+from cachemw.store import MemoryStore, Store, StoreError, store_from_url
+from cachemw.store.base import LockResult
 
 __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
 
@@ -153,6 +155,9 @@ class CacheMiddleware:
         self._refreshing: set[str] = set()
         self.l1 = L1()
         self.invalidator: Invalidator | None = None
+        self.breaker = CircuitBreaker(on_transition=self._breaker_moved)
+        self._budget = 0.05
+        self._remote = False  # only a remote store needs a time budget and a breaker
         self._warned_corrupt = False
         self.store_errors = 0
 
@@ -189,6 +194,8 @@ class CacheMiddleware:
         self.supervisor.add_service("access-log", self.access_log.consume)
         self._prefix = settings.key_prefix
         self._lock_timeout = settings.lock_timeout
+        self._budget = settings.store_timeout
+        self._remote = not isinstance(self.store, MemoryStore)
         if self._custom_identity is None:
             session = SessionIdentity(settings.session_cookie)
             self._identity = lambda headers, scope: session(headers)
@@ -367,11 +374,10 @@ class CacheMiddleware:
             return None
         waiter = store.notifications.waiter(plan.key)
         try:
-            try:
-                token, current, generations = await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
-            except StoreError:
-                self.store_errors += 1
+            locked = await self._lock(plan)
+            if locked is None:
                 return None
+            token, current, generations = locked
             plan.generations = generations
             entry = self._fresh(current, plan.policy)
             if entry is not None:
@@ -452,11 +458,10 @@ class CacheMiddleware:
         try:
             if store is None:
                 return
-            try:
-                token, current, generations = await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
-            except StoreError:
-                self.store_errors += 1
+            locked = await self._lock(plan)
+            if locked is None:
                 return
+            token, current, generations = locked
             if token is None:
                 return  # another process is refreshing it
             plan.token, plan.generations = token, generations
@@ -534,11 +539,42 @@ class CacheMiddleware:
         store = self.store
         if store is None:
             return None, False
-        try:
+        if not self._remote:
             return await store.get(key), False
-        except StoreError:
-            self.store_errors += 1
+        if not self.breaker.allow(time.monotonic()):
             return None, True
+        try:
+            # Our own budget, whatever the driver's timeouts and retries are.
+            with anyio.fail_after(self._budget):
+                value = await store.get(key)
+        except (StoreError, TimeoutError):
+            self._store_failed()
+            return None, True
+        self.breaker.success()
+        return value, False
+
+    async def _lock(self, plan: _Plan) -> LockResult | None:
+        """The lock attempt of a miss, under the same budget and breaker as a lookup; None if it failed."""
+        store = self.store
+        if store is None:
+            return None
+        if self._remote and not self.breaker.allow(time.monotonic()):
+            return None
+        try:
+            with anyio.fail_after(self._budget if self._remote else math.inf):
+                result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
+        except (StoreError, TimeoutError):
+            self._store_failed()
+            return None
+        self.breaker.success()
+        return result
+
+    def _store_failed(self) -> None:
+        self.store_errors += 1
+        self.breaker.failure(time.monotonic())
+
+    def _breaker_moved(self, previous: str, state: str) -> None:
+        self.supervisor.submit("log", _log_breaker, previous, state, self.store_errors)
 
     def _decode(self, key: str, data: bytes) -> Entry | None:
         try:
@@ -571,11 +607,13 @@ class CacheMiddleware:
                 await self._unlock(plan.key, plan.token)
             return
         tag_sets = [tag_keys(self._prefix, tag)[0] for tag in entry.tags]
+        if self._remote and self.breaker.state == "open":
+            return  # don't hammer a store that is down: the next miss after it recovers refills
         try:
             stored = await store.fill(plan.key, data, plan.policy.usable_for, plan.token, tag_sets,
                                       plan.generation_keys, plan.generations)
         except StoreError:
-            self.store_errors += 1  # the store is down or slow: this fill is lost, the next miss refills
+            self._store_failed()  # this fill is lost; the next miss refills
             return
         if stored and plan.policy.sync > 0:
             self.l1.put(plan.key, entry, plan.policy.sync)
@@ -584,10 +622,12 @@ class CacheMiddleware:
         store = self.store
         if store is None:
             return
+        if self._remote and self.breaker.state == "open":
+            return  # the lock expires by itself
         try:
             await store.unlock(key, token)
         except StoreError:
-            self.store_errors += 1  # the lock expires by itself
+            self._store_failed()  # the lock expires by itself
 
     def _release(self, key: str, token: str | None) -> None:
         if token is not None:
@@ -621,6 +661,14 @@ async def _quietly(closing: Any) -> None:
 
 async def _discard(message: Message) -> None:
     pass
+
+
+async def _log_breaker(previous: str, state: str, errors: int) -> None:
+    if state == "closed":
+        logger.warning("cachemw: store is answering again; circuit closed (%d store errors so far)", errors)
+    elif previous == "closed":
+        logger.warning("cachemw: store is failing; circuit open, requests go to the app (%d store errors so far)",
+                       errors)
 
 
 async def _log_corrupt(key: str, reason: str) -> None:

@@ -77,7 +77,7 @@ def make_app(origin: Origin, store: Any, *, lock_timeout: float = 5.0, **policy:
         return await origin(request)
 
     app = Starlette(routes=[Route("/item", cache(**{**POLICY, **policy})(item))])
-    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=lock_timeout))
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=lock_timeout, store_timeout=2.0))
     return app
 
 

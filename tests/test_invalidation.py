@@ -62,7 +62,7 @@ def make_app(db: Database, store: Any, *, sync: float = SYNC) -> Starlette:
         Route("/stats", stats),
         Route("/reset", reset, methods=["POST"]),
     ])
-    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=2.0))
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=2.0, store_timeout=2.0))
     return app
 
 
