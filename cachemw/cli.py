@@ -1,18 +1,40 @@
-"""The ``cachemw`` command: what an operator asks of a deployed app's cache."""
+"""The ``cachemw`` command: what an operator asks of a deployed app's cache.
+
+- ``cachemw routes APP``: every route of an app with its effective policy;
+- ``cachemw check FILE [--app APP]``: validate a config file (and its rules against an app);
+- ``cachemw purge (--tag T | --route R | --url U | --all)``: drop entries from the shared Redis store;
+- ``cachemw inspect URL --app APP``: compute a URL's key as the middleware does and show its entry.
+
+``purge`` and ``inspect`` act on the Redis the configuration names (``--config``,
+else the config the app's ``CacheMiddleware`` names), overridden by
+``CACHEMW_REDIS_URL`` and then ``--redis-url``. The in-process memory store is out
+of their reach. Exit status: 0 done, 1 nothing to show (no policy for a URL), 2 a
+usage, configuration or store error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
-from cachemw.config import Settings, load_settings
-from cachemw.policy import ConfigError, Policy
-from cachemw.rules import RuleTable, build_rule_table
+import anyio
+
+from cachemw.config import REDIS_URL_ENV, Settings, load_settings
+from cachemw.entry import EntryDecodeError, decode_entry
+from cachemw.invalidation import Invalidator
+from cachemw.keys import RequestHeaders, SessionIdentity, make_key, path_tag, route_path
+from cachemw.policy import ConfigError, Policy, freshness
+from cachemw.rules import RouteRule, RuleTable, build_rule_table
+from cachemw.store import Store, StoreError, store_from_url
 
 __all__ = ["main"]
 
@@ -91,18 +113,22 @@ def load_app(path: str) -> Any:
     return app
 
 
-def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
-    """The rule table the app's CacheMiddleware would build, with the config it names (or ``config``)."""
+def _middleware_options(app: Any) -> dict[str, Any]:
+    """The keyword arguments the app's CacheMiddleware was given (empty if it has none)."""
     from cachemw.middleware import CacheMiddleware
 
-    options: dict[str, Any] = {}
     if isinstance(app, CacheMiddleware):
-        options = {"config": app._config, "settings": app._given_settings, "key_prefix": app._key_prefix}
-    else:
-        for middleware in getattr(app, "user_middleware", ()):
-            if middleware.cls is CacheMiddleware:
-                options = dict(middleware.kwargs)
-                break
+        return {"config": app._config, "settings": app._given_settings, "key_prefix": app._key_prefix,
+                "redis_url": app._redis_url, "identity": app._custom_identity}
+    for middleware in getattr(app, "user_middleware", ()):
+        if middleware.cls is CacheMiddleware:
+            return dict(middleware.kwargs)
+    return {}
+
+
+def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
+    """The rule table the app's CacheMiddleware would build, with the config it names (or ``config``)."""
+    options = _middleware_options(app)
     if config is not None:
         settings = load_settings(config)
     elif options.get("settings") is not None:
@@ -156,6 +182,285 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- purge and inspect: the shared store ------------------------------------------------------------
+
+OPERATOR_TIMEOUT = 2.0  # seconds per store call: longer than the request path's budget, an operator waits
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+_QUERY_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "#")
+
+
+class CommandFailed(Exception):
+    """A failure to report in one line (``cachemw: MESSAGE``) with an exit status."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _operator_settings(args: argparse.Namespace) -> tuple[Any, RuleTable | None, Settings]:
+    """The app (if named), its rule table and the settings its middleware runs with, then the overrides.
+
+    Precedence of the store URL: ``--redis-url``, ``CACHEMW_REDIS_URL``, the
+    app's ``CacheMiddleware(redis_url=...)``, the config file.
+    """
+    app: Any = None
+    table: RuleTable | None = None
+    if args.app:
+        app = load_app(args.app)
+        table, settings = app_rule_table(app, args.config)
+        # What CacheMiddleware.prepare applies over its settings: keys are made with this prefix.
+        options = _middleware_options(app)
+        if options.get("redis_url") is not None:
+            settings = replace(settings, redis_url=options["redis_url"])
+        if options.get("key_prefix") is not None:
+            settings = replace(settings, key_prefix=options["key_prefix"])
+    else:
+        settings = load_settings(args.config)
+    env_url = os.environ.get(REDIS_URL_ENV)
+    if env_url:
+        settings = replace(settings, redis_url=env_url)
+    if args.redis_url:
+        settings = replace(settings, redis_url=args.redis_url)
+    return app, table, settings
+
+
+def _where(url: str) -> str:
+    """Where the store is, for messages: never the whole URL (it may carry a password)."""
+    split = urlsplit(url)
+    if split.scheme.lower() == "unix":
+        return split.path or "(unix socket)"
+    try:
+        port = split.port or 6379
+    except ValueError:
+        return split.hostname or "(unknown host)"
+    return f"{split.hostname or 'localhost'}:{port}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _open_store(settings: Settings, doing: str) -> Store:
+    if settings.redis_url is None:
+        raise CommandFailed("no redis_url configured: the memory store lives inside the app process; "
+                            f"nothing to {doing} from here")
+    try:
+        return store_from_url(settings.redis_url, timeout=OPERATOR_TIMEOUT,
+                              memory_max_bytes=settings.memory_max_bytes)
+    except ValueError as exc:
+        raise CommandFailed(f"redis_url: {_one_line(exc)}") from None
+
+
+def _with_store(settings: Settings, doing: str, work: Callable[[Store], Any]) -> Any:
+    """Run ``await work(store)`` on the configured Redis and close it; a store failure is one line."""
+    store = _open_store(settings, doing)
+
+    async def go() -> Any:
+        try:
+            return await work(store)
+        finally:
+            # A failure to close says less than the command's own failure, if any.
+            with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                await store.aclose()
+
+    try:
+        return anyio.run(go)
+    except StoreError as exc:
+        assert settings.redis_url is not None
+        raise CommandFailed(f"{doing} failed: the redis store at {_where(settings.redis_url)} did not answer "
+                            f"({_one_line(exc)})") from None
+
+
+def _purged_path(url: str) -> str:
+    """The path of a URL or path, decoded as ASGI servers give it to the app (and as entries are tagged)."""
+    split = urlsplit(url)
+    if split.scheme or split.netloc:
+        return unquote(split.path) or "/"
+    if not split.path.startswith("/"):
+        raise CommandFailed(f"--url {url!r}: expected a URL (http://host/path) or a path starting with /")
+    return unquote(split.path)
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    if args.route:
+        for template in args.route:
+            if not template.startswith("/"):
+                raise CommandFailed(f"--route {template!r}: expected a route template such as /products/{{id}}")
+    if args.tag and not all(tag.strip() for tag in args.tag):
+        raise CommandFailed("--tag: a tag cannot be empty")
+    # Paths are decoded before they are tagged: the middleware tags entries with the ASGI
+    # scope's (decoded) path, while Invalidator.urls() would keep "%xx" escapes as given.
+    paths = [_purged_path(url) for url in args.url or ()]
+    _, _, settings = _operator_settings(args)
+
+    async def purge(store: Store) -> int:
+        invalidator = Invalidator(store, settings.key_prefix)
+        if args.all:
+            return await invalidator.everything()
+        if args.route:
+            return await invalidator.routes(*args.route)
+        if paths:
+            return await invalidator.tags(*(path_tag(path) for path in paths))
+        return await invalidator.tags(*args.tag)
+
+    dropped: int = _with_store(settings, "purge", purge)
+    if args.json:
+        print(json.dumps({"dropped": dropped}))
+    else:
+        print(f"dropped {dropped} entr{'y' if dropped == 1 else 'ies'}")
+    return 0
+
+
+def _request_scope(url: str, extra_headers: Sequence[str]) -> dict[str, Any]:
+    """The ASGI scope of ``GET url`` as a server gives it to the app (path decoded, Host from the URL)."""
+    split = urlsplit(url)
+    scheme = split.scheme.lower()
+    if scheme not in ("http", "https") or not split.hostname:
+        raise CommandFailed(f"{url!r} is not an absolute http(s) URL, e.g. http://example.com/products/1")
+    try:
+        port = split.port
+    except ValueError:
+        raise CommandFailed(f"{url!r}: the port is not a number from 0 to 65535") from None
+    headers: list[tuple[bytes, bytes]] = []
+    for raw in extra_headers:
+        name, colon, value = raw.partition(":")
+        name = name.strip().lower()
+        if not colon or not name or not set(name) <= _TOKEN:
+            raise CommandFailed(f"-H {raw!r}: expected a header as 'Name: value'")
+        try:
+            headers.append((name.encode("ascii"), value.strip().encode("latin-1")))
+        except UnicodeEncodeError:
+            raise CommandFailed(f"-H {raw!r}: a header value must be latin-1 text") from None
+    if not any(name == b"host" for name, _ in headers):
+        # As HTTP clients send it: no userinfo, no default port.
+        host = split.netloc.rpartition("@")[2].lower()
+        if port is not None and port == (80 if scheme == "http" else 443):
+            port = None
+            host = host[: host.rfind(":")]
+        try:
+            host_bytes = host.encode("ascii")
+        except UnicodeEncodeError:  # an international domain name, as clients send it
+            try:
+                host_bytes = split.hostname.encode("idna") + (b"" if port is None else f":{port}".encode())
+            except UnicodeError:
+                raise CommandFailed(f"{url!r}: {split.hostname!r} is not a valid host name") from None
+        headers.insert(0, (b"host", host_bytes))
+    raw_path = quote(split.path or "/", safe=_QUERY_SAFE)
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": scheme,
+        "path": unquote(split.path) or "/",
+        "raw_path": raw_path.encode("ascii"),
+        "root_path": "",
+        "query_string": quote(split.query, safe=_QUERY_SAFE).encode("ascii"),
+        "headers": headers,
+        "client": None,
+        "server": None,
+    }
+
+
+def _identity_of(app: Any, settings: Settings) -> Callable[[RequestHeaders, dict[str, Any]], str | None]:
+    """Who a request is for, as the app's middleware decides it (its custom identity, if it has one)."""
+    custom = _middleware_options(app).get("identity")
+    if custom is None:
+        session = SessionIdentity(settings.session_cookie)
+        return lambda headers, scope: session(headers)
+    from starlette.requests import HTTPConnection
+
+    def identity(headers: RequestHeaders, scope: dict[str, Any]) -> str | None:
+        try:
+            value: str | None = custom(HTTPConnection(scope))
+        except Exception as exc:
+            raise CommandFailed(f"the app's identity function failed on this request: {_one_line(exc)}") from None
+        return value
+
+    return identity
+
+
+def _entry_report(data: bytes | None, policy: Policy, now: float) -> dict[str, Any]:
+    report: dict[str, Any] = {"state": "absent", "age": None, "ttl_left": None, "status": None, "size": None,
+                              "etag": None, "tags": [], "headers": []}
+    if data is None:
+        return report
+    try:
+        entry = decode_entry(data)
+    except EntryDecodeError as exc:
+        report.update(state="corrupt (not a cachemw entry)", detail=f"{len(data)} bytes: {exc}")
+        return report
+    age = now - entry.stored_at
+    report.update(
+        state=freshness(entry.stored_at, policy, now).value,
+        age=round(age, 3),
+        ttl_left=round(policy.ttl - age, 3),
+        status=entry.status,
+        size=len(entry.body),
+        etag=entry.etag.decode("latin-1"),
+        tags=list(entry.tags),
+        headers=[[name.decode("latin-1"), value.decode("latin-1")] for name, value in entry.headers],
+    )
+    return report
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    scope = _request_scope(args.url, args.header or ())
+    app, table, settings = _operator_settings(args)
+    assert table is not None  # --app is required
+    path = route_path(scope)
+    match = table.match(path, "GET")
+    if match is None:
+        raise CommandFailed(f"no cache policy for {path}", 1)
+    rule: RouteRule = match.rule
+    policy = rule.policy
+    assert policy is not None
+    if not policy.cacheable:
+        raise CommandFailed(f"no cache policy for {path}: its route {rule.template} is never cached "
+                            f"({describe_policy(policy)}; {rule.source})", 1)
+    headers = RequestHeaders(scope)
+    identity = _identity_of(app, settings)(headers, scope)
+    # The middleware's own bypasses: such a request never reads or writes an entry.
+    if policy.private and identity is None:
+        raise CommandFailed(f"{path}: the route {rule.template} is private (one entry per user) and the request "
+                            f"names nobody; pass the user's credentials, e.g. "
+                            f"-H 'Cookie: {settings.session_cookie}=...' or -H 'Authorization: ...'", 1)
+    if not policy.private and (identity is not None or headers.get(b"authorization") is not None):
+        raise CommandFailed(f"{path}: the route {rule.template} is shared and this request carries credentials "
+                            f"(the {settings.session_cookie!r} cookie or an Authorization header): the middleware "
+                            "never answers such a request from the cache; leave them out", 1)
+    key = make_key(scope, headers, policy, rule.label, settings.key_prefix, identity).key
+
+    async def get(store: Store) -> bytes | None:
+        value: bytes | None = await store.get(key)
+        return value
+
+    data: bytes | None = _with_store(settings, "inspect", get)
+    report = {"url": args.url, "route": rule.template, "policy": describe_policy(policy), "key": key,
+              **_entry_report(data, policy, time.time())}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    lines = [("url", report["url"]), ("route", f"{rule.template}  ({report['policy']}; {rule.source})"),
+             ("key", key), ("state", report["state"])]
+    if "detail" in report:
+        lines.append(("value", report["detail"]))
+    if report["status"] is not None:
+        lines += [
+            ("age", f"{report['age']:.1f}s"),
+            ("ttl", f"{report['ttl_left']:.1f}s"),
+            ("status", str(report["status"])),
+            ("size", f"{report['size']} bytes"),
+            ("etag", report["etag"]),
+            ("tags", ", ".join(report["tags"]) or "-"),
+        ]
+        stored = [f"{name}: {value}" for name, value in report["headers"]] or ["-"]
+        lines += [("headers", stored[0]), *(("", line) for line in stored[1:])]
+    for label, value in lines:
+        print(f"{label:<8} {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cachemw", description="Inspect and operate cachemw caches.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +476,41 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="a cachemw.toml or pyproject.toml")
     check.add_argument("--app", help="also check that every rule matches a route of this app (MODULE:ATTRIBUTE)")
     check.set_defaults(run=_cmd_check)
+
+    store_help = ("the Redis holding the entries (default: CACHEMW_REDIS_URL, else the app's CacheMiddleware, "
+                  "else the config file)")
+    purge = commands.add_parser(
+        "purge", help="drop entries from the shared Redis store, by tag, route, URL or all",
+        description="Drop entries from the shared Redis store. Running apps drop their in-process copies "
+                    "when they hear the broadcast. The in-process memory store cannot be purged from here.")
+    what = purge.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tag", action="append", metavar="TAG", help="every entry carrying TAG, e.g. product:1 "
+                      "(repeatable)")
+    what.add_argument("--route", action="append", metavar="TEMPLATE",
+                      help="every entry of a route, as the app declares it, e.g. '/products/{id}' (repeatable)")
+    what.add_argument("--url", action="append", metavar="URL", help="every entry of a URL's path, whatever its "
+                      "query string, varied headers or users (repeatable)")
+    what.add_argument("--all", action="store_true", help="every entry under the key prefix")
+    purge.add_argument("--app", help="the app as MODULE:ATTRIBUTE, to use the config its CacheMiddleware names")
+    purge.add_argument("--config", help="a cachemw.toml or pyproject.toml (default: the app's, else defaults)")
+    purge.add_argument("--redis-url", help=store_help)
+    purge.add_argument("--json", action="store_true", help='machine-readable output: {"dropped": N}')
+    purge.set_defaults(run=_cmd_purge)
+
+    inspect = commands.add_parser(
+        "inspect", help="show the cache entry a GET of a URL would be answered from",
+        description="Compute the key of GET URL exactly as the app's CacheMiddleware does and show the entry "
+                    "stored under it in Redis: freshness, age, status, size, ETag, tags and headers.")
+    inspect.add_argument("url", metavar="URL", help="an absolute URL as clients ask it, e.g. "
+                         "http://shop.example/products/1 (its host is part of the key)")
+    inspect.add_argument("--app", required=True, help="the app as MODULE:ATTRIBUTE, e.g. sample_app:app")
+    inspect.add_argument("--config", help="a cachemw.toml or pyproject.toml (default: what the app's "
+                         "CacheMiddleware names)")
+    inspect.add_argument("--redis-url", help=store_help)
+    inspect.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'",
+                         help="a request header, e.g. one the route varies on (repeatable)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(run=_cmd_inspect)
     return parser
 
 
@@ -182,6 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cachemw: {exc}", file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        print(f"cachemw: {exc}", file=sys.stderr)
+        return exc.status
     except BrokenPipeError:
         # The reader left early (`cachemw routes app | head`); what it read is all it wanted.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

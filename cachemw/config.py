@@ -63,7 +63,12 @@ class Settings:
 
 # Bounded durations and counts: (lowest, highest) allowed.
 _DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "lock_timeout": (0.0, 300.0), "grace_period": (0.0, 3600.0)}
-_COUNT_SETTINGS = {"memory_max_bytes": (1024, 2**40), "l1_max_bytes": (1024, 2**40), "queue_size": (1, 10_000_000), "concurrency": (1, 10_000)}
+_COUNT_SETTINGS = {
+    "memory_max_bytes": (1024, 2**40),
+    "l1_max_bytes": (1024, 2**40),
+    "queue_size": (1, 10_000_000),
+    "concurrency": (1, 10_000),
+}
 _SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_COUNT_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
 

@@ -114,7 +114,7 @@ async def warm(http: httpx.AsyncClient, store: SpyStore, path: str = "/products/
 
 
 async def test_invalidation_on_one_server_reaches_the_other_by_pubsub(redis_url: str) -> None:
-    async with servers(redis_url, sync=60) as (db, apps, (a, b), (_, store_b)):
+    async with servers(redis_url, sync=60) as (db, apps, (_a, b), (_, store_b)):
         await warm(b, store_b)
         db.versions[1] = 2
         dropped = await middleware(apps[0]).invalidator.tags("product:1")  # type: ignore[union-attr]
