@@ -267,8 +267,9 @@ def _with_store(settings: Settings, doing: str, work: Callable[[Store], Any]) ->
         return anyio.run(go)
     except StoreError as exc:
         assert settings.redis_url is not None
+        detail = _one_line(exc.__cause__ or exc)  # the driver's own words say more than the wrapper's
         raise CommandFailed(f"{doing} failed: the redis store at {_where(settings.redis_url)} did not answer "
-                            f"({_one_line(exc)})") from None
+                            f"({detail})") from None
 
 
 def _purged_path(url: str) -> str:
@@ -417,7 +418,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     assert policy is not None
     if not policy.cacheable:
         raise CommandFailed(f"no cache policy for {path}: its route {rule.template} is never cached "
-                            f"({describe_policy(policy)}; {rule.source})", 1)
+                            f"(policy {policy.preset or 'with ttl 0'}, from {rule.source})", 1)
     headers = RequestHeaders(scope)
     identity = _identity_of(app, settings)(headers, scope)
     # The middleware's own bypasses: such a request never reads or writes an entry.

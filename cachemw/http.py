@@ -166,3 +166,21 @@ def parse_cache_tags(headers: RawHeaders) -> tuple[str, ...]:
     for value in header_values(headers, CACHE_TAG):
         tags.extend(t for t in value.decode("latin-1").replace(",", " ").split() if t)
     return tuple(dict.fromkeys(tags))
+
+
+# Request headers some frameworks and proxies honour to change the host, scheme, URL
+# or method a response is made for. On a cached route they would poison the entry
+# for everyone, so unless a rule keys on one (``vary``) the app never sees it.
+OVERRIDE_HEADERS = frozenset({
+    b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-scheme", b"x-forwarded-port", b"x-forwarded-prefix",
+    b"x-forwarded-server", b"x-host", b"x-original-url", b"x-rewrite-url", b"x-original-host",
+    b"x-http-method-override", b"x-http-method", b"x-method-override", b"forwarded",
+})
+
+
+def has_body(headers: dict[bytes, bytes]) -> bool:
+    """True if the request announces a body (a GET's body would change nothing in the key)."""
+    length = headers.get(b"content-length")
+    if length is not None and length.strip() not in (b"0", b""):
+        return True
+    return b"transfer-encoding" in headers

@@ -280,6 +280,10 @@ class CacheMiddleware:
             # Credentials on a shared route: never answered from, nor stored into, a shared entry.
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
             return
+        if http.has_body(headers.values):
+            # A body the app may read but the key cannot cover: not ours to answer or store.
+            await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
+            return
         started = time.perf_counter()
         keyed = make_key(scope, headers, policy, match.rule.label, self._prefix, identity)
         key = keyed.key
@@ -334,6 +338,7 @@ class CacheMiddleware:
     async def _miss(self, scope: Scope, receive: Receive, send: Send, plan: _Plan, headers: RequestHeaders,
                     fallback: Entry | None, started: float) -> None:
         key = plan.key
+        scope = _without_unkeyed_overrides(scope, plan.policy)
         flight = self._flights.get(key)
         if flight is not None:
             # Another request of this process is filling the key: wait (bounded) and share its result.
@@ -674,6 +679,16 @@ async def _log_breaker(previous: str, state: str, errors: int) -> None:
 async def _log_corrupt(key: str, reason: str) -> None:
     logger.warning("cachemw: value under %s is not a cachemw entry (%s); treated as a miss and overwritten. "
                    "Further such values are not logged.", key, reason)
+
+
+def _without_unkeyed_overrides(scope: Scope, policy: Policy) -> Scope:
+    """Headers that make apps answer for another host, scheme, URL or method never reach them unkeyed."""
+    headers = scope["headers"]
+    if not any(name in http.OVERRIDE_HEADERS for name, _ in headers):
+        return scope
+    keyed = {name.encode("latin-1") for name in policy.vary_headers}
+    kept = [(name, value) for name, value in headers if name not in http.OVERRIDE_HEADERS or name in keyed]
+    return dict(scope, headers=kept)
 
 
 def _refresh_scope(scope: Scope, policy: Policy) -> dict[str, Any]:

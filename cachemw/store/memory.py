@@ -142,9 +142,14 @@ class MemoryStore:
         stored = current == tuple(generations)
         if stored:
             await self.set(key, value, ttl)
-            expires = self._clock() + ttl
+            now = self._clock()
             for tag_set in tag_sets:
-                self._tag_sets.setdefault(tag_set, {})[key] = expires
+                members = self._tag_sets.setdefault(tag_set, {})
+                members[key] = now + ttl
+                if len(members) >= 64 and len(members) & (len(members) - 1) == 0:
+                    # At each power of two: forget expired or evicted members, so the index stays bounded.
+                    for member in [m for m, expires in members.items() if expires <= now or m not in self._data]:
+                        del members[member]
         if token is not None:
             await self.unlock(key, token)
         self.notifications.filled(key)
