@@ -159,6 +159,7 @@ class MemoryStore:
         held = self._locks.get(key)
         if held is not None and held[0] == token:
             del self._locks[key]
+            self.notifications.filled(key)  # waiters find no entry and call the app themselves
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
         for generation_key in generation_keys:

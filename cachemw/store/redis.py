@@ -74,7 +74,11 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KE
 return 1
 """
 _UNLOCK_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
 return 0
 """
 
@@ -233,7 +237,8 @@ class RedisStore:
 
     async def unlock(self, key: str, token: str) -> None:
         try:
-            await self._unlock_script(keys=[_lock_key(key)], args=[token])
+            # Waiters are woken too: they find no entry and call the app themselves at once.
+            await self._unlock_script(keys=[_lock_key(key)], args=[token, self.channel, key])
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis unlock failed: {exc!r}") from exc
 
