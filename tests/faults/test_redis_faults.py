@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -130,7 +129,7 @@ def heal(fault: str, server: RedisServer, proxy: FaultProxy) -> None:
 async def test_a_redis_fault_never_reaches_the_user_and_the_cache_recovers(
         fault: str, server: RedisServer, proxy: FaultProxy,
         served: tuple[Starlette, httpx.AsyncClient, Counter]) -> None:
-    app, http, counter = served
+    app, http, _counter = served
     await http.get("/item")
     await eventually(lambda: _hit(http), what="the entry being cached")
     inject(fault, server, proxy)
@@ -146,7 +145,7 @@ async def test_a_redis_fault_never_reaches_the_user_and_the_cache_recovers(
 
 async def test_a_restarted_empty_redis_refills_and_resubscribes(
         server: RedisServer, served: tuple[Starlette, httpx.AsyncClient, Counter]) -> None:
-    app, http, counter = served
+    app, http, _counter = served
     await http.get("/item")
     await eventually(lambda: _hit(http), what="the entry being cached")
     server.stop()
@@ -185,7 +184,7 @@ async def test_the_l1_keeps_serving_within_stale_if_error_while_redis_is_down(
 
 async def test_foreign_values_under_our_keys_are_misses_that_get_overwritten(
         healthy: RedisServer, served: tuple[Starlette, httpx.AsyncClient, Counter]) -> None:
-    app, http, counter = served
+    _app, http, _counter = served
     await http.get("/item")
     await eventually(lambda: _hit(http), what="the entry being cached")
     with _client_of(healthy) as raw:
