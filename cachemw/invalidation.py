@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from cachemw.keys import ALL_TAG, entry_pattern, path_tag, route_tag, tag_keys
 from cachemw.l1 import L1
@@ -47,7 +47,8 @@ class Invalidator:
 
     async def urls(self, *urls: str) -> int:
         """Every entry of these paths, whatever their query string, vary headers or users."""
-        return await self.tags(*(path_tag(urlsplit(url).path or "/") for url in urls))
+        # Entries are tagged with the decoded path, as ASGI gives it to the app.
+        return await self.tags(*(path_tag(unquote(urlsplit(url).path) or "/") for url in urls))
 
     async def everything(self) -> int:
         """Every entry under the key prefix."""

@@ -8,6 +8,7 @@ share one slot.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -112,8 +113,6 @@ def make_key(
             pairs = kept
         # Sorted by name only: a stable sort keeps repeated names in their order.
         pairs.sort(key=_name)
-    elif policy.query is not None:
-        pairs = []
 
     # Repeated headers are keyed value by value, never joined: Starlette reads the
     # first Host, the first of a header and only the first Cookie header, so
@@ -152,6 +151,7 @@ def _name(pair: tuple[str, str]) -> str:
 ALL_TAG = "*"  # every entry under the prefix: bumped by a purge of everything
 
 
+@functools.lru_cache(maxsize=8192)
 def tag_keys(prefix: str, tag: str) -> tuple[str, str]:
     """The Redis keys of a tag: its index (entry keys) and its generation, in one slot."""
     digest = hashlib.blake2b(tag.encode("utf-8", "backslashreplace"), digest_size=10).hexdigest()
@@ -167,5 +167,5 @@ def path_tag(path: str) -> str:
 
 
 def entry_pattern(prefix: str) -> str:
-    """A SCAN pattern for every entry under the prefix (the prefix has no glob characters)."""
-    return f"{prefix}:e:*"
+    """A SCAN pattern for every entry under the prefix: entry keys end with their hash tag, locks do not."""
+    return f"{prefix}:e:*}}"

@@ -290,7 +290,7 @@ class CacheMiddleware:
         if keyed.query_string is not None:
             scope = dict(scope, query_string=keyed.query_string)
         store = self.store
-        if policy.sync > 0 and store is not None and store.listening:
+        if policy.sync > 0 and self._remote and store is not None and store.listening:
             entry = self.l1.get(key)
             if entry is not None:
                 now = time.time()
@@ -301,7 +301,7 @@ class CacheMiddleware:
                     return
         data, failed = await self._get(key)
         entry = None if data is None else self._decode(key, data)
-        if failed and policy.sync > 0:
+        if failed and policy.sync > 0 and self._remote:
             entry = self.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
         fallback: Entry | None = None
         if entry is not None:
@@ -311,7 +311,7 @@ class CacheMiddleware:
                 await self._serve_fallback(entry, scope, headers, send, None, match, key, started)
                 return
             if state is Freshness.FRESH:
-                if policy.sync > 0:
+                if policy.sync > 0 and self._remote:
                     self.l1.put(key, entry, policy.sync)
                 status = await _serve(entry, scope, headers, send, now, _HIT,
                                       http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
@@ -563,10 +563,12 @@ class CacheMiddleware:
         store = self.store
         if store is None:
             return None
-        if self._remote and not self.breaker.allow(time.monotonic()):
+        if not self._remote:
+            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
+        if not self.breaker.allow(time.monotonic()):
             return None
         try:
-            with anyio.fail_after(self._budget if self._remote else math.inf):
+            with anyio.fail_after(self._budget):
                 result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
         except (StoreError, TimeoutError):
             self._store_failed()
@@ -620,7 +622,7 @@ class CacheMiddleware:
         except StoreError:
             self._store_failed()  # this fill is lost; the next miss refills
             return
-        if stored and plan.policy.sync > 0:
+        if stored and plan.policy.sync > 0 and self._remote:
             self.l1.put(plan.key, entry, plan.policy.sync)
 
     async def _unlock(self, key: str, token: str) -> None:

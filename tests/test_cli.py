@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+import redis
+
+from cachemw.entry import decode_entry, encode_entry
+from tests.asgi import client, lifespan
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "cachemw"
 SAMPLE_CONFIG = REPO / "sample_app" / "cachemw.toml"
 
 
-def run(*args: str, cwd: Path = REPO, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path = REPO, stdout: Any = subprocess.PIPE,
+        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEMW_", "PYTHON"))}
+    env.update(extra_env or {})
     return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE,
                           text=True, timeout=60, check=False)
 
@@ -61,9 +70,9 @@ def test_the_console_script_is_installed() -> None:
 def test_help_works() -> None:
     result = run("--help")
     assert result.returncode == 0
-    assert "routes" in result.stdout
-    assert "check" in result.stdout
-    for command in ("routes", "check"):
+    for command in ("routes", "check", "purge", "inspect"):
+        assert command in result.stdout
+    for command in ("routes", "check", "purge", "inspect"):
         sub = run(command, "--help")
         assert sub.returncode == 0
         assert "usage: cachemw " + command in sub.stdout
@@ -304,3 +313,430 @@ def test_check_with_a_bad_app_path_is_a_clear_error() -> None:
     assert result.returncode != 0
     assert_clean_failure(result)
     assert "cannot import 'nosuchmodule'" in result.stderr
+
+
+# -- cachemw purge and cachemw inspect: entries the sample app stored in a private Redis -----------
+
+BASE = "http://testserver"
+FILLED = ("/products/1", "/products/2", "/stats", "/api/products/3")
+
+
+async def _fill_through_the_app(db_path: Path, paths: Sequence[str]) -> None:
+    from sample_app import create_app
+
+    app = create_app(db_path=db_path, db_delay=0)
+    state: dict[str, Any] = {}
+
+    async def served(scope: Any, receive: Any, send: Any) -> None:
+        # What a server does and httpx's transport does not: hand the lifespan's state to each request.
+        await app({**scope, "state": state if scope["type"] == "lifespan" else dict(state)}, receive, send)
+
+    # With the lifespan the fills run in the background; its shutdown waits for them.
+    async with lifespan(served), client(served) as http:
+        for path in paths:
+            response = await http.get(path)
+            assert response.status_code == 200, (path, response.text)
+            assert response.headers["x-cache"] == "MISS", path
+
+
+@pytest.fixture
+def filled(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The private Redis, holding the sample app's entries for FILLED; returns its URL."""
+    monkeypatch.setenv("CACHEMW_REDIS_URL", redis_url)  # the app's middleware reads it at startup
+    anyio.run(_fill_through_the_app, tmp_path / "sample.sqlite3", FILLED)
+    with redis.Redis.from_url(redis_url) as direct:
+        assert len(direct.keys("cachemw-sample:e:*")) == len(FILLED)
+    return redis_url
+
+
+def inspect(url: str, redis_url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run("inspect", url, "--app", "sample_app:app", "--redis-url", redis_url, *extra)
+
+
+def inspect_json(path: str, redis_url: str, *extra: str) -> Any:
+    result = inspect(BASE + path, redis_url, "--json", *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def state_of(path: str, redis_url: str) -> str:
+    state: str = inspect_json(path, redis_url)["state"]
+    return state
+
+
+def purge(redis_url: str, *args: str) -> int:
+    result = run("purge", *args, "--app", "sample_app:app", "--redis-url", redis_url, "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    dropped: int = json.loads(result.stdout)["dropped"]
+    return dropped
+
+
+def fields(text: str) -> dict[str, str]:
+    """The ``label value`` lines of inspect's text output (continuation lines skipped)."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(" "):
+            label, _, value = line.partition(" ")
+            found[label] = value.strip()
+    return found
+
+
+def test_inspect_shows_a_fresh_entry(filled: str) -> None:
+    result = inspect(BASE + "/products/1", filled)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    shown = fields(result.stdout)
+    assert shown["state"] == "fresh"
+    assert shown["key"].startswith("cachemw-sample:e:/products/<id>:{")
+    assert shown["route"].startswith("/products/{id:int}")
+    assert shown["status"] == "200"
+    assert "product:1" in shown["tags"].split(", ")
+    assert shown["etag"].startswith(('"', 'W/"'))
+    assert "content-type: application/json" in result.stdout
+
+
+def test_inspect_json_has_the_same_facts(filled: str) -> None:
+    data = inspect_json("/products/1", filled)
+    assert data["state"] == "fresh"
+    assert data["route"] == "/products/{id:int}"
+    assert data["key"].startswith("cachemw-sample:e:/products/<id>:{")
+    assert data["status"] == 200
+    assert 0 <= data["age"] < 60
+    assert 60 < data["ttl_left"] <= 120
+    assert set(data["tags"]) >= {"product:1", "route:/products/{id}", "path:/products/1"}
+    headers = dict(data["headers"])
+    assert headers["content-type"] == "application/json"
+    assert data["size"] == int(headers["content-length"]) > 0
+    assert headers["etag"] == data["etag"]
+    with redis.Redis.from_url(filled) as direct:
+        stored = direct.get(data["key"])  # the key inspect computed is the one the middleware wrote
+    assert stored is not None
+    assert decode_entry(stored).etag.decode() == data["etag"]
+
+
+def test_inspect_finds_a_file_rule_and_a_mounted_route(filled: str) -> None:
+    stats = inspect_json("/stats", filled)
+    assert stats["state"] == "fresh"
+    assert stats["route"] == "/stats"
+    assert 3500 < stats["ttl_left"] <= 3600
+    api = inspect_json("/api/products/3", filled)
+    assert api["state"] == "fresh"
+    assert "product:3" in api["tags"]
+
+
+def test_inspect_keys_what_the_middleware_keys(filled: str) -> None:
+    # A header the route does not vary on leaves the key alone; a query string or another host does not.
+    assert state_of("/products/1", filled) == "fresh"
+    assert inspect_json("/products/1", filled, "-H", "Accept: text/html")["state"] == "fresh"
+    assert inspect_json("/products/1", filled, "-H", "accept-language:fr")["state"] == "fresh"
+    assert state_of("/products/1?utm=x", filled) == "absent"
+    result = inspect("http://other.example/products/1", filled, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["state"] == "absent"
+    # The default port is not part of what a client sends as Host.
+    result = inspect("http://testserver:80/products/1", filled, "--json")
+    assert json.loads(result.stdout)["state"] == "fresh"
+    assert state_of("/products/4", filled) == "absent"
+
+
+def test_inspect_of_an_absent_entry(redis_url: str) -> None:
+    result = inspect(BASE + "/products/1", redis_url)
+    assert result.returncode == 0, result.stderr
+    shown = fields(result.stdout)
+    assert shown["state"] == "absent"
+    assert shown["key"].startswith("cachemw-sample:e:/products/<id>:{")
+    assert "status" not in shown
+    data = inspect_json("/products/1", redis_url)
+    assert data["state"] == "absent"
+    assert data["status"] is None
+    assert data["tags"] == []
+
+
+@pytest.mark.parametrize(
+    ("age", "state"),
+    # minutes: ttl 2m, stale_while_revalidate 10m, stale_if_error 1h
+    [(130, "stale"), (1000, "stale-if-error"), (5000, "expired")],
+)
+def test_inspect_shows_stale_states(filled: str, age: float, state: str) -> None:
+    key = inspect_json("/products/2", filled)["key"]
+    with redis.Redis.from_url(filled) as direct:
+        entry = decode_entry(direct.get(key))
+        aged = encode_entry(type(entry)(entry.status, entry.headers, entry.body, entry.stored_at - age,
+                                        entry.etag, entry.tags))
+        direct.set(key, aged)
+    data = inspect_json("/products/2", filled)
+    assert data["state"] == state
+    assert data["ttl_left"] < 0
+    result = inspect(BASE + "/products/2", filled)
+    shown = fields(result.stdout)
+    assert shown["state"] == state
+    assert shown["ttl"].startswith("-")
+
+
+def test_inspect_of_a_corrupt_value(filled: str) -> None:
+    key = inspect_json("/products/1", filled)["key"]
+    with redis.Redis.from_url(filled) as direct:
+        direct.set(key, b"not an entry at all")
+    result = inspect(BASE + "/products/1", filled)
+    assert result.returncode == 0, result.stderr
+    assert fields(result.stdout)["state"] == "corrupt (not a cachemw entry)"
+    data = inspect_json("/products/1", filled)
+    assert data["state"] == "corrupt (not a cachemw entry)"
+    assert data["status"] is None
+
+
+@pytest.mark.parametrize("path", ["/debug/queries", "/nowhere", "/"])
+def test_inspect_of_a_url_without_policy(redis_url: str, path: str) -> None:
+    result = inspect(BASE + path, redis_url)
+    assert result.returncode == 1
+    assert_clean_failure(result)
+    assert f"no cache policy for {path}" in result.stderr
+    assert result.stdout == ""
+
+
+def test_inspect_of_a_realtime_route(redis_url: str) -> None:
+    result = inspect(BASE + "/cart", redis_url)
+    assert result.returncode == 1
+    assert_clean_failure(result)
+    assert "no cache policy for /cart" in result.stderr
+    assert "never cached" in result.stderr
+
+
+@pytest.mark.parametrize("header", ["Cookie: session=abcdefghijklmnopqr", "Authorization: Bearer x"])
+def test_inspect_refuses_credentials_on_a_shared_route(filled: str, header: str) -> None:
+    result = inspect(BASE + "/products/1", filled, "-H", header)
+    assert result.returncode == 1
+    assert_clean_failure(result)
+    assert "shared" in result.stderr
+    assert "credentials" in result.stderr
+    assert result.stdout == ""
+    # Another cookie is no credential.
+    assert inspect_json("/products/1", filled, "-H", "Cookie: theme=dark")["state"] == "fresh"
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "message"),
+    [
+        ("/products/1", (), "not an absolute http(s) URL"),
+        ("ftp://testserver/products/1", (), "not an absolute http(s) URL"),
+        ("http://testserver:99999/products/1", (), "port"),
+        (BASE + "/products/1", ("-H", "no colon here"), "expected a header as 'Name: value'"),
+        (BASE + "/products/1", ("-H", "bad name: x"), "expected a header as 'Name: value'"),
+    ],
+    ids=["relative", "scheme", "port", "header", "header-name"],
+)
+def test_inspect_of_a_bad_request_is_a_usage_error(redis_url: str, url: str, extra: tuple[str, ...],
+                                                   message: str) -> None:
+    result = inspect(url, redis_url, *extra)
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert message in result.stderr
+
+
+def test_inspect_needs_an_app() -> None:
+    result = run("inspect", BASE + "/products/1")
+    assert result.returncode == 2
+    assert "--app" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_purge_by_tag_then_route_then_url_then_all(filled: str) -> None:
+    assert purge(filled, "--tag", "product:1") == 1
+    assert state_of("/products/1", filled) == "absent"
+    assert state_of("/products/2", filled) == "fresh"
+    assert state_of("/api/products/3", filled) == "fresh"
+
+    assert purge(filled, "--route", "/products/{id}") == 1  # what remains of the route: /products/2
+    assert state_of("/products/2", filled) == "absent"
+    assert state_of("/stats", filled) == "fresh"
+
+    assert purge(filled, "--url", BASE + "/stats") == 1
+    assert state_of("/stats", filled) == "absent"
+    assert state_of("/api/products/3", filled) == "fresh"
+
+    assert purge(filled, "--all") == 1
+    assert state_of("/api/products/3", filled) == "absent"
+    assert purge(filled, "--all") == 0
+
+
+def test_purge_all_drops_everything(filled: str) -> None:
+    assert purge(filled, "--all") == len(FILLED)
+    for path in FILLED:
+        assert state_of(path, filled) == "absent"
+    with redis.Redis.from_url(filled) as direct:
+        assert direct.keys("cachemw-sample:e:*") == []
+
+
+def test_purge_by_route_as_declared_or_normalised(filled: str) -> None:
+    assert purge(filled, "--route", "/products/{id:int}") == 2
+    assert purge(filled, "--route", "/api/products/{product_id}") == 1
+    assert state_of("/stats", filled) == "fresh"
+
+
+def test_purge_by_repeated_tags_and_by_a_tag_of_two_routes(filled: str) -> None:
+    assert purge(filled, "--tag", "product:2", "--tag", "product:3", "--tag", "product:9") == 2
+    assert state_of("/products/1", filled) == "fresh"
+    assert state_of("/products/2", filled) == "absent"
+    assert state_of("/api/products/3", filled) == "absent"
+
+
+def test_purge_by_url_ignores_the_query_and_decodes_the_path(filled: str) -> None:
+    assert purge(filled, "--url", BASE + "/products/2?utm=x") == 1
+    # The app sees (and entries are tagged with) the decoded path: %31 is "1".
+    assert purge(filled, "--url", "/products/%31") == 1
+    assert state_of("/products/1", filled) == "absent"
+    assert state_of("/stats", filled) == "fresh"
+
+
+def test_purge_text_output(filled: str) -> None:
+    result = run("purge", "--tag", "product:1", "--redis-url", filled, "--app", "sample_app:app")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "dropped 1 entry\n"
+    result = run("purge", "--tag", "product:1", "--redis-url", filled, "--app", "sample_app:app")
+    assert result.stdout == "dropped 0 entries\n"
+
+
+def test_purge_takes_the_prefix_from_the_config(filled: str, tmp_path: Path) -> None:
+    # Without the app (or its config) the prefix is the default one: none of the sample's entries.
+    result = run("purge", "--all", "--redis-url", filled, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"dropped": 0}
+    result = run("purge", "--all", "--config", str(SAMPLE_CONFIG), "--redis-url", filled, "--json")
+    assert json.loads(result.stdout) == {"dropped": len(FILLED)}
+
+
+def test_purge_reads_the_redis_url_from_the_environment(filled: str) -> None:
+    result = run("purge", "--tag", "product:1", "--app", "sample_app:app", "--json",
+                 extra_env={"CACHEMW_REDIS_URL": filled})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"dropped": 1}
+
+
+@pytest.mark.parametrize("app", [(), ("--app", "sample_app:app")], ids=["defaults", "app"])
+def test_purge_without_redis_is_a_clear_error(app: tuple[str, ...]) -> None:
+    result = run("purge", "--tag", "product:1", *app)
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert result.stderr.strip() == ("cachemw: no redis_url configured: the memory store lives inside the app "
+                                     "process; nothing to purge from here")
+    assert result.stdout == ""
+
+
+def test_inspect_without_redis_is_a_clear_error() -> None:
+    result = run("inspect", BASE + "/products/1", "--app", "sample_app:app")
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert "no redis_url configured" in result.stderr
+    assert "nothing to inspect from here" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("purge", "--all"), ("purge", "--tag", "product:1"), ("inspect", BASE + "/products/1")],
+    ids=["purge-all", "purge-tag", "inspect"],
+)
+def test_unreachable_redis_is_a_clear_error(command: tuple[str, ...]) -> None:
+    result = run(*command, "--app", "sample_app:app", "--redis-url", "redis://:secret@127.0.0.1:1/0")
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "127.0.0.1:1" in result.stderr
+    assert "secret" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_bad_redis_url_is_a_clear_error() -> None:
+    result = run("purge", "--all", "--redis-url", "http://127.0.0.1:1/")
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert "unsupported store URL scheme" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "one of the arguments --tag --route --url --all is required"),
+        (("--tag", "a", "--all"), "not allowed with argument"),
+    ],
+    ids=["nothing", "two"],
+)
+def test_purge_needs_exactly_one_target(args: tuple[str, ...], message: str) -> None:
+    result = run("purge", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(("--route", "products/{id}"), "expected a route template"), (("--url", "products/1"), "expected a URL"),
+     (("--tag", ""), "cannot be empty")],
+    ids=["route", "url", "tag"],
+)
+def test_purge_of_a_bad_target_is_a_clear_error(redis_url: str, args: tuple[str, ...], message: str) -> None:
+    result = run("purge", *args, "--redis-url", redis_url)
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert message in result.stderr
+
+
+PRIVATE_APP = '''
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from cachemw import CacheMiddleware, cache
+
+@cache(ttl="5m", private=True)
+async def me(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("you")
+
+def by_user(conn):
+    return conn.headers.get("x-user")
+
+app = Starlette(routes=[Route("/me", me)])
+app.add_middleware(CacheMiddleware, key_prefix="priv")
+custom = Starlette(routes=[Route("/me", me)])
+custom.add_middleware(CacheMiddleware, key_prefix="custom", identity=by_user)
+'''
+
+
+async def _fill_private(module: Any, redis_url: str) -> None:
+    for app, headers in ((module.app, {"cookie": "session=alice"}), (module.custom, {"x-user": "bob"})):
+        async with lifespan(app), client(app) as http:
+            response = await http.get("/me", headers=headers)
+            assert response.status_code == 200
+            assert response.headers["x-cache"] == "MISS"
+
+
+def test_inspect_of_private_entries(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "private_app_for_cli.py").write_text(PRIVATE_APP, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CACHEMW_REDIS_URL", redis_url)
+    module = importlib.import_module("private_app_for_cli")
+    anyio.run(_fill_private, module, redis_url)
+
+    def look(app: str, *headers: str) -> subprocess.CompletedProcess[str]:
+        return run("inspect", BASE + "/me", "--app", f"private_app_for_cli:{app}", "--redis-url", redis_url,
+                   "--json", *headers, cwd=tmp_path)
+
+    # The default identity: the session cookie; the middleware's key_prefix argument is honoured.
+    result = look("app", "-H", "Cookie: session=alice")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["state"] == "fresh"
+    assert data["key"].startswith("priv:e:/me:{")
+    assert json.loads(look("app", "-H", "Cookie: session=mallory").stdout)["state"] == "absent"
+    refused = look("app")
+    assert refused.returncode == 1
+    assert_clean_failure(refused)
+    assert "private" in refused.stderr
+    assert "Cookie: session=" in refused.stderr
+    # A custom identity is the app's own function, called on the request inspect builds.
+    result = look("custom", "-H", "X-User: bob")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["state"] == "fresh"
+    assert data["key"].startswith("custom:e:/me:{")
+    assert json.loads(look("custom", "-H", "X-User: alice").stdout)["state"] == "absent"

@@ -1,0 +1,52 @@
+"""Memory stays bounded: 100,000 distinct keys through the middleware on a small memory store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Message
+
+from cachemw import CacheMiddleware, MemoryStore, cache
+
+pytestmark = pytest.mark.anyio
+
+
+@cache(ttl="5m", tags=["page"])
+async def page(request: Request) -> Response:
+    return PlainTextResponse("x" * 200)
+
+
+async def test_a_hundred_thousand_distinct_keys_stay_within_the_bounds() -> None:
+    store = MemoryStore(max_bytes=1024 * 1024)
+    app = Starlette(routes=[Route("/page", page)])
+    app.add_middleware(CacheMiddleware, store=store)
+    statuses: list[int] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    for i in range(100_000):
+        scope: dict[str, Any] = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+            "scheme": "http", "path": "/page", "raw_path": b"/page", "query_string": b"q=%d" % i,
+            "root_path": "", "headers": [(b"host", b"testserver")], "server": ("testserver", 80),
+            "client": ("127.0.0.1", 1), "app": app,
+        }
+        await app(scope, receive, send)
+    assert statuses == [200] * 100_000
+    assert store.bytes_used <= store.max_bytes and store.evictions > 90_000
+    cache_layer: Any = app.middleware_stack
+    while not isinstance(cache_layer, CacheMiddleware):
+        cache_layer = cache_layer.app
+    assert cache_layer._flights == {} and cache_layer._refreshing == set()
+    indexed = sum(len(members) for members in store._tag_sets.values())
+    assert indexed <= 4 * len(store) + 3 * 128  # the tag index follows the live entries
