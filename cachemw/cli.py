@@ -246,7 +246,7 @@ def _open_store(settings: Settings, doing: str) -> Store:
                             f"nothing to {doing} from here")
     try:
         return store_from_url(settings.redis_url, timeout=OPERATOR_TIMEOUT,
-                              memory_max_bytes=settings.memory_max_bytes)
+                              memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
     except ValueError as exc:
         raise CommandFailed(f"redis_url: {_one_line(exc)}") from None
 

@@ -7,6 +7,7 @@ tested without a server and cost nothing to call.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 
 from cachemw.policy import Policy
@@ -121,7 +122,8 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
 
 
 def cache_status_hit(ttl_left: float) -> bytes:
-    return b"cachemw; hit; ttl=%d" % int(ttl_left)
+    # Floor, not truncation: a stale entry must show a negative ttl (RFC 9211), even 0.2 s past it.
+    return b"cachemw; hit; ttl=%d" % math.floor(ttl_left)
 
 
 def hit_headers(

@@ -178,9 +178,8 @@ class CacheMiddleware:
         table = build_rule_table(routes, settings)
         if self.store is None:
             try:
-                self.store = store_from_url(
-                    settings.redis_url, timeout=settings.store_timeout, memory_max_bytes=settings.memory_max_bytes
-                )
+                self.store = store_from_url(settings.redis_url, timeout=settings.store_timeout,
+                                            memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
             except ValueError as exc:
                 raise ConfigError(f"{settings.source or 'settings'}: field 'redis_url': {exc}") from None
         if self._given_supervisor is None:
@@ -392,9 +391,21 @@ class CacheMiddleware:
             if token is not None:
                 plan.token = token
                 return None
-            if await waiter.wait(self._lock_timeout):
-                data, _ = await self._get(plan.key)
-                return self._fresh(data, plan.policy)
+            if store.listening:
+                if await waiter.wait(self._lock_timeout):
+                    data, _ = await self._get(plan.key)
+                    return self._fresh(data, plan.policy)
+                return None
+            # Not subscribed (no lifespan, or the line is down): nobody will wake us, so look now and then.
+            deadline = time.monotonic() + self._lock_timeout
+            pause = 0.01
+            while time.monotonic() < deadline:
+                await waiter.wait(min(pause, deadline - time.monotonic()))
+                data, failed = await self._get(plan.key)
+                entry = self._fresh(data, plan.policy)
+                if entry is not None or failed:
+                    return entry
+                pause = min(pause * 2, 0.2)
             return None
         finally:
             waiter.close()

@@ -340,3 +340,29 @@ async def test_handlers_detach_work_that_runs_after_the_response() -> None:
                 assert (await http.post("/order")).text == "ordered"
                 assert done.is_set()  # without a lifespan it ran once the response was sent
     assert sent == [42, 42]
+
+
+async def test_without_a_lifespan_a_waiter_on_another_instance_picks_up_the_fill(origin: Origin,
+                                                                                redis_url: str) -> None:
+    """No subscription to wake it: it looks now and then, well before the lock timeout."""
+    stores = [RedisStore.from_url(redis_url, timeout=1.0) for _ in range(2)]
+    apps = [make_app(origin, store, lock_timeout=30) for store in stores]
+    origin.hold()
+    bodies: list[Any] = []
+    try:
+        async with client(apps[0]) as a, client(apps[1]) as b:
+
+            async def one(http: httpx.AsyncClient) -> None:
+                bodies.append((await http.get("/item")).json())
+
+            with anyio.fail_after(5):  # far below the 30 s lock timeout
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(one, a)
+                    await eventually(lambda: _true(origin.calls == 1), what="A's handler starting")
+                    tg.start_soon(one, b)
+                    await anyio.wait_all_tasks_blocked()
+                    origin.release.set()
+    finally:
+        for store in stores:
+            await store.aclose()
+    assert origin.calls == 1 and bodies == [{"version": 1}] * 2

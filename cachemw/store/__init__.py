@@ -13,13 +13,17 @@ __all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "store_from_url"]
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int) -> Store:
+def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int, prefix: str = "cachemw") -> Store:
     """The store a configuration names: no URL means the in-process memory store."""
     if url is None:
         return MemoryStore(max_bytes=memory_max_bytes)
     scheme = urlsplit(url).scheme.lower()
     if scheme in _REDIS_SCHEMES:
-        return RedisStore.from_url(url, timeout=timeout)
+        # Announcements under the prefix: apps sharing a Redis don't hear each other.
+        store = RedisStore.from_url(url, timeout=timeout)
+        store.channel = f"{prefix}:fills"
+        store.invalidation_channel = f"{prefix}:invalidations"
+        return store
     accepted = ", ".join(f"{s}://" for s in _REDIS_SCHEMES)
     # Don't echo the whole URL: it may carry a password.
     raise ValueError(
