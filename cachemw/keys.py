@@ -169,3 +169,37 @@ def path_tag(path: str) -> str:
 def entry_pattern(prefix: str) -> str:
     """A SCAN pattern for every entry under the prefix: entry keys end with their hash tag, locks do not."""
     return f"{prefix}:e:*}}"
+
+
+class KeyCache:
+    """Remembers the keys of recent requests: hot URLs are keyed by one dict lookup.
+
+    The memo is keyed by the raw facts ``make_key`` reads (so it can never answer
+    for a request that differs in anything the key covers), and bounded: it is
+    emptied when full.
+    """
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self._memo: dict[tuple[object, ...], KeyedRequest] = {}
+
+    def key(self, scope: Scope, headers: RequestHeaders, policy: Policy, label: str, prefix: str,
+            identity: str | None) -> KeyedRequest:
+        raw_headers = scope["headers"]
+        facts: tuple[object, ...] = (
+            id(policy), label, prefix, scope.get("scheme"), scope.get("root_path", ""), scope["path"],
+            scope.get("query_string", b""), identity, scope.get("server"),
+            tuple(value for name, value in raw_headers if name == b"host"),
+        )
+        if policy.vary:
+            wanted = {n.encode("latin-1") for n in policy.vary_headers}
+            if policy.vary_cookies:
+                wanted.add(b"cookie")
+            facts += tuple((name, value) for name, value in raw_headers if name in wanted)
+        keyed = self._memo.get(facts)
+        if keyed is None:
+            keyed = make_key(scope, headers, policy, label, prefix, identity)
+            if len(self._memo) >= self.size:
+                self._memo.clear()
+            self._memo[facts] = keyed
+        return keyed

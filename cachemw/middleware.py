@@ -30,7 +30,16 @@ from cachemw.breaker import CircuitBreaker
 from cachemw.config import Settings, load_settings
 from cachemw.entry import Entry, EntryDecodeError, decode_entry, encode_entry
 from cachemw.invalidation import Invalidator, format_tags, targets_for_unsafe_request
-from cachemw.keys import ALL_TAG, RequestHeaders, SessionIdentity, make_key, path_tag, route_path, route_tag, tag_keys
+from cachemw.keys import (
+    ALL_TAG,
+    KeyCache,
+    RequestHeaders,
+    SessionIdentity,
+    path_tag,
+    route_path,
+    route_tag,
+    tag_keys,
+)
 from cachemw.l1 import L1
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RuleTable, build_rule_table, normalise_template
@@ -152,6 +161,9 @@ class CacheMiddleware:
         self._prefix = "cachemw"
         self._lock_timeout = 5.0
         self._flights: dict[str, _Flight] = {}
+        self._keys = KeyCache()
+        # Recently decoded entries by their stored bytes: a hot entry is decoded once, not per hit.
+        self._decoded: dict[bytes, Entry] = {}
         self._refreshing: set[str] = set()
         self.l1 = L1()
         self.invalidator: Invalidator | None = None
@@ -284,7 +296,7 @@ class CacheMiddleware:
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
             return
         started = time.perf_counter()
-        keyed = make_key(scope, headers, policy, match.rule.label, self._prefix, identity)
+        keyed = self._keys.key(scope, headers, policy, match.rule.label, self._prefix, identity)
         key = keyed.key
         if keyed.query_string is not None:
             scope = dict(scope, query_string=keyed.query_string)
@@ -595,13 +607,21 @@ class CacheMiddleware:
         self.supervisor.submit("log", _log_breaker, previous, state, self.store_errors)
 
     def _decode(self, key: str, data: bytes) -> Entry | None:
+        entry = self._decoded.get(data)
+        if entry is not None:
+            return entry
         try:
-            return decode_entry(data)
+            entry = decode_entry(data)
         except EntryDecodeError as exc:
             if not self._warned_corrupt:
                 self._warned_corrupt = True
                 self.supervisor.submit("log", _log_corrupt, key, str(exc))
             return None  # a miss; the fill overwrites it
+        if len(data) <= 65536:  # bounded: at most 256 entries of at most 64 KiB
+            if len(self._decoded) >= 256:
+                self._decoded.clear()
+            self._decoded[data] = entry
+        return entry
 
     def _fresh(self, data: bytes | None, policy: Policy) -> Entry | None:
         if data is None:

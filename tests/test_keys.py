@@ -390,3 +390,31 @@ def test_route_path_mirrors_starlette(path: str, root_path: str) -> None:
 def test_route_path_without_root_path_in_the_scope() -> None:
     s = {"type": "http", "path": "/items"}
     assert route_path(s) == get_route_path(s) == "/items"
+
+
+_VARYING = policy_from_fields({"ttl": 60, "vary": ["accept-language", "cookie:lang"], "query": ["page"]},
+                              base=Policy(), where="test")
+
+
+@pytest.mark.parametrize("variant", [
+    scope(),
+    scope(query=b"page=2"),
+    scope(query=b"page=2&utm=x"),
+    scope(host=b"other.example"),
+    scope(scheme="https"),
+    scope(root_path="/app"),
+    scope(headers=[(b"accept-language", b"fr")]),
+    scope(headers=[(b"accept-language", b"de")]),
+    scope(headers=[(b"cookie", b"lang=fr")]),
+    scope(headers=[(b"cookie", b"lang=de; other=1")]),
+    scope(host=None),
+])
+def test_the_key_memo_always_answers_what_make_key_would(variant: dict[str, Any]) -> None:
+    from cachemw.keys import KeyCache
+
+    memo = KeyCache(size=4)
+    for policy in (Policy(ttl=60), _VARYING):
+        for identity in (None, "c:alice"):
+            expected = make_key(variant, RequestHeaders(variant), policy, "/products/<id>", "p", identity)
+            for _ in range(2):  # the second answer comes from the memo
+                assert memo.key(variant, RequestHeaders(variant), policy, "/products/<id>", "p", identity) == expected
