@@ -596,7 +596,7 @@ async def _python_load(host: str, port: int, prefix: str, ids: int, duration: fl
     def pct(p: float) -> float:
         if not latencies:
             return math.nan
-        return latencies[min(len(latencies) - 1, int(math.ceil(p / 100 * len(latencies))) - 1)] / 1e6
+        return latencies[min(len(latencies) - 1, math.ceil(p / 100 * len(latencies)) - 1)] / 1e6
 
     return {"requests": len(latencies), "seconds": seconds, "rps": len(latencies) / seconds,
             "p50_ms": pct(50), "p99_ms": pct(99), "errors": errors, "non_2xx": non_2xx, "x_cache": counts}
@@ -623,6 +623,75 @@ def _loadgen_main(argv: Sequence[str]) -> int:
                                       args.connections, args.count_header))
     print(json.dumps(result))
     return 0
+
+
+# -- profiling -----------------------------------------------------------------------------------
+
+
+class PySpy:
+    """``py-spy record`` on a running process, in the background: ``start()``, load it, ``stop()``.
+
+    By default py-spy pauses the process for each sample (accurate stacks, slower
+    process: profile in runs that are not measured); ``nonblocking`` does not, but
+    then stacks of a busy asyncio process come out torn.
+
+    py-spy is not a project dependency: ``pip install py-spy`` into the venv first.
+    ``fmt`` is py-spy's output format: ``raw`` (collapsed stacks, one line per
+    stack with its sample count) or ``speedscope`` / ``flamegraph``.
+    """
+
+    def __init__(self, pid: int, out: Path, *, seconds: float, rate: int = 250, fmt: str = "raw",
+                 cpu: str | None = None, nonblocking: bool = False) -> None:
+        found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.access(found, os.X_OK):
+            raise HarnessError("py-spy not found: .venv/bin/pip install py-spy (not a project dependency)")
+        self.args = [
+            *taskset_prefix(cpu), found, "record", "--pid", str(pid), "--duration", f"{math.ceil(seconds)}",
+            "--rate", str(rate), "--format", fmt, "--output", str(out), *(["--nonblocking"] if nonblocking else []),
+        ]  # fmt: skip
+        self.out = out
+        self.seconds = seconds
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            _, err = proc.communicate(timeout=self.seconds + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=10)
+            raise HarnessError(f"py-spy did not finish: {shlex.join(self.args)}") from None
+        if proc.returncode != 0 or not self.out.exists():
+            raise HarnessError(f"py-spy failed ({proc.returncode}): {shlex.join(self.args)}\n"
+                               f"{err.decode(errors='replace')}")
+
+
+def top_frames(collapsed: Path, *, limit: int = 25, exclusive: bool = False,
+               by_function: bool = True) -> list[tuple[float, str]]:
+    """(share of samples, frame) from a py-spy ``raw`` file: inclusive (frame anywhere on the stack) or
+    exclusive (frame on top of the stack); ``by_function`` merges the lines of one function."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        samples = int(n)
+        total += samples
+        frames = stack.split(";")
+        if by_function:
+            frames = [re.sub(r":\d+\)$", ")", f) for f in frames]
+        for frame in ({frames[-1]} if exclusive else set(frames)):
+            counts[frame] = counts.get(frame, 0) + samples
+    if total == 0:
+        return []
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
+    return [(n / total, frame) for frame, n in ranked]
 
 
 # -- CPU accounting ------------------------------------------------------------------------------

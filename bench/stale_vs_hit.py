@@ -30,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import AppProcess, CpuMeter, HarnessError, LoadResult, RedisProcess, median  # noqa: E402
+import common
+from common import AppProcess, CpuMeter, HarnessError, LoadResult, RedisProcess, median
 
 CASES = ("fresh", "stale")
 EXPECTED = {"fresh": "HIT", "stale": "STALE"}
@@ -49,6 +49,7 @@ class Run:
     sample: dict[str, int]  # X-Cache of a few requests right after the load
     cpu: dict[str, float] = field(default_factory=dict)  # shares of one core
     cpu_others: float = 0.0
+    gc: dict[str, list[float]] = field(default_factory=dict)  # collections and seconds per generation
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Markdown results file; a .json with the raw runs goes next to it "
                              "(default: bench/results/stale_vs_hit.md)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep logs and redis files after the run")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the measured rounds, one more run per case under py-spy (pip install py-spy); "
+                             "collapsed stacks go next to the output as <name>.profile-<case>.txt")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0 or args.connections < 1 or args.threads < 1 or args.ids < 1:
         parser.error("rounds, duration, connections, threads and ids must be positive")
@@ -80,9 +84,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- steps ---------------------------------------------------------------------------------------
 
 
-def calls(app: AppProcess) -> dict[str, int]:
-    data = common.http_get_json(app.port, "/_calls")
-    return {k: int(v) for k, v in data.items()}
+def calls(app: AppProcess) -> dict[str, Any]:
+    """Handler counters and GC totals of the app (``/_calls``)."""
+    data: dict[str, Any] = common.http_get_json(app.port, "/_calls")
+    return data
+
+
+def gc_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list[float]]:
+    return {k: [b - a for a, b in zip(before["gc"][k], after["gc"][k], strict=True)]
+            for k in ("collections", "seconds")}
 
 
 def warm(app: AppProcess, ids: int) -> None:
@@ -113,12 +123,26 @@ def wait_for_states(app: AppProcess, ids: int, deadline_s: float = 30.0) -> None
                        f"app log:\n{app.log_tail()}")
 
 
-def settle(app: AppProcess, deadline_s: float = 15.0) -> None:
-    """Until no stale handler (background refresh) is running, so one run's refreshes do not spill into the next."""
+def settle(app: AppProcess, deadline_s: float = 30.0, quiet_s: float = 0.3) -> None:
+    """Until no background refresh is running or queued, so one run's refreshes do not spill into the next.
+
+    Queued refreshes are invisible to the app until their handler starts (a lock
+    round trip after a worker picks them up), so "quiet" means: no stale handler
+    running and none started, for ``quiet_s``.
+    """
     deadline = time.monotonic() + deadline_s
+    quiet_since: float | None = None
+    last = -1
     while time.monotonic() < deadline:
-        if calls(app)["stale_in_flight"] == 0:
-            return
+        now = calls(app)
+        if now["stale_in_flight"] == 0 and now["stale"] == last:
+            if quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return
+        else:
+            quiet_since = None
+        last = now["stale"]
         time.sleep(0.05)
     raise HarnessError(f"background refreshes still running after {deadline_s} s: {calls(app)}")
 
@@ -142,7 +166,7 @@ def load(app: AppProcess, case: str, args: argparse.Namespace, tool: str, client
 
 
 def _range(values: list[float], fmt: str) -> str:
-    return f"{format(median(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+    return f"{format(median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
@@ -180,19 +204,26 @@ def sanity_checks(runs: list[Run], app_log_errors: int) -> list[tuple[bool, str]
         else:
             stale = r.load.x_cache.get("STALE", 0)
             checks.append((total > 0 and stale / total >= 0.99,
-                           f"{where}: {stale}/{total} responses STALE ({_pct(stale, total)}); "
-                           f"others: {_others(r.load.x_cache, 'STALE')}"))
+                           f"{where}: {stale}/{total} responses STALE ({_pct(stale, total)})"
+                           f"{_others(r.load.x_cache, 'STALE')}"))
             refreshes = r.handler_calls["stale"]
             checks.append((refreshes > 0, f"{where}: {refreshes} background refreshes ran "
                                           f"({refreshes / r.load.seconds:.1f}/s; at most one per key at a time)"))
         s_total = sum(r.sample.values())
         s_ok = r.sample.get(EXPECTED[r.case], 0)
-        checks.append((s_ok == s_total, f"{where}: sample after the run: {s_ok}/{s_total} {EXPECTED[r.case]} "
+        checks.append((s_ok == s_total, f"{where}: sample after the run: {s_ok}/{s_total} {EXPECTED[r.case]}"
                                         f"{_others(r.sample, EXPECTED[r.case])}"))
         checks.append((r.load.errors == 0 and r.load.non_2xx == 0,
                        f"{where}: {r.load.errors} socket errors, {r.load.non_2xx} non-2xx responses"))
     checks.append((app_log_errors == 0, f"app log: {app_log_errors} error/warning lines"))
     return checks
+
+
+def _gc_text(run: Run) -> str:
+    if not run.gc:
+        return "-"
+    per_second = 1000 * sum(run.gc["seconds"]) / run.load.seconds
+    return f"{per_second:.1f} ms/s ({'/'.join(str(int(c)) for c in run.gc['collections'])})"
 
 
 def _pct(part: int, total: int) -> str:
@@ -201,7 +232,7 @@ def _pct(part: int, total: int) -> str:
 
 def _others(counts: dict[str, int], expected: str) -> str:
     rest = {k: v for k, v in counts.items() if k != expected}
-    return "" if not rest else "(" + ", ".join(f"{k}: {v}" for k, v in sorted(rest.items())) + ")"
+    return "" if not rest else " (others: " + ", ".join(f"{k}: {v}" for k, v in sorted(rest.items())) + ")"
 
 
 def render(facts: dict[str, str], settings: dict[str, str], runs: list[Run], summary: dict[str, Any],
@@ -233,7 +264,7 @@ def render(facts: dict[str, str], settings: dict[str, str], runs: list[Run], sum
         "",
         "## Result",
         "",
-        f"Median over {len(runs) // 2} interleaved rounds (min–max); latencies in ms.",
+        f"Median over {len(runs) // 2} interleaved rounds (min-max); latencies in ms.",
         "",
         "| case | req/s | p50 ms | p99 ms |",
         "|---|---|---|---|",
@@ -250,11 +281,12 @@ def render(facts: dict[str, str], settings: dict[str, str], runs: list[Run], sum
         "## Runs (in the order they ran)",
         "",
         "CPU columns: share of one core during the run (1.00 = one core busy); *others* is everything",
-        "else on the machine (noise).",
+        "else on the machine (noise). GC: milliseconds per second of run the app spent in the cyclic",
+        "garbage collector, and collections of generations 0/1/2.",
         "",
         "| round | case | req/s | p50 ms | p99 ms | requests | X-Cache (wrk count) | handler calls | app CPU "
-        "| redis CPU | wrk CPU | others CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| redis CPU | wrk CPU | others CPU | GC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         xc = ", ".join(f"{k} {v}" for k, v in sorted(run.load.x_cache.items()))
@@ -262,7 +294,7 @@ def render(facts: dict[str, str], settings: dict[str, str], runs: list[Run], sum
         lines.append(
             f"| {run.round} | {run.case} | {run.load.rps:.0f} | {run.load.p50_ms:.2f} | {run.load.p99_ms:.2f} "
             f"| {run.load.requests} | {xc} | {calls_} | {run.cpu.get('app', 0):.2f} | {run.cpu.get('redis', 0):.2f} "
-            f"| {run.cpu.get('loadgen', 0):.2f} | {run.cpu_others:.2f} |")
+            f"| {run.cpu.get('loadgen', 0):.2f} | {run.cpu_others:.2f} | {_gc_text(run)} |")
     lines += ["", "## Sanity checks", ""]
     lines += [f"- {'ok' if ok else '**FAILED**'}: {text}" for ok, text in checks]
     lines += ["", "Load generator command of the last run:", "", "```", runs[-1].load.command, "```", ""]
@@ -326,16 +358,38 @@ def run(args: argparse.Namespace) -> int:
                             raise HarnessError(f"the app died during a run; log:\n{app.log_tail()}")
                         picked = sample(app, case, args.ids, args.sample)
                         moved = {k: after[k] - before[k] for k in ("fresh", "stale")}
-                        run_ = Run(n, case, result, moved, picked, dict(usage.processes), usage.others)
+                        run_ = Run(n, case, result, moved, picked, dict(usage.processes), usage.others,
+                                   gc_delta(before, after))
                         runs.append(run_)
                         print(f"round {n} {case:5}: {result.rps:8.0f} req/s  p50 {result.p50_ms:7.2f} ms  "
                               f"p99 {result.p99_ms:7.2f} ms  X-Cache {result.x_cache}  handler calls {moved}  "
                               f"CPU app {usage.processes.get('app', 0):.2f} redis {usage.processes.get('redis', 0):.2f}"
-                              f" others {usage.others:.2f}", flush=True)
+                              f" others {usage.others:.2f}  GC {_gc_text(run_)}", flush=True)
+                settle(app)
+                measured_log = app.log_path.read_text(errors="replace")  # what the measured runs logged
+                profiles: dict[str, Path] = {}
+                if args.profile:
+                    for case in CASES:
+                        settle(app)
+                        out = args.output.with_name(f"{args.output.stem}.profile-{case}.txt")
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        spy = common.PySpy(app.proc.pid, out, seconds=args.duration, cpu=client_cpu)
+                        spy.start()
+                        try:
+                            result = load(app, case, args, tool, client_cpu, args.duration)
+                        finally:
+                            spy.stop()
+                        profiles[case] = out
+                        print(f"profiled {case}: {result.rps:.0f} req/s under py-spy; {out}", flush=True)
                 settle(app)
                 log_text = app.log_path.read_text(errors="replace")
-        error_lines = [ln for ln in log_text.splitlines()
-                       if any(w in ln for w in ("ERROR", "WARNING", "Traceback", "cachemw:"))]
+
+        def errors_in(text: str) -> list[str]:
+            marks = ("ERROR", "WARNING", "Traceback", "cachemw:")
+            return [ln for ln in text.splitlines() if any(w in ln for w in marks)]
+
+        error_lines = errors_in(measured_log)
+        profile_lines = errors_in(log_text[len(measured_log):])
         summary = summarize(runs)
         checks = sanity_checks(runs, len(error_lines))
         report = render(facts, settings, runs, summary, checks, command)
@@ -357,8 +411,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"SANITY CHECK FAILED: {text}")
         if error_lines:
             print("app log excerpts:\n  " + "\n  ".join(error_lines[:10]))
+        if profile_lines:
+            print("app log during the profiled runs (py-spy pauses the process, so store timeouts are expected):\n  "
+                  + "\n  ".join(profile_lines[:10]))
         print(f"target (p50 and p99 within {TARGET:.0%}): {'MET' if summary['target_met'] else 'MISSED'}"
               f"{'' if not failed else ' (but see the failed sanity checks: the numbers may not mean what they say)'}")
+        for case, path in profiles.items():
+            print(f"\nprofile {case} ({path}), share of samples with the frame on the stack:")
+            for share, frame in common.top_frames(path, limit=30):
+                print(f"  {share:6.1%}  {frame}")
         print(f"results: {args.output} (+ {args.output.with_suffix('.json').name})")
         ok = True
         return 0

@@ -6,8 +6,9 @@
   that sleeps 500 ms (the slow database). After one request per id every request
   is STALE (the entry is fresh for 1 ms only) and starts at most one background
   refresh per key, which takes 500 ms.
-- ``/_calls``: uncached; how many times each handler ran, and how many stale
-  handlers are running right now (background refreshes in flight).
+- ``/_calls``: uncached; how many times each handler ran, how many stale
+  handlers are running right now (background refreshes in flight), and the
+  garbage collector's collections and seconds per generation so far.
 
 Both cached routes answer the same ~1 KB JSON body. The store comes from
 ``CACHEMW_REDIS_URL`` (or ``create_app(redis_url=...)``); without one the app
@@ -19,6 +20,7 @@ Serve: ``CACHEMW_REDIS_URL=redis://127.0.0.1:PORT/0 uvicorn stale_app:app --app-
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -32,12 +34,31 @@ from starlette.routing import Route
 
 from cachemw import CacheMiddleware, cache
 
-__all__ = ["SLOW_HANDLER_SECONDS", "app", "create_app"]
+__all__ = ["SLOW_HANDLER_SECONDS", "create_app"]  # and `app`, built on first access
 
 SLOW_HANDLER_SECONDS = 0.5
 BODY_BYTES = 1024
 
 calls = {"fresh": 0, "stale": 0, "stale_in_flight": 0}
+
+# Time spent in the cyclic garbage collector, per generation: background work that
+# keeps objects alive for 500 ms (refreshes) makes collections of the older
+# generations more frequent and slower, and that pause lands on whatever request
+# happened to allocate when it struck.
+gc_stats: dict[str, list[float]] = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
+_gc_started = [0.0]
+
+
+def _gc_callback(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        generation = info["generation"]
+        gc_stats["collections"][generation] += 1
+        gc_stats["seconds"][generation] += time.perf_counter() - _gc_started[0]
+
+
+gc.callbacks.append(_gc_callback)
 
 
 def _payload(item_id: int) -> bytes:
@@ -72,7 +93,7 @@ async def stale(request: Request) -> Response:
 
 
 async def handler_calls(request: Request) -> Response:
-    return JSONResponse(calls)
+    return JSONResponse({**calls, "gc": gc_stats})
 
 
 def create_app(redis_url: str | None = None) -> Starlette:
