@@ -75,7 +75,7 @@ class _Job:
 
 @dataclass(slots=True)
 class _State:
-    send: MemoryObjectSendStream[_Job]
+    sends: dict[str, MemoryObjectSendStream[_Job]]  # lane -> its queue; "" is the shared lane
     task_group: TaskGroup
     workers_left: int
     idle: anyio.Event = field(default_factory=anyio.Event)
@@ -98,6 +98,9 @@ class Supervisor:
     """Bounded, supervised background work for one app.
 
     ``queue_size`` bounds waiting jobs, ``concurrency`` the jobs running at once.
+    ``lanes`` gives kinds of work their own queue and workers (``{"refresh": 16}``),
+    so slow jobs of one kind (a refresh waiting on a slow origin) never hold up
+    the others (fills, lock releases, logging).
     """
 
     def __init__(
@@ -108,9 +111,11 @@ class Supervisor:
         job_timeout: float = 30.0,
         grace_period: float = 10.0,
         retry_backoff: float = 0.1,
+        lanes: dict[str, int] | None = None,
     ) -> None:
-        if queue_size < 1 or concurrency < 1:
-            raise ValueError("queue_size and concurrency must be at least 1")
+        if queue_size < 1 or concurrency < 1 or any(n < 1 for n in (lanes or {}).values()):
+            raise ValueError("queue_size and concurrency (also of each lane) must be at least 1")
+        self.lanes = dict(lanes or {})
         self.queue_size = queue_size
         self.concurrency = concurrency
         self.job_timeout = job_timeout
@@ -171,7 +176,7 @@ class Supervisor:
             return False
         job = _Job(kind, key, function, args, self.job_timeout if timeout is None else timeout, retries)
         try:
-            state.send.send_nowait(job)
+            state.sends.get(kind, state.sends[""]).send_nowait(job)
         except anyio.WouldBlock:
             counters.shed += 1
             return False
@@ -212,13 +217,15 @@ class Supervisor:
         """Own the task group for the app's lifetime; drain it on the way out."""
         if self._state is not None:
             raise RuntimeError("this supervisor is already running")
-        send, receive = anyio.create_memory_object_stream[_Job](self.queue_size)
+        sizes = {"": self.concurrency, **self.lanes}
+        streams = {lane: anyio.create_memory_object_stream[_Job](self.queue_size) for lane in sizes}
         async with anyio.create_task_group() as task_group:
-            self._state = _State(send, task_group, self.concurrency)
+            self._state = _State({lane: send for lane, (send, _) in streams.items()}, task_group, sum(sizes.values()))
             self._draining = False
-            async with receive:
-                for _ in range(self.concurrency):
-                    await task_group.start(self._worker, receive.clone())
+            for lane, (_, receive) in streams.items():
+                async with receive:
+                    for _ in range(sizes[lane]):
+                        await task_group.start(self._worker, receive.clone())
             services = [anyio.CancelScope() for _ in self._services]
             for (name, function), scope in zip(self._services, services, strict=True):
                 await task_group.start(self._service, name, function, scope)
@@ -237,7 +244,8 @@ class Supervisor:
         if state is None or self._draining:
             return
         self._draining = True
-        state.send.close()
+        for send in state.sends.values():
+            send.close()
         with anyio.move_on_after(self.grace_period):
             await state.idle.wait()
         if not state.idle.is_set():

@@ -55,6 +55,7 @@ class Settings:
     lock_timeout: float = 5.0  # how long one fill may hold a key's lock, and others wait for it
     queue_size: int = 10_000  # background jobs waiting at most; more are shed and counted
     concurrency: int = 32  # background jobs running at once
+    refresh_concurrency: int = 16  # refreshes running at once, in a lane of their own
     grace_period: float = 10.0  # on shutdown, how long queued jobs may take to finish
     presets: Mapping[str, Policy] = field(default_factory=lambda: dict(PRESETS))
     rules: tuple[FileRule, ...] = ()
@@ -68,6 +69,7 @@ _COUNT_SETTINGS = {
     "l1_max_bytes": (1024, 2**40),
     "queue_size": (1, 10_000_000),
     "concurrency": (1, 10_000),
+    "refresh_concurrency": (1, 10_000),
 }
 _SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_COUNT_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}

@@ -196,7 +196,8 @@ class CacheMiddleware:
                 raise ConfigError(f"{settings.source or 'settings'}: field 'redis_url': {exc}") from None
         if self._given_supervisor is None:
             self.supervisor = Supervisor(queue_size=settings.queue_size, concurrency=settings.concurrency,
-                                         grace_period=settings.grace_period)
+                                         grace_period=settings.grace_period,
+                                         lanes={"refresh": settings.refresh_concurrency})
         self.supervisor.add_service("notifications", self.store.listen)
         self.l1 = L1(max_bytes=settings.l1_max_bytes)
         self.store.notifications.on_invalidate.append(self.l1.drop_tags)
@@ -331,7 +332,7 @@ class CacheMiddleware:
             if state is Freshness.STALE:
                 status = await _serve(entry, scope, headers, send, now, _STALE,
                                       http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
-                self._refresh_later(self._plan(key, policy, match, scope), scope)
+                self._refresh_later(key, policy, match, scope)
                 self._log(match, key, "STALE", status, None, started, len(entry.body))
                 return
             if state is Freshness.STALE_IF_ERROR:
@@ -472,14 +473,14 @@ class CacheMiddleware:
 
     # -- stale-while-revalidate ------------------------------------------------------------------
 
-    def _refresh_later(self, plan: _Plan, scope: Scope) -> None:
-        if plan.key in self._refreshing:
+    def _refresh_later(self, key: str, policy: Policy, match: RouteMatch, scope: Scope) -> None:
+        if key in self._refreshing:
             return  # one refresh per key in this process; the lock makes it one across processes
-        self._refreshing.add(plan.key)
-        refresh_scope = _refresh_scope(scope, plan.policy)
-        if not self.supervisor.submit("refresh", self._refresh, plan, refresh_scope, key=plan.key,
-                                      timeout=plan.policy.origin_timeout + self._lock_timeout):
-            self._refreshing.discard(plan.key)
+        self._refreshing.add(key)
+        plan = self._plan(key, policy, match, scope)
+        if not self.supervisor.submit("refresh", self._refresh, plan, _refresh_scope(scope, policy), key=key,
+                                      timeout=policy.origin_timeout + self._lock_timeout):
+            self._refreshing.discard(key)
 
     async def _refresh(self, plan: _Plan, scope: Scope) -> None:
         store = self.store

@@ -575,3 +575,25 @@ async def test_counters_are_readable_before_during_and_after() -> None:
         gate.release.set()
     assert snapshot(supervisor.counters["fill"]) == {
         "queued": 0, "running": 0, "done": 2, "failed": 0, "shed": 0, "abandoned": 0}
+
+
+@pytest.mark.anyio
+async def test_a_lane_of_slow_jobs_never_holds_up_the_other_work() -> None:
+    supervisor = Supervisor(concurrency=2, lanes={"refresh": 2})
+    gate = anyio.Event()
+    done = anyio.Event()
+
+    async def slow_refresh() -> None:
+        await gate.wait()
+
+    async def fill() -> None:
+        done.set()
+
+    async with supervisor.run():
+        for _ in range(5):
+            assert supervisor.submit("refresh", slow_refresh)
+        assert supervisor.submit("fill", fill)
+        with anyio.fail_after(5):
+            await done.wait()  # the refresh lane is full and blocked; the fill ran anyway
+        assert supervisor.counters_for("refresh").running == 2
+        gate.set()
