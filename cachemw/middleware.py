@@ -41,6 +41,7 @@ from cachemw.keys import (
     tag_keys,
 )
 from cachemw.l1 import L1
+from cachemw.metrics import Metrics, RouteMetrics
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RuleTable, build_rule_table, normalise_template
 from cachemw.store import MemoryStore, Store, StoreError, store_from_url
@@ -168,6 +169,7 @@ class CacheMiddleware:
         self.l1 = L1()
         self.invalidator: Invalidator | None = None
         self.breaker = CircuitBreaker(on_transition=self._breaker_moved)
+        self.metrics = Metrics()
         self._budget = 0.05
         self._remote = False  # only a remote store needs a time budget and a breaker
         self._warned_corrupt = False
@@ -358,7 +360,7 @@ class CacheMiddleware:
                 if flight.entry is not None:
                     status = await _serve(flight.entry, scope, headers, send, time.time(), _MISS,
                                           http.STATUS_COLLAPSED)
-                    self._log(plan.match, key, "MISS", status, None, started, len(flight.entry.body))
+                    self._log(plan.match, key, "MISS", status, None, started, len(flight.entry.body), "collapsed")
                     return
                 if flight.failed and fallback is not None:
                     await self._serve_fallback(fallback, scope, headers, send, None, plan.match, key, started)
@@ -371,7 +373,7 @@ class CacheMiddleware:
             if shared is not None:
                 flight.finish(shared)
                 status = await _serve(shared, scope, headers, send, time.time(), _MISS, http.STATUS_COLLAPSED)
-                self._log(plan.match, key, "MISS", status, None, started, len(shared.body))
+                self._log(plan.match, key, "MISS", status, None, started, len(shared.body), "collapsed")
                 return
             entry, failed = await self._forward(scope, receive, send, headers, plan, fallback, started)
             flight.finish(entry, failed)
@@ -469,7 +471,7 @@ class CacheMiddleware:
                               origin_status: int | None, match: RouteMatch, key: str, started: float) -> None:
         status = await _serve(entry, scope, headers, send, time.time(), _STALE,
                               http.cache_status_stale_if_error(origin_status))
-        self._log(match, key, "STALE", status, None, started, len(entry.body))
+        self._log(match, key, "STALE", status, None, started, len(entry.body), "stale-if-error")
 
     # -- stale-while-revalidate ------------------------------------------------------------------
 
@@ -506,8 +508,17 @@ class CacheMiddleware:
                     await self._unlock(plan.key, token)  # a failed refresh keeps the old entry
             if entry is not None:
                 await self._fill(plan, entry)
+                self._route_metrics(plan).refresh_ok += 1
+            else:
+                self._route_metrics(plan).refresh_failed += 1
+        except Exception:
+            self._route_metrics(plan).refresh_failed += 1
+            raise
         finally:
             self._refreshing.discard(plan.key)
+
+    def _route_metrics(self, plan: _Plan) -> RouteMetrics:
+        return self.metrics.route(plan.match.rule.template, plan.policy.preset or "custom")
 
     async def _call_app(self, scope: Scope, plan: _Plan) -> Entry | None:
         """Run the app for a request nobody waits on; the entry if its response may be stored."""
@@ -572,6 +583,7 @@ class CacheMiddleware:
             return await store.get(key), False
         if not self.breaker.allow(time.monotonic()):
             return None, True
+        began = time.perf_counter()
         try:
             # Our own budget, whatever the driver's timeouts and retries are.
             with anyio.fail_after(self._budget):
@@ -579,6 +591,7 @@ class CacheMiddleware:
         except (StoreError, TimeoutError):
             self._store_failed()
             return None, True
+        self.metrics.store_latency.observe(time.perf_counter() - began)
         self.breaker.success()
         return value, False
 
@@ -602,6 +615,7 @@ class CacheMiddleware:
 
     def _store_failed(self) -> None:
         self.store_errors += 1
+        self.metrics.store_errors += 1
         self.breaker.failure(time.monotonic())
 
     def _breaker_moved(self, previous: str, state: str) -> None:
@@ -654,6 +668,10 @@ class CacheMiddleware:
         except StoreError:
             self._store_failed()  # this fill is lost; the next miss refills
             return
+        if stored:
+            route_metrics = self._route_metrics(plan)
+            route_metrics.stored_entries += 1
+            route_metrics.stored_bytes += len(data)
         if stored and plan.policy.sync > 0 and self._remote:
             self.l1.put(plan.key, entry, plan.policy.sync)
 
@@ -682,11 +700,34 @@ class CacheMiddleware:
         self._log(match, "", "BYPASS", marker.status, time.perf_counter() - started, started, marker.size)
 
     def _log(self, match: RouteMatch, key: str, state: str, status: int, origin: float | None, started: float,
-             size: int) -> None:
+             size: int, detail: str = "") -> None:
+        """Count the request, and hand its access event to the log consumer: no I/O here."""
+        rule = match.rule
+        metrics = self.metrics.routes.get(rule.template)
+        if metrics is None:
+            policy = rule.policy
+            metrics = self.metrics.route(rule.template, (policy.preset if policy else None) or "custom")
+        elapsed = time.perf_counter() - started
+        if state == "HIT":
+            metrics.hit += 1
+            metrics.hit_latency.observe(elapsed)
+        elif state == "STALE":
+            metrics.stale += 1
+            if detail:
+                metrics.stale_if_error += 1
+            else:
+                metrics.hit_latency.observe(elapsed)
+        elif state == "MISS":
+            metrics.miss += 1
+            if detail:
+                metrics.collapsed += 1
+        else:
+            metrics.bypass += 1
+        if origin is not None:
+            metrics.origin_latency.observe(origin)
         if self.access_log.enabled:
             key_hash = key[key.rfind("{") + 1 : key.rfind("}")] if key else "-"
-            self.access_log.emit((match.rule.template, key_hash[:12] or "-", state, status, origin,
-                                  time.perf_counter() - started, size))
+            self.access_log.emit((rule.template, key_hash[:12] or "-", state, status, origin, elapsed, size))
 
 
 def _no_identity(headers: RequestHeaders, scope: Scope) -> str | None:
