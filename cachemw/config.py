@@ -71,6 +71,8 @@ _COUNT_SETTINGS = {
     "concurrency": (1, 10_000),
     "refresh_concurrency": (1, 10_000),
 }
+_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
+                "rediss+sentinel://")
 _SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_COUNT_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
 
@@ -137,8 +139,8 @@ def _setting(key: str, raw: object, where: str) -> object:
         return ConfigError(f"{where}: field {key!r}: {raw!r} is not valid; expected {expected}")
 
     if key == "redis_url":
-        if not isinstance(raw, str) or not raw.startswith(("redis://", "rediss://", "unix://")):
-            raise bad("a URL starting with redis://, rediss:// or unix://")
+        if not isinstance(raw, str) or not raw.startswith(_URL_SCHEMES):
+            raise bad("a URL starting with " + ", ".join(_URL_SCHEMES))
         return raw
     if key == "key_prefix":
         if not isinstance(raw, str) or not _PREFIX.fullmatch(raw):

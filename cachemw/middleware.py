@@ -169,6 +169,8 @@ class CacheMiddleware:
         self.l1 = L1()
         self.invalidator: Invalidator | None = None
         self.breaker = CircuitBreaker(on_transition=self._breaker_moved)
+        self.node_breakers: dict[str, CircuitBreaker] = {}
+        self._shard: Callable[[str], str] | None = None
         self.metrics = Metrics()
         self._budget = 0.05
         self._remote = False  # only a remote store needs a time budget and a breaker
@@ -210,6 +212,7 @@ class CacheMiddleware:
         self._lock_timeout = settings.lock_timeout
         self._budget = settings.store_timeout
         self._remote = not isinstance(self.store, MemoryStore)
+        self._shard = self.store.shard if getattr(self.store, "cluster", False) else None  # type: ignore[attr-defined]
         if self._custom_identity is None:
             session = SessionIdentity(settings.session_cookie)
             self._identity = lambda headers, scope: session(headers)
@@ -581,7 +584,8 @@ class CacheMiddleware:
             return None, False
         if not self._remote:
             return await store.get(key), False
-        if not self.breaker.allow(time.monotonic()):
+        breaker = self._breaker(key)
+        if not breaker.allow(time.monotonic()):
             return None, True
         began = time.perf_counter()
         try:
@@ -589,10 +593,10 @@ class CacheMiddleware:
             with anyio.fail_after(self._budget):
                 value = await store.get(key)
         except (StoreError, TimeoutError):
-            self._store_failed()
+            self._store_failed(breaker)
             return None, True
         self.metrics.store_latency.observe(time.perf_counter() - began)
-        self.breaker.success()
+        breaker.success()
         return value, False
 
     async def _lock(self, plan: _Plan) -> LockResult | None:
@@ -602,21 +606,33 @@ class CacheMiddleware:
             return None
         if not self._remote:
             return await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
-        if not self.breaker.allow(time.monotonic()):
+        breaker = self._breaker(plan.key)
+        if not breaker.allow(time.monotonic()):
             return None
         try:
             with anyio.fail_after(self._budget):
                 result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
         except (StoreError, TimeoutError):
-            self._store_failed()
+            self._store_failed(breaker)
             return None
-        self.breaker.success()
+        breaker.success()
         return result
 
-    def _store_failed(self) -> None:
+    def _breaker(self, key: str) -> CircuitBreaker:
+        """On a cluster each node has its own breaker: one node down fails only its slots."""
+        shard = self._shard
+        if shard is None:
+            return self.breaker
+        name = shard(key)
+        breaker = self.node_breakers.get(name)
+        if breaker is None:
+            breaker = self.node_breakers[name] = CircuitBreaker(on_transition=self._breaker_moved)
+        return breaker
+
+    def _store_failed(self, breaker: CircuitBreaker) -> None:
         self.store_errors += 1
         self.metrics.store_errors += 1
-        self.breaker.failure(time.monotonic())
+        breaker.failure(time.monotonic())
 
     def _breaker_moved(self, previous: str, state: str) -> None:
         self.supervisor.submit("log", _log_breaker, previous, state, self.store_errors)
@@ -660,13 +676,13 @@ class CacheMiddleware:
                 await self._unlock(plan.key, plan.token)
             return
         tag_sets = [tag_keys(self._prefix, tag)[0] for tag in entry.tags]
-        if self._remote and self.breaker.state == "open":
+        if self._remote and self._breaker(plan.key).state == "open":
             return  # don't hammer a store that is down: the next miss after it recovers refills
         try:
             stored = await store.fill(plan.key, data, plan.policy.usable_for, plan.token, tag_sets,
                                       plan.generation_keys, plan.generations)
         except StoreError:
-            self._store_failed()  # this fill is lost; the next miss refills
+            self._store_failed(self._breaker(plan.key))  # this fill is lost; the next miss refills
             return
         if stored:
             route_metrics = self._route_metrics(plan)
@@ -679,12 +695,12 @@ class CacheMiddleware:
         store = self.store
         if store is None:
             return
-        if self._remote and self.breaker.state == "open":
+        if self._remote and self._breaker(key).state == "open":
             return  # the lock expires by itself
         try:
             await store.unlock(key, token)
         except StoreError:
-            self._store_failed()  # the lock expires by itself
+            self._store_failed(self._breaker(key))  # the lock expires by itself
 
     def _release(self, key: str, token: str | None) -> None:
         if token is not None:

@@ -37,3 +37,35 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.ensure_healthy()
     redis_server.flushall()
     return redis_server.url
+
+
+try:
+    from redis_cluster import LocalCluster
+except ImportError:
+    from tests.redis_cluster import LocalCluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A private 3-master Redis Cluster for the whole session; fails (never skips) without binaries."""
+    try:
+        cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    except RedisServerNotFound as exc:
+        pytest.fail(str(exc), pytrace=False)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: LocalCluster) -> str:
+    redis_cluster.flushall()
+    return redis_cluster.url
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_url(request: pytest.FixtureRequest) -> str:
+    """A Redis that several app instances share: one server, or a cluster."""
+    return str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))

@@ -87,12 +87,14 @@ class RedisServer:
     ``start()`` after ``stop()`` restarts it on the same port, with an empty dataset.
     """
 
-    def __init__(self, workdir: Path, binary: str | None = None) -> None:
+    def __init__(self, workdir: Path, binary: str | None = None, *, extra_args: list[str] | None = None,
+                 port: int = 0) -> None:
         self.binary = binary if binary is not None else find_redis_server()
+        self.extra_args = list(extra_args or [])
         self.version = server_version(self.binary)
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = 0
+        self.port = port
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._paused = False
@@ -138,6 +140,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.version >= (7,):
             args += ["--enable-debug-command", "local"]
+        args += self.extra_args
         self._log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the process
         self._proc = subprocess.Popen(args, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
         self._paused = False

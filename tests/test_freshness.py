@@ -58,12 +58,13 @@ def origin() -> Origin:
     return Origin()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpyStore]:
     if request.param == "memory":
         spy = SpyStore(MemoryStore())
     else:
-        spy = SpyStore(RedisStore.from_url(request.getfixturevalue("redis_url"), timeout=1.0))
+        url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
+        spy = SpyStore(RedisStore.from_url(url, timeout=1.0))
     yield spy
     await spy.aclose()
 
@@ -163,8 +164,8 @@ async def test_two_hundred_concurrent_misses_run_the_handler_once(origin: Origin
     assert bodies == [{"version": 1}] * 200
 
 
-async def test_two_app_instances_on_one_redis_fill_a_cold_key_once(origin: Origin, redis_url: str) -> None:
-    stores = [RedisStore.from_url(redis_url, timeout=1.0) for _ in range(2)]
+async def test_two_app_instances_on_one_redis_fill_a_cold_key_once(origin: Origin, shared_url: str) -> None:
+    stores = [RedisStore.from_url(shared_url, timeout=1.0) for _ in range(2)]
     apps = [make_app(origin, store) for store in stores]
     origin.hold()
     bodies: list[Any] = []

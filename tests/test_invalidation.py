@@ -84,17 +84,18 @@ async def servers(redis_url: str, count: int = 2, *, sync: float = SYNC
     db = Database()
     stores = [SpyStore(RedisStore.from_url(redis_url, timeout=1.0)) for _ in range(count)]
     apps = [make_app(db, store, sync=sync) for store in stores]
-    async with AsyncExitStack() as stack:
-        for app in apps:
-            await stack.enter_async_context(lifespan(app))
-        clients = [await stack.enter_async_context(client(app)) for app in apps]
-        for app in apps:
-            await eventually(lambda app=app: _true(middleware(app).store.listening), what="subscribed")  # type: ignore[misc]
-        try:
+    try:
+        async with AsyncExitStack() as stack:
+            for app in apps:
+                await stack.enter_async_context(lifespan(app))
+            clients = [await stack.enter_async_context(client(app)) for app in apps]
+            for app in apps:
+                await eventually(lambda app=app: _true(middleware(app).store.listening),  # type: ignore[misc]
+                                 what="subscribed")
             yield db, apps, clients, stores
-        finally:
-            for store in stores:
-                await store.aclose()
+    finally:
+        for store in stores:  # after the lifespans: their last fills are stored first
+            await store.aclose()
 
 
 async def _true(value: bool) -> bool:
@@ -113,8 +114,8 @@ async def warm(http: httpx.AsyncClient, store: SpyStore, path: str = "/products/
     assert (await http.get(path)).headers["x-cache"] == "HIT"
 
 
-async def test_invalidation_on_one_server_reaches_the_other_by_pubsub(redis_url: str) -> None:
-    async with servers(redis_url, sync=60) as (db, apps, (_a, b), (_, store_b)):
+async def test_invalidation_on_one_server_reaches_the_other_by_pubsub(shared_url: str) -> None:
+    async with servers(shared_url, sync=60) as (db, apps, (_a, b), (_, store_b)):
         await warm(b, store_b)
         db.versions[1] = 2
         dropped = await middleware(apps[0]).invalidator.tags("product:1")  # type: ignore[union-attr]
@@ -166,8 +167,8 @@ async def test_lost_subscription_keeps_the_bound(redis_url: str) -> None:
         await _assert_bound(b, time.monotonic())
 
 
-async def test_post_through_a_then_get_through_b_is_never_stale(redis_url: str) -> None:
-    async with servers(redis_url, sync=0) as (_, _apps, (a, b), (_, store_b)):
+async def test_post_through_a_then_get_through_b_is_never_stale(shared_url: str) -> None:
+    async with servers(shared_url, sync=0) as (_, _apps, (a, b), (_, store_b)):
         await b.get("/products/1")
         await eventually(lambda: _true(bool(store_b.keys_set)), what="the fill being stored")
         assert await version(b) == ("HIT", 1)
@@ -175,19 +176,20 @@ async def test_post_through_a_then_get_through_b_is_never_stale(redis_url: str) 
         assert await version(b) == ("MISS", 2)
 
 
-async def test_post_then_get_on_the_same_server_skips_its_l1(redis_url: str) -> None:
-    async with servers(redis_url, count=1, sync=60) as (_, _apps, (a,), (store,)):
+async def test_post_then_get_on_the_same_server_skips_its_l1(shared_url: str) -> None:
+    async with servers(shared_url, count=1, sync=60) as (_, _apps, (a,), (store,)):
         await warm(a, store)
         await a.post("/products/1")
         assert await version(a) == ("MISS", 2)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpyStore]:
     if request.param == "memory":
         spy = SpyStore(MemoryStore())
     else:
-        spy = SpyStore(RedisStore.from_url(request.getfixturevalue("redis_url"), timeout=1.0))
+        url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
+        spy = SpyStore(RedisStore.from_url(url, timeout=1.0))
     yield spy
     await spy.aclose()
 

@@ -29,12 +29,13 @@ def _reset_calls() -> None:
     calls.clear()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpyStore]:
     if request.param == "memory":
         spy = SpyStore(MemoryStore())
     else:
-        spy = SpyStore(RedisStore.from_url(request.getfixturevalue("redis_url"), timeout=1.0))
+        url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
+        spy = SpyStore(RedisStore.from_url(url, timeout=1.0))
     yield spy
     await spy.aclose()
 

@@ -10,7 +10,7 @@ from cachemw.store.redis import RedisStore
 
 __all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "store_from_url"]
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
 
 
 def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int, prefix: str = "cachemw") -> Store:

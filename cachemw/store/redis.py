@@ -31,16 +31,18 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import anyio
 from anyio.abc import TaskStatus
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster, Sentinel
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from cachemw.store.base import LockResult, Notifications, StoreError
@@ -49,6 +51,8 @@ __all__ = ["RedisStore"]
 
 logger = logging.getLogger(__name__)
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_CHANNEL = "cachemw:fills"
 DEFAULT_INVALIDATION_CHANNEL = "cachemw:invalidations"
 
@@ -87,6 +91,34 @@ def _lock_key(key: str) -> str:
     return key + ":lock"
 
 
+class _Gate:
+    """At most ``limit`` commands in flight; the semaphore is made inside the event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._semaphore: anyio.Semaphore | None = None
+
+    async def __aenter__(self) -> None:
+        if self._semaphore is None:
+            self._semaphore = anyio.Semaphore(self.limit)
+        await self._semaphore.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._semaphore is not None
+        self._semaphore.release()
+
+
+def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
+    """``user:pass@h1:p1,h2:p2`` -> [(h1, p1), (h2, p2)]."""
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.rpartition("@")[2].split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{url.split('@')[-1]!r}: expected host:port[,host:port...]")
+        hosts.append((host.strip("[]"), int(port)))
+    return hosts
+
+
 def _int(value: object) -> int:
     try:
         return int(value)  # type: ignore[call-overload,no-any-return]
@@ -111,12 +143,19 @@ class RedisStore:
     budget and pool settings described above.
     """
 
-    __slots__ = ("_client", "_listening", "_unlock_script", "channel",
+    __slots__ = ("_client", "_gate", "_listener_client", "_listening", "_unlock_script", "channel", "cluster",
                  "invalidation_channel", "notifications")
 
-    def __init__(self, client: Redis, *, channel: str = DEFAULT_CHANNEL,
-                 invalidation_channel: str = DEFAULT_INVALIDATION_CHANNEL) -> None:
-        self._client = client
+    def __init__(self, client: Redis | RedisCluster, *, channel: str = DEFAULT_CHANNEL,
+                 invalidation_channel: str = DEFAULT_INVALIDATION_CHANNEL,
+                 listener_client: Callable[[], Redis | RedisCluster] | None = None,
+                 max_connections: int = 256) -> None:
+        self._client: Any = client
+        self._listener_client = listener_client or self._default_listener_client
+        self.cluster = isinstance(client, RedisCluster)
+        # redis-py's cluster client raises at once when a node's pool is full; wait for a
+        # connection instead (within the caller's budget), as the single-server pool does.
+        self._gate: _Gate | None = _Gate(max_connections) if self.cluster else None
         self.channel = channel
         self.invalidation_channel = invalidation_channel
         self.notifications = Notifications()
@@ -125,12 +164,22 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.05, max_connections: int = 256) -> RedisStore:
-        """A store with its own bounded pool and time budget; ``redis://``, ``rediss://``,
-        ``unix://`` URLs, with redis-py's query-string options (which win over these)."""
+        """A store with its own bounded pool and time budget.
+
+        ``redis://``, ``rediss://``, ``unix://`` (redis-py's query-string options win
+        over these settings); ``redis+cluster://h1:p1,h2:p2`` for Redis Cluster (any
+        reachable seed nodes); ``redis+sentinel://h1:p1,h2:p2/SERVICE[/DB]`` for the
+        master a Sentinel group names. ``rediss+cluster``/``rediss+sentinel`` for TLS.
+        """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in CLUSTER_SCHEMES:
+            return cls._cluster(url, timeout, max_connections)
+        if scheme in SENTINEL_SCHEMES:
+            return cls._sentinel(url, timeout, max_connections)
         kwargs: dict[str, Any] = {
             "max_connections": max_connections,
             "timeout": timeout,  # longest wait for a free pooled connection
@@ -153,14 +202,86 @@ class RedisStore:
         pool = BlockingConnectionPool(**kwargs)
         return cls(Redis(connection_pool=pool))
 
+    @classmethod
+    def _cluster(cls, url: str, timeout: float, max_connections: int) -> RedisStore:
+        parts = urlsplit(url)
+        nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, url)]
+
+        def client(socket_timeout: float | None) -> RedisCluster:
+            return RedisCluster(
+                startup_nodes=nodes,
+                username=unquote(parts.username) if parts.username else None,
+                password=unquote(parts.password) if parts.password else None,
+                ssl=parts.scheme.lower().startswith("rediss"),
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=timeout,
+                max_connections=max_connections,
+                # A node down must fail only its own slots: the others keep answering.
+                require_full_coverage=False,
+                # MOVED/ASK during resharding: refresh the slot map and retry, within our budget.
+                retry=Retry(NoBackoff(), 2),
+                protocol=2,
+                maint_notifications_config=MaintNotificationsConfig(enabled=False),
+            )
+
+        return cls(client(timeout), listener_client=lambda: client(None), max_connections=max_connections)
+
+    @classmethod
+    def _sentinel(cls, url: str, timeout: float, max_connections: int) -> RedisStore:
+        parts = urlsplit(url)
+        path = [segment for segment in parts.path.split("/") if segment]
+        if not path:
+            raise ValueError("a redis+sentinel:// URL names the service: redis+sentinel://host:port/SERVICE[/DB]")
+        service = unquote(path[0])
+        db = int(path[1]) if len(path) > 1 else 0
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            _hosts(parts.netloc, url), socket_timeout=timeout, socket_connect_timeout=timeout,
+                            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout})
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+
+        def client(socket_timeout: float | None) -> Redis:
+            master: Redis = sentinel.master_for(
+                service, db=db, socket_timeout=socket_timeout, socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0), max_connections=max_connections, protocol=2,
+                ssl=parts.scheme.lower().startswith("rediss"), username=username, password=password,
+            )
+            return master
+
+        return cls(client(timeout), listener_client=lambda: client(None))
+
+    def _default_listener_client(self) -> Redis:
+        # A subscriber blocks reading for as long as nothing is published: it needs its
+        # own connection without the request path's short socket timeout.
+        kwargs = dict(self._client.connection_pool.connection_kwargs)
+        kwargs.update(socket_timeout=None, socket_keepalive=True)
+        pool = ConnectionPool(connection_class=self._client.connection_pool.connection_class, **kwargs)
+        return Redis(connection_pool=pool)
+
+    def _gated(self) -> Any:
+        return self._gate if self._gate is not None else contextlib.nullcontext()
+
+    def shard(self, key: str) -> str:
+        """Which node serves ``key`` ("" on a single server): failures are counted per node."""
+        if not self.cluster:
+            return ""
+        try:
+            return str(self._client.get_node_from_key(key).name)
+        except Exception:  # no slot map yet: count it with the cluster as a whole
+            return ""
+
     @property
-    def client(self) -> Redis:
-        """The underlying client, for the parts of cachemw that need more than get/set."""
+    def client(self) -> Any:
+        """The underlying client (Redis or RedisCluster), for the parts of cachemw that need more than get/set."""
         return self._client
 
     async def get(self, key: str) -> bytes | None:
         try:
-            value = await self._client.get(key)
+            if self._gate is None:
+                value = await self._client.get(key)
+            else:
+                async with self._gate:
+                    value = await self._client.get(key)
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis GET failed: {exc!r}") from exc
         return cast("bytes | None", value)
@@ -199,7 +320,7 @@ class RedisStore:
     async def lock(self, key: str, ttl: float, generation_keys: Sequence[str]) -> LockResult:
         token = secrets.token_hex(8)
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._gated(), self._client.pipeline(transaction=False) as pipe:
                 # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
                 # Redis caches the compiled script by its text anyway.
                 pipe.eval(_LOCK_SCRIPT, 2, key, _lock_key(key), token, _millis(ttl))
@@ -287,12 +408,12 @@ class RedisStore:
 
     async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Subscribe to fill and invalidation announcements; resubscribe after any loss, until cancelled."""
-        # A subscriber blocks reading for as long as nothing is published: it needs its
-        # own connection without the request path's short socket timeout.
-        kwargs = dict(self._client.connection_pool.connection_kwargs)
-        kwargs.update(socket_timeout=None, socket_keepalive=True)
-        pool = ConnectionPool(connection_class=self._client.connection_pool.connection_class, **kwargs)
-        client = Redis(connection_pool=pool)
+        if self.cluster:
+            # Learn the slot map once, before traffic: concurrent first commands would each
+            # start discovering it (redis-py then leaks the connections of the losers).
+            with contextlib.suppress(*_DRIVER_ERRORS, RedisClusterException):
+                await self._client.initialize()
+        client = self._listener_client()
         fills = self.channel.encode()
         started = False
         backoff = 0.05
@@ -300,6 +421,8 @@ class RedisStore:
             while True:
                 pubsub = client.pubsub()
                 try:
+                    if isinstance(client, RedisCluster):
+                        await client.initialize()  # the slot map picks the node to subscribe on
                     await pubsub.subscribe(self.channel, self.invalidation_channel)
                     self._listening = True
                     backoff = 0.05
@@ -328,8 +451,8 @@ class RedisStore:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
         finally:
-            with anyio.CancelScope(shield=True):
-                await client.aclose(close_connection_pool=True)
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
+                await _close_client(client)
 
     def _invalidated(self, data: str) -> None:
         try:
@@ -341,9 +464,16 @@ class RedisStore:
 
     async def aclose(self) -> None:
         try:
-            await self._client.aclose(close_connection_pool=True)
+            await _close_client(self._client)
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
+
+
+async def _close_client(client: Any) -> None:
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)
 
 
 async def _quietly_close(pubsub: Any) -> None:
