@@ -57,6 +57,8 @@ class LocalCluster:
             self.nodes.append(RedisServer(node_dir, port=_port_with_free_bus(), extra_args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms), "--cluster-require-full-coverage", "no",
+                # Test nodes replicate little and often idle: let any replica take over.
+                "--cluster-replica-validity-factor", "0",
             ]))
 
     @property
