@@ -143,7 +143,7 @@ class RedisStore:
     budget and pool settings described above.
     """
 
-    __slots__ = ("_client", "_gate", "_listener_client", "_listening", "_unlock_script", "channel", "cluster",
+    __slots__ = ("_also_close", "_client", "_gate", "_listener_client", "_listening", "_unlock_script", "channel", "cluster",
                  "invalidation_channel", "notifications")
 
     def __init__(self, client: Redis | RedisCluster, *, channel: str = DEFAULT_CHANNEL,
@@ -156,6 +156,7 @@ class RedisStore:
         # redis-py's cluster client raises at once when a node's pool is full; wait for a
         # connection instead (within the caller's budget), as the single-server pool does.
         self._gate: _Gate | None = _Gate(max_connections) if self.cluster else None
+        self._also_close: list[Any] = []
         self.channel = channel
         self.invalidation_channel = invalidation_channel
         self.notifications = Notifications()
@@ -248,7 +249,9 @@ class RedisStore:
             )
             return master
 
-        return cls(client(timeout), listener_client=lambda: client(None))
+        store = cls(client(timeout), listener_client=lambda: client(None))
+        store._also_close = list(sentinel.sentinels)  # the connections that ask the sentinels
+        return store
 
     def _default_listener_client(self) -> Redis:
         # A subscriber blocks reading for as long as nothing is published: it needs its
@@ -465,6 +468,8 @@ class RedisStore:
     async def aclose(self) -> None:
         try:
             await _close_client(self._client)
+            for other in self._also_close:
+                await _close_client(other)
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
 
