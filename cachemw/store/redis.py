@@ -143,8 +143,8 @@ class RedisStore:
     budget and pool settings described above.
     """
 
-    __slots__ = ("_also_close", "_client", "_gate", "_listener_client", "_listening", "_unlock_script", "channel", "cluster",
-                 "invalidation_channel", "notifications")
+    __slots__ = ("_also_close", "_client", "_gate", "_listener_client", "_listening", "_unlock_script", "channel",
+                 "cluster", "invalidation_channel", "notifications")
 
     def __init__(self, client: Redis | RedisCluster, *, channel: str = DEFAULT_CHANNEL,
                  invalidation_channel: str = DEFAULT_INVALIDATION_CHANNEL,
