@@ -8,6 +8,7 @@ from cachemw.middleware import CacheMiddleware, invalidate
 from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration
 from cachemw.rules import RuleTable, build_rule_table, cache
 from cachemw.store import MemoryStore, RedisStore, Store, StoreError
+from cachemw.writebehind import VersionConflict, Write, WriteBehind
 
 __all__ = [
     "PRESETS",
@@ -23,6 +24,9 @@ __all__ = [
     "Store",
     "StoreError",
     "Supervisor",
+    "VersionConflict",
+    "Write",
+    "WriteBehind",
     "build_rule_table",
     "cache",
     "detach",

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,6 +46,7 @@ from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RuleTable, build_rule_table, normalise_template
 from cachemw.store import MemoryStore, Store, StoreError, store_from_url
 from cachemw.store.base import LockResult
+from cachemw.writebehind import WriteBehind
 
 __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
 
@@ -144,8 +145,10 @@ class CacheMiddleware:
         settings: Settings | None = None,
         supervisor: Supervisor | None = None,
         access_log_json: bool = False,
+        write_behind: Sequence[WriteBehind[Any]] = (),
     ) -> None:
         self.app = app
+        self.write_behinds = tuple(write_behind)
         self._config = config
         self._redis_url = redis_url
         self._key_prefix = key_prefix
@@ -203,6 +206,11 @@ class CacheMiddleware:
                                          grace_period=settings.grace_period,
                                          lanes={"refresh": settings.refresh_concurrency})
         self.supervisor.add_service("notifications", self.store.listen)
+        for writes in self.write_behinds:
+            try:
+                writes.attach(self.supervisor, redis_url=settings.redis_url, key_prefix=settings.key_prefix)
+            except ValueError as exc:  # another store or prefix than before, or an unsupported URL
+                raise ConfigError(f"{settings.source or 'settings'}: write_behind {writes.name!r}: {exc}") from None
         self.l1 = L1(max_bytes=settings.l1_max_bytes)
         self.store.notifications.on_invalidate.append(self.l1.drop_tags)
         self.store.notifications.on_lost.append(self.l1.lost_sync)
@@ -260,14 +268,20 @@ class CacheMiddleware:
                 return first
             message = await receive()
             if message["type"] == "lifespan.shutdown":
-                # Pending fills finish before the app's own shutdown closes what they use.
+                # Pending fills and the last write-behind flush finish before the app's own
+                # shutdown closes what they use (its database).
                 await self.supervisor.drain()
+                for writes in self.write_behinds:
+                    await writes.stop()
             return message
 
         try:
             async with self.supervisor.run():
                 await self.app(scope, receive_with_drain, send)
         finally:
+            for writes in self.write_behinds:
+                with anyio.CancelScope(shield=True):
+                    await writes.aclose()
             if self._owns_store and self.store is not None:
                 with anyio.CancelScope(shield=True):
                     await _quietly(self.store.aclose())

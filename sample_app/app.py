@@ -2,7 +2,10 @@
 
 - ``/products/{id}`` may lag a few minutes: ``@cache("minutes")`` on the handler;
 - ``/stats`` may be hours old: a rule in ``cachemw.toml`` (no decorator);
-- ``/cart`` must be real time and per user: the ``realtime`` rule in ``cachemw.toml``;
+- ``/cart`` must be real time and per user: the ``realtime`` rule in ``cachemw.toml``
+  keeps it out of the cache, and a ``WriteBehind`` keeps it in Redis: an added item is
+  visible at once through every server, and reaches SQLite a moment later
+  (``/cart/lag`` shows how far behind the database is);
 - ``/api/products/{product_id}``: the same product route written for FastAPI.
 
 Every query sleeps ``SAMPLE_DB_DELAY`` seconds (default 0.3), so a cache hit is
@@ -26,9 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from cachemw import CacheMiddleware, cache
+from cachemw import CacheMiddleware, StoreError, Write, WriteBehind, cache, load_settings
 from sample_app.api import fastapi_app
-from sample_app.db import KINDS, MAX_LINE_QTY, Database, create_and_seed, database
+from sample_app.db import CATALOGUE, KINDS, MAX_LINE_QTY, CartLines, Database, cart_json, create_and_seed, database
 
 __all__ = ["CONFIG_PATH", "SESSION_COOKIE", "create_app"]
 
@@ -44,6 +47,29 @@ _SESSION_MAX_AGE = 30 * 24 * 3600
 
 class State(TypedDict):
     db: Database
+    carts: WriteBehind[CartLines]
+
+
+class _Carts:
+    """Carts in Redis (or this process's memory without Redis), written behind to SQLite."""
+
+    def __init__(self) -> None:
+        self.db: Database | None = None
+        # retain: a cart the database has is dropped from Redis after a day idle; then it is read from SQLite.
+        self.writes: WriteBehind[CartLines] = WriteBehind("cart", flush=self.save, retain=24 * 3600)
+
+    async def save(self, batch: list[Write[CartLines]]) -> None:
+        if self.db is None:
+            raise RuntimeError("the database is not open yet")  # retried: the lifespan opens it first
+        await self.db.save_carts([(w.key, w.version, w.value) for w in batch])
+
+
+def carts(request: Request) -> WriteBehind[CartLines]:
+    """The app's cart store, from the lifespan state (like the database)."""
+    writes = getattr(request.state, "carts", None)
+    if not isinstance(writes, WriteBehind):
+        raise RuntimeError("the sample app's lifespan has not run (is uvicorn started with --lifespan off?)")
+    return writes
 
 
 async def index(request: Request) -> Response:
@@ -56,7 +82,8 @@ GET  /products/{{id}}          a product; @cache("minutes") on the handler
 GET  /api/products/{{id}}      the same, as a FastAPI route; @cache(ttl="5m")
 GET  /stats                  order statistics; cachemw.toml rule, policy "hours"
 GET  /cart                   your cart (session cookie); cachemw.toml rule, policy "realtime"
-POST /cart/items             add to your cart: {{"product_id": 1, "qty": 2}}
+POST /cart/items             add to your cart: {{"product_id": 1, "qty": 2}}; in Redis at once, SQLite later
+GET  /cart/lag               the carts not yet in SQLite (write-behind backlog and lag)
 GET  /debug/queries          how many slow queries really ran (never cached)
 
 Every query takes {database(request).delay:g} s. Try:
@@ -109,10 +136,18 @@ def _with_session(request: Request, response: Response, sid: str, new: bool) -> 
 
 
 async def cart_view(request: Request) -> Response:
-    """The visitor's own cart, read live; the ``realtime`` rule keeps it out of shared entries."""
+    """The visitor's own cart, read live from Redis (every server sees the latest write at once).
+
+    Absent from Redis (never written, or expired after ``retain``), the database has it.
+    """
     sid, new = _session(request)
-    cart = await database(request).cart(sid)
-    return _with_session(request, JSONResponse(cart), sid, new)
+    try:
+        lines = await carts(request).get(sid)
+    except StoreError:
+        lines = None  # Redis is down: the database's copy, possibly a moment behind, beats an error page
+    if lines is None:
+        lines = await database(request).cart_lines(sid)
+    return _with_session(request, JSONResponse(cart_json(lines)), sid, new)
 
 
 async def cart_add(request: Request) -> Response:
@@ -129,11 +164,31 @@ async def cart_add(request: Request) -> Response:
             {"error": f'expected {{"product_id": n, "qty": n}} with qty from 1 to {MAX_LINE_QTY}'},
             status_code=422,
         )
+    if product_id not in CATALOGUE:
+        return JSONResponse({"error": f"no product {product_id}"}, status_code=404)
     sid, new = _session(request)
     db = database(request)
-    if not await db.add_to_cart(sid, product_id, qty):
-        return JSONResponse({"error": f"no product {product_id}"}, status_code=404)
-    return _with_session(request, JSONResponse(await db.cart(sid)), sid, new)
+
+    async def add(lines: CartLines | None) -> CartLines:
+        if lines is None:
+            lines = await db.cart_lines(sid)  # not in Redis: start from what the database has
+        return {**lines, str(product_id): min(lines.get(str(product_id), 0) + qty, MAX_LINE_QTY)}
+
+    try:
+        # Read, add, write if nobody else wrote the cart meanwhile (another tab, another server), else again.
+        lines = await carts(request).update(sid, add)
+    except StoreError:
+        return JSONResponse({"error": "the cart cannot be saved right now; try again"}, status_code=503)
+    return _with_session(request, JSONResponse(cart_json(lines)), sid, new)
+
+
+async def cart_lag(request: Request) -> Response:
+    """How far SQLite is behind the carts in Redis: backlog, lag, flushes, retries, dead letters."""
+    try:
+        status = await carts(request).status()
+    except StoreError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=503)
+    return JSONResponse(status.as_dict())
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -166,6 +221,7 @@ def create_app(*, db_path: str | os.PathLike[str] | None = None, db_delay: float
     """
     path_setting = db_path if db_path is not None else os.environ.get("SAMPLE_DB_PATH") or None
     delay = _db_delay() if db_delay is None else db_delay
+    cart_store = _Carts()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -176,7 +232,12 @@ def create_app(*, db_path: str | os.PathLike[str] | None = None, db_delay: float
             else:
                 path = Path(path_setting)
             await anyio.to_thread.run_sync(create_and_seed, path)
-            yield {"db": Database(path, delay)}
+            cart_store.db = Database(path, delay)
+            # The Redis the middleware uses (config file, then CACHEMW_REDIS_URL). The flusher runs
+            # inside the lifespan, so its last flush at shutdown comes before the database goes away.
+            settings = load_settings(CONFIG_PATH)
+            async with cart_store.writes.running(redis_url=settings.redis_url, key_prefix=settings.key_prefix):
+                yield {"db": cart_store.db, "carts": cart_store.writes}
 
     app = Starlette(
         routes=[
@@ -185,6 +246,7 @@ def create_app(*, db_path: str | os.PathLike[str] | None = None, db_delay: float
             Route("/stats", stats),
             Route("/cart", cart_view, methods=["GET"]),
             Route("/cart/items", cart_add, methods=["POST"]),
+            Route("/cart/lag", cart_lag, methods=["GET"]),
             Route("/debug/queries", debug_queries),
             Mount("/api", app=fastapi_app),
         ],

@@ -20,7 +20,8 @@ from typing import Any, Literal
 import anyio.to_thread
 from starlette.requests import HTTPConnection
 
-__all__ = ["KINDS", "Database", "Kind", "create_and_seed", "database", "product_json"]
+__all__ = ["CATALOGUE", "KINDS", "MAX_LINE_QTY", "CartLines", "Database", "Kind", "cart_json", "create_and_seed",
+           "database", "product_json"]
 
 Kind = Literal["product", "stats", "cart"]
 KINDS: tuple[Kind, ...] = ("product", "stats", "cart")
@@ -38,6 +39,7 @@ PRODUCTS: tuple[tuple[int, str, int], ...] = (
 
 _SCHEMA = """
 DROP TABLE IF EXISTS cart_items;
+DROP TABLE IF EXISTS carts;
 DROP TABLE IF EXISTS orders;
 DROP TABLE IF EXISTS products;
 CREATE TABLE products (
@@ -51,8 +53,15 @@ CREATE TABLE orders (
     qty INTEGER NOT NULL,
     created_at TEXT NOT NULL
 );
+-- A cart's version is the write-behind version of its latest write: a write
+-- flushed late (or twice) never replaces a newer cart.
+CREATE TABLE carts (
+    session TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    updated_at TEXT NOT NULL
+);
 CREATE TABLE cart_items (
-    session TEXT NOT NULL,
+    session TEXT NOT NULL REFERENCES carts(session),
     product_id INTEGER NOT NULL REFERENCES products(id),
     qty INTEGER NOT NULL,
     PRIMARY KEY (session, product_id)
@@ -157,36 +166,55 @@ class Database:
             "generated_at": _now(),
         }
 
-    async def cart(self, session: str) -> Row:
-        """The cart of one session, read live: this is the data that must never lag."""
+    async def cart_lines(self, session: str) -> CartLines:
+        """A cart as the database has it (``{product_id: qty}``): read when Redis has no copy."""
         rows = await self.fetch(
-            "cart",
-            "SELECT c.product_id, p.name, p.price_cents, c.qty FROM cart_items c"
-            " JOIN products p ON p.id = c.product_id WHERE c.session = ? ORDER BY c.product_id",
-            (session,),
+            "cart", "SELECT product_id, qty FROM cart_items WHERE session = ? ORDER BY product_id", (session,)
         )
-        items = [
-            {"product_id": row["product_id"], "name": row["name"], "price": row["price_cents"] / 100,
-             "qty": row["qty"]}
-            for row in rows
-        ]
-        total_cents = sum(row["price_cents"] * row["qty"] for row in rows)
-        return {"items": items, "total": total_cents / 100, "generated_at": _now()}
+        return {str(row["product_id"]): row["qty"] for row in rows}
 
-    async def add_to_cart(self, session: str, product_id: int, qty: int) -> bool:
-        """Add ``qty`` of a product; False if there is no such product (one query, no race)."""
-        changed = await self.execute(
-            "cart",
-            # The SELECT inserts nothing for an unknown product; its WHERE also keeps
-            # SQLite from reading ON CONFLICT as part of a join.
-            "INSERT INTO cart_items (session, product_id, qty) SELECT ?, id, ? FROM products WHERE id = ?"
-            f" ON CONFLICT (session, product_id) DO UPDATE SET qty = MIN(qty + excluded.qty, {MAX_LINE_QTY})",
-            (session, qty, product_id),
-        )
-        return changed > 0
+    async def save_carts(self, carts: Sequence[tuple[str, int, CartLines]]) -> None:
+        """Write-behind flush: each ``(session, version, lines)`` in one transaction, newer versions only.
+
+        Idempotent and never backwards, as write-behind requires: the carts row is
+        updated only by a higher version, and the lines are replaced only then.
+        """
+        self.counts["cart"] += 1
+        await anyio.to_thread.run_sync(self._save_carts, list(carts))
+
+    def _save_carts(self, carts: list[tuple[str, int, CartLines]]) -> None:
+        time.sleep(self.delay)
+        now = _now()
+        with closing(self._connect()) as conn, conn:
+            for session, version, lines in carts:
+                changed = conn.execute(
+                    "INSERT INTO carts (session, version, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (session) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at"
+                    " WHERE excluded.version > carts.version",
+                    (session, version, now),
+                ).rowcount
+                if changed:
+                    conn.execute("DELETE FROM cart_items WHERE session = ?", (session,))
+                    conn.executemany(
+                        "INSERT INTO cart_items (session, product_id, qty) VALUES (?, ?, ?)",
+                        [(session, int(product_id), qty) for product_id, qty in lines.items()],
+                    )
 
 
 MAX_LINE_QTY = 999
+CartLines = dict[str, int]  # product id (a string: JSON object keys are) -> quantity
+CATALOGUE: dict[int, tuple[str, int]] = {pid: (name, cents) for pid, name, cents in PRODUCTS}
+
+
+def cart_json(lines: CartLines) -> Row:
+    """The public shape of a cart; names and prices come from the (static) catalogue, not a query."""
+    items = []
+    total_cents = 0
+    for product_id, qty in sorted((int(pid), qty) for pid, qty in lines.items()):
+        name, cents = CATALOGUE[product_id]
+        items.append({"product_id": product_id, "name": name, "price": cents / 100, "qty": qty})
+        total_cents += cents * qty
+    return {"items": items, "total": total_cents / 100, "generated_at": _now()}
 
 
 def product_json(row: Row) -> Row:

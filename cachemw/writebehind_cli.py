@@ -1,0 +1,173 @@
+"""``cachemw writebehind status|dead|retry NAME``: what an operator asks of a write-behind queue.
+
+- ``status``: backlog (writes not yet in the database), lag (age of the oldest), dead letters, counters;
+- ``dead``: the dead letters, oldest first, with the error that parked each;
+- ``retry``: move dead letters (all, or ``--id`` ones) back to the stream, to be flushed again.
+
+The Redis is ``--redis-url``, else ``CACHEMW_REDIS_URL``, else the ``redis_url`` of
+``--config``; the key prefix ``--prefix``, else the config's ``key_prefix``, else
+``cachemw``. The memory backend lives inside the app's process, out of reach.
+Exit status: 0 done, 2 a usage, configuration or store error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+
+from cachemw.config import REDIS_URL_ENV, load_settings
+from cachemw.policy import ConfigError
+from cachemw.store import StoreError
+from cachemw.writebehind import DeadLetter, WriteBehind, WriteBehindStatus
+
+__all__ = ["add_commands", "main"]
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``writebehind status|dead|retry`` to the ``cachemw`` command's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("name", help="the WriteBehind's name, e.g. cart")
+    common.add_argument("--redis-url", help=f"the Redis (default: ${REDIS_URL_ENV}, else the config's redis_url)")
+    common.add_argument("--prefix", help="the key prefix (default: the config's key_prefix, else cachemw)")
+    common.add_argument("--config", help="a cachemw.toml or pyproject.toml to take redis_url and key_prefix from")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = subparsers.add_parser("writebehind", help="inspect write-behind queues: backlog, lag, dead letters",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="writebehind_command", required=True)
+    status = commands.add_parser("status", parents=[common], help="backlog, lag, dead letters and counters")
+    status.set_defaults(run=_cmd_status)
+    dead = commands.add_parser("dead", parents=[common], help="list dead letters, oldest first")
+    dead.add_argument("--limit", type=int, default=50, help="show at most this many (default: %(default)s)")
+    dead.set_defaults(run=_cmd_dead)
+    retry = commands.add_parser("retry", parents=[common], help="move dead letters back to the stream")
+    retry.add_argument("--id", action="append", dest="ids", metavar="ID",
+                       help="only this dead letter (repeatable; default: all)")
+    retry.set_defaults(run=_cmd_retry)
+
+
+def _queue(args: argparse.Namespace) -> WriteBehind[Any] | None:
+    settings = load_settings(args.config)
+    url = args.redis_url or settings.redis_url
+    if not url:
+        print(f"cachemw: no Redis URL: pass --redis-url, set {REDIS_URL_ENV}, or --config a file with redis_url "
+              "(a memory-backed write-behind lives inside the app's process)", file=sys.stderr)
+        return None
+    try:
+        return WriteBehind(args.name, redis_url=url, key_prefix=args.prefix or settings.key_prefix, timeout=5.0)
+    except ValueError as exc:
+        print(f"cachemw: {exc}", file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace, action: Any) -> int:
+    queue = _queue(args)
+    if queue is None:
+        return 2
+
+    async def go() -> int:
+        try:
+            result: int = await action(queue, args)
+            return result
+        except StoreError as exc:
+            print(f"cachemw: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            await queue.aclose()
+
+    return anyio.run(go)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    return _run(args, _status)
+
+
+def _cmd_dead(args: argparse.Namespace) -> int:
+    return _run(args, _dead)
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    return _run(args, _retry)
+
+
+async def _status(queue: WriteBehind[Any], args: argparse.Namespace) -> int:
+    status = await queue.status()
+    if args.json:
+        print(json.dumps(status.as_dict(), indent=2))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def format_status(status: WriteBehindStatus) -> str:
+    rows = [
+        ("backlog", f"{status.backlog} writes not yet in the database ({status.pending} held by flushers)"),
+        ("lag", f"{status.lag:.1f}s (age of the oldest)"),
+        ("dead letters", str(status.dead)),
+        ("flushers", str(status.flushers)),
+        ("flushed", str(status.flushed)),
+        ("failed flushes", str(status.failed_flushes)),
+        ("retried", str(status.retried)),
+        ("dead-lettered", str(status.dead_lettered)),
+        ("claimed", str(status.claimed)),
+        ("requeued", str(status.requeued)),
+    ]
+    return f"write-behind {status.name} ({status.backend})\n" + "\n".join(f"{k:<15} {v}" for k, v in rows)
+
+
+def _letter_json(letter: DeadLetter) -> dict[str, Any]:
+    return {"id": letter.id, "key": letter.key, "version": letter.version,
+            "value": letter.data.decode("utf-8", "replace"), "error": letter.error, "attempts": letter.attempts,
+            "dead_at": _iso(letter.dead_at)}
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+async def _dead(queue: WriteBehind[Any], args: argparse.Namespace) -> int:
+    letters = await queue.dead_letters(max(1, args.limit))
+    if args.json:
+        print(json.dumps([_letter_json(letter) for letter in letters], indent=2))
+        return 0
+    if not letters:
+        print(f"no dead letters in write-behind {queue.name}")
+        return 0
+    for letter in letters:
+        value = letter.data.decode("utf-8", "replace")
+        print(f"{letter.id}  key={letter.key}  version={letter.version}  attempts={letter.attempts}  "
+              f"{_iso(letter.dead_at)}\n  error: {letter.error}\n  value: {value[:200]}"
+              f"{'...' if len(value) > 200 else ''}")
+    return 0
+
+
+async def _retry(queue: WriteBehind[Any], args: argparse.Namespace) -> int:
+    moved = await queue.retry_dead_letters(args.ids)
+    if args.json:
+        print(json.dumps({"moved": moved}))
+    else:
+        print(f"moved {moved} dead letter{'' if moved == 1 else 's'} back to write-behind {queue.name}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Just these commands, as ``cachemw`` runs them (for tests, and until ``cli.py`` adds them)."""
+    parser = argparse.ArgumentParser(prog="cachemw")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except ConfigError as exc:
+        print(f"cachemw: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
