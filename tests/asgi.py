@@ -89,3 +89,13 @@ class SpyStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)  # lock, unlock, waiter, listen
+
+
+def find_middleware(app: Any) -> Any:
+    """The CacheMiddleware inside a Starlette app's middleware stack (built by its first call)."""
+    from cachemw import CacheMiddleware
+
+    layer = app.middleware_stack
+    while not isinstance(layer, CacheMiddleware):
+        layer = layer.app
+    return layer

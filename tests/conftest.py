@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from cachemw import MemoryStore, RedisStore
+
 try:  # tests/ is a package
+    from tests.asgi import SpyStore
     from tests.redis_server import RedisServer, RedisServerNotFound
 except ImportError:  # tests/ as a plain directory (pytest's "prepend" import mode puts it on sys.path)
+    from asgi import SpyStore  # type: ignore[no-redef]
     from redis_server import RedisServer, RedisServerNotFound  # type: ignore[no-redef]
 
 
@@ -69,3 +73,15 @@ def cluster_url(redis_cluster: LocalCluster) -> str:
 def shared_url(request: pytest.FixtureRequest) -> str:
     """A Redis that several app instances share: one server, or a cluster."""
     return str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpyStore]:
+    """The same tests on each store: in-process memory, one Redis, a Redis Cluster."""
+    if request.param == "memory":
+        spy = SpyStore(MemoryStore())
+    else:
+        url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
+        spy = SpyStore(RedisStore.from_url(url, timeout=1.0))
+    yield spy
+    await spy.aclose()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +22,7 @@ from starlette.routing import Route
 
 from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache, detach
 from cachemw.entry import decode_entry, encode_entry
-from tests.asgi import SpyStore, eventually, lifespan
+from tests.asgi import SpyStore, eventually, find_middleware, lifespan
 
 pytestmark = pytest.mark.anyio
 
@@ -56,17 +55,6 @@ class Origin:
 @pytest.fixture
 def origin() -> Origin:
     return Origin()
-
-
-@pytest.fixture(params=["memory", "redis", "cluster"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpyStore]:
-    if request.param == "memory":
-        spy = SpyStore(MemoryStore())
-    else:
-        url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
-        spy = SpyStore(RedisStore.from_url(url, timeout=1.0))
-    yield spy
-    await spy.aclose()
 
 
 POLICY: dict[str, Any] = {"ttl": "1m", "stale_while_revalidate": "1m", "stale_if_error": "1h",
@@ -236,19 +224,12 @@ async def test_a_failed_refresh_keeps_the_old_entry(origin: Origin, store: SpySt
         await age_entry(store, 90)
         origin.mode = "raise"
         first = await http.get("/item")
-        middleware = _middleware(app)
+        middleware = find_middleware(app)
         await eventually(lambda: _true(middleware.supervisor.counters_for("refresh").failed == 1),
                          what="the refresh failing")
         second = await http.get("/item")
     assert first.headers["x-cache"] == second.headers["x-cache"] == "STALE"
     assert second.json() == {"version": 1}
-
-
-def _middleware(app: Starlette) -> CacheMiddleware:
-    layer: Any = app.middleware_stack
-    while not isinstance(layer, CacheMiddleware):
-        layer = layer.app
-    return layer
 
 
 async def test_a_dead_lock_owner_blocks_refreshes_only_until_the_lock_expires(origin: Origin,

@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache, invalidate
-from tests.asgi import SpyStore, eventually, lifespan
+from cachemw import CacheMiddleware, RedisStore, Settings, cache, invalidate
+from tests.asgi import SpyStore, eventually, find_middleware, lifespan
 
 pytestmark = pytest.mark.anyio
 
@@ -66,13 +66,6 @@ def make_app(db: Database, store: Any, *, sync: float = SYNC) -> Starlette:
     return app
 
 
-def middleware(app: Starlette) -> CacheMiddleware:
-    layer: Any = app.middleware_stack
-    while not isinstance(layer, CacheMiddleware):
-        layer = layer.app
-    return layer
-
-
 def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
 
@@ -90,7 +83,7 @@ async def servers(redis_url: str, count: int = 2, *, sync: float = SYNC
                 await stack.enter_async_context(lifespan(app))
             clients = [await stack.enter_async_context(client(app)) for app in apps]
             for app in apps:
-                await eventually(lambda app=app: _true(middleware(app).store.listening),  # type: ignore[misc]
+                await eventually(lambda app=app: _true(find_middleware(app).store.listening),  # type: ignore[misc]
                                  what="subscribed")
             yield db, apps, clients, stores
     finally:
@@ -118,7 +111,7 @@ async def test_invalidation_on_one_server_reaches_the_other_by_pubsub(shared_url
     async with servers(shared_url, sync=60) as (db, apps, (_a, b), (_, store_b)):
         await warm(b, store_b)
         db.versions[1] = 2
-        dropped = await middleware(apps[0]).invalidator.tags("product:1")  # type: ignore[union-attr]
+        dropped = await find_middleware(apps[0]).invalidator.tags("product:1")  # type: ignore[union-attr]
         assert dropped == 1
 
         async def b_sees_new() -> bool:
@@ -163,7 +156,7 @@ async def test_lost_subscription_keeps_the_bound(redis_url: str) -> None:
         finally:
             await raw.aclose()
         db.versions[1] = 2
-        await middleware(apps[0]).invalidator.tags("product:1")  # type: ignore[union-attr]
+        await find_middleware(apps[0]).invalidator.tags("product:1")  # type: ignore[union-attr]
         await _assert_bound(b, time.monotonic())
 
 
@@ -183,17 +176,6 @@ async def test_post_then_get_on_the_same_server_skips_its_l1(shared_url: str) ->
         assert await version(a) == ("MISS", 2)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpyStore]:
-    if request.param == "memory":
-        spy = SpyStore(MemoryStore())
-    else:
-        url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
-        spy = SpyStore(RedisStore.from_url(url, timeout=1.0))
-    yield spy
-    await spy.aclose()
-
-
 async def test_a_fill_that_began_before_an_invalidation_is_not_stored(store: SpyStore) -> None:
     db = Database()
     app = make_app(db, store)
@@ -208,10 +190,10 @@ async def test_a_fill_that_began_before_an_invalidation_is_not_stored(store: Spy
             tg.start_soon(request)
             await eventually(lambda: _true(db.reads == 1), what="the handler reading the old row")
             db.versions[1] = 2
-            await middleware(app).invalidator.tags("product:1")  # type: ignore[union-attr]
+            await find_middleware(app).invalidator.tags("product:1")  # type: ignore[union-attr]
             db.gate.set()  # the handler answers with what it read before the change
         assert responses[0].json()["version"] == 1
-        fills = middleware(app).supervisor.counters_for("fill")
+        fills = find_middleware(app).supervisor.counters_for("fill")
         await eventually(lambda: _true(fills.done == 1), what="the fill job finishing")
         after = await http.get("/products/1")
     assert after.headers["x-cache"] == "MISS" and after.json()["version"] == 2
@@ -223,7 +205,7 @@ async def test_purge_by_route_url_and_everything_counts_what_it_dropped(store: S
     async with client(app) as http:  # no lifespan: fills are stored before each request returns
         for path in ("/products/1", "/products/2", "/stats?x=1", "/stats?x=2"):
             await http.get(path)
-        invalidator = middleware(app).invalidator
+        invalidator = find_middleware(app).invalidator
         assert invalidator is not None
         assert await invalidator.urls("http://testserver/stats") == 2
         assert (await http.get("/products/2")).headers["x-cache"] == "HIT"

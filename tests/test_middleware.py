@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Mount, Route
 from starlette.types import Message
 
-from cachemw import CacheMiddleware, MemoryStore, RedisStore, cache
+from cachemw import CacheMiddleware, MemoryStore, cache
 from tests.asgi import LifespanFailed, SpyStore, client, eventually, lifespan
 
 pytestmark = pytest.mark.anyio
@@ -27,17 +27,6 @@ calls: collections.Counter[str] = collections.Counter()
 @pytest.fixture(autouse=True)
 def _reset_calls() -> None:
     calls.clear()
-
-
-@pytest.fixture(params=["memory", "redis", "cluster"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpyStore]:
-    if request.param == "memory":
-        spy = SpyStore(MemoryStore())
-    else:
-        url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
-        spy = SpyStore(RedisStore.from_url(url, timeout=1.0))
-    yield spy
-    await spy.aclose()
 
 
 @cache(ttl="5m", tags=["product:{id}"])

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from tests.asgi import eventually, lifespan
+from tests.asgi import eventually, find_middleware, lifespan
 from tests.faults.proxy import FaultProxy
 from tests.redis_server import RedisServer, RedisServerNotFound
 
@@ -65,13 +65,6 @@ def make_app(url: str, counter: Counter, **policy: Any) -> Starlette:
     app = Starlette(routes=[Route("/item", item)])
     app.add_middleware(CacheMiddleware, redis_url=url, settings=Settings(store_timeout=0.05))
     return app
-
-
-def middleware(app: Starlette) -> CacheMiddleware:
-    layer: Any = app.middleware_stack
-    while not isinstance(layer, CacheMiddleware):
-        layer = layer.app
-    return layer
 
 
 @pytest.fixture
@@ -135,7 +128,7 @@ async def test_a_redis_fault_never_reaches_the_user_and_the_cache_recovers(
     inject(fault, server, proxy)
     try:
         await _all_answered(http)
-        cache = middleware(app)
+        cache = find_middleware(app)
         assert cache.store_errors > 0
         assert cache.breaker.state in ("open", "half-open")  # it stopped hammering the dead server
     finally:
@@ -152,7 +145,7 @@ async def test_a_restarted_empty_redis_refills_and_resubscribes(
     await _all_answered(http, 5)
     server.start()  # empty: it keeps nothing on disk
     await eventually(lambda: _hit(http), timeout=10, what="refill after the restart")
-    store = middleware(app).store
+    store = find_middleware(app).store
     assert store is not None
     await eventually(lambda: _true(store.listening), timeout=10, what="the subscription coming back")
 
