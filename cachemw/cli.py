@@ -3,7 +3,9 @@
 - ``cachemw routes APP``: every route of an app with its effective policy;
 - ``cachemw check FILE [--app APP]``: validate a config file (and its rules against an app);
 - ``cachemw purge (--tag T | --route R | --url U | --all)``: drop entries from the shared Redis store;
-- ``cachemw inspect URL --app APP``: compute a URL's key as the middleware does and show its entry.
+- ``cachemw inspect URL --app APP``: compute a URL's key as the middleware does and show its entry;
+- ``cachemw stats``: every live process's counters, added up from Redis (``--watch`` to follow them);
+- ``cachemw warm URL...``: GET URLs from a running server, so their entries exist before traffic does.
 
 ``purge`` and ``inspect`` act on the Redis the configuration names (``--config``,
 else the config the app's ``CacheMiddleware`` names), overridden by
@@ -512,7 +514,298 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a request header, e.g. one the route varies on (repeatable)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=_cmd_inspect)
+    _add_observe_commands(commands, store_help)
+    from cachemw import writebehind_cli
+
+    writebehind_cli.add_commands(commands)
     return parser
+
+
+# -- stats and warm: the fleet's counters, and entries filled ahead of traffic ----------------------
+
+
+def _add_observe_commands(commands: Any, store_help: str) -> None:
+    stats = commands.add_parser(
+        "stats", help="every live process's counters, added up from Redis",
+        description="Read the counters each running process writes to Redis (CacheMiddleware with "
+                    "enable_fleet_metrics) and add them up: per route requests, hit ratio, HIT/STALE/MISS/BYPASS, "
+                    "stale-if-error serves and refreshes; the store, the background queue, the L1, write-behind. "
+                    "Exit status: 0 shown, 1 no process reports, 2 a usage, configuration or store error.")
+    stats.add_argument("--app", help="the app as MODULE:ATTRIBUTE, to use the config its CacheMiddleware names")
+    stats.add_argument("--config", help="a cachemw.toml or pyproject.toml (default: the app's, else defaults)")
+    stats.add_argument("--redis-url", help=store_help)
+    stats.add_argument("--watch", type=float, metavar="SECONDS", nargs="?", const=2.0,
+                       help="show them again every SECONDS (default 2) until interrupted")
+    stats.add_argument("--json", action="store_true", help="machine-readable output (with --watch: one JSON "
+                       "object per line)")
+    stats.set_defaults(run=_cmd_stats)
+
+    warm = commands.add_parser(
+        "warm", help="GET URLs from a running server so their entries exist before traffic does",
+        description="GET each URL from the running app (not from Redis: the app makes and stores the entries), "
+                    "a few at a time, and report each answer's X-Cache: MISS (filled now), HIT (was cached), "
+                    "BYPASS (not cacheable as asked). Exit status: 0 all answered, 1 some failed, 2 none could "
+                    "be fetched or a usage error.")
+    warm.add_argument("urls", nargs="*", metavar="URL", help="absolute URLs, e.g. http://localhost:8000/products/1")
+    warm.add_argument("--from-file", metavar="FILE", help="also the URLs in FILE, one per line ('-': stdin)")
+    warm.add_argument("--app", help="the app as MODULE:ATTRIBUTE: show each URL's route and policy, and warn "
+                      "about URLs without one")
+    warm.add_argument("--config", help="a cachemw.toml or pyproject.toml (with --app; default: the app's)")
+    warm.add_argument("--concurrency", type=int, default=4, help="requests at once (default: %(default)s)")
+    warm.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
+    warm.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'",
+                      help="a request header, e.g. one the route varies on (repeatable)")
+    warm.add_argument("--json", action="store_true", help="machine-readable output")
+    warm.set_defaults(run=_cmd_warm)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from cachemw.observe import aggregate, read_fleet
+
+    if args.watch is not None and not 0.1 <= args.watch <= 3600:
+        raise CommandFailed(f"--watch {args.watch:g}: expected a number of seconds from 0.1 to 3600")
+    _, _, settings = _operator_settings(args)
+    prefix = settings.key_prefix
+    found: list[int] = []
+
+    async def view(store: Store) -> dict[str, Any]:
+        client = getattr(store, "client", None)
+        assert client is not None  # _open_store makes a RedisStore
+        try:
+            with anyio.fail_after(OPERATOR_TIMEOUT * 5):
+                documents = await read_fleet(client, prefix)
+        except (RedisError, OSError, TimeoutError) as exc:  # as the store boundary reports the driver's errors
+            raise StoreError(_one_line(exc) or "timed out") from exc
+        return aggregate(documents)
+
+    def show(data: dict[str, Any], clear: bool) -> None:
+        if args.json:
+            print(json.dumps(data, indent=None if args.watch is not None else 2), flush=True)
+            return
+        text = render_stats(data, prefix)
+        if clear:
+            sys.stdout.write("\x1b[H\x1b[2J")
+        print(text, flush=True)
+
+    async def work(store: Store) -> None:
+        clear = args.watch is not None and sys.stdout.isatty()
+        while True:
+            data = await view(store)
+            found.append(len(data["processes"]))
+            show(data, clear)
+            if args.watch is None:
+                return
+            await anyio.sleep(args.watch)
+
+    try:
+        _with_store(settings, "read stats", work)
+    except KeyboardInterrupt:
+        return 0
+    if args.watch is None and not found[-1]:
+        print(f"cachemw: no process reports its counters to this Redis under the prefix {prefix!r}. HINT: the "
+              "app's CacheMiddleware writes them with cachemw.observe.enable_fleet_metrics(cache); check --app "
+              "or --config name the app's key_prefix", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds == float("inf"):
+        return "> 10s"
+    return f"<={seconds * 1000:g}ms" if seconds < 1 else f"<={seconds:g}s"
+
+
+def render_stats(data: dict[str, Any], prefix: str) -> str:
+    """The text of ``cachemw stats``: a route table, then one line each for processes, store, queue, L1."""
+    from cachemw.observe import quantile
+
+    header = ("ROUTE", "POLICY", "REQUESTS", "HIT RATIO", "HIT", "STALE", "MISS", "BYPASS", "STALE-IF-ERROR",
+              "COALESCED", "REFRESH OK/FAILED", "ORIGIN P50")
+    rows = [header]
+    for row in sorted(data["routes"], key=lambda r: (-r["requests"], r["route"])):
+        rows.append((row["route"], row["policy"], str(row["requests"]),
+                     f"{row['hit_ratio'] * 100:.1f}%" if row["hit"] + row["stale"] + row["miss"] else "-",
+                     str(row["hit"]), str(row["stale"]), str(row["miss"]), str(row["bypass"]),
+                     str(row["stale_if_error"]), str(row["collapsed"]), f"{row['refresh_ok']}/{row['refresh_failed']}",
+                     _ms(quantile(row["origin_latency"], 0.5))))
+    totals = data["totals"]
+    if len(rows) > 1:
+        rows.append(("(all)", "", str(totals["requests"]),
+                     f"{totals['hit_ratio'] * 100:.1f}%" if totals["hit"] + totals["stale"] + totals["miss"] else "-",
+                     str(totals["hit"]), str(totals["stale"]), str(totals["miss"]), str(totals["bypass"]),
+                     str(totals["stale_if_error"]), str(totals["collapsed"]),
+                     f"{totals['refresh_ok']}/{totals['refresh_failed']}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i]) for i, cell in enumerate(r)).rstrip()
+             for r in rows]
+    processes = data["processes"]
+    if not processes:
+        lines.append(f"(no process reports under the prefix {prefix!r})")
+    lines.append("")
+    if processes:
+        names = ", ".join(f"{p['host']}:{p['pid']}" for p in processes)
+        newest = min(p["age"] for p in processes)
+        lines.append(f"processes     {len(processes)} reporting ({names}); newest report {max(newest, 0):.1f}s ago")
+    store = data["store"]
+    kinds = ", ".join(f"{kind} x{n}" for kind, n in store["kinds"].items()) or "-"
+    breaker = ", ".join(f"{state} x{n}" for state, n in store["breaker"].items()) or "-"
+    latency = store["latency"]
+    lines.append(f"store         {kinds}; breaker {breaker}; subscribed {store['listening']}/{len(processes)}; "
+                 f"errors {store['errors']}; lookup p50 {_ms(quantile(latency, 0.5))}, "
+                 f"p99 {_ms(quantile(latency, 0.99))}")
+    kinds_text = "; ".join(
+        f"{kind} {c['queued']} queued, {c['running']} running, {c['done']} done, {c['failed']} failed, "
+        f"{c['shed']} shed" + (f", {c['abandoned']} abandoned" if c["abandoned"] else "")
+        for kind, c in data["supervisor"]["kinds"].items())
+    lines.append(f"queue         {kinds_text or '-'}")
+    l1 = data["l1"]
+    lines.append(f"L1            {l1['entries']} entries, {l1['bytes_used']} bytes; {l1['hits']} hits "
+                 f"({l1['hit_share'] * 100:.1f}% of HITs); {l1['dropped']} dropped")
+    for status in data["write_behind"]:
+        if "error" in status:
+            lines.append(f"write-behind  {status['name']}: {status['error']}")
+        else:
+            lines.append(f"write-behind  {status['name']}: backlog {status['backlog']}, lag {status['lag']:.1f}s, "
+                         f"dead {status['dead']}, flushed {status['flushed']}")
+    return "\n".join(lines)
+
+
+def _warm_urls(args: argparse.Namespace) -> list[str]:
+    urls = list(args.urls)
+    if args.from_file:
+        try:
+            if args.from_file == "-":
+                text = sys.stdin.read()
+            else:
+                with open(args.from_file, encoding="utf-8") as fh:
+                    text = fh.read()
+        except OSError as exc:
+            raise CommandFailed(f"--from-file {args.from_file}: {exc.strerror or exc}") from None
+        urls += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not urls:
+        raise CommandFailed("no URL to warm: name them as arguments or with --from-file")
+    for url in urls:
+        split = urlsplit(url)
+        if split.scheme.lower() not in ("http", "https") or not split.hostname:
+            raise CommandFailed(f"{url!r} is not an absolute http(s) URL, e.g. http://localhost:8000/products/1")
+    return urls
+
+
+def _fetch(url: str, headers: dict[str, str], timeout: float) -> dict[str, Any]:
+    """GET ``url`` (redirects not followed: a redirect is an answer too) and read the whole body."""
+    import urllib.error
+    import urllib.request
+
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(_NoRedirect())
+    request = urllib.request.Request(url, headers={"User-Agent": "cachemw-warm", **headers}, method="GET")
+    began = time.perf_counter()
+    result: dict[str, Any] = {"url": url, "status": None, "x_cache": None, "cache_status": None, "bytes": 0,
+                              "seconds": None, "error": None}
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            body = response.read()
+            status, response_headers = response.status, response.headers
+    except urllib.error.HTTPError as exc:  # a 4xx/5xx or an unfollowed redirect: still an answer
+        with exc:
+            body = exc.read()
+            status, response_headers = exc.code, exc.headers
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        result["error"] = _one_line(reason) if isinstance(reason, BaseException) else str(reason)
+        return result
+    result.update(status=status, x_cache=response_headers.get("x-cache"),
+                  cache_status=response_headers.get("cache-status"), bytes=len(body),
+                  seconds=round(time.perf_counter() - began, 4))
+    if status >= 500:
+        result["error"] = f"HTTP {status}"
+    return result
+
+
+def _cmd_warm(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    urls = _warm_urls(args)
+    if not 1 <= args.concurrency <= 256:
+        raise CommandFailed(f"--concurrency {args.concurrency}: expected a number from 1 to 256")
+    if not 0 < args.timeout <= 3600:
+        raise CommandFailed(f"--timeout {args.timeout:g}: expected a number of seconds above 0, at most 3600")
+    headers: dict[str, str] = {}
+    for raw in args.header or ():
+        name, colon, value = raw.partition(":")
+        if not colon or not name.strip() or not set(name.strip().lower()) <= _TOKEN:
+            raise CommandFailed(f"-H {raw!r}: expected a header as 'Name: value'")
+        headers[name.strip()] = value.strip()
+    routes: dict[str, tuple[str | None, str | None]] = {}
+    if args.app:
+        table, _ = app_rule_table(load_app(args.app), args.config)
+        for url in urls:
+            match = table.match(route_path(_request_scope(url, ())), "GET")
+            policy = match.rule.policy if match is not None else None
+            routes[url] = ((match.rule.template, policy.preset or "custom")
+                           if match is not None and policy is not None and policy.cacheable else (None, None))
+    progress = sys.stderr.isatty()
+    results: list[dict[str, Any]] = [{} for _ in urls]
+    done = 0
+    with ThreadPoolExecutor(max_workers=min(args.concurrency, len(urls))) as pool:
+        futures = {pool.submit(_fetch, url, headers, args.timeout): i for i, url in enumerate(urls)}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                done += 1
+                if progress:
+                    _progress(done, len(urls), urls[futures[future]])
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            raise CommandFailed(f"interrupted after {done} of {len(urls)} URLs", 1) from None
+        finally:
+            if progress:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+    for result in results:
+        if args.app:
+            result["route"], result["policy"] = routes[result["url"]]
+    failed = [r for r in results if r["error"] is not None]
+    counts: dict[str, int] = {}
+    for result in results:
+        if result["error"] is None:
+            state = result["x_cache"] or "-"
+            counts[state] = counts.get(state, 0) + 1
+    if len(failed) == len(results) and all(r["status"] is None for r in failed):
+        where = {urlsplit(r["url"]).netloc for r in failed}
+        raise CommandFailed(f"could not reach {', '.join(sorted(where))}: {failed[0]['error']} (is the app "
+                            "running there?)")
+    if args.json:
+        print(json.dumps({"results": results, "summary": {"urls": len(results), "failed": len(failed),
+                                                           "x_cache": counts}}, indent=2))
+    else:
+        for result in results:
+            state = result["x_cache"] or "-"
+            took = f"{result['seconds'] * 1000:.0f}ms" if result["seconds"] is not None else "-"
+            note = f"  ({result['error']})" if result["error"] else ""
+            if args.app and result["route"] is None:
+                note += "  (no cache policy: nothing to warm)"
+            print(f"{state:<7} {result['status'] or '-':>3}  {took:>7}  {result['url']}{note}")
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        print(f"\nwarmed {len(results) - len(failed)} of {len(results)} URLs ({summary or 'none answered'})"
+              + (f"; {len(failed)} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _progress(done: int, total: int, url: str) -> None:
+    width = 30
+    filled = width * done // total
+    line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {url}"
+    sys.stderr.write(line[:120] + "\x1b[K")
+    sys.stderr.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,6 +57,7 @@ class Settings:
     concurrency: int = 32  # background jobs running at once
     refresh_concurrency: int = 16  # refreshes running at once, in a lane of their own
     grace_period: float = 10.0  # on shutdown, how long queued jobs may take to finish
+    metrics_interval: float = 5.0  # how often each process writes its counters to Redis (0: never)
     presets: Mapping[str, Policy] = field(default_factory=lambda: dict(PRESETS))
     rules: tuple[FileRule, ...] = ()
     source: str | None = None  # the file these came from
@@ -64,6 +65,7 @@ class Settings:
 
 # Bounded durations and counts: (lowest, highest) allowed.
 _DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "lock_timeout": (0.0, 300.0), "grace_period": (0.0, 3600.0)}
+_OPTIONAL_DURATION_SETTINGS = {"metrics_interval": (0.0, 3600.0)}  # 0 switches it off
 _COUNT_SETTINGS = {
     "memory_max_bytes": (1024, 2**40),
     "l1_max_bytes": (1024, 2**40),
@@ -73,7 +75,8 @@ _COUNT_SETTINGS = {
 }
 _URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
                 "rediss+sentinel://")
-_SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_COUNT_SETTINGS}
+_SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_OPTIONAL_DURATION_SETTINGS,
+                 *_COUNT_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
 
 
@@ -154,6 +157,15 @@ def _setting(key: str, raw: object, where: str) -> object:
             raise bad('a duration such as "50ms", "5s" or a number of seconds') from None
         if not low < seconds <= high:
             raise bad(f"a duration above {low:g} and at most {high:g} seconds")
+        return seconds
+    if key in _OPTIONAL_DURATION_SETTINGS:
+        low, high = _OPTIONAL_DURATION_SETTINGS[key]
+        try:
+            seconds = parse_duration(raw)
+        except ValueError:
+            raise bad('a duration such as "5s", or 0 for never') from None
+        if not low <= seconds <= high:
+            raise bad(f"a duration from {low:g} to {high:g} seconds")
         return seconds
     if key in _COUNT_SETTINGS:
         low_count, high_count = _COUNT_SETTINGS[key]

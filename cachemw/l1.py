@@ -39,6 +39,7 @@ class L1:
         self._epoch = 0
         self.bytes_used = 0
         self.hits = 0
+        self.misses = 0
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -48,6 +49,7 @@ class L1:
         """The entry if it may answer as if it came from the shared store now."""
         slot = self._slots.get(key)
         if slot is None or slot.epoch != self._epoch or slot.primary_until <= self._clock():
+            self.misses += 1
             return None
         self._slots.move_to_end(key)
         self.hits += 1

@@ -42,6 +42,7 @@ from cachemw.keys import (
 )
 from cachemw.l1 import L1
 from cachemw.metrics import Metrics, RouteMetrics
+from cachemw.observe import enable_fleet_metrics, enable_history
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RuleTable, build_rule_table, normalise_template
 from cachemw.store import MemoryStore, Store, StoreError, store_from_url
@@ -206,6 +207,9 @@ class CacheMiddleware:
                                          grace_period=settings.grace_period,
                                          lanes={"refresh": settings.refresh_concurrency})
         self.supervisor.add_service("notifications", self.store.listen)
+        enable_history(self)  # the dashboard's chart: a short ring buffer of per-route counts
+        if settings.metrics_interval and settings.redis_url:
+            enable_fleet_metrics(self, interval=settings.metrics_interval)
         for writes in self.write_behinds:
             try:
                 writes.attach(self.supervisor, redis_url=settings.redis_url, key_prefix=settings.key_prefix)

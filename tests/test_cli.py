@@ -740,3 +740,286 @@ def test_inspect_of_private_entries(redis_url: str, tmp_path: Path, monkeypatch:
     assert data["state"] == "fresh"
     assert data["key"].startswith("custom:e:/me:{")
     assert json.loads(look("custom", "-H", "X-User: alice").stdout)["state"] == "absent"
+
+
+# -- cachemw stats: the fleet's counters from Redis ------------------------------------------------
+
+FLEET_APP = '''
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from cachemw import CacheMiddleware, cache
+
+@cache(ttl="5m", tags=["item:{id}"])
+async def item(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(f"item {request.path_params['id']}")
+
+@cache("realtime")
+async def cart(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("cart")
+
+async def boom(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("down", status_code=503)
+
+async def plain(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("plain")
+
+routes = [Route("/items/{id:int}", item), Route("/cart", cart), Route("/boom", boom), Route("/plain", plain)]
+app = Starlette(routes=routes)
+app.add_middleware(CacheMiddleware, key_prefix="fleetcli")
+'''
+
+
+def _fleet_config(tmp_path: Path) -> Path:
+    config = tmp_path / "cachemw.toml"
+    config.write_text('[cachemw]\nkey_prefix = "fleetcli"\n', encoding="utf-8")
+    return config
+
+
+def _fleet_member(module: Any, redis_url: str) -> Any:
+    from starlette.applications import Starlette
+
+    from cachemw import CacheMiddleware
+    from cachemw.observe import enable_fleet_metrics
+
+    inner = Starlette(routes=module.routes)
+    member = CacheMiddleware(inner, redis_url=redis_url, key_prefix="fleetcli")
+    member.prepare(inner)
+    enable_fleet_metrics(member, interval=0.1)
+    return member
+
+
+@pytest.fixture
+def fleet_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    (tmp_path / "fleet_app_for_cli.py").write_text(FLEET_APP, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return importlib.import_module("fleet_app_for_cli")
+
+
+@pytest.mark.anyio
+async def test_stats_adds_up_two_processes(redis_url: str, tmp_path: Path, fleet_module: Any) -> None:
+    from cachemw.observe import aggregate, read_fleet
+    from tests.asgi import eventually
+
+    config = _fleet_config(tmp_path)
+    first, second = _fleet_member(fleet_module, redis_url), _fleet_member(fleet_module, redis_url)
+    direct = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        async with lifespan(first), client(first) as a, lifespan(second), client(second) as b:
+            assert (await a.get("/items/1")).headers["x-cache"] == "MISS"
+
+            async def filled() -> bool:
+                return bool(first.supervisor.counters_for("fill").done == 1)
+
+            await eventually(filled, what="the fill")
+            for http in (a, b, b):
+                assert (await http.get("/items/1")).headers["x-cache"] == "HIT"
+            assert (await b.get("/cart")).headers["x-cache"] == "BYPASS"
+
+            async def reported() -> bool:
+                return bool(aggregate(await read_fleet(direct, "fleetcli"))["totals"]["requests"] == 5)
+
+            await eventually(reported, what="both reports")
+            result = await anyio.to_thread.run_sync(
+                lambda: run("stats", "--config", str(config), "--redis-url", redis_url, "--json"))
+            assert result.returncode == 0, result.stderr
+            data = json.loads(result.stdout)
+            assert len(data["processes"]) == 2
+            items = next(r for r in data["routes"] if r["route"] == "/items/{id:int}")
+            assert (items["requests"], items["hit"], items["miss"], items["policy"]) == (4, 3, 1, "custom")
+            assert items["hit_ratio"] == 0.75
+            cart = next(r for r in data["routes"] if r["route"] == "/cart")
+            assert (cart["bypass"], cart["policy"]) == (1, "realtime")
+            assert data["totals"]["requests"] == 5
+            assert data["store"]["breaker"] == {"closed": 2}
+            assert data["supervisor"]["kinds"]["fill"]["done"] == 1
+
+            text = await anyio.to_thread.run_sync(
+                lambda: run("stats", "--config", str(config), "--redis-url", redis_url))
+            assert text.returncode == 0, text.stderr
+            [row] = [line for line in text.stdout.splitlines() if line.startswith("/items/{id:int} ")]
+            assert row.split()[1:6] == ["custom", "4", "75.0%", "3", "0"]
+            assert "processes     2 reporting" in text.stdout
+            assert "breaker closed x2" in text.stdout
+            assert "fill 0 queued, 0 running, 1 done, 0 failed, 0 shed" in text.stdout
+    finally:
+        await direct.aclose()
+
+
+def test_stats_with_no_process_reporting(redis_url: str, tmp_path: Path) -> None:
+    config = _fleet_config(tmp_path)
+    result = run("stats", "--config", str(config), "--redis-url", redis_url)
+    assert result.returncode == 1
+    assert_clean_failure(result)
+    assert "no process reports its counters" in result.stderr
+    assert "'fleetcli'" in result.stderr
+    result = run("stats", "--config", str(config), "--redis-url", redis_url, "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["processes"] == []
+
+
+def test_stats_without_or_with_an_unreachable_redis_is_a_clear_error() -> None:
+    result = run("stats")
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert "no redis_url configured" in result.stderr
+    result = run("stats", "--redis-url", "redis://:secret@127.0.0.1:1/0", "--json")
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "read stats failed: the redis store at 127.0.0.1:1 did not answer" in result.stderr
+    assert "secret" not in result.stderr
+    assert result.stdout == ""
+    result = run("stats", "--redis-url", "redis://127.0.0.1:1/0", "--watch", "0")
+    assert result.returncode == 2
+    assert "--watch" in result.stderr
+
+
+def test_stats_watch_repeats_until_interrupted(redis_url: str) -> None:
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEMW_", "PYTHON"))}
+    with subprocess.Popen([str(SCRIPT), "stats", "--redis-url", redis_url, "--watch", "0.1", "--json"],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watch:
+        assert watch.stdout is not None
+        views = [json.loads(watch.stdout.readline()) for _ in range(3)]
+        watch.send_signal(signal.SIGINT)
+        _, stderr = watch.communicate(timeout=30)
+    assert watch.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert all(view["processes"] == [] for view in views)
+    assert views[0]["time"] < views[2]["time"]
+
+
+# -- cachemw warm: fill entries ahead of traffic ---------------------------------------------------
+
+
+@pytest.fixture
+def served_fleet_app(fleet_module: Any, tmp_path: Path, redis_url: str) -> Any:
+    """The app under uvicorn in its own process, storing in the private Redis; yields its base URL."""
+    import time
+    import urllib.request
+
+    from tests.redis_server import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEMW_", "PYTHON"))}
+    env["CACHEMW_REDIS_URL"] = redis_url
+    with subprocess.Popen([sys.executable, "-m", "uvicorn", "fleet_app_for_cli:app", "--port", str(port),
+                           "--log-level", "warning"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True) as server:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/plain", timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None, server.stderr.read() if server.stderr else ""
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.05)
+        try:
+            yield base
+        finally:
+            server.terminate()
+            server.communicate(timeout=30)
+
+
+def warm(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return run("warm", *args, cwd=cwd)
+
+
+def test_warm_fills_entries_then_finds_them(served_fleet_app: str, tmp_path: Path, redis_url: str) -> None:
+    import time
+
+    urls = [served_fleet_app + path for path in ("/items/1", "/items/2", "/items/3")]
+    result = warm(*urls, "--json", "--concurrency", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no progress bar when stderr is not a terminal
+    data = json.loads(result.stdout)
+    assert [r["url"] for r in data["results"]] == urls
+    assert [r["x_cache"] for r in data["results"]] == ["MISS"] * 3
+    assert all(r["status"] == 200 and r["error"] is None and r["bytes"] > 0 for r in data["results"])
+    assert data["summary"] == {"urls": 3, "failed": 0, "x_cache": {"MISS": 3}}
+    with redis.Redis.from_url(redis_url) as direct:
+        deadline = time.monotonic() + 10
+        while len(direct.keys("fleetcli:e:*")) < 3:  # stored after the responses went out
+            assert time.monotonic() < deadline, direct.keys("*")
+            time.sleep(0.02)
+
+    again = warm(*urls, "--app", "fleet_app_for_cli:app", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    lines = again.stdout.splitlines()
+    assert all(line.startswith("HIT     200") for line in lines[:3]), lines
+    assert lines[-1] == "warmed 3 of 3 URLs (3 HIT)"
+
+
+def test_warm_reports_uncached_and_failing_urls(served_fleet_app: str, tmp_path: Path) -> None:
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"# warm these\n{served_fleet_app}/items/7\n\n{served_fleet_app}/plain\n"
+                       f"{served_fleet_app}/boom\n{served_fleet_app}/cart\n", encoding="utf-8")
+    result = warm("--from-file", str(listing), "--app", "fleet_app_for_cli:app", "--json", cwd=tmp_path)
+    assert result.returncode == 1  # one URL failed
+    data = json.loads(result.stdout)
+    by_path = {r["url"].rsplit("/", 1)[-1]: r for r in data["results"]}
+    assert (by_path["7"]["x_cache"], by_path["7"]["route"], by_path["7"]["policy"]) == ("MISS", "/items/{id:int}",
+                                                                                      "custom")
+    assert (by_path["plain"]["x_cache"], by_path["plain"]["route"]) == (None, None)
+    assert (by_path["boom"]["status"], by_path["boom"]["error"]) == (503, "HTTP 503")
+    assert (by_path["cart"]["x_cache"], by_path["cart"]["route"]) == ("BYPASS", None)
+    assert data["summary"]["failed"] == 1
+    text = warm("--from-file", str(listing), "--app", "fleet_app_for_cli:app", cwd=tmp_path)
+    assert "no cache policy: nothing to warm" in text.stdout
+    assert "(HTTP 503)" in text.stdout
+    assert text.stdout.rstrip().endswith("; 1 failed")
+
+
+def test_warm_reads_urls_from_stdin(served_fleet_app: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEMW_", "PYTHON"))}
+    result = subprocess.run([str(SCRIPT), "warm", "--from-file", "-", "--json"], input=served_fleet_app + "/items/9\n",
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["results"][0]["x_cache"] == "MISS"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("http://127.0.0.1:1/items/1",), "could not reach 127.0.0.1:1"),
+        (("/items/1",), "not an absolute http(s) URL"),
+        ((), "no URL to warm"),
+        (("http://127.0.0.1:1/", "--concurrency", "0"), "--concurrency 0"),
+        (("http://127.0.0.1:1/", "-H", "nocolon"), "expected a header as 'Name: value'"),
+        (("--from-file", "/nonexistent/urls.txt"), "--from-file /nonexistent/urls.txt"),
+    ],
+    ids=["unreachable", "relative", "none", "concurrency", "header", "file"],
+)
+def test_warm_usage_and_connection_errors(args: tuple[str, ...], message: str) -> None:
+    result = warm(*args)
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_warm_shows_progress_on_a_terminal(served_fleet_app: str) -> None:
+    import contextlib
+    import pty
+
+    urls = [f"{served_fleet_app}/items/{n}" for n in range(20, 25)]
+    controller, terminal = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEMW_", "PYTHON"))}
+    with subprocess.Popen([str(SCRIPT), "warm", *urls], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=terminal, text=True) as warming:
+        os.close(terminal)
+        stdout, _ = warming.communicate(timeout=60)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the terminal's other side is closed
+        while chunk := os.read(controller, 4096):
+            shown += chunk
+    os.close(controller)
+    assert warming.returncode == 0
+    assert b"] 1/5 " in shown and b"[##############################] 5/5 " in shown
+    assert shown.endswith(b"\r\x1b[K")  # the bar is wiped before the report
+    assert stdout.splitlines()[-1] == "warmed 5 of 5 URLs (5 MISS)"
