@@ -22,7 +22,7 @@ class CircuitBreaker:
                  "base_cooldown",
                  "max_cooldown", "state", "threshold", "transitions")
 
-    def __init__(self, *, threshold: int = 5, cooldown: float = 0.5, max_cooldown: float = 15.0,
+    def __init__(self, *, threshold: int = 5, cooldown: float = 0.5, max_cooldown: float = 5.0,
                  on_transition: Callable[[str, str], None] | None = None) -> None:
         self.threshold = threshold
         self.base_cooldown = cooldown
@@ -49,6 +49,12 @@ class CircuitBreaker:
         self._probing = True
         self._probe_started = now
         return True
+
+    def probe_now(self) -> None:
+        """The store showed a sign of life (a subscription came back): let the next call probe it."""
+        if self.state == OPEN:
+            self._open_until = 0.0
+            self._cooldown = self.base_cooldown
 
     def success(self) -> None:
         self._failures = 0

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -218,6 +219,7 @@ class CacheMiddleware:
         self.l1 = L1(max_bytes=settings.l1_max_bytes)
         self.store.notifications.on_invalidate.append(self.l1.drop_tags)
         self.store.notifications.on_lost.append(self.l1.lost_sync)
+        self.store.notifications.on_connected.append(self._store_reconnected)
         self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1)
         self.supervisor.add_service("access-log", self.access_log.consume)
         self._prefix = settings.key_prefix
@@ -427,21 +429,29 @@ class CacheMiddleware:
             if token is not None:
                 plan.token = token
                 return None
-            if store.listening:
-                if await waiter.wait(self._lock_timeout):
-                    data, _ = await self._get(plan.key)
-                    return self._fresh(data, plan.policy)
-                return None
-            # Not subscribed (no lifespan, or the line is down): nobody will wake us, so look now and then.
+            # Another process holds the lock. Wait to be woken by its fill (or release),
+            # and look again now and then ourselves: an announcement can be lost, and a
+            # holder can vanish without one (its lock then expires, and we take it).
             deadline = time.monotonic() + self._lock_timeout
-            pause = 0.01
-            while time.monotonic() < deadline:
-                await waiter.wait(min(pause, deadline - time.monotonic()))
-                data, failed = await self._get(plan.key)
-                entry = self._fresh(data, plan.policy)
-                if entry is not None or failed:
+            pause = 0.05 if store.listening else 0.01
+            while (left := deadline - time.monotonic()) > 0:
+                woken = await waiter.wait(min(pause, left))
+                again = await self._lock(plan)
+                if again is None:
+                    return None  # the store is failing: the app answers
+                token, current, generations = again
+                plan.generations = generations
+                entry = self._fresh(current, plan.policy)
+                if entry is not None:
+                    self._release(plan.key, token)
                     return entry
-                pause = min(pause * 2, 0.2)
+                if token is not None:
+                    plan.token = token  # the holder gave up or died: this request fills
+                    return None
+                if woken:
+                    waiter.close()
+                    waiter = store.notifications.waiter(plan.key)
+                pause = min(pause * 2, 0.5)
             return None
         finally:
             waiter.close()
@@ -623,15 +633,19 @@ class CacheMiddleware:
         if store is None:
             return None
         if not self._remote:
-            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
+            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys, secrets.token_hex(8))
         breaker = self._breaker(plan.key)
         if not breaker.allow(time.monotonic()):
             return None
+        token = secrets.token_hex(8)
         try:
             with anyio.fail_after(self._budget):
-                result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys)
+                result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys, token)
         except (StoreError, TimeoutError):
             self._store_failed(breaker)
+            # Redis may have taken the lock after we stopped waiting: release it (if it is
+            # ours) rather than leave others waiting for a fill that never comes.
+            self._release(plan.key, token)
             return None
         breaker.success()
         return result
@@ -651,6 +665,10 @@ class CacheMiddleware:
         self.store_errors += 1
         self.metrics.store_errors += 1
         breaker.failure(time.monotonic())
+
+    def _store_reconnected(self) -> None:
+        for breaker in (self.breaker, *self.node_breakers.values()):
+            breaker.probe_now()
 
     def _breaker_moved(self, previous: str, state: str) -> None:
         self.supervisor.submit("log", _log_breaker, previous, state, self.store_errors)
@@ -713,8 +731,6 @@ class CacheMiddleware:
         store = self.store
         if store is None:
             return
-        if self._remote and self._breaker(key).state == "open":
-            return  # the lock expires by itself
         try:
             await store.unlock(key, token)
         except StoreError:

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -82,16 +83,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
-from urllib.parse import urlsplit
 
 import anyio
 from anyio.abc import TaskStatus
-from redis.asyncio import ConnectionPool, Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from cachemw.background import Supervisor
 from cachemw.store.base import StoreError
-from cachemw.store.redis import RedisStore
+from cachemw.store.redis import _Gate, close_client, redis_clients
 
 __all__ = [
     "DeadLetter",
@@ -112,8 +112,9 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _MAX_KEY_LENGTH = 1024
 _MAX_BLOCK = 5.0  # longest blocking read; the flusher wakes at least this often
 _CHUNK = 500  # ids per script call: Lua's unpack() has a stack limit
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
-_SCHEMES = ("redis", "rediss", "unix")  # Cluster and Sentinel: not yet
+# RedisClusterException is no RedisError: the cluster client raises it when no node answers.
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+_MAX_CONNECTIONS = 256  # per server or cluster node, for put/get/status
 
 
 # -- public values ------------------------------------------------------------------------------
@@ -353,23 +354,56 @@ end
 return removed
 """
 
+# One consistent snapshot from the stream's own node: on a cluster, a TIME sent on its
+# own would go to some other node (and its clock).
+_STATUS = """
+local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+if groups['err'] then groups = {} end
+return {redis.call('TIME'), redis.call('XLEN', KEYS[1]), redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1),
+        redis.call('XLEN', KEYS[2]), redis.call('HGETALL', KEYS[3]), groups}
+"""
+
 # Stream replies are parsed here, not by redis-py, whose parsers differ between
 # versions and fail on entries deleted while pending.
-_RAW_COMMANDS = ("XREADGROUP", "XAUTOCLAIM", "XRANGE", "XREVRANGE", "XPENDING", "XCLAIM", "XINFO GROUPS",
-                 "XINFO CONSUMERS", "HGETALL", "TIME")
+_RAW_COMMANDS = ("XREADGROUP", "XAUTOCLAIM", "XRANGE", "XREVRANGE", "XPENDING", "XCLAIM")
 
 
 def _raw(response: Any, **options: Any) -> Any:
     return response
 
 
-def _raw_replies(client: Redis) -> None:
+def _raw_replies(client: Redis | RedisCluster) -> None:
     for command in _RAW_COMMANDS:
         client.set_response_callback(command, _raw)
 
 
-async def _command(client: Redis, *args: Any) -> Any:
-    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+async def _command(client: Redis | RedisCluster, *args: Any, **options: Any) -> Any:
+    return await client.execute_command(*args, **options)
+
+
+class _Script:
+    """A Lua script run by its SHA1, and sent whole when the server does not know it yet.
+
+    Not redis-py's ``Script``: on a cluster that loads a missing script with SCRIPT
+    LOAD on every primary, so one primary down would fail the scripts of all the
+    others; EVAL loads it on the one node that runs it.
+    """
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    async def __call__(self, client: Redis | RedisCluster, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await _command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await _command(client, "EVAL", self.text, len(keys), *keys, *args)
+
+
+_PUT_SCRIPT, _ACK_SCRIPT, _DEAD_SCRIPT, _REQUEUE_SCRIPT, _PRUNE_SCRIPT, _STATUS_SCRIPT = (
+    _Script(text) for text in (_PUT, _ACK, _DEAD, _REQUEUE, _PRUNE, _STATUS))
 
 
 @contextlib.contextmanager
@@ -377,7 +411,15 @@ def _store_errors(what: str) -> Iterator[None]:
     try:
         yield
     except _DRIVER_ERRORS as exc:
-        raise StoreError(f"write-behind {what} failed: {exc!r}") from exc
+        # str(), not repr(): redis-py's repr of a server's error is just "server:ResponseError".
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
+        raise StoreError(f"write-behind {what} failed: {detail}") from exc
+
+
+def _group_lost(error: StoreError) -> bool:
+    """Redis lost the consumer group with its data (restarted without AOF, failed over to a lagging replica)."""
+    cause = error.__cause__
+    return isinstance(cause, ResponseError) and str(cause).startswith("NOGROUP")
 
 
 class _Keys:
@@ -397,57 +439,62 @@ class _Keys:
 
 
 class _RedisBackend:
+    """One server, a Sentinel's master or a Redis Cluster, with the clients ``RedisStore`` would use.
+
+    Every key of a write-behind carries its ``{name}`` hash tag, so on a cluster each
+    command and script below touches one slot, on the node that owns the stream.
+    """
+
     kind = "redis"
 
     def __init__(self, url: str, keys: _Keys, consumer: str, timeout: float) -> None:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in _SCHEMES:
-            # The flusher's blocking client is built from a single server's pool (see _flusher).
-            raise ValueError(f"write-behind supports {', '.join(s + '://' for s in _SCHEMES)} Redis URLs, not "
-                             f"{scheme or '(none)'}://. HINT: give the WriteBehind its own redis_url= on one server.")
-        self._store = RedisStore.from_url(url, timeout=timeout)
-        self._client = self._store.client  # put, get, status: bounded by ``timeout``
+        self._clients = redis_clients(url, timeout=timeout)
+        self._client: Redis | RedisCluster = self._clients.client  # put, get, status: bounded by ``timeout``
         _raw_replies(self._client)
+        # redis-py's cluster client raises at once when a node's pool is full: wait for a
+        # connection instead (within the caller's budget), as the single-server pool does.
+        self._gate: Any = _Gate(_MAX_CONNECTIONS) if self._clients.cluster else contextlib.nullcontext()
         self._keys = keys
         self._consumer = consumer
-        self._put = self._client.register_script(_PUT)
-        self._ack = self._client.register_script(_ACK)
-        self._dead = self._client.register_script(_DEAD)
-        self._requeue = self._client.register_script(_REQUEUE)
-        self._prune = self._client.register_script(_PRUNE)
-        self._flusher_client: Redis | None = None
+        self._flusher_client: Redis | RedisCluster | None = None
         self._cursor = "0-0"
 
-    def _flusher(self) -> Redis:
+    async def _ready(self, client: Redis | RedisCluster) -> Redis | RedisCluster:
+        """``client``, knowing the cluster's slot map: a first command must not wander to another node."""
+        if isinstance(client, RedisCluster):
+            await client.initialize()  # at once when known; again after a node failed
+        return client
+
+    async def _flusher(self) -> Redis | RedisCluster:
         """The flusher's own client: a blocking read outlasts the request path's socket timeout."""
         if self._flusher_client is None:
-            pool = self._client.connection_pool
-            kwargs = dict(pool.connection_kwargs)
-            kwargs.update(socket_timeout=_MAX_BLOCK + 10, socket_keepalive=True)
-            client = Redis(connection_pool=ConnectionPool(connection_class=pool.connection_class,
-                                                          max_connections=8, **kwargs))
+            client = self._clients.blocking_client(_MAX_BLOCK + 10)
             _raw_replies(client)
             self._flusher_client = client
-        return self._flusher_client
+        return await self._ready(self._flusher_client)
 
     async def put(self, key: str, data: bytes, if_version: int | None) -> tuple[bool, int]:
         keys = self._keys
         with _store_errors("put"):
-            reply = await self._put(keys=[keys.value(key), keys.stream, keys.counter],
-                                    args=[key, data, "" if if_version is None else if_version])
+            async with self._gate:
+                reply = await _PUT_SCRIPT(await self._ready(self._client),
+                                          [keys.value(key), keys.stream, keys.counter],
+                                          [key, data, "" if if_version is None else if_version])
         return bool(reply[0]), int(reply[1])
 
     async def get(self, key: str) -> tuple[bytes | None, int]:
         with _store_errors("get"):
-            version, data = await self._client.hmget(self._keys.value(key), ["version", "value"])
+            async with self._gate:
+                client = await self._ready(self._client)
+                version, data = await client.hmget(self._keys.value(key), ["version", "value"])
         return cast("bytes | None", data), int(version or 0)
 
     async def join(self) -> None:
         with _store_errors("creating the consumer group"):
             try:
                 # From the start of the stream: writes put before any flusher ever ran count too.
-                await _command(self._flusher(), "XGROUP", "CREATE", self._keys.stream, _GROUP, "0",
-                                                      "MKSTREAM")
+                await _command(await self._flusher(), "XGROUP", "CREATE", self._keys.stream, _GROUP, "0",
+                               "MKSTREAM")
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -458,8 +505,8 @@ class _RedisBackend:
         XPENDING and XRANGE, not a history read: those would count as deliveries,
         and many deliveries mark an entry as one its flushers keep dying with.
         """
-        client = self._flusher()
         with _store_errors("reading pending writes"):
+            client = await self._flusher()
             pending = await _command(client, "XPENDING", self._keys.stream, _GROUP, "-", "+", count, self._consumer)
             if not pending:
                 return []
@@ -481,15 +528,21 @@ class _RedisBackend:
             args += ["BLOCK", max(1, math.ceil(block * 1000))]
         args += ["STREAMS", self._keys.stream, ">"]
         with _store_errors("read"):
-            reply = await _command(self._flusher(), *args)
+            client = await self._flusher()
+            options: dict[str, Any] = {}
+            if isinstance(client, RedisCluster):
+                # Straight to the stream's node: XREADGROUP's keys are "movable", and redis-py
+                # would ask another node (COMMAND GETKEYS, twice) where they are first.
+                options["target_nodes"] = client.get_node_from_key(self._keys.stream)
+            reply = await _command(client, *args, **options)
         if not reply:
             return []
         return [entry for entry in map(_entry, reply[0][1]) if entry is not None]
 
     async def claim(self, count: int, min_idle: float) -> list[_Entry]:
-        client = self._flusher()
         claimed: list[_Entry] = []
         with _store_errors("claim"):
+            client = await self._flusher()
             while len(claimed) < count:
                 reply = await _command(client,
                     "XAUTOCLAIM", self._keys.stream, _GROUP, self._consumer, max(1, math.ceil(min_idle * 1000)),
@@ -502,69 +555,61 @@ class _RedisBackend:
                 # How often each was delivered: an entry whose flushers keep dying with it is poison too.
                 ids = sorted(claimed, key=lambda e: tuple(int(p) for p in e.id.split("-")))
                 pending = await _command(client, "XPENDING", self._keys.stream, _GROUP, ids[0].id,
-                                                       ids[-1].id, len(claimed) * 2, self._consumer)
+                                         ids[-1].id, len(claimed) * 2, self._consumer)
                 deliveries = {_text(row[0]): int(row[3]) for row in pending}
                 for entry in claimed:
                     entry.deliveries = deliveries.get(entry.id, 2)
-            await self._prune(keys=[self._keys.stream], args=[_GROUP, self._consumer, 24 * 3600 * 1000],
-                              client=client)
+            await _PRUNE_SCRIPT(client, [self._keys.stream], [_GROUP, self._consumer, 24 * 3600 * 1000])
         return claimed
 
     async def keepalive(self, ids: Sequence[str]) -> None:
         """Reset the idle time of held entries, so a live flusher's work is not claimed by another."""
-        client = self._flusher()
         with _store_errors("keepalive"):
+            client = await self._flusher()
             for start in range(0, len(ids), _CHUNK):
                 await _command(client, "XCLAIM", self._keys.stream, _GROUP, self._consumer, 0,
-                                             *ids[start:start + _CHUNK], "JUSTID")
+                               *ids[start:start + _CHUNK], "JUSTID")
 
     async def ack(self, entries: Sequence[_Entry], winners: Sequence[_Entry], retain: float | None) -> None:
         keys = self._keys
         retain_ms = 0 if retain is None else max(1, math.ceil(retain * 1000))
         winner_ids = {id(w) for w in winners}
-        client = self._flusher()
         with _store_errors("acknowledge"):
+            client = await self._flusher()
             for start in range(0, len(entries), _CHUNK):
                 chunk = entries[start:start + _CHUNK]
                 kept = [e for e in chunk if id(e) in winner_ids] if retain_ms else []
-                await self._ack(keys=[keys.stream, keys.stats, *(keys.value(e.key) for e in kept)],
-                                args=[_GROUP, retain_ms, len(chunk), *(e.id for e in chunk),
-                                      *(e.version for e in kept)],
-                                client=client)
+                await _ACK_SCRIPT(client, [keys.stream, keys.stats, *(keys.value(e.key) for e in kept)],
+                                  [_GROUP, retain_ms, len(chunk), *(e.id for e in chunk), *(e.version for e in kept)])
 
     async def dead_letter(self, winner: _Entry, others: Sequence[_Entry], error: str, attempts: int) -> None:
         keys = self._keys
         with _store_errors("dead-letter"):
-            await self._dead(keys=[keys.stream, keys.dead, keys.stats],
-                             args=[_GROUP, winner.key, winner.version, winner.data, error, attempts, winner.id,
-                                   *(e.id for e in others)],
-                             client=self._flusher())
+            await _DEAD_SCRIPT(await self._flusher(), [keys.stream, keys.dead, keys.stats],
+                               [_GROUP, winner.key, winner.version, winner.data, error, attempts, winner.id,
+                                *(e.id for e in others)])
 
     async def count(self, **fields: int) -> None:
+        counts = {name: n for name, n in fields.items() if n}
+        if not counts:
+            return
         with _store_errors("count"):
-            async with self._flusher().pipeline(transaction=False) as pipe:
-                for name, n in fields.items():
-                    if n:
-                        pipe.hincrby(self._keys.stats, name, n)
+            async with (await self._flusher()).pipeline(transaction=False) as pipe:
+                for name, n in counts.items():
+                    pipe.hincrby(self._keys.stats, name, n)
                 await pipe.execute()
 
     async def status(self, name: str) -> WriteBehindStatus:
         keys = self._keys
         with _store_errors("status"):
-            async with self._client.pipeline(transaction=False) as pipe:
-                for command in (("TIME",), ("XLEN", keys.stream), ("XRANGE", keys.stream, "-", "+", "COUNT", 1),
-                                ("XLEN", keys.dead), ("HGETALL", keys.stats), ("XINFO GROUPS", keys.stream)):
-                    pipe.execute_command(*command)
-                now, backlog, first, dead, stats, groups = await pipe.execute(raise_on_error=False)
-        for reply in (now, backlog, first, dead, stats):
-            if isinstance(reply, Exception):
-                raise StoreError(f"write-behind status failed: {reply!r}")
+            async with self._gate:
+                reply = await _STATUS_SCRIPT(await self._ready(self._client), [keys.stream, keys.dead, keys.stats], [])
+        now, backlog, first, dead, stats, groups = reply
         pending = flushers = 0
-        if not isinstance(groups, Exception):  # no stream yet: nothing was ever put
-            for group in groups:
-                info = _fields(group) or {}
-                if _text(info.get("name", b"")) == _GROUP:
-                    pending, flushers = int(info.get("pending", 0)), int(info.get("consumers", 0))
+        for group in groups:  # none without a stream: nothing was ever put
+            info = _fields(group) or {}
+            if _text(info.get("name", b"")) == _GROUP:
+                pending, flushers = int(info.get("pending", 0)), int(info.get("consumers", 0))
         server_now = int(now[0]) + int(now[1]) / 1_000_000
         lag = max(0.0, server_now - _stream_time(_text(first[0][0]))) if first else 0.0
         counts = {_text(k): int(v) for k, v in (_fields(stats) or {}).items()}
@@ -574,7 +619,8 @@ class _RedisBackend:
 
     async def dead_letters(self, limit: int) -> list[DeadLetter]:
         with _store_errors("reading dead letters"):
-            reply = await _command(self._client, "XRANGE", self._keys.dead, "-", "+", "COUNT", limit)
+            reply = await _command(await self._ready(self._client), "XRANGE", self._keys.dead, "-", "+", "COUNT",
+                                   limit)
         letters = []
         for raw in reply:
             fields = _fields(raw[1]) or {}
@@ -590,25 +636,25 @@ class _RedisBackend:
         keys = self._keys
         moved = 0
         with _store_errors("retrying dead letters"):
+            client = await self._ready(self._client)
             if ids is None:
                 while True:
-                    batch = await _command(self._client, "XRANGE", keys.dead, "-", "+", "COUNT", 100)
+                    batch = await _command(client, "XRANGE", keys.dead, "-", "+", "COUNT", 100)
                     if not batch:
                         break
                     for raw in batch:
-                        moved += int(await self._requeue(keys=[keys.dead, keys.stream, keys.stats],
-                                                         args=[_text(raw[0])]))
+                        moved += int(await _REQUEUE_SCRIPT(client, [keys.dead, keys.stream, keys.stats],
+                                                           [_text(raw[0])]))
             else:
                 for letter_id in ids:
-                    moved += int(await self._requeue(keys=[keys.dead, keys.stream, keys.stats], args=[letter_id]))
+                    moved += int(await _REQUEUE_SCRIPT(client, [keys.dead, keys.stream, keys.stats], [letter_id]))
         return moved
 
     async def leave(self) -> int:
         """Remove this consumer from the group if it holds nothing; returns what it still holds."""
-        client = self._flusher()
         with _store_errors("leave"):
-            pending = await _command(client, "XPENDING", self._keys.stream, _GROUP, "-", "+", 1,
-                                                   self._consumer)
+            client = await self._flusher()
+            pending = await _command(client, "XPENDING", self._keys.stream, _GROUP, "-", "+", 1, self._consumer)
             if not pending:
                 await _command(client, "XGROUP", "DELCONSUMER", self._keys.stream, _GROUP, self._consumer)
                 return 0
@@ -616,13 +662,12 @@ class _RedisBackend:
         return sum(int(n) for name, n in (summary[3] or []) if _text(name) == self._consumer)
 
     async def aclose(self) -> None:
-        clients = [self._flusher_client] if self._flusher_client is not None else []
-        self._flusher_client = None
-        for client in clients:
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await client.aclose(close_connection_pool=True)
-        with contextlib.suppress(StoreError):
-            await self._store.aclose()
+        client, self._flusher_client = self._flusher_client, None
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            if client is not None:
+                await close_client(client)
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            await self._clients.aclose()
 
 
 class _MemoryBackend:
@@ -828,6 +873,12 @@ class _Flusher(Generic[V]):
                     # Redis is down or slow: everything held stays held, the stream keeps the rest.
                     logger.warning("cachemw: write-behind %s: %s; trying again in %.2fs", owner.name, exc, backoff)
                     lost = True
+                    if _group_lost(exc):
+                        # What Redis still has (and puts since) would wait for ever: read it from the start.
+                        with contextlib.suppress(StoreError):
+                            await self.backend.join()
+                            logger.warning("cachemw: write-behind %s: Redis lost the consumer group, and with it "
+                                           "any writes it did not keep; made it again", owner.name)
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, owner.max_backoff)
 

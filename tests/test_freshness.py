@@ -348,3 +348,30 @@ async def test_without_a_lifespan_a_waiter_on_another_instance_picks_up_the_fill
         for store in stores:
             await store.aclose()
     assert origin.calls == 1 and bodies == [{"version": 1}] * 2
+
+
+async def test_a_lock_released_without_a_word_is_taken_over_at_once(origin: Origin, redis_url: str) -> None:
+    """No announcement comes (the holder gave up, or it was lost): the waiter looks again by itself."""
+    store = SpyStore(RedisStore.from_url(redis_url, timeout=1.0))
+    app = make_app(origin, store, lock_timeout=30)
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        async with lifespan(app), client(app) as http:
+            await http.get("/item")
+            await eventually(lambda: filled(store), what="first fill")
+            key = store.keys_set[-1]
+            await raw.delete(key)
+            await raw.set(key + ":lock", "vanished-owner", px=60_000)
+            responses: list[httpx.Response] = []
+            with anyio.fail_after(5):  # far below the 30 s lock timeout
+                async with anyio.create_task_group() as tg:
+                    async def one() -> None:
+                        responses.append(await http.get("/item"))
+
+                    tg.start_soon(one)
+                    await anyio.wait_all_tasks_blocked()
+                    await raw.delete(key + ":lock")  # released, but nobody says so
+    finally:
+        await raw.aclose()
+        await store.aclose()
+    assert responses[0].status_code == 200 and responses[0].json() == {"version": 2}

@@ -63,6 +63,7 @@ class Notifications:
         self.waiters: dict[str, set[anyio.Event]] = {}
         self.on_invalidate: list[Callable[[Sequence[str]], None]] = []
         self.on_lost: list[Callable[[], None]] = []
+        self.on_connected: list[Callable[[], None]] = []
 
     def waiter(self, key: str) -> FillWaiter:
         return FillWaiter(self.waiters, key)
@@ -76,6 +77,10 @@ class Notifications:
 
     def lost(self) -> None:
         for callback in self.on_lost:
+            callback()
+
+    def connected(self) -> None:
+        for callback in self.on_connected:
             callback()
 
 
@@ -92,7 +97,8 @@ class Store(Protocol):
 
     notifications: Notifications
 
-    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str]) -> LockResult:
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None
+                   ) -> LockResult:
         """Try to take ``key``'s fill lock for ``ttl`` seconds; also read the key and the generations."""
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],

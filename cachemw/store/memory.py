@@ -125,14 +125,15 @@ class MemoryStore:
                 existed += 1
         return existed
 
-    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str]) -> LockResult:
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None
+                   ) -> LockResult:
         value = await self.get(key)
         generations = tuple(self._generations.get(g, 0) for g in generation_keys)
         held = self._locks.get(key)
         now = self._clock()
         if held is not None and held[1] > now:
             return None, value, generations
-        token = secrets.token_hex(8)
+        token = token or secrets.token_hex(8)
         self._locks[key] = (token, now + ttl)
         return token, value, generations
 

@@ -47,7 +47,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from cachemw.store.base import LockResult, Notifications, StoreError
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisClients", "RedisStore", "close_client", "redis_clients"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,125 @@ def _millis(seconds: float) -> int:
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
 
 
+class RedisClients:
+    """The clients ``RedisStore.from_url`` builds for a URL, for the parts of cachemw that talk to Redis directly.
+
+    - ``client``: the request path's client (Redis or RedisCluster) with the time
+      budget and pool settings described above;
+    - ``blocking_client(socket_timeout)``: a new client on the same server, cluster or
+      Sentinel master whose reads may wait ``socket_timeout`` seconds (None: for ever),
+      for subscriptions and blocking reads; its caller closes it (``close_client``);
+    - ``aclose()``: closes ``client`` and what else was opened for it (the
+      connections that ask the sentinels).
+    """
+
+    __slots__ = ("also_close", "blocking_client", "client", "cluster")
+
+    def __init__(self, client: Redis | RedisCluster, blocking_client: Callable[[float | None], Redis | RedisCluster],
+                 also_close: Sequence[Any] = ()) -> None:
+        self.client = client
+        self.blocking_client = blocking_client
+        self.also_close = list(also_close)
+        self.cluster = isinstance(client, RedisCluster)
+
+    async def aclose(self) -> None:
+        """Close ``client`` and the sentinel connections; raises the driver's errors."""
+        await close_client(self.client)
+        for other in self.also_close:
+            await close_client(other)
+
+
+def redis_clients(url: str, *, timeout: float, max_connections: int = 256) -> RedisClients:
+    """What ``RedisStore.from_url(url, timeout=..., max_connections=...)`` connects with (see there for URLs)."""
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in CLUSTER_SCHEMES:
+        return _cluster_clients(url, timeout, max_connections)
+    if scheme in SENTINEL_SCHEMES:
+        return _sentinel_clients(url, timeout, max_connections)
+    kwargs: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": timeout,  # longest wait for a free pooled connection
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "retry_on_timeout": False,
+        "health_check_interval": 0,  # no extra PING round trips
+        # redis-py 8 speaks RESP3 by default and then turns on "maintenance
+        # notifications" (a Redis Enterprise feature), which also switches off the
+        # pool's check that a pooled connection is neither closed by the server nor
+        # holding unread data: a connection the server dropped while idle would fail
+        # the next command. RESP2 is all GET/SET/DEL need, and works on every server.
+        "protocol": 2,
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+    }
+    kwargs.update(parse_url(url))  # raises ValueError for unknown schemes
+    # Values are opaque bytes, whatever the URL says.
+    kwargs["decode_responses"] = False
+    client = Redis(connection_pool=BlockingConnectionPool(**kwargs))
+    return RedisClients(client, lambda socket_timeout: _blocking_twin(client, socket_timeout))
+
+
+def _blocking_twin(client: Redis, socket_timeout: float | None) -> Redis:
+    """A client on ``client``'s server with its own unbounded pool and another socket timeout."""
+    kwargs = dict(client.connection_pool.connection_kwargs)
+    kwargs.update(socket_timeout=socket_timeout, socket_keepalive=True)
+    pool = ConnectionPool(connection_class=client.connection_pool.connection_class, **kwargs)
+    return Redis(connection_pool=pool)
+
+
+def _cluster_clients(url: str, timeout: float, max_connections: int) -> RedisClients:
+    parts = urlsplit(url)
+    nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, url)]
+
+    def client(socket_timeout: float | None) -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=nodes,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            ssl=parts.scheme.lower().startswith("rediss"),
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=timeout,
+            max_connections=max_connections,
+            # A node down must fail only its own slots: the others keep answering.
+            require_full_coverage=False,
+            # MOVED/ASK during resharding: refresh the slot map and retry, within our budget.
+            retry=Retry(NoBackoff(), 2),
+            protocol=2,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        )
+
+    return RedisClients(client(timeout), client)
+
+
+def _sentinel_clients(url: str, timeout: float, max_connections: int) -> RedisClients:
+    parts = urlsplit(url)
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not path:
+        raise ValueError("a redis+sentinel:// URL names the service: redis+sentinel://host:port/SERVICE[/DB]")
+    service = unquote(path[0])
+    db = int(path[1]) if len(path) > 1 else 0
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        _hosts(parts.netloc, url), socket_timeout=timeout, socket_connect_timeout=timeout,
+                        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout})
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+
+    def client(socket_timeout: float | None) -> Redis:
+        master: Redis = sentinel.master_for(
+            service, db=db, socket_timeout=socket_timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0), max_connections=max_connections, protocol=2,
+            ssl=parts.scheme.lower().startswith("rediss"), username=username, password=password,
+        )
+        return master
+
+    # also_close: the connections that ask the sentinels.
+    return RedisClients(client(timeout), client, also_close=sentinel.sentinels)
+
+
 class RedisStore:
     """Store on one Redis server (cluster support comes later).
 
@@ -172,94 +291,16 @@ class RedisStore:
         reachable seed nodes); ``redis+sentinel://h1:p1,h2:p2/SERVICE[/DB]`` for the
         master a Sentinel group names. ``rediss+cluster``/``rediss+sentinel`` for TLS.
         """
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
-        scheme = urlsplit(url).scheme.lower()
-        if scheme in CLUSTER_SCHEMES:
-            return cls._cluster(url, timeout, max_connections)
-        if scheme in SENTINEL_SCHEMES:
-            return cls._sentinel(url, timeout, max_connections)
-        kwargs: dict[str, Any] = {
-            "max_connections": max_connections,
-            "timeout": timeout,  # longest wait for a free pooled connection
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "retry_on_timeout": False,
-            "health_check_interval": 0,  # no extra PING round trips
-            # redis-py 8 speaks RESP3 by default and then turns on "maintenance
-            # notifications" (a Redis Enterprise feature), which also switches off the
-            # pool's check that a pooled connection is neither closed by the server nor
-            # holding unread data: a connection the server dropped while idle would fail
-            # the next command. RESP2 is all GET/SET/DEL need, and works on every server.
-            "protocol": 2,
-            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
-        }
-        kwargs.update(parse_url(url))  # raises ValueError for unknown schemes
-        # Values are opaque bytes, whatever the URL says.
-        kwargs["decode_responses"] = False
-        pool = BlockingConnectionPool(**kwargs)
-        return cls(Redis(connection_pool=pool))
-
-    @classmethod
-    def _cluster(cls, url: str, timeout: float, max_connections: int) -> RedisStore:
-        parts = urlsplit(url)
-        nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, url)]
-
-        def client(socket_timeout: float | None) -> RedisCluster:
-            return RedisCluster(
-                startup_nodes=nodes,
-                username=unquote(parts.username) if parts.username else None,
-                password=unquote(parts.password) if parts.password else None,
-                ssl=parts.scheme.lower().startswith("rediss"),
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=timeout,
-                max_connections=max_connections,
-                # A node down must fail only its own slots: the others keep answering.
-                require_full_coverage=False,
-                # MOVED/ASK during resharding: refresh the slot map and retry, within our budget.
-                retry=Retry(NoBackoff(), 2),
-                protocol=2,
-                maint_notifications_config=MaintNotificationsConfig(enabled=False),
-            )
-
-        return cls(client(timeout), listener_client=lambda: client(None), max_connections=max_connections)
-
-    @classmethod
-    def _sentinel(cls, url: str, timeout: float, max_connections: int) -> RedisStore:
-        parts = urlsplit(url)
-        path = [segment for segment in parts.path.split("/") if segment]
-        if not path:
-            raise ValueError("a redis+sentinel:// URL names the service: redis+sentinel://host:port/SERVICE[/DB]")
-        service = unquote(path[0])
-        db = int(path[1]) if len(path) > 1 else 0
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            _hosts(parts.netloc, url), socket_timeout=timeout, socket_connect_timeout=timeout,
-                            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout})
-        username = unquote(parts.username) if parts.username else None
-        password = unquote(parts.password) if parts.password else None
-
-        def client(socket_timeout: float | None) -> Redis:
-            master: Redis = sentinel.master_for(
-                service, db=db, socket_timeout=socket_timeout, socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0), max_connections=max_connections, protocol=2,
-                ssl=parts.scheme.lower().startswith("rediss"), username=username, password=password,
-            )
-            return master
-
-        store = cls(client(timeout), listener_client=lambda: client(None))
-        store._also_close = list(sentinel.sentinels)  # the connections that ask the sentinels
+        clients = redis_clients(url, timeout=timeout, max_connections=max_connections)
+        store = cls(clients.client, listener_client=lambda: clients.blocking_client(None),
+                    max_connections=max_connections)
+        store._also_close = list(clients.also_close)
         return store
 
     def _default_listener_client(self) -> Redis:
         # A subscriber blocks reading for as long as nothing is published: it needs its
         # own connection without the request path's short socket timeout.
-        kwargs = dict(self._client.connection_pool.connection_kwargs)
-        kwargs.update(socket_timeout=None, socket_keepalive=True)
-        pool = ConnectionPool(connection_class=self._client.connection_pool.connection_class, **kwargs)
-        return Redis(connection_pool=pool)
+        return _blocking_twin(self._client, None)
 
     def _gated(self) -> Any:
         return self._gate if self._gate is not None else contextlib.nullcontext()
@@ -320,8 +361,9 @@ class RedisStore:
                 dropped += sum(int(n) for n in await pipe.execute())
         return dropped
 
-    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str]) -> LockResult:
-        token = secrets.token_hex(8)
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None
+                   ) -> LockResult:
+        token = token or secrets.token_hex(8)
         try:
             async with self._gated(), self._client.pipeline(transaction=False) as pipe:
                 # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
@@ -428,6 +470,7 @@ class RedisStore:
                         await client.initialize()  # the slot map picks the node to subscribe on
                     await pubsub.subscribe(self.channel, self.invalidation_channel)
                     self._listening = True
+                    self.notifications.connected()
                     backoff = 0.05
                     if not started:
                         started = True
@@ -455,7 +498,7 @@ class RedisStore:
                 backoff = min(backoff * 2, 2.0)
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
-                await _close_client(client)
+                await close_client(client)
 
     def _invalidated(self, data: str) -> None:
         try:
@@ -467,14 +510,15 @@ class RedisStore:
 
     async def aclose(self) -> None:
         try:
-            await _close_client(self._client)
+            await close_client(self._client)
             for other in self._also_close:
-                await _close_client(other)
+                await close_client(other)
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
 
 
-async def _close_client(client: Any) -> None:
+async def close_client(client: Any) -> None:
+    """Close a Redis or RedisCluster client and its connections."""
     if isinstance(client, RedisCluster):
         await client.aclose()
     else:
