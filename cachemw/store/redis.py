@@ -77,6 +77,37 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 return 1
 """
+# On one server a miss's lock attempt and a fill are one script each: one command for the
+# client to encode and parse instead of up to a dozen (most of a miss's store cost is
+# redis-py's, not Redis's). On a cluster the keys span slots, so the pipelines below run.
+_LOCK_ALL_SCRIPT = """
+local value = redis.call('GET', KEYS[1])
+local taken = 0
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then taken = 1 end
+local generations = {}
+for i = 3, #KEYS do generations[#generations + 1] = redis.call('GET', KEYS[i]) or '0' end
+return {taken, value or false, generations}
+"""
+_FILL_ALL_SCRIPT = """
+local tags = tonumber(ARGV[8])
+for i = 1, #KEYS - 2 - tags do
+  if (redis.call('GET', KEYS[2 + tags + i]) or '0') ~= ARGV[8 + i] then
+    if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+    redis.call('PUBLISH', ARGV[4], KEYS[1])
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for i = 1, tags do
+  local index = KEYS[2 + i]
+  redis.call('ZADD', index, ARGV[6], KEYS[1])
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[5])
+  if redis.call('PTTL', index) < tonumber(ARGV[7]) then redis.call('PEXPIRE', index, ARGV[7]) end
+end
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+redis.call('PUBLISH', ARGV[4], KEYS[1])
+return 1
+"""
 _UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -262,7 +293,8 @@ class RedisStore:
     budget and pool settings described above.
     """
 
-    __slots__ = ("_also_close", "_client", "_gate", "_listener_client", "_listening", "_unlock_script", "channel",
+    __slots__ = ("_also_close", "_client", "_fill_all", "_gate", "_listener_client", "_listening", "_lock_all",
+                 "_unlock_script", "channel",
                  "cluster", "invalidation_channel", "notifications")
 
     def __init__(self, client: Redis | RedisCluster, *, channel: str = DEFAULT_CHANNEL,
@@ -280,6 +312,8 @@ class RedisStore:
         self.invalidation_channel = invalidation_channel
         self.notifications = Notifications()
         self._unlock_script = client.register_script(_UNLOCK_SCRIPT)
+        self._lock_all = client.register_script(_LOCK_ALL_SCRIPT)
+        self._fill_all = client.register_script(_FILL_ALL_SCRIPT)
         self._listening = False
 
     @classmethod
@@ -364,6 +398,14 @@ class RedisStore:
     async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None
                    ) -> LockResult:
         token = token or secrets.token_hex(8)
+        if not self.cluster:
+            try:
+                taken, value, generations = await self._lock_all(
+                    keys=[key, _lock_key(key), *generation_keys], args=[token, _millis(ttl)])
+            except _DRIVER_ERRORS as exc:
+                raise StoreError(f"redis lock failed: {exc!r}") from exc
+            return ((token if taken else None), value if isinstance(value, bytes) else None,
+                    tuple(_int(g) for g in generations))
         try:
             async with self._gated(), self._client.pipeline(transaction=False) as pipe:
                 # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
@@ -385,6 +427,15 @@ class RedisStore:
         # bumped them after our read finds the entry in its tag set (it deletes it).
         now = time.time()
         expires = now + ttl
+        if not self.cluster:
+            try:
+                stored = await self._fill_all(
+                    keys=[key, _lock_key(key), *tag_sets, *generation_keys],
+                    args=[value, _millis(ttl), token or "", self.channel, now, expires, _millis(ttl + 60),
+                          len(tag_sets), *(str(g) for g in generations)])
+            except _DRIVER_ERRORS as exc:
+                raise StoreError(f"redis fill failed: {exc!r}") from exc
+            return bool(stored)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.eval(_FILL_SCRIPT, 2, key, _lock_key(key), value, _millis(ttl), token or "", self.channel)
