@@ -104,12 +104,24 @@ class RuleTable:
         self.rules = tuple(rules)
         self._nodes = nodes
         self.has_policies = any(rule.policy is not None for rule in self.rules)
+        # Recent answers by (path, method): hot paths skip the walk over the routes. Bounded:
+        # emptied when full, so a scan of distinct paths costs no more than without it.
+        self._memo: dict[tuple[str, str], RouteMatch | None] = {}
 
     def match(self, route_path: str, method: str) -> RouteMatch | None:
         """The rule of the route the router will pick for this request, if it has a policy."""
         if not self.has_policies:
             return None
-        return _match(self._nodes, route_path, method, [])
+        memo_key = (route_path, method)
+        try:
+            return self._memo[memo_key]
+        except KeyError:
+            pass
+        found = _match(self._nodes, route_path, method, [])
+        if len(self._memo) >= 4096:
+            self._memo.clear()
+        self._memo[memo_key] = found
+        return found
 
 
 def _match(
