@@ -40,10 +40,15 @@ A write whose flushers stopped (crashed, hung) while holding it more than
 ``max_attempts`` times is dead-lettered too. Dead letters keep their version:
 retried after a newer write of their key reached the database, they change nothing.
 
-Redis keys (the ``{name}`` hash tag keeps each script in one Redis Cluster slot):
-``{prefix}:wb:{name}:v:{key}`` (a hash: ``version``, ``value``),
+``redis_url`` is any URL ``RedisStore.from_url`` takes, with the same clients: one
+server (``redis://``, ``rediss://``, ``unix://``), a Redis Cluster
+(``redis+cluster://``) or the master a Sentinel names (``redis+sentinel://``).
+Redis keys: ``{prefix}:wb:{name}:v:{key}`` (a hash: ``version``, ``value``),
 ``{prefix}:wb:{name}:stream``, ``{prefix}:wb:{name}:dead``,
 ``{prefix}:wb:{name}:version`` (the counter) and ``{prefix}:wb:{name}:stats``.
+On a cluster the ``{name}`` hash tag puts all of a queue's keys in one slot, so
+each command and script goes to the one node owning it (no cross-slot command,
+no KEYS): queues with different names spread over the nodes, one queue does not.
 
 What the Redis server needs for "lose nothing":
 
@@ -57,7 +62,11 @@ What the Redis server needs for "lose nothing":
   so only flushed values kept for ``retain`` seconds may be evicted. Never an
   ``allkeys-*`` policy: it would evict unflushed writes.
 - with replicas, a failover may lose writes not yet replicated; cachemw does not
-  ``WAIT`` for replicas.
+  ``WAIT`` for replicas. ``put`` fails (``StoreError``) until a replica took over.
+
+When Redis loses the consumer group with the data (a restart without AOF, a
+failover to a replica that was behind), the flusher makes it again and flushes
+what is left.
 
 Without Redis (``redis_url`` None: the memory store), values and the queue live
 in this process: ``put``/``get`` and the flusher work the same, but a write is
@@ -448,7 +457,7 @@ class _RedisBackend:
     kind = "redis"
 
     def __init__(self, url: str, keys: _Keys, consumer: str, timeout: float) -> None:
-        self._clients = redis_clients(url, timeout=timeout)
+        self._clients = redis_clients(url, timeout=timeout, max_connections=_MAX_CONNECTIONS)
         self._client: Redis | RedisCluster = self._clients.client  # put, get, status: bounded by ``timeout``
         _raw_replies(self._client)
         # redis-py's cluster client raises at once when a node's pool is full: wait for a

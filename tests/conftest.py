@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+import redis
 
 from cachemw import MemoryStore, RedisStore
 
 try:  # tests/ is a package
     from tests.asgi import SpyStore
-    from tests.redis_server import RedisServer, RedisServerNotFound
+    from tests.redis_server import RedisServer, RedisServerNotFound, find_redis_server, free_port
 except ImportError:  # tests/ as a plain directory (pytest's "prepend" import mode puts it on sys.path)
     from asgi import SpyStore  # type: ignore[no-redef]
-    from redis_server import RedisServer, RedisServerNotFound  # type: ignore[no-redef]
+    from redis_server import RedisServer, RedisServerNotFound, find_redis_server, free_port  # type: ignore[no-redef]
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +45,33 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.ensure_healthy()
     redis_server.flushall()
     return redis_server.url
+
+
+@pytest.fixture
+def sentinel_url(redis_server: RedisServer, redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """``redis+sentinel://.../shop``: a real redis-sentinel naming the private server (empty) as master ``shop``."""
+    port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                      f"sentinel monitor shop 127.0.0.1 {redis_server.port} 1\n"
+                      "sentinel down-after-milliseconds shop 1000\n")
+    process = subprocess.Popen([find_redis_server(), str(config), "--sentinel"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis(port=port, socket_timeout=1) as client:
+                    if client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "shop"):
+                        break
+            except redis.RedisError:
+                pass
+            assert time.monotonic() < deadline, "redis sentinel did not start"
+            time.sleep(0.05)
+        yield f"redis+sentinel://127.0.0.1:{port}/shop"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 try:

@@ -1,15 +1,9 @@
-"""cachemw on the master a Redis Sentinel names: redis+sentinel://host:port/SERVICE."""
+"""cachemw on the master a Redis Sentinel names: redis+sentinel://host:port/SERVICE (``sentinel_url``: conftest.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
-import redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -17,35 +11,8 @@ from starlette.routing import Route
 
 from cachemw import CacheMiddleware, cache
 from tests.asgi import eventually, lifespan
-from tests.redis_server import RedisServer, find_redis_server, free_port
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def sentinel_url(redis_server: RedisServer, redis_url: str, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    config = tmp_path / "sentinel.conf"
-    config.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                      f"sentinel monitor shop 127.0.0.1 {redis_server.port} 1\n"
-                      "sentinel down-after-milliseconds shop 1000\n")
-    process = subprocess.Popen([find_redis_server(), str(config), "--sentinel"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis(port=port, socket_timeout=1) as client:
-                    if client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "shop"):
-                        break
-            except redis.RedisError:
-                pass
-            assert time.monotonic() < deadline, "redis sentinel did not start"
-            time.sleep(0.05)
-        yield f"redis+sentinel://127.0.0.1:{port}/shop"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 async def test_caching_through_sentinel(sentinel_url: str) -> None:

@@ -1,5 +1,8 @@
 """Write-behind on a real Redis, with real processes killed and run side by side.
 
+Most tests run twice (``shared_url``): on one redis-server and on a 3-master Redis
+Cluster; one runs through a real Sentinel.
+
 Every wait is a condition polled until a deadline (``eventually``); a process is
 ready when it says so on stdout. SQLite stands in for the database, written with
 the version-guarded upsert that flush functions must use.
@@ -7,6 +10,7 @@ the version-guarded upsert that flush functions must use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -26,6 +30,8 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
+import redis.cluster
+from redis.crc import key_slot
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -38,6 +44,7 @@ from cachemw.writebehind import VersionConflict, Write, WriteBehind, WriteBehind
 from cachemw.writebehind_cli import main as cli
 from tests.asgi import client as asgi_client
 from tests.asgi import eventually, lifespan
+from tests.redis_cluster import LocalCluster
 from tests.writebehind_worker import create_schema, rows, save
 
 pytestmark = pytest.mark.anyio
@@ -74,7 +81,11 @@ def db(tmp_path: Path) -> Database:
     return Database(tmp_path / "db.sqlite3")
 
 
-def direct(url: str) -> redis.Redis:
+def direct(url: str) -> Any:
+    """A plain synchronous client to look at what write-behind stored: redis.Redis, or RedisCluster."""
+    if url.startswith("redis+cluster://"):
+        host, _, port = url.split("//", 1)[1].split(",")[0].rpartition(":")
+        return redis.cluster.RedisCluster(host=host, port=int(port), socket_timeout=5)
     return redis.Redis.from_url(url, socket_timeout=5)
 
 
@@ -132,9 +143,9 @@ def expected_latest(count: int, keys: int) -> dict[str, dict[str, int]]:
 # -- put and get -----------------------------------------------------------------------------
 
 
-async def test_put_is_readable_at_once_from_another_server(redis_url: str) -> None:
-    one: WriteBehind[Any] = WriteBehind("cart", redis_url=redis_url, key_prefix=PREFIX)
-    other: WriteBehind[Any] = WriteBehind("cart", redis_url=redis_url, key_prefix=PREFIX)
+async def test_put_is_readable_at_once_from_another_server(shared_url: str) -> None:
+    one: WriteBehind[Any] = WriteBehind("cart", redis_url=shared_url, key_prefix=PREFIX)
+    other: WriteBehind[Any] = WriteBehind("cart", redis_url=shared_url, key_prefix=PREFIX)
     try:
         first = await one.put("user:1", {"items": [1, 2]})
         assert await other.get("user:1") == {"items": [1, 2]}
@@ -148,13 +159,13 @@ async def test_put_is_readable_at_once_from_another_server(redis_url: str) -> No
         await other.aclose()
 
 
-async def test_put_stores_value_and_stream_entry_together_under_one_hash_tag(redis_url: str) -> None:
-    writes: WriteBehind[Any] = WriteBehind("cart", redis_url=redis_url, key_prefix=PREFIX)
+async def test_put_stores_value_and_stream_entry_together_under_one_hash_tag(shared_url: str) -> None:
+    writes: WriteBehind[Any] = WriteBehind("cart", redis_url=shared_url, key_prefix=PREFIX)
     try:
         version = await writes.put("user:7", {"qty": 3})
     finally:
         await writes.aclose()
-    with direct(redis_url) as r:
+    with direct(shared_url) as r:
         value_key = f"{PREFIX}:wb:{{cart}}:v:user:7"
         stream = f"{PREFIX}:wb:{{cart}}:stream"
         assert r.hgetall(value_key) == {b"version": str(version).encode(), b"value": b'{"qty":3}'}
@@ -162,26 +173,43 @@ async def test_put_stores_value_and_stream_entry_together_under_one_hash_tag(red
         [(_, fields)] = r.xrange(stream)
         assert fields == {b"key": b"user:7", b"version": str(version).encode(), b"value": b'{"qty":3}'}
         # One hash tag: every key of one name is in one Redis Cluster slot, as the scripts need.
-        tags = {key[key.index("{"):key.index("}") + 1] for key in (value_key, stream, f"{PREFIX}:wb:{{cart}}:dead")}
-        assert tags == {"{cart}"}
+        keys = [value_key, stream, *(f"{PREFIX}:wb:{{cart}}:{k}" for k in ("dead", "version", "stats"))]
+        assert {key[key.index("{"):key.index("}") + 1] for key in keys} == {"{cart}"}
+        assert len({key_slot(key.encode()) for key in keys}) == 1
     # Versions grow with the server's clock (microseconds), so they survive a lost counter.
     assert abs(version / 1_000_000 - time.time()) < 60
 
 
-async def test_versions_keep_growing_after_redis_loses_the_counter(redis_url: str) -> None:
-    writes: WriteBehind[Any] = WriteBehind("cart", redis_url=redis_url, key_prefix=PREFIX)
+async def test_versions_keep_growing_after_redis_loses_the_counter(shared_url: str) -> None:
+    writes: WriteBehind[Any] = WriteBehind("cart", redis_url=shared_url, key_prefix=PREFIX)
     try:
         first = await writes.put("a", 1)
-        with direct(redis_url) as r:
+        with direct(shared_url) as r:
             r.flushall()
         assert await writes.put("a", 2) > first
     finally:
         await writes.aclose()
 
 
-async def test_if_version_refuses_a_stale_write_and_update_loses_no_update(redis_url: str) -> None:
-    one: WriteBehind[Any] = WriteBehind("counter", redis_url=redis_url, key_prefix=PREFIX)
-    other: WriteBehind[Any] = WriteBehind("counter", redis_url=redis_url, key_prefix=PREFIX)
+async def test_the_flusher_makes_the_consumer_group_again_when_redis_loses_it(
+        shared_url: str, db: Database) -> None:
+    """A restart without AOF, or a failover to a replica that was behind: the group is gone with the data."""
+    writes = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, retry_backoff=0.01,
+                         max_backoff=0.05)
+    async with writes.running():
+        await writes.put("a", 1)
+        await until(lambda: "a" in db.rows(), "flushed")
+        with direct(shared_url) as r:
+            r.flushall()
+        await writes.put("b", 2)
+        await until(lambda: "b" in db.rows(), "a write put after the loss flushed")
+        await until(lambda: drained(writes), "drained")
+        assert (await writes.status()).flushers == 1
+
+
+async def test_if_version_refuses_a_stale_write_and_update_loses_no_update(shared_url: str) -> None:
+    one: WriteBehind[Any] = WriteBehind("counter", redis_url=shared_url, key_prefix=PREFIX)
+    other: WriteBehind[Any] = WriteBehind("counter", redis_url=shared_url, key_prefix=PREFIX)
     try:
         version = await one.put("c", 0, if_version=0)
         with pytest.raises(VersionConflict) as caught:
@@ -221,13 +249,13 @@ async def test_put_fails_loudly_when_redis_is_down(redis_url: str, redis_server:
 
 
 async def test_flush_gets_each_keys_latest_write_and_acknowledged_entries_leave_the_stream(
-        redis_url: str) -> None:
+        shared_url: str) -> None:
     batches: list[list[Write[Any]]] = []
 
     async def flush(batch: list[Write[Any]]) -> None:
         batches.append(batch)
 
-    writes = WriteBehind("cart", flush=flush, redis_url=redis_url, key_prefix=PREFIX, batch_size=100)
+    writes = WriteBehind("cart", flush=flush, redis_url=shared_url, key_prefix=PREFIX, batch_size=100)
     for i in range(30):  # before any flusher runs: the group must still see them
         await writes.put(f"k{i % 3}", {"n": i})
     async with writes.running():
@@ -240,22 +268,22 @@ async def test_flush_gets_each_keys_latest_write_and_acknowledged_entries_leave_
     assert all(abs(w.written_at - time.time()) < 60 for w in flushed.values())
     assert [w.version for w in batches[0]] == sorted(w.version for w in batches[0])
     assert (status.backlog, status.pending, status.flushed, status.dead, status.lag) == (0, 0, 30, 0, 0.0)
-    with direct(redis_url) as r:
+    with direct(shared_url) as r:
         stream = f"{PREFIX}:wb:{{cart}}:stream"
         assert r.exists(stream) and r.xlen(stream) == 0 and r.xrange(stream) == []
         assert r.xinfo_consumers(stream, "cachemw") == [], "a flusher that holds nothing leaves the group"
 
 
 async def test_kill_9_with_1000_writes_put_but_not_flushed_loses_nothing(
-        redis_url: str, db: Database, tmp_path: Path) -> None:
+        shared_url: str, db: Database, tmp_path: Path) -> None:
     count, keys = 1000, 100
-    with worker(tmp_path, "put", "--redis-url", redis_url, "--prefix", PREFIX, "--name", "orders",
+    with worker(tmp_path, "put", "--redis-url", shared_url, "--prefix", PREFIX, "--name", "orders",
                 "--count", str(count), "--keys", str(keys), "--batch-size", "50") as proc:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     assert db.rows() == {}
 
-    writes = WriteBehind("orders", flush=db.flush, redis_url=redis_url, key_prefix=PREFIX, claim_idle=0.5)
+    writes = WriteBehind("orders", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, claim_idle=0.5)
     before = await writes.status()
     assert (before.backlog, before.pending) == (count, 50), "50 held by the dead process, the rest unread"
     async with writes.running():
@@ -269,7 +297,7 @@ async def test_kill_9_with_1000_writes_put_but_not_flushed_loses_nothing(
     assert (status.dead, status.dead_lettered) == (0, 0)
     # The database holds the version Redis has: nothing older won.
     latest = {k: v for k, (_, v) in db.rows().items()}
-    reader: WriteBehind[Any] = WriteBehind("orders", redis_url=redis_url, key_prefix=PREFIX)
+    reader: WriteBehind[Any] = WriteBehind("orders", redis_url=shared_url, key_prefix=PREFIX)
     try:
         for key, version in latest.items():
             assert (await reader.get_versioned(key))[1] == version
@@ -277,8 +305,8 @@ async def test_kill_9_with_1000_writes_put_but_not_flushed_loses_nothing(
         await reader.aclose()
 
 
-async def test_database_down_then_up_loses_nothing(redis_url: str, db: Database) -> None:
-    writes = WriteBehind("cart", flush=db.flush, redis_url=redis_url, key_prefix=PREFIX, batch_size=20,
+async def test_database_down_then_up_loses_nothing(shared_url: str, db: Database) -> None:
+    writes = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, batch_size=20,
                          retry_backoff=0.01, max_backoff=0.05, max_attempts=2)
     db.down = True
     async with writes.running():
@@ -306,7 +334,7 @@ async def test_database_down_then_up_loses_nothing(redis_url: str, db: Database)
 
 
 async def test_poison_write_goes_to_dead_letters_without_blocking_the_others(
-        redis_url: str, db: Database, capsys: pytest.CaptureFixture[str]) -> None:
+        shared_url: str, db: Database, capsys: pytest.CaptureFixture[str]) -> None:
     events: list[tuple[str, int]] = []  # ("ok", newest version flushed) / ("fail", poison version)
     accept_poison = False
 
@@ -318,7 +346,7 @@ async def test_poison_write_goes_to_dead_letters_without_blocking_the_others(
         await db.flush(batch)
         events.append(("ok", max(w.version for w in batch)))
 
-    writes = WriteBehind("cart", flush=flush, redis_url=redis_url, key_prefix=PREFIX, batch_size=10,
+    writes = WriteBehind("cart", flush=flush, redis_url=shared_url, key_prefix=PREFIX, batch_size=10,
                          batch_delay=0.001, retry_backoff=0.01, max_backoff=0.05, max_attempts=3)
     async with writes.running():
         for i in range(20):
@@ -350,7 +378,7 @@ async def test_poison_write_goes_to_dead_letters_without_blocking_the_others(
             f"k{k}": {"n": max([k] + [20 + i for i in range(put_after) if i % 20 == k])} for k in range(20)}
 
         # The operator's view, then a retry once the bug is fixed.
-        args = ["--redis-url", redis_url, "--prefix", PREFIX]
+        args = ["--redis-url", shared_url, "--prefix", PREFIX]
         assert await in_thread(["writebehind", "dead", "cart", *args, "--json"]) == 0
         [shown] = json.loads(capsys.readouterr().out)
         assert (shown["key"], shown["version"], shown["value"]) == ("bad", poison_version, '{"poison":true}')
@@ -368,10 +396,10 @@ async def test_poison_write_goes_to_dead_letters_without_blocking_the_others(
 
 
 async def test_two_processes_flush_each_write_once_at_least_and_never_go_backwards(
-        redis_url: str, db: Database, tmp_path: Path) -> None:
-    common = ["--redis-url", redis_url, "--prefix", PREFIX, "--name", "cart", "--db", str(db.path),
+        shared_url: str, db: Database, tmp_path: Path) -> None:
+    common = ["--redis-url", shared_url, "--prefix", PREFIX, "--name", "cart", "--db", str(db.path),
               "--batch-size", "10", "--flush-delay", "0.002"]
-    writes: WriteBehind[Any] = WriteBehind("cart", redis_url=redis_url, key_prefix=PREFIX)  # puts only
+    writes: WriteBehind[Any] = WriteBehind("cart", redis_url=shared_url, key_prefix=PREFIX)  # puts only
     seen: dict[str, int] = {}
     backwards: list[tuple[str, int, int]] = []
 
@@ -425,13 +453,13 @@ async def test_two_processes_flush_each_write_once_at_least_and_never_go_backwar
 
 
 async def test_shutdown_flushes_what_it_can_and_leaves_the_rest_for_the_next_start(
-        redis_url: str, db: Database) -> None:
+        shared_url: str, db: Database) -> None:
     release = anyio.Event()
 
     async def stuck(batch: list[Write[Any]]) -> None:
         await release.wait()
 
-    writes = WriteBehind("cart", flush=stuck, redis_url=redis_url, key_prefix=PREFIX, grace_period=0.3,
+    writes = WriteBehind("cart", flush=stuck, redis_url=shared_url, key_prefix=PREFIX, grace_period=0.3,
                          claim_idle=0.5)
     started = anyio.current_time()
     async with writes.running():
@@ -444,7 +472,7 @@ async def test_shutdown_flushes_what_it_can_and_leaves_the_rest_for_the_next_sta
     await writes.aclose()
 
     # The next start (another process: another consumer) flushes them.
-    again = WriteBehind("cart", flush=db.flush, redis_url=redis_url, key_prefix=PREFIX, claim_idle=0.5)
+    again = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, claim_idle=0.5)
     async with again.running():
         await until(lambda: drained(again), "the next start drained the stream")
     assert {k: v for k, (v, _) in db.rows().items()} == {f"k{i}": i for i in range(10)}
@@ -454,8 +482,8 @@ async def _pending(writes: WriteBehind[Any]) -> bool:
     return (await writes.status()).pending > 0
 
 
-async def test_shutdown_flushes_what_was_put_last(redis_url: str, db: Database) -> None:
-    writes = WriteBehind("cart", flush=db.flush, redis_url=redis_url, key_prefix=PREFIX, batch_delay=5.0)
+async def test_shutdown_flushes_what_was_put_last(shared_url: str, db: Database) -> None:
+    writes = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, batch_delay=5.0)
     async with writes.running():
         for i in range(5):
             await writes.put(f"k{i}", i)
@@ -464,33 +492,33 @@ async def test_shutdown_flushes_what_was_put_last(redis_url: str, db: Database) 
     await writes.aclose()
 
 
-async def test_attach_runs_the_flusher_as_a_supervisor_service(redis_url: str, db: Database) -> None:
+async def test_attach_runs_the_flusher_as_a_supervisor_service(shared_url: str, db: Database) -> None:
     writes = WriteBehind("cart", flush=db.flush)
     supervisor = Supervisor(grace_period=2.0)
-    writes.attach(supervisor, redis_url=redis_url, key_prefix=PREFIX)
+    writes.attach(supervisor, redis_url=shared_url, key_prefix=PREFIX)
     assert writes.backend == "redis"
     async with supervisor.run():
         await writes.put("user:1", {"items": [3]})
         await until(lambda: "user:1" in db.rows(), "flushed by the supervised flusher")
         assert (await writes.status()).flushers == 1
     await writes.aclose()
-    with direct(redis_url) as r:
+    with direct(shared_url) as r:
         assert r.exists(f"{PREFIX}:wb:{{cart}}:v:user:1")
     # Attached again with the same settings (a second lifespan): fine; with others: refused.
-    writes.attach(Supervisor(), redis_url=redis_url, key_prefix=PREFIX)
+    writes.attach(Supervisor(), redis_url=shared_url, key_prefix=PREFIX)
     with pytest.raises(ValueError, match="HINT"):
         writes.attach(Supervisor(), redis_url=None, key_prefix=PREFIX)
 
 
-async def test_a_restarted_flusher_finds_its_own_pending_writes(redis_url: str, db: Database) -> None:
-    writes = WriteBehind("cart", flush=db.flush, redis_url=redis_url, key_prefix=PREFIX, claim_idle=60)
+async def test_a_restarted_flusher_finds_its_own_pending_writes(shared_url: str, db: Database) -> None:
+    writes = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, claim_idle=60)
     await writes.put("a", 1)
     async with anyio.create_task_group() as tg:
         await tg.start(writes.run_flusher)
         await until(lambda: "a" in db.rows(), "first flush")
         tg.cancel_scope.cancel()  # as the supervisor does before restarting a failed service
     await writes.put("b", 2)
-    with direct(redis_url) as r:  # b delivered to this consumer, as if it failed before flushing it
+    with direct(shared_url) as r:  # b delivered to this consumer, as if it failed before flushing it
         r.xreadgroup("cachemw", writes.consumer, {f"{PREFIX}:wb:{{cart}}:stream": ">"})
     async with anyio.create_task_group() as tg:
         await tg.start(writes.run_flusher)
@@ -541,14 +569,14 @@ async def test_memory_backend_retries_and_dead_letters_like_redis(db: Database) 
         assert (await writes.status()).requeued == 1
 
 
-async def test_retain_expires_values_only_after_they_reached_the_database(redis_url: str, db: Database) -> None:
-    writes = WriteBehind("cart", flush=db.flush, redis_url=redis_url, key_prefix=PREFIX, retain=0.3,
+async def test_retain_expires_values_only_after_they_reached_the_database(shared_url: str, db: Database) -> None:
+    writes = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, retain=0.3,
                          retry_backoff=0.01, max_backoff=0.05)
     db.down = True
     async with writes.running():
         await writes.put("a", 1)
         await until(lambda: db.calls >= 3, "failed flushes")
-        with direct(redis_url) as r:
+        with direct(shared_url) as r:
             assert r.ttl(f"{PREFIX}:wb:{{cart}}:v:a") == -1, "unflushed values never expire"
         db.down = False
         await until(lambda: "a" in db.rows(), "flushed")
@@ -575,16 +603,16 @@ class Upper:
         return data.decode().lower()
 
 
-async def test_pluggable_serializer_and_undecodable_values_are_dead_lettered(redis_url: str) -> None:
+async def test_pluggable_serializer_and_undecodable_values_are_dead_lettered(shared_url: str) -> None:
     got: list[Write[str]] = []
 
     async def flush(batch: list[Write[str]]) -> None:
         got.extend(batch)
 
-    writes = WriteBehind("notes", flush=flush, serializer=Upper(), redis_url=redis_url, key_prefix=PREFIX)
+    writes = WriteBehind("notes", flush=flush, serializer=Upper(), redis_url=shared_url, key_prefix=PREFIX)
     async with writes.running():
         await writes.put("n1", "hello")
-        with direct(redis_url) as r:
+        with direct(shared_url) as r:
             assert r.hget(f"{PREFIX}:wb:{{notes}}:v:n1", "value") == b"HELLO"
             r.xadd(f"{PREFIX}:wb:{{notes}}:stream", {"key": "n2", "version": 1, "value": b'{"json": 1}'})
         assert await writes.get("n1") == "hello"
@@ -599,12 +627,12 @@ async def test_pluggable_serializer_and_undecodable_values_are_dead_lettered(red
     assert letter.key == "n2" and "cannot decode" in letter.error
 
 
-async def test_a_write_whose_flushers_keep_dying_is_dead_lettered(redis_url: str, db: Database) -> None:
-    writes = WriteBehind("cart", flush=db.flush, redis_url=redis_url, key_prefix=PREFIX, claim_idle=0.2,
+async def test_a_write_whose_flushers_keep_dying_is_dead_lettered(shared_url: str, db: Database) -> None:
+    writes = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, claim_idle=0.2,
                          max_attempts=3)
     await writes.put("crashy", 1)
     stream = f"{PREFIX}:wb:{{cart}}:stream"
-    with direct(redis_url) as r:
+    with direct(shared_url) as r:
         r.xgroup_create(stream, "cachemw", "0")
         [[_, [(entry_id, _)]]] = r.xreadgroup("cachemw", "ghost-1", {stream: ">"})
         for n in range(2, 5):  # claimed by one flusher after another, each dying with it
@@ -623,8 +651,8 @@ async def test_a_write_whose_flushers_keep_dying_is_dead_lettered(redis_url: str
 
 
 async def test_status_reports_backlog_and_lag_and_the_cli_shows_it(
-        redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    writes: WriteBehind[Any] = WriteBehind("cart", redis_url=redis_url, key_prefix=PREFIX)
+        shared_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    writes: WriteBehind[Any] = WriteBehind("cart", redis_url=shared_url, key_prefix=PREFIX)
     empty = await writes.status()
     assert empty == WriteBehindStatus(name="cart", backend="redis", backlog=0, pending=0, lag=0.0, dead=0,
                                       flushers=0, flushed=0, failed_flushes=0, retried=0, dead_lettered=0,
@@ -633,11 +661,11 @@ async def test_status_reports_backlog_and_lag_and_the_cli_shows_it(
     await until(lambda: _lag_at_least(writes, 0.05), "lag grows while nothing flushes")
     await writes.aclose()
 
-    assert await in_thread(["writebehind", "status", "cart", "--redis-url", redis_url, "--prefix", PREFIX,
+    assert await in_thread(["writebehind", "status", "cart", "--redis-url", shared_url, "--prefix", PREFIX,
                             "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["backlog"] == 1 and shown["lag"] >= 0.05 and shown["name"] == "cart"
-    assert await in_thread(["writebehind", "status", "cart", "--redis-url", redis_url, "--prefix", PREFIX]) == 0
+    assert await in_thread(["writebehind", "status", "cart", "--redis-url", shared_url, "--prefix", PREFIX]) == 0
     text = capsys.readouterr().out
     assert "write-behind cart (redis)" in text and "backlog" in text and "1 writes" in text
 
@@ -754,13 +782,188 @@ def test_sample_app_cart_is_read_at_once_through_any_server_and_written_behind_t
         assert status["flushed"] == 3 and status["dead"] == 0 and status["flushers"] == 2
 
 
-def test_cluster_and_sentinel_urls_are_refused_until_supported() -> None:
-    with pytest.raises(ValueError, match="write-behind supports redis://"):
-        WriteBehind("a", redis_url="redis+cluster://127.0.0.1:7000")
+# -- Redis Cluster and Sentinel specifics ----------------------------------------------------------
+
+# What write-behind sends for a name: none of it may reach a node other than the one owning the name's slot.
+DATA_COMMANDS = ("eval", "evalsha", "script|load", "command|getkeys", "time", "xadd", "xreadgroup", "xautoclaim",
+                 "xpending", "xclaim", "xrange", "xack", "xdel", "xlen", "xgroup|create", "xgroup|delconsumer",
+                 "xinfo|groups", "xinfo|consumers", "hmget", "hset", "hget", "hincrby", "incr", "set", "persist",
+                 "pexpire")
+
+
+def _commandstats(port: int) -> dict[str, int]:
+    with redis.Redis(port=port, socket_timeout=5) as r:
+        return {name.removeprefix("cmdstat_"): int(stats["calls"])
+                for name, stats in r.info("commandstats").items()}
+
+
+async def test_on_a_cluster_every_command_goes_to_the_node_owning_the_names_slot(
+        cluster_url: str, redis_cluster: Any, db: Database, capsys: pytest.CaptureFixture[str]) -> None:
+    refuse = True
+
+    async def flush(batch: list[Write[Any]]) -> None:
+        if refuse and any(w.key == "bad" for w in batch):
+            raise ValueError("refused")
+        await db.flush(batch)
+
+    writes = WriteBehind("cart", flush=flush, redis_url=cluster_url, key_prefix=PREFIX, retry_backoff=0.01,
+                         max_backoff=0.02, max_attempts=2, batch_delay=0.001, claim_idle=0.2, retain=60)
+    await writes.put("ghost", 0)
+    with direct(cluster_url) as r:  # a flusher that died holding a write: claimed below
+        stream = f"{PREFIX}:wb:{{cart}}:stream"
+        r.xgroup_create(stream, "cachemw", "0")
+        r.xreadgroup("cachemw", "ghost", {stream: ">"})
+        owner = r.get_node_from_key(stream).port
+        # redis-py sends keyless commands (TIME, COMMAND GETKEYS) to the node owning slot 0: not this one.
+        assert r.nodes_manager.get_node_from_slot(0).port != owner
+    primaries = redis_cluster.primaries()
+    for node in primaries:  # counting from here: only what the WriteBehind sends
+        with redis.Redis(port=node.port, socket_timeout=5) as r:
+            r.config_resetstat()
+    async with writes.running():
+        await writes.put("bad", 0)
+        n = 0
+
+        async def dead() -> bool:
+            nonlocal n
+            n += 1
+            await writes.put(f"k{n % 5}", n, if_version=None)
+            await writes.update("counter", lambda v: _plus_one(v))
+            return (await writes.status()).dead == 1
+
+        await until(dead, "the poison write dead-lettered while the others flow")
+        assert [letter.key for letter in await writes.dead_letters()] == ["bad"]
+        refuse = False
+        assert await writes.retry_dead_letters() == 1
+        await until(lambda: "ghost" in db.rows() and "bad" in db.rows(), "claimed and retried writes flushed")
+        await until(lambda: drained(writes), "drained")
+        status = await writes.status()
+        assert (status.claimed, status.requeued, status.dead, status.flushers) == (1, 1, 0, 2)  # 2: with the ghost
+    assert await writes.get("k1") is not None
+    await writes.aclose()
+
+    assert len(primaries) == 3
+    for node in primaries:
+        sent = {name: calls for name, calls in _commandstats(node.port).items() if name in DATA_COMMANDS}
+        if node.port == owner:
+            assert {"evalsha", "xreadgroup", "xautoclaim", "xpending", "hmget"} <= set(sent), sent
+        else:
+            assert sent == {}, f"node {node.port} does not own the slot of {{cart}} but got {sent}"
+
+
+async def _plus_one(value: Any) -> int:
+    return (value or 0) + 1
+
+
+async def test_write_behinds_on_every_node_of_a_cluster_flush_side_by_side(cluster_url: str, db: Database) -> None:
+    """Names hashing to each of the three masters, one flusher each, run together."""
+    with direct(cluster_url) as r:
+        by_node: dict[str, str] = {}
+        for i in range(200):
+            name = f"q{i}"
+            by_node.setdefault(r.get_node_from_key(f"{PREFIX}:wb:{{{name}}}:stream").name, name)
+    names = sorted(by_node.values())
+    assert len(names) == 3
+    queues = [WriteBehind(name, flush=db.flush, redis_url=cluster_url, key_prefix=PREFIX, batch_size=10)
+              for name in names]
+    async with anyio.create_task_group() as tg:
+        for queue in queues:
+            await tg.start(queue.run_flusher)
+        for i in range(60):
+            await queues[i % 3].put(f"{names[i % 3]}:k{i % 6}", i)
+        await until(lambda: len(db.rows()) == 6, "each queue's keys in the database")
+        for queue in queues:
+            await until(lambda q=queue: drained(q), f"{queue.name} drained")
+            await queue.stop()
+    for queue in queues:
+        await queue.aclose()
+    assert {k: v for k, (v, _) in db.rows().items()} == {
+        f"{names[i % 3]}:k{i % 6}": max(j for j in range(60) if j % 6 == i % 6) for i in range(6)}
+
+
+def _replicas_in_sync(cluster: LocalCluster) -> bool:
+    synced = 0
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port, socket_timeout=5) as r:
+            info = r.info("replication")
+        if info["role"] == "slave" and info.get("master_link_status") == "up" \
+                and not info.get("master_sync_in_progress"):
+            synced += 1
+    return synced == cluster.masters * cluster.replicas
+
+
+async def test_the_flusher_follows_a_failover_of_its_streams_master(
+        tmp_path_factory: pytest.TempPathFactory, db: Database) -> None:
+    cluster = LocalCluster(tmp_path_factory.mktemp("wb-failover"), masters=3, replicas=1, node_timeout_ms=1000)
+    cluster.start()
+    try:
+        await until(lambda: _replicas_in_sync(cluster), "replicas in sync")
+        writes = WriteBehind("cart", flush=db.flush, redis_url=cluster.url, key_prefix=PREFIX, timeout=0.3,
+                             retry_backoff=0.05, max_backoff=0.5)
+        with direct(cluster.url) as r:
+            owner = r.get_node_from_key(f"{PREFIX}:wb:{{cart}}:stream").port
+        async with writes.running():
+            for i in range(100):
+                await writes.put(f"k{i % 10}", i)
+            await until(lambda: drained(writes), "drained before the failover")
+            next(node for node in cluster.nodes if node.port == owner).stop()
+            latest: dict[str, int] = {}
+
+            async def all_put_again() -> bool:  # puts fail (loudly) until the replica took over
+                for k in range(10):
+                    if f"k{k}" not in latest:
+                        with contextlib.suppress(StoreError):
+                            await writes.put(f"k{k}", 1000 + k)
+                            latest[f"k{k}"] = 1000 + k
+                return len(latest) == 10
+
+            await until(all_put_again, "puts work again on the new master", timeout=30)
+            await until(lambda: {k: v for k, (v, _) in db.rows().items()} == latest,
+                        "the flusher, on the new master, flushed the writes put after the failover", timeout=30)
+            await until(lambda: drained(writes), "drained after the failover")
+        await writes.aclose()
+    finally:
+        cluster.stop()
+
+
+async def test_an_unreachable_cluster_is_a_store_error() -> None:
+    writes: WriteBehind[Any] = WriteBehind("cart", redis_url="redis+cluster://127.0.0.1:1", timeout=0.2)
+    try:
+        with pytest.raises(StoreError):
+            await writes.put("a", 1)
+        with pytest.raises(StoreError):
+            await writes.status()
+    finally:
+        await writes.aclose()
+
+
+async def test_put_get_and_flush_through_sentinel(sentinel_url: str, redis_url: str, db: Database,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    writes = WriteBehind("cart", flush=db.flush, redis_url=sentinel_url, key_prefix=PREFIX, batch_delay=0.001)
+    reader: WriteBehind[Any] = WriteBehind("cart", redis_url=sentinel_url, key_prefix=PREFIX)
+    try:
+        async with writes.running():
+            version = await writes.put("user:1", {"items": [1]})
+            assert await reader.get_versioned("user:1") == ({"items": [1]}, version)
+            for i in range(20):
+                await reader.put(f"k{i % 4}", i)
+            await until(lambda: drained(writes), "flushed through the sentinel's master")
+            status = await writes.status()
+        assert (status.flushed, status.flushers, status.backlog) == (21, 1, 0)
+        assert {k: v for k, (v, _) in db.rows().items()} == {"user:1": {"items": [1]}, "k0": 16, "k1": 17,
+                                                             "k2": 18, "k3": 19}
+    finally:
+        await writes.aclose()
+        await reader.aclose()
+    with direct(redis_url) as r:  # the master the sentinel names
+        assert r.hget(f"{PREFIX}:wb:{{cart}}:v:user:1", "version") == str(version).encode()
+    assert await in_thread(["writebehind", "status", "cart", "--redis-url", sentinel_url, "--prefix", PREFIX,
+                            "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flushed"] == 21
 
 
 async def test_under_the_middlewares_supervisor_puts_are_flushed_and_the_rest_at_shutdown(
-        redis_url: str, db: Database) -> None:
+        shared_url: str, db: Database) -> None:
     """What ``CacheMiddleware(write_behind=[...])`` does: attach to its supervisor with its settings."""
     writes: WriteBehind[Any] = WriteBehind("cart", flush=db.flush, batch_delay=30.0)  # batches wait: shutdown flushes
 
@@ -770,8 +973,8 @@ async def test_under_the_middlewares_supervisor_puts_are_flushed_and_the_rest_at
 
     supervisor = Supervisor(grace_period=5.0)
     app = Starlette(routes=[Route("/cart/{user}", add, methods=["POST"])])
-    app.add_middleware(CacheMiddleware, redis_url=redis_url, key_prefix=PREFIX, supervisor=supervisor)
-    writes.attach(supervisor, redis_url=redis_url, key_prefix=PREFIX)  # prepare() will make this call
+    app.add_middleware(CacheMiddleware, redis_url=shared_url, key_prefix=PREFIX, supervisor=supervisor)
+    writes.attach(supervisor, redis_url=shared_url, key_prefix=PREFIX)  # prepare() will make this call
     async with lifespan(app), asgi_client(app) as http:
         response = await http.post("/cart/alice")
         assert response.json() == {"items": [1]}

@@ -270,7 +270,14 @@ def _store(cache: CacheMiddleware) -> dict[str, Any]:
 
 def _where(store: Any) -> str:
     """host:port or the socket path: never the URL, which may carry a password."""
-    kwargs = store.client.connection_pool.connection_kwargs
+    client = store.client
+    if getattr(store, "cluster", False):
+        nodes = client.get_nodes() if hasattr(client, "get_nodes") else []
+        return "cluster: " + (", ".join(sorted(n.name for n in nodes)) or "(slot map not known yet)")
+    pool: Any = getattr(client, "connection_pool", None)
+    if type(pool).__name__ == "SentinelConnectionPool":
+        return f"sentinel service {pool.service_name}"
+    kwargs = pool.connection_kwargs if pool is not None else {}
     if kwargs.get("path"):
         return str(kwargs["path"])
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
