@@ -146,6 +146,68 @@ def http_get(port: int, path: str, *, timeout: float = 5.0, host: str = "127.0.0
         conn.close()
 
 
+@dataclass
+class BurstResult:
+    """``burst_get``: what came back. ``seconds`` from the first request sent to the last response read."""
+
+    statuses: dict[int, int]
+    header_values: dict[str, int]  # values of the counted header ("none" when absent)
+    errors: list[str]
+    seconds: float
+
+
+async def _burst(host: str, port: int, path: str, n: int, header: str, timeout: float) -> BurstResult:
+    header_prefix = header.lower().encode() + b":"
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    statuses: dict[int, int] = {}
+    values: dict[str, int] = {}
+    errors: list[str] = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        try:
+            return await asyncio.open_connection(host, port)
+        except OSError as exc:
+            errors.append(f"connect: {exc!r}")
+            return None
+
+    async def exchange(reader: asyncio.StreamReader) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length = 0
+        value = "none"
+        for line in lines[1:]:
+            lower = line.lower()
+            if lower.startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+            elif lower.startswith(header_prefix):
+                value = line.split(b":", 1)[1].strip().decode()
+        if length:
+            await reader.readexactly(length)
+        statuses[status] = statuses.get(status, 0) + 1
+        values[value] = values.get(value, 0) + 1
+
+    # All connections first, then every request in one go: they reach the server within
+    # a few milliseconds of each other, all while the first one is still in the handler.
+    opened = [c for c in await asyncio.gather(*(connect() for _ in range(n))) if c is not None]
+    started = time.perf_counter()
+    for _, writer in opened:
+        writer.write(request)
+    results = await asyncio.wait_for(asyncio.gather(*(exchange(r) for r, _ in opened), return_exceptions=True),
+                                     timeout)
+    seconds = time.perf_counter() - started
+    errors += [repr(r) for r in results if isinstance(r, BaseException)]
+    for _, writer in opened:
+        writer.close()
+    return BurstResult(statuses, values, errors, seconds)
+
+
+def burst_get(port: int, path: str, n: int, *, header: str = "x-cache", timeout: float = 60.0,
+              host: str = "127.0.0.1") -> BurstResult:
+    """``n`` concurrent GETs of one path, each on its own connection, all sent at once (a stampede)."""
+    return asyncio.run(_burst(host, port, path, n, header, timeout))
+
+
 def http_get_json(port: int, path: str, *, timeout: float = 5.0) -> Any:
     reply = http_get(port, path, timeout=timeout)
     if reply.status != 200:
@@ -299,12 +361,17 @@ class AppProcess:
 
     ``app_dir`` goes to ``--app-dir`` (default: ``bench/apps``), so MODULE is a file
     there. ``ready_path`` is polled until it answers 200, within ``start_deadline``.
+    ``python`` runs uvicorn from another interpreter (default: this one); ``unset_env``
+    names variables of this process's environment the app must not inherit.
     """
 
     def __init__(self, target: str, *, workdir: Path, env: Mapping[str, str] | None = None,
                  cpu: str | None = None, app_dir: Path = APPS_DIR, ready_path: str = "/",
-                 start_deadline: float = 20.0, extra_args: Sequence[str] = ()) -> None:
+                 start_deadline: float = 20.0, extra_args: Sequence[str] = (), python: str | None = None,
+                 unset_env: Sequence[str] = ()) -> None:
         self.target = target
+        self.python = python or sys.executable  # e.g. another venv's bin/python (bench/peers.py)
+        self.unset_env = tuple(unset_env)  # removed from the inherited environment (e.g. CACHEMW_REDIS_URL)
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = dict(env or {})
@@ -327,7 +394,7 @@ class AppProcess:
 
     def command(self) -> list[str]:
         return [
-            *taskset_prefix(self.cpu), sys.executable, "-m", "uvicorn", self.target,
+            *taskset_prefix(self.cpu), self.python, "-m", "uvicorn", self.target,
             "--app-dir", str(self.app_dir), "--host", "127.0.0.1", "--port", str(self.port),
             "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--workers", "1",
             *self.extra_args,
@@ -344,7 +411,7 @@ class AppProcess:
 
     def start(self) -> None:
         self.port = free_port()
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in self.unset_env}
         env.update(self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
@@ -471,14 +538,19 @@ def parse_wrk(output: str) -> dict[str, Any]:
 
 
 def run_wrk(base_url: str, prefix: str, ids: int, *, duration: float, connections: int = 64, threads: int = 2,
-            cpu: str | None = None, count_header: str | None = "x-cache", timeout_s: float = 10.0) -> LoadResult:
-    """``wrk -c C -t T -d Ds --latency`` on ``base_url`` + ``prefix{0..ids-1}`` (round robin per thread)."""
+            cpu: str | None = None, count_header: str | None = "x-cache", timeout_s: float = 10.0,
+            script: Path = WRK_SCRIPT) -> LoadResult:
+    """``wrk -c C -t T -d Ds --latency`` on ``base_url`` + ``prefix{0..ids-1}`` (round robin per thread).
+
+    ``script`` replaces ``bench/wrk/ids.lua``; it gets the same two arguments, ``prefix``
+    and ``ids`` (``bench/wrk/fresh_ids.lua`` reads the second as the first id of the run).
+    """
     path = wrk_path()
     if path is None:
         raise HarnessError(f"wrk not found; {WRK_INSTALL_HINT}")
     args = [
         *taskset_prefix(cpu), path, "-c", str(connections), "-t", str(threads), "-d", f"{duration:g}s",
-        "--timeout", f"{timeout_s:g}s", "--latency", "-s", str(WRK_SCRIPT), base_url, "--", prefix, str(ids),
+        "--timeout", f"{timeout_s:g}s", "--latency", "-s", str(script), base_url, "--", prefix, str(ids),
     ]  # fmt: skip
     env = dict(os.environ, BENCH_COUNT_HEADER=count_header or "")
     shown = shlex.join([os.path.relpath(a, REPO_ROOT) if a.startswith(str(REPO_ROOT)) else a for a in args])
@@ -641,13 +713,15 @@ class PySpy:
     """
 
     def __init__(self, pid: int, out: Path, *, seconds: float, rate: int = 250, fmt: str = "raw",
-                 cpu: str | None = None, nonblocking: bool = False) -> None:
-        found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+                 cpu: str | None = None, nonblocking: bool = False, executable: str | None = None,
+                 native: bool = False) -> None:
+        found = executable or shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not os.access(found, os.X_OK):
             raise HarnessError("py-spy not found: .venv/bin/pip install py-spy (not a project dependency)")
         self.args = [
             *taskset_prefix(cpu), found, "record", "--pid", str(pid), "--duration", f"{math.ceil(seconds)}",
             "--rate", str(rate), "--format", fmt, "--output", str(out), *(["--nonblocking"] if nonblocking else []),
+            *(["--native"] if native else []),
         ]  # fmt: skip
         self.out = out
         self.seconds = seconds
@@ -801,10 +875,32 @@ def _git_revision() -> str:
         return "unknown"
 
 
+_VERSIONS_SNIPPET = """
+import importlib.metadata, json, platform, sys
+out = {"python": platform.python_implementation() + " " + platform.python_version()}
+for dist in sys.argv[1:]:
+    try:
+        out[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        out[dist] = "not installed"
+print(json.dumps(out))
+"""
+
+
+def versions_in(python: str, packages: Sequence[str]) -> dict[str, str]:
+    """The Python version and the given distributions' versions as another interpreter (venv) sees them."""
+    done = subprocess.run([python, "-c", _VERSIONS_SNIPPET, *packages], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise HarnessError(f"{python} could not report its package versions:\n{done.stderr}")
+    versions: dict[str, str] = json.loads(done.stdout)
+    return versions
+
+
 def machine_description(*, redis_binary: str | None = None,
                         packages: Sequence[str] = ("cachemw", "starlette", "anyio", "uvicorn", "uvloop", "httptools",
-                                                   "redis", "hiredis")) -> dict[str, str]:
-    """Ordered facts for a results header."""
+                                                   "redis", "hiredis"),
+                        python: str | None = None) -> dict[str, str]:
+    """Ordered facts for a results header; ``python``: the interpreter whose versions count (default: this one)."""
     loadavg = "?"
     with contextlib.suppress(OSError):
         loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -815,8 +911,11 @@ def machine_description(*, redis_binary: str | None = None,
         "load average at start": loadavg,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
     }
+    seen = versions_in(python, packages) if python else None
+    if seen is not None:
+        facts["python"] = f"{seen['python']} ({os.path.relpath(python or '', REPO_ROOT)})"
     for dist in packages:
-        facts[dist if dist != "redis" else "redis-py"] = _version(dist)
+        facts[dist if dist != "redis" else "redis-py"] = seen[dist] if seen is not None else _version(dist)
     if redis_binary:
         facts["redis-server"] = redis_server_version(redis_binary)
     facts["wrk"] = wrk_version()
