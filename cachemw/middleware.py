@@ -181,6 +181,7 @@ class CacheMiddleware:
         self._remote = False  # only a remote store needs a time budget and a breaker
         self._warned_corrupt = False
         self.store_errors = 0
+        self.loop_lag_timeouts = 0
 
     # -- startup ---------------------------------------------------------------------------------
 
@@ -620,8 +621,8 @@ class CacheMiddleware:
             # Our own budget, whatever the driver's timeouts and retries are.
             with anyio.fail_after(self._budget):
                 value = await store.get(key)
-        except (StoreError, TimeoutError):
-            self._store_failed(breaker)
+        except (StoreError, TimeoutError) as exc:
+            self._store_failed(breaker, exc, began)
             return None, True
         self.metrics.store_latency.observe(time.perf_counter() - began)
         breaker.success()
@@ -638,11 +639,12 @@ class CacheMiddleware:
         if not breaker.allow(time.monotonic()):
             return None
         token = secrets.token_hex(8)
+        began = time.perf_counter()
         try:
             with anyio.fail_after(self._budget):
                 result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys, token)
-        except (StoreError, TimeoutError):
-            self._store_failed(breaker)
+        except (StoreError, TimeoutError) as exc:
+            self._store_failed(breaker, exc, began)
             # Redis may have taken the lock after we stopped waiting: release it (if it is
             # ours) rather than leave others waiting for a fill that never comes.
             self._release(plan.key, token)
@@ -661,9 +663,15 @@ class CacheMiddleware:
             breaker = self.node_breakers[name] = CircuitBreaker(on_transition=self._breaker_moved)
         return breaker
 
-    def _store_failed(self, breaker: CircuitBreaker) -> None:
+    def _store_failed(self, breaker: CircuitBreaker, error: Exception | None = None, began: float = 0.0) -> None:
         self.store_errors += 1
         self.metrics.store_errors += 1
+        if isinstance(error, TimeoutError) and time.perf_counter() - began > 2 * self._budget:
+            # The deadline fired far too late: this process's event loop was saturated, not
+            # the store slow. This request still goes to the app, but opening the breaker
+            # would send every other one there too, just when the process is overloaded.
+            self.loop_lag_timeouts += 1
+            return
         breaker.failure(time.monotonic())
 
     def _store_reconnected(self) -> None:

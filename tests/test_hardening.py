@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -279,3 +280,39 @@ async def test_background_queue_that_cannot_keep_up_sheds_and_stays_bounded() ->
 
 async def _true(value: bool) -> bool:
     return value
+
+
+class _SlowStore(SpyStore):
+    """A store that never answers in time."""
+
+    async def get(self, key: str) -> bytes | None:
+        await anyio.sleep(10)
+        return None
+
+    async def lock(self, *args: Any) -> Any:
+        await anyio.sleep(10)
+
+
+@pytest.mark.parametrize("loop_stalls", [False, True])
+async def test_only_a_slow_store_opens_the_breaker_not_a_saturated_loop(loop_stalls: bool) -> None:
+    from cachemw import Settings
+    from tests.asgi import find_middleware
+
+    app = Starlette(routes=[Route("/echo", echo)])
+    app.add_middleware(CacheMiddleware, store=_SlowStore(MemoryStore()), settings=Settings(store_timeout=0.05))
+    statuses: list[int] = []
+
+    async def request() -> None:
+        statuses.append((await http.get("/echo")).status_code)
+
+    async with client(app) as http:
+        for _ in range(6):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(request)
+                if loop_stalls:
+                    for _ in range(3):  # the event loop is busy elsewhere: deadlines fire late
+                        await anyio.sleep(0.01)
+                        time.sleep(0.15)
+        cache_layer = find_middleware(app)
+    assert statuses == [200] * 6  # every request went to the app either way
+    assert cache_layer.breaker.state == ("closed" if loop_stalls else "open")
