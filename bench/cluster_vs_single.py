@@ -1,0 +1,138 @@
+"""Redis hits on a 3-master Redis Cluster vs one Redis; and 2 uvicorn workers vs 1 (issue 8).
+
+    .venv/bin/python bench/cluster_vs_single.py        # ~2 min
+
+The app is ``bench/apps/stale_app.py``'s ``/fresh/{id}`` route (ttl 1h, ~1 KB JSON),
+warmed for 100 ids, then loaded with wrk (64 connections) in interleaved rounds.
+Cluster vs single: one uvicorn worker pinned to CPU 0, wrk on CPU 1. Workers: 2 vs
+1 worker on one Redis, nothing pinned (two workers need both cores, and wrk shares
+them). Writes ``bench/results/cluster_vs_single.md``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common
+from common import AppProcess, RedisProcess, median
+
+from tests.redis_cluster import LocalCluster
+
+ROUNDS = 3
+DURATION = 8.0
+IDS = 100
+
+
+def warm(base: str) -> None:
+    for _ in range(3):
+        for i in range(IDS):
+            common.http_get(int(base.rsplit(":", 1)[1]), f"/fresh/{i}")
+
+
+def uvicorn_workers(url: str, workers: int, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = common.free_port()
+    args = [sys.executable, "-m", "uvicorn", "stale_app:app", "--app-dir", str(common.APPS_DIR), "--host",
+            "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+            "--workers", str(workers)]
+    log = open(workdir / f"workers{workers}.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(args, cwd=common.REPO_ROOT, env={**__import__("os").environ, "CACHEMW_REDIS_URL": url},
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if common.http_get(port, "/_calls").status == 200:
+                break
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise common.HarnessError("uvicorn --workers did not start")
+        time.sleep(0.1)
+    return proc, port
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="cachemw-cluster-bench-"))
+    cpu_app, cpu_load = common.default_cpus()
+    facts = common.machine_description(redis_binary=common.find_redis_server())
+    results: dict[str, list[common.LoadResult]] = {"single": [], "cluster": [], "workers1": [], "workers2": []}
+    cluster = LocalCluster(work / "cluster")
+    cluster.start()
+    try:
+        with RedisProcess(work / "redis", cpu=cpu_app) as single:
+            apps = {
+                "single": AppProcess("stale_app:app", workdir=work / "app-single", env={"CACHEMW_REDIS_URL": single.url},
+                                     cpu=cpu_app, ready_path="/_calls"),
+                "cluster": AppProcess("stale_app:app", workdir=work / "app-cluster",
+                                      env={"CACHEMW_REDIS_URL": cluster.url}, cpu=cpu_app, ready_path="/_calls"),
+            }
+            for app in apps.values():
+                app.start()
+            try:
+                for app in apps.values():
+                    warm(app.base_url)
+                for _ in range(ROUNDS):
+                    for name, app in apps.items():
+                        results[name].append(common.run_load(app.base_url, "/fresh/", IDS, duration=DURATION,
+                                                             cpu=cpu_load))
+            finally:
+                for app in apps.values():
+                    app.stop()
+            procs = {}
+            try:
+                for workers in (1, 2):
+                    procs[workers] = uvicorn_workers(single.url, workers, work)
+                    warm(f"http://127.0.0.1:{procs[workers][1]}")
+                for _ in range(ROUNDS):
+                    for workers in (1, 2):
+                        results[f"workers{workers}"].append(common.run_load(
+                            f"http://127.0.0.1:{procs[workers][1]}", "/fresh/", IDS, duration=DURATION))
+            finally:
+                for proc, _ in procs.values():
+                    proc.terminate()
+                    proc.wait(timeout=20)
+    finally:
+        cluster.stop()
+
+    def row(name: str, label: str) -> str:
+        runs = results[name]
+        rps = [r.rps for r in runs]
+        return (f"| {label} | {median(rps):.0f} ({min(rps):.0f}–{max(rps):.0f}) | "
+                f"{median([r.p50_ms for r in runs]):.2f} | {median([r.p99_ms for r in runs]):.2f} | "
+                f"{sum(r.errors + r.non_2xx for r in runs)} | {runs[0].x_cache} |")
+
+    ratio_cluster = median([c.rps / s.rps for c, s in zip(results["cluster"], results["single"], strict=True)])
+    ratio_workers = median([b.rps / a.rps for b, a in zip(results["workers2"], results["workers1"], strict=True)])
+    lines = [
+        "# Redis Cluster vs one Redis; 2 workers vs 1", "",
+        "Generated by `.venv/bin/python bench/cluster_vs_single.py`. Hits on `/fresh/{id}` (ttl 1h, ~1 KB JSON), "
+        f"100 warmed ids, wrk 64 connections, {ROUNDS} interleaved rounds of {DURATION:g} s; medians (min–max).", "",
+        "## Setup", "", *[f"- {k}: {v}" for k, v in facts.items()], "",
+        "- cluster: 3 masters, no replicas, private ports (`tests/redis_cluster.py`), NOT pinned (they may run on "
+        "the load generator's core); single: one private redis-server pinned to the app's core. So the cluster "
+        "figure is favoured: read the ratio as 'the cluster client costs no more per hit', not as a speed-up",
+        f"- cluster vs single: one uvicorn worker on CPU {cpu_app}, wrk on CPU {cpu_load}; workers: not pinned "
+        "(two workers need both cores; wrk shares them, so the 2-worker figure is a lower bound)", "",
+        "## Results", "",
+        "| case | req/s | p50 ms | p99 ms | errors + non-2xx | X-Cache of the first run |", "|---|---|---|---|---|---|",
+        row("single", "hit, one Redis (1 worker)"), row("cluster", "hit, 3-master cluster (1 worker)"),
+        row("workers1", "hit, one Redis, `--workers 1`, unpinned"), row("workers2", "hit, one Redis, `--workers 2`"),
+        "", f"- cluster / single req/s: **{ratio_cluster:.2f}**",
+        f"- 2 workers / 1 worker req/s: **{ratio_workers:.2f}** on this 2-core machine", "",
+        "Commands: " + "; ".join(shlex.quote(r.command) for r in (results["single"][0], results["workers2"][0])),
+    ]
+    out = common.RESULTS_DIR / "cluster_vs_single.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
