@@ -923,6 +923,12 @@ def machine_description(*, redis_binary: str | None = None,
     return facts
 
 
+def results_preamble(title: str, facts: dict[str, str], command: str, notes: Sequence[str] = ()) -> list[str]:
+    """The head of a results file: title, the setup facts, notes, and the command that produced it."""
+    return [f"# {title}", "", *(f"- {k}: {v}" for k, v in facts.items()), *(f"- {note}" for note in notes), "",
+            "Command:", "", "```", command, "```", ""]
+
+
 # -- statistics ----------------------------------------------------------------------------------
 
 

@@ -179,6 +179,7 @@ class CacheMiddleware:
         self.metrics = Metrics()
         self._budget = 0.05
         self._remote = False  # only a remote store needs a time budget and a breaker
+        self._bounded = False  # the store keeps the time budget itself: no deadline of ours around its calls
         self._warned_corrupt = False
         self.store_errors = 0
         self.loop_lag_timeouts = 0
@@ -227,6 +228,7 @@ class CacheMiddleware:
         self._lock_timeout = settings.lock_timeout
         self._budget = settings.store_timeout
         self._remote = not isinstance(self.store, MemoryStore)
+        self._bounded = bool(getattr(self.store, "bounded", False))
         self._shard = self.store.shard if getattr(self.store, "cluster", False) else None  # type: ignore[attr-defined]
         if self._custom_identity is None:
             session = SessionIdentity(settings.session_cookie)
@@ -618,9 +620,12 @@ class CacheMiddleware:
             return None, True
         began = time.perf_counter()
         try:
-            # Our own budget, whatever the driver's timeouts and retries are.
-            with anyio.fail_after(self._budget):
+            if self._bounded:
                 value = await store.get(key)
+            else:
+                # Our own budget, whatever the driver's timeouts and retries are.
+                with anyio.fail_after(self._budget):
+                    value = await store.get(key)
         except (StoreError, TimeoutError) as exc:
             self._store_failed(breaker, exc, began)
             return None, True
@@ -641,8 +646,11 @@ class CacheMiddleware:
         token = secrets.token_hex(8)
         began = time.perf_counter()
         try:
-            with anyio.fail_after(self._budget):
+            if self._bounded:
                 result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys, token)
+            else:
+                with anyio.fail_after(self._budget):
+                    result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys, token)
         except (StoreError, TimeoutError) as exc:
             self._store_failed(breaker, exc, began)
             # Redis may have taken the lock after we stopped waiting: release it (if it is

@@ -357,6 +357,11 @@ async def test_redis_unreachable_from_the_start_fails_fast(redis_server: RedisSe
         await store.aclose()
 
 
+def _timed_out(error: StoreError) -> bool:
+    """A timeout, whether the pipelined connection's own or redis-py's."""
+    return isinstance(error, TimeoutError) or isinstance(error.__cause__, redis.exceptions.TimeoutError)
+
+
 async def test_redis_frozen_server_times_out_and_no_stale_reply(
     redis_store: RedisStore, redis_server: RedisServer
 ) -> None:
@@ -366,7 +371,7 @@ async def test_redis_frozen_server_times_out_and_no_stale_reply(
     try:
         with anyio.fail_after(1), pytest.raises(StoreError) as info:
             await redis_store.get("k1")
-        assert isinstance(info.value.__cause__, redis.exceptions.TimeoutError)
+        assert _timed_out(info.value)
     finally:
         redis_server.resume()
     # The frozen server now answers the GET k1 it had queued; that reply must not be
@@ -422,7 +427,7 @@ async def test_redis_busy_server_times_out_and_no_stale_reply(
                 try:
                     assert await redis_store.get("k1") == b"a"
                 except StoreError as exc:
-                    assert isinstance(exc.__cause__, redis.exceptions.TimeoutError)
+                    assert _timed_out(exc)
                     break
             assert time.monotonic() < deadline, "the server never seemed busy"
     assert await redis_store.get("k2") == b"b"

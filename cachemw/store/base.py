@@ -14,11 +14,15 @@ from typing import Protocol, runtime_checkable
 import anyio
 from anyio.abc import TaskStatus
 
-__all__ = ["FillWaiter", "LockResult", "Notifications", "Store", "StoreError"]
+__all__ = ["FillWaiter", "LockResult", "Notifications", "Store", "StoreError", "StoreTimeout"]
 
 
 class StoreError(Exception):
     """The store could not answer (down, slow, refused, full, or misused)."""
+
+
+class StoreTimeout(StoreError, TimeoutError):
+    """The store did not answer within its time budget (a store that keeps the budget itself raises it)."""
 
 
 LockResult = tuple["str | None", "bytes | None", tuple[int, ...]]

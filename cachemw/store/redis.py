@@ -39,13 +39,14 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from cachemw.store.base import LockResult, Notifications, StoreError
+from cachemw.store.pipeline import PipelinedRedis
 
 __all__ = ["RedisClients", "RedisStore", "close_client", "redis_clients"]
 
@@ -174,14 +175,17 @@ class RedisClients:
       Sentinel master whose reads may wait ``socket_timeout`` seconds (None: for ever),
       for subscriptions and blocking reads; its caller closes it (``close_client``);
     - ``aclose()``: closes ``client`` and what else was opened for it (the
-      connections that ask the sentinels).
+      connections that ask the sentinels);
+    - ``pipelined``: on one server over TCP or a Unix socket, the auto-pipelining
+      connection the request path's commands take (None for TLS, Cluster, Sentinel).
     """
 
-    __slots__ = ("also_close", "blocking_client", "client", "cluster")
+    __slots__ = ("also_close", "blocking_client", "client", "cluster", "pipelined")
 
     def __init__(self, client: Redis | RedisCluster, blocking_client: Callable[[float | None], Redis | RedisCluster],
-                 also_close: Sequence[Any] = ()) -> None:
+                 also_close: Sequence[Any] = (), pipelined: PipelinedRedis | None = None) -> None:
         self.client = client
+        self.pipelined = pipelined
         self.blocking_client = blocking_client
         self.also_close = list(also_close)
         self.cluster = isinstance(client, RedisCluster)
@@ -224,7 +228,20 @@ def redis_clients(url: str, *, timeout: float, max_connections: int = 256) -> Re
     # Values are opaque bytes, whatever the URL says.
     kwargs["decode_responses"] = False
     client = Redis(connection_pool=BlockingConnectionPool(**kwargs))
-    return RedisClients(client, lambda socket_timeout: _blocking_twin(client, socket_timeout))
+    return RedisClients(client, lambda socket_timeout: _blocking_twin(client, socket_timeout),
+                        pipelined=_pipelined(kwargs, timeout))
+
+
+def _pipelined(kwargs: dict[str, Any], timeout: float) -> PipelinedRedis | None:
+    """The request path's connection for a plain TCP or Unix socket server; TLS stays on redis-py."""
+    connection_class = kwargs.get("connection_class", Connection)
+    common: dict[str, Any] = {"db": int(kwargs.get("db") or 0), "username": kwargs.get("username"),
+                              "password": kwargs.get("password"), "timeout": timeout}
+    if connection_class is UnixDomainSocketConnection:
+        return PipelinedRedis(path=kwargs["path"], **common)
+    if connection_class is Connection:
+        return PipelinedRedis(host=kwargs.get("host", "localhost"), port=int(kwargs.get("port", 6379)), **common)
+    return None
 
 
 def _blocking_twin(client: Redis, socket_timeout: float | None) -> Redis:
@@ -294,14 +311,17 @@ class RedisStore:
     """
 
     __slots__ = ("_also_close", "_client", "_fill_all", "_gate", "_listener_client", "_listening", "_lock_all",
-                 "_unlock_script", "channel",
+                 "_pipelined", "_unlock_script", "bounded", "channel",
                  "cluster", "invalidation_channel", "notifications")
 
     def __init__(self, client: Redis | RedisCluster, *, channel: str = DEFAULT_CHANNEL,
                  invalidation_channel: str = DEFAULT_INVALIDATION_CHANNEL,
                  listener_client: Callable[[], Redis | RedisCluster] | None = None,
-                 max_connections: int = 256) -> None:
+                 max_connections: int = 256, pipelined: PipelinedRedis | None = None) -> None:
         self._client: Any = client
+        self._pipelined = pipelined if not isinstance(client, RedisCluster) else None
+        # The pipelined connection keeps the time budget itself: callers need no timeout of their own.
+        self.bounded = self._pipelined is not None
         self._listener_client = listener_client or self._default_listener_client
         self.cluster = isinstance(client, RedisCluster)
         # redis-py's cluster client raises at once when a node's pool is full; wait for a
@@ -327,7 +347,7 @@ class RedisStore:
         """
         clients = redis_clients(url, timeout=timeout, max_connections=max_connections)
         store = cls(clients.client, listener_client=lambda: clients.blocking_client(None),
-                    max_connections=max_connections)
+                    max_connections=max_connections, pipelined=clients.pipelined)
         store._also_close = list(clients.also_close)
         return store
 
@@ -354,6 +374,12 @@ class RedisStore:
         return self._client
 
     async def get(self, key: str) -> bytes | None:
+        pipelined = self._pipelined
+        if pipelined is not None:
+            value = await pipelined.get(key)
+            if value is not None and not isinstance(value, bytes):
+                raise StoreError(f"redis GET answered {type(value).__name__}")
+            return value
         try:
             if self._gate is None:
                 value = await self._client.get(key)
@@ -400,8 +426,8 @@ class RedisStore:
         token = token or secrets.token_hex(8)
         if not self.cluster:
             try:
-                taken, value, generations = await self._lock_all(
-                    keys=[key, _lock_key(key), *generation_keys], args=[token, _millis(ttl)])
+                taken, value, generations = await self._script(
+                    self._lock_all, [key, _lock_key(key), *generation_keys], [token, _millis(ttl)])
             except _DRIVER_ERRORS as exc:
                 raise StoreError(f"redis lock failed: {exc!r}") from exc
             return ((token if taken else None), value if isinstance(value, bytes) else None,
@@ -429,10 +455,10 @@ class RedisStore:
         expires = now + ttl
         if not self.cluster:
             try:
-                stored = await self._fill_all(
-                    keys=[key, _lock_key(key), *tag_sets, *generation_keys],
-                    args=[value, _millis(ttl), token or "", self.channel, now, expires, _millis(ttl + 60),
-                          len(tag_sets), *(str(g) for g in generations)])
+                stored = await self._script(
+                    self._fill_all, [key, _lock_key(key), *tag_sets, *generation_keys],
+                    [value, _millis(ttl), token or "", self.channel, now, expires, _millis(ttl + 60),
+                     len(tag_sets), *(str(g) for g in generations)])
             except _DRIVER_ERRORS as exc:
                 raise StoreError(f"redis fill failed: {exc!r}") from exc
             return bool(stored)
@@ -455,9 +481,16 @@ class RedisStore:
     async def unlock(self, key: str, token: str) -> None:
         try:
             # Waiters are woken too: they find no entry and call the app themselves at once.
-            await self._unlock_script(keys=[_lock_key(key)], args=[token, self.channel, key])
+            await self._script(self._unlock_script, [_lock_key(key)], [token, self.channel, key])
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis unlock failed: {exc!r}") from exc
+
+    async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """A registered script, on the pipelined connection when there is one."""
+        pipelined = self._pipelined
+        if pipelined is None:
+            return await script(keys=keys, args=args)
+        return await pipelined.evalsha(script.sha, script.script, keys, args)
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
         try:
@@ -560,6 +593,8 @@ class RedisStore:
             self.notifications.invalidated(tags)
 
     async def aclose(self) -> None:
+        if self._pipelined is not None:
+            await self._pipelined.aclose()
         try:
             await close_client(self._client)
             for other in self._also_close:

@@ -1,0 +1,273 @@
+"""An auto-pipelining Redis connection for the request path (one server, TCP or Unix socket).
+
+redis-py spends ~50 µs of CPU per command on the request path (a pooled connection
+checked out and back, retry and timeout wrappers, a stream writer and reader per
+call), several times what the rest of a cache hit costs. Here every command of the
+event loop goes over one connection: commands issued in the same loop iteration
+leave in one write, replies are parsed by hiredis and matched to their callers in
+order. That is all the request path needs (GET, EVALSHA); everything else stays on
+redis-py.
+
+Time budget: each command carries a deadline; one timer (re-armed, never one per
+command) fails the overdue ones with ``StoreTimeout``. A late reply is still read and
+dropped in order, so it can never answer another command. A connection whose oldest
+overdue command stays unanswered for ``stuck_after`` seconds (a frozen or paused
+server) is closed, failing everything in flight; the next command reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # redis-py brings async-timeout on 3.10
+    from async_timeout import timeout as _timeout  # type: ignore[import-not-found,unused-ignore]
+
+from cachemw.store.base import StoreError, StoreTimeout
+
+__all__ = ["PipelinedRedis", "encode_command"]
+
+_MAX_IN_FLIGHT = 20_000  # beyond this the server is not keeping up: fail at once, don't queue
+
+
+def encode_command(args: Sequence[bytes | str | int | float]) -> bytes:
+    """RESP array of bulk strings, what redis-server reads."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        else:
+            data = repr(arg).encode()  # int or float: exact, round-trips
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Connection(asyncio.Protocol):
+    """One socket: a write buffer flushed once per loop iteration, and the callers awaiting replies in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stuck_after: float) -> None:
+        self.loop = loop
+        self.stuck_after = stuck_after
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(notEnoughData=False)
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.outgoing: list[bytes] = []
+        self.flush_scheduled = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.overdue = 0  # how many of the oldest in ``waiting`` are past their deadline (and failed)
+        self.closed = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:  # not Redis on the other end, or a corrupted stream
+                self.close(StoreError(f"redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if not waiting:
+                self.close(StoreError("redis sent a reply nobody asked for"))
+                return
+            future = waiting.popleft()[0]
+            if self.overdue:
+                self.overdue -= 1
+            if not future.done():  # else it timed out or its caller went away: the reply is dropped
+                if isinstance(reply, hiredis.ReplyError):
+                    future.set_exception(_reply_error(reply))
+                else:
+                    future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(StoreError(f"redis connection lost: {exc!r}" if exc else "redis closed the connection"))
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
+        if self.closed:
+            raise StoreError("redis connection closed")
+        if len(self.waiting) >= _MAX_IN_FLIGHT:
+            raise StoreError(f"{_MAX_IN_FLIGHT} redis commands in flight: the server is not keeping up")
+        future = self.loop.create_future()
+        self.waiting.append((future, deadline))
+        self.outgoing.append(command)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        timer = self.timer
+        if timer is None:
+            self.timer = self.loop.call_at(deadline, self._expire)
+        elif timer.when() > deadline:  # armed for an overdue head's stuck check, later than this one
+            timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._expire)
+        return future
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.closed or self.transport is None:
+            return
+        outgoing, self.outgoing = self.outgoing, []
+        self.transport.write(b"".join(outgoing))
+
+    def _expire(self) -> None:
+        """Fail what is overdue; close the connection when the server has stopped answering."""
+        self.timer = None
+        now = self.loop.time()
+        waiting = self.waiting
+        for future, deadline in itertools.islice(waiting, self.overdue, None):
+            if deadline > now:
+                break
+            self.overdue += 1
+            if not future.done():
+                future.set_exception(StoreTimeout("redis did not answer within the time budget"))
+        if not waiting:
+            return
+        head = waiting[0][1]
+        if not self.overdue:
+            self.timer = self.loop.call_at(head, self._expire)
+            return
+        if now - head >= self.stuck_after:
+            self.close(StoreTimeout(f"redis has not answered for {now - head:.1f} s; connection closed"))
+            return
+        next_at = head + self.stuck_after
+        if self.overdue < len(waiting):
+            next_at = min(next_at, waiting[self.overdue][1])
+        self.timer = self.loop.call_at(next_at, self._expire)
+
+    def close(self, error: StoreError) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        waiting, self.waiting = self.waiting, collections.deque()
+        for future, _ in waiting:
+            if not future.done():
+                future.set_exception(error)
+        self.outgoing = []
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _reply_error(reply: hiredis.ReplyError) -> StoreError:
+    message = str(reply)
+    if message.startswith("NOSCRIPT"):
+        return NoScript(message)
+    return StoreError(f"redis error: {message}")
+
+
+def _retrieve(attempt: asyncio.Future[Any]) -> None:
+    """A connection attempt every caller gave up on still has its error read (no "never retrieved" noise)."""
+    if not attempt.cancelled():
+        attempt.exception()
+
+
+class NoScript(StoreError):
+    """EVALSHA of a script the server does not have (yet, or any more after a restart)."""
+
+
+class PipelinedRedis:
+    """Commands to one Redis server over one shared, auto-pipelined connection, each within ``timeout``.
+
+    ``host``/``port`` or a Unix socket ``path``; ``username``/``password`` for AUTH,
+    ``db`` for SELECT. Connects on first use and again after a failure; every error
+    (refused, lost, timed out, an error reply) is a ``StoreError``.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 6379, path: str | None = None, db: int = 0,
+                 username: str | None = None, password: str | None = None, timeout: float = 0.05,
+                 stuck_after: float = 1.0) -> None:
+        self.host, self.port, self.path = host, port, path
+        self.timeout = timeout
+        self.stuck_after = max(stuck_after, timeout)
+        self._hello: list[bytes] = []
+        if password is not None:
+            auth = ["AUTH", username, password] if username else ["AUTH", password]
+            self._hello.append(encode_command(auth))
+        if db:
+            self._hello.append(encode_command(["SELECT", db]))
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+        self._scripts: dict[str, bytes] = {}
+
+    async def execute(self, command: bytes) -> Any:
+        """The reply to an encoded command (see ``encode_command``)."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        return await connection.send(command, connection.loop.time() + self.timeout)
+
+    async def get(self, key: str) -> bytes | None:
+        data = key.encode()
+        return await self.execute(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(data), data))  # type: ignore[no-any-return]
+
+    async def evalsha(self, sha: str, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]
+                      ) -> Any:
+        """Run a script by its digest; sent once in full when the server does not know it."""
+        try:
+            return await self.execute(encode_command(["EVALSHA", sha, len(keys), *keys, *args]))
+        except NoScript:
+            return await self.execute(encode_command(["EVAL", script, len(keys), *keys, *args]))
+
+    async def _connect(self) -> _Connection:
+        connecting = self._connecting
+        if connecting is None or connecting.done():
+            connecting = self._connecting = asyncio.ensure_future(self._open())
+            connecting.add_done_callback(_retrieve)
+        # Shielded: a caller that gives up does not cancel the attempt the others wait on.
+        try:
+            return await asyncio.wait_for(asyncio.shield(connecting), self.timeout)
+        except asyncio.TimeoutError:
+            raise StoreTimeout("connecting to redis took longer than the time budget") from None
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        connection: _Connection | None = None
+        try:
+            async with _timeout(max(self.timeout, 1.0)):
+                if self.path is not None:
+                    _, connection = await loop.create_unix_connection(
+                        lambda: _Connection(loop, self.stuck_after), self.path)
+                else:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(loop, self.stuck_after), self.host, self.port)
+                for command in self._hello:
+                    await connection.send(command, loop.time() + max(self.timeout, 1.0))
+        except BaseException as exc:
+            if connection is not None:
+                connection.close(StoreError("connection setup failed"))
+            if isinstance(exc, (OSError, asyncio.TimeoutError)):
+                raise StoreError(f"connecting to redis failed after {time.monotonic() - started:.3f} s: "
+                                 f"{exc!r}") from exc
+            raise
+        self._connection = connection
+        return connection
+
+    async def aclose(self) -> None:
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close(StoreError("closed"))

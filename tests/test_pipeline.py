@@ -1,0 +1,249 @@
+"""The request path's auto-pipelining Redis connection, against a real redis-server."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from cachemw.store import RedisStore, StoreError
+from cachemw.store.base import StoreTimeout
+from cachemw.store.pipeline import PipelinedRedis, encode_command
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # an asyncio Protocol: the Redis store is asyncio-only, as redis-py is
+
+
+def _connection(server: RedisServer, **options: object) -> PipelinedRedis:
+    return PipelinedRedis(host="127.0.0.1", port=server.port, **options)  # type: ignore[arg-type]
+
+
+def test_encode_command_is_resp() -> None:
+    assert encode_command(["SET", b"k\r\n", 12, 0.5]) == b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n$3\r\n0.5\r\n"
+
+
+async def test_concurrent_commands_each_get_their_own_reply(redis_url: str, redis_server: RedisServer) -> None:
+    with redis_server.client() as setup:
+        setup.mset({f"k{i}": f"v{i}" for i in range(500)})
+    client = _connection(redis_server)
+    try:
+        replies: dict[int, bytes | None] = {}
+
+        async def get(i: int) -> None:
+            replies[i] = await client.get(f"k{i}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(600):  # 100 of them absent
+                tg.start_soon(get, i)
+        assert replies == {i: (f"v{i}".encode() if i < 500 else None) for i in range(600)}
+    finally:
+        await client.aclose()
+
+
+async def test_a_frozen_server_times_out_in_budget_then_closes_and_reconnects(
+        redis_url: str, redis_server: RedisServer) -> None:
+    with redis_server.client() as setup:
+        setup.set("k1", "a")
+        setup.set("k2", "b")
+    client = _connection(redis_server, timeout=0.05, stuck_after=0.3)
+    try:
+        assert await client.get("k1") == b"a"
+        redis_server.pause()
+        try:
+            started = anyio.current_time()
+            with pytest.raises(StoreTimeout):
+                await client.get("k1")
+            assert anyio.current_time() - started < 0.5  # the budget, not a hang
+            # Later commands keep their own budget while the first one is overdue.
+            with pytest.raises(StoreTimeout):
+                await client.get("k2")
+            first = client._connection
+            assert first is not None
+            with anyio.fail_after(2):  # the stuck connection is given up after stuck_after
+                while not first.closed:
+                    await anyio.sleep(0.01)
+        finally:
+            redis_server.resume()
+        # A new connection: the frozen one's late replies can't answer these.
+        assert await client.get("k2") == b"b"
+        assert await client.get("k1") == b"a"
+    finally:
+        await client.aclose()
+
+
+async def test_late_replies_are_dropped_in_order(redis_url: str, redis_server: RedisServer) -> None:
+    with redis_server.client() as setup:
+        setup.set("slow", "late")
+        setup.set("next", "right")
+    client = _connection(redis_server, timeout=0.05, stuck_after=5)
+    try:
+        async def debug_sleep() -> None:
+            await client.execute(encode_command(["DEBUG", "SLEEP", "0.2"]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_swallow, debug_sleep())
+            await anyio.sleep(0.01)
+            with pytest.raises(StoreTimeout):
+                await client.get("slow")  # queued behind the sleep: overdue
+        with redis_server.client() as other:
+            await anyio.to_thread.run_sync(other.ping)  # answered once the sleep is over
+        assert await client.get("next") == b"right"  # same connection, after the late reply to "slow"
+    finally:
+        await client.aclose()
+
+
+async def _swallow(call: object) -> None:
+    with contextlib.suppress(StoreError):
+        await call  # type: ignore[misc]
+
+
+async def test_a_cancelled_caller_does_not_shift_replies(redis_url: str, redis_server: RedisServer) -> None:
+    with redis_server.client() as setup:
+        setup.set("a", "1")
+        setup.set("b", "2")
+    client = _connection(redis_server)
+    try:
+        with anyio.move_on_after(0):  # cancelled before its reply arrives
+            await client.get("a")
+        assert await client.get("b") == b"2"
+        assert await client.get("a") == b"1"
+    finally:
+        await client.aclose()
+
+
+async def test_a_killed_server_fails_in_flight_commands_and_a_restart_reconnects(
+        redis_url: str, redis_server: RedisServer) -> None:
+    client = _connection(redis_server, timeout=0.2)
+    try:
+        assert await client.get("k") is None
+        redis_server.stop()
+        with pytest.raises(StoreError):
+            await client.get("k")
+        with pytest.raises(StoreError):
+            await client.get("k")  # refused: still a StoreError, fast
+        redis_server.start()
+        with redis_server.client() as setup:
+            setup.set("k", "back")
+        assert await client.get("k") == b"back"
+    finally:
+        await client.aclose()
+
+
+async def test_auth_and_db_from_the_url(redis_url: str, redis_server: RedisServer) -> None:
+    with redis_server.client() as setup:
+        setup.execute_command("ACL", "SETUSER", "cachemw-test", "on", ">s3cret", "~*", "&*", "+@all")
+        setup.select(3)
+        setup.set("k", "in db 3")
+    try:
+        url = f"redis://cachemw-test:s3cret@127.0.0.1:{redis_server.port}/3"
+        store = RedisStore.from_url(url, timeout=0.2)
+        assert store.bounded
+        try:
+            assert await store.get("k") == b"in db 3"
+        finally:
+            await store.aclose()
+        wrong = RedisStore.from_url(f"redis://cachemw-test:wrong@127.0.0.1:{redis_server.port}/3", timeout=0.2)
+        try:
+            with pytest.raises(StoreError):
+                await wrong.get("k")
+        finally:
+            await wrong.aclose()
+    finally:
+        with redis_server.client() as setup:
+            setup.execute_command("ACL", "DELUSER", "cachemw-test")
+            setup.select(3)
+            setup.flushdb()
+
+
+async def test_unix_socket_url(redis_url: str, redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.unix_url, timeout=0.2)
+    try:
+        assert store.bounded
+        await store.set("k", b"v", 60)
+        assert await store.get("k") == b"v"
+    finally:
+        await store.aclose()
+
+
+async def test_scripts_survive_a_script_flush(redis_url: str, redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_url, timeout=0.2)
+    try:
+        token, value, generations = await store.lock("e", 5, ["g1"], "t1")
+        assert (token, value, generations) == ("t1", None, (0,))
+        with redis_server.client() as setup:
+            setup.script_flush()  # as after a restart or failover: EVALSHA now answers NOSCRIPT
+        assert await store.fill("e", b"entry", 60, "t1", [], ["g1"], [0]) is True
+        assert await store.get("e") == b"entry"
+    finally:
+        await store.aclose()
+
+
+async def test_a_wrong_type_under_a_key_is_an_error_not_a_crash(redis_url: str, redis_server: RedisServer) -> None:
+    with redis_server.client() as setup:
+        setup.rpush("listkey", "x")
+    store = RedisStore.from_url(redis_url, timeout=0.2)
+    try:
+        with pytest.raises(StoreError, match="WRONGTYPE"):
+            await store.get("listkey")
+        assert await store.get("missing") is None  # the connection is still in step
+    finally:
+        await store.aclose()
+
+
+@pytest.fixture
+def not_redis() -> Iterator[int]:
+    """A TCP server that answers anything with a line that is not RESP."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+async def test_a_server_that_is_not_redis_is_a_store_error(not_redis: int) -> None:
+    client = PipelinedRedis(host="127.0.0.1", port=not_redis, timeout=0.5)
+    try:
+        with pytest.raises(StoreError):
+            await client.get("k")
+    finally:
+        await client.aclose()
+
+
+async def test_tls_cluster_and_sentinel_urls_stay_on_redis_py() -> None:
+    for url in ("rediss://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1,127.0.0.1:2"):
+        store = RedisStore.from_url(url, timeout=0.05)
+        try:
+            assert not store.bounded
+        finally:
+            await store.aclose()
