@@ -300,8 +300,11 @@ class Supervisor:
     async def _run(self, job: _Job, counters: JobCounters) -> None:
         for attempt in range(job.retries + 1):
             try:
-                with anyio.fail_after(job.timeout):
+                if job.timeout == math.inf:  # bounded by itself (a store call with its own budget): no cancel scope
                     await job.function(*job.args)
+                else:
+                    with anyio.fail_after(job.timeout):
+                        await job.function(*job.args)
             except Exception as exc:  # the barrier: one job's failure never reaches the others
                 if attempt < job.retries:
                     await anyio.sleep(min(self.retry_backoff * math.pow(2, attempt), 30.0))

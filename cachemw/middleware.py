@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -104,25 +103,35 @@ class _Plan:
 
 
 class _Flight:
-    """One in-process fill of a key that other requests for the key wait on."""
+    """One in-process fill of a key that other requests for the key wait on.
 
-    __slots__ = ("done", "entry", "failed")
+    The event is made only when a second request waits: most fills have nobody
+    waiting, and making an anyio Event costs a backend lookup.
+    """
+
+    __slots__ = ("_done", "_event", "entry", "failed")
 
     def __init__(self) -> None:
-        self.done = anyio.Event()
+        self._done = False
+        self._event: anyio.Event | None = None
         self.entry: Entry | None = None
         self.failed = False
 
     def finish(self, entry: Entry | None, failed: bool = False) -> None:
-        if not self.done.is_set():
+        if not self._done:
+            self._done = True
             self.entry = entry
             self.failed = failed
-            self.done.set()
+            if self._event is not None:
+                self._event.set()
 
     async def wait(self, timeout: float) -> bool:
-        with anyio.move_on_after(timeout):
-            await self.done.wait()
-        return self.done.is_set()
+        if not self._done:
+            if self._event is None:
+                self._event = anyio.Event()
+            with anyio.move_on_after(timeout):
+                await self._event.wait()
+        return self._done
 
 
 class CacheMiddleware:
@@ -180,6 +189,7 @@ class CacheMiddleware:
         self._budget = 0.05
         self._remote = False  # only a remote store needs a time budget and a breaker
         self._bounded = False  # the store keeps the time budget itself: no deadline of ours around its calls
+        self._store_job_timeout: float | None = None
         self._warned_corrupt = False
         self.store_errors = 0
         self.loop_lag_timeouts = 0
@@ -229,6 +239,8 @@ class CacheMiddleware:
         self._budget = settings.store_timeout
         self._remote = not isinstance(self.store, MemoryStore)
         self._bounded = bool(getattr(self.store, "bounded", False))
+        # Fills and lock releases are store calls: a store that keeps its own budget needs no job timeout.
+        self._store_job_timeout = math.inf if self._bounded or not self._remote else None
         self._shard = self.store.shard if getattr(self.store, "cluster", False) else None  # type: ignore[attr-defined]
         if self._custom_identity is None:
             session = SessionIdentity(settings.session_cookie)
@@ -496,7 +508,7 @@ class CacheMiddleware:
             return None, True
         entry = responder.entry(tags=plan.tags)
         if entry is None or plan.generations is None or not self.supervisor.submit(
-                "fill", self._fill, plan, entry, key=plan.key):
+                "fill", self._fill, plan, entry, key=plan.key, timeout=self._store_job_timeout):
             self._release(plan.key, plan.token)
         self._log(plan.match, plan.key, "MISS", responder.status, origin_time, started, responder.size)
         return entry, responder.status >= 500
@@ -639,11 +651,11 @@ class CacheMiddleware:
         if store is None:
             return None
         if not self._remote:
-            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys, secrets.token_hex(8))
+            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys, os.urandom(8).hex())
         breaker = self._breaker(plan.key)
         if not breaker.allow(time.monotonic()):
             return None
-        token = secrets.token_hex(8)
+        token = os.urandom(8).hex()
         began = time.perf_counter()
         try:
             if self._bounded:
@@ -754,7 +766,7 @@ class CacheMiddleware:
 
     def _release(self, key: str, token: str | None) -> None:
         if token is not None:
-            self.supervisor.submit("unlock", self._unlock, key, token, key=key)
+            self.supervisor.submit("unlock", self._unlock, key, token, key=key, timeout=self._store_job_timeout)
 
     # -- bypass and logging ----------------------------------------------------------------------
 

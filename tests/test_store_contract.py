@@ -432,3 +432,34 @@ async def test_redis_busy_server_times_out_and_no_stale_reply(
             assert time.monotonic() < deadline, "the server never seemed busy"
     assert await redis_store.get("k2") == b"b"
     assert await redis_store.get("k1") == b"a"
+
+
+async def test_fills_are_announced_only_when_another_process_waits(redis_store: RedisStore,
+                                                                    redis_server: RedisServer) -> None:
+    """Announcing every fill would make every subscriber read every fill; only waiters need to hear."""
+    with redis_server.client() as raw, raw.pubsub() as pubsub:
+        pubsub.subscribe(redis_store.channel)
+        assert pubsub.get_message(timeout=1)["type"] == "subscribe"
+
+        token, _, generations = await redis_store.lock("alone", 5, ["g"])
+        assert token is not None
+        assert await redis_store.fill("alone", b"v", 60, token, [], ["g"], generations)
+
+        token, _, generations = await redis_store.lock("awaited", 5, ["g"])
+        assert token is not None
+        other, _, _ = await redis_store.lock("awaited", 5, ["g"])  # another process finds it taken: it waits
+        assert other is None
+        assert await redis_store.fill("awaited", b"v", 60, token, [], ["g"], generations)
+
+        token, _, _ = await redis_store.lock("given-up", 5, ["g"])
+        assert token is not None
+        assert (await redis_store.lock("given-up", 5, ["g"]))[0] is None
+        await redis_store.unlock("given-up", token)  # released without a fill: the waiter must hear it too
+
+        heard = []
+        deadline = time.monotonic() + 2
+        while len(heard) < 2 and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None and message["type"] == "message":
+                heard.append(message["data"])
+        assert heard == [b"awaited", b"given-up"]  # nothing for "alone"

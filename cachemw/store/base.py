@@ -31,40 +31,52 @@ what the key holds now, ``generations`` the current values of the generation key
 
 
 class FillWaiter:
-    """Registered before a lock attempt, so a fill announced meanwhile is not missed."""
+    """Registered before a lock attempt, so a fill announced meanwhile is not missed.
 
-    __slots__ = ("_event", "_key", "_registry")
+    The event is made only when someone actually waits: most lock attempts take the
+    lock, and an anyio Event costs a backend lookup to make.
+    """
 
-    def __init__(self, registry: dict[str, set[anyio.Event]], key: str) -> None:
+    __slots__ = ("_event", "_fired", "_key", "_registry")
+
+    def __init__(self, registry: dict[str, set[FillWaiter]], key: str) -> None:
         self._registry = registry
         self._key = key
-        self._event = anyio.Event()
-        registry.setdefault(key, set()).add(self._event)
+        self._fired = False
+        self._event: anyio.Event | None = None
+        registry.setdefault(key, set()).add(self)
+
+    def fire(self) -> None:
+        self._fired = True
+        if self._event is not None:
+            self._event.set()
 
     async def wait(self, timeout: float) -> bool:
         """True if a fill of the key was announced within ``timeout`` seconds."""
-        with anyio.move_on_after(timeout):
-            await self._event.wait()
-        return self._event.is_set()
+        if not self._fired:
+            self._event = event = anyio.Event()
+            with anyio.move_on_after(timeout):
+                await event.wait()
+        return self._fired
 
     def close(self) -> None:
-        events = self._registry.get(self._key)
-        if events is not None:
-            events.discard(self._event)
-            if not events:
+        waiters = self._registry.get(self._key)
+        if waiters is not None:
+            waiters.discard(self)
+            if not waiters:
                 del self._registry[self._key]
 
 
-def wake(registry: dict[str, set[anyio.Event]], key: str) -> None:
-    for event in registry.pop(key, ()):
-        event.set()
+def wake(registry: dict[str, set[FillWaiter]], key: str) -> None:
+    for waiter in registry.pop(key, ()):
+        waiter.fire()
 
 
 class Notifications:
     """What a store hears from other processes (or its own): fills, invalidations, losing the line."""
 
     def __init__(self) -> None:
-        self.waiters: dict[str, set[anyio.Event]] = {}
+        self.waiters: dict[str, set[FillWaiter]] = {}
         self.on_invalidate: list[Callable[[Sequence[str]], None]] = []
         self.on_lost: list[Callable[[], None]] = []
         self.on_connected: list[Callable[[], None]] = []

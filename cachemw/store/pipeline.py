@@ -40,17 +40,12 @@ _MAX_IN_FLIGHT = 20_000  # beyond this the server is not keeping up: fail at onc
 
 
 def encode_command(args: Sequence[bytes | str | int | float]) -> bytes:
-    """RESP array of bulk strings, what redis-server reads."""
-    parts = [b"*%d\r\n" % len(args)]
+    """RESP array of bulk strings, what redis-server reads (ints and floats as their exact ``str``)."""
+    chunks = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        else:
-            data = repr(arg).encode()  # int or float: exact, round-trips
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+        data = arg if type(arg) is bytes else str(arg).encode()
+        chunks.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(chunks)
 
 
 class _Connection(asyncio.Protocol):

@@ -57,17 +57,21 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_CHANNEL = "cachemw:fills"
 DEFAULT_INVALIDATION_CHANNEL = "cachemw:invalidations"
 
-# The entry and its lock share the key's hash tag, so each script stays in one slot.
+# The entry, its lock and its "someone waits" flag share the key's hash tag, so each
+# script stays in one slot. A lock attempt that finds the lock taken raises the flag; a
+# fill or release announces itself only when the flag is up: with nobody waiting (the
+# common case) no message goes out, and no subscriber anywhere has to read one.
 _LOCK_SCRIPT = """
 local value = redis.call('GET', KEYS[1])
 local taken = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 if taken then return {1, value} end
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 return {0, value}
 """
 _FILL_SCRIPT = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-redis.call('PUBLISH', ARGV[4], KEYS[1])
+if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
 return 1
 """
 # A tag's index: entry keys scored by expiry; expired members are dropped on every
@@ -84,35 +88,36 @@ return 1
 _LOCK_ALL_SCRIPT = """
 local value = redis.call('GET', KEYS[1])
 local taken = 0
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then taken = 1 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then taken = 1
+else redis.call('SET', KEYS[3], '1', 'PX', ARGV[2]) end
 local generations = {}
-for i = 3, #KEYS do generations[#generations + 1] = redis.call('GET', KEYS[i]) or '0' end
+for i = 4, #KEYS do generations[#generations + 1] = redis.call('GET', KEYS[i]) or '0' end
 return {taken, value or false, generations}
 """
 _FILL_ALL_SCRIPT = """
 local tags = tonumber(ARGV[8])
-for i = 1, #KEYS - 2 - tags do
-  if (redis.call('GET', KEYS[2 + tags + i]) or '0') ~= ARGV[8 + i] then
+for i = 1, #KEYS - 3 - tags do
+  if (redis.call('GET', KEYS[3 + tags + i]) or '0') ~= ARGV[8 + i] then
     if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-    redis.call('PUBLISH', ARGV[4], KEYS[1])
+    if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
     return 0
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 for i = 1, tags do
-  local index = KEYS[2 + i]
+  local index = KEYS[3 + i]
   redis.call('ZADD', index, ARGV[6], KEYS[1])
   redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[5])
   if redis.call('PTTL', index) < tonumber(ARGV[7]) then redis.call('PEXPIRE', index, ARGV[7]) end
 end
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-redis.call('PUBLISH', ARGV[4], KEYS[1])
+if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
 return 1
 """
 _UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
   return 1
 end
 return 0
@@ -121,6 +126,10 @@ return 0
 
 def _lock_key(key: str) -> str:
     return key + ":lock"
+
+
+def _wait_key(key: str) -> str:
+    return key + ":wait"
 
 
 class _Gate:
@@ -427,7 +436,7 @@ class RedisStore:
         if not self.cluster:
             try:
                 taken, value, generations = await self._script(
-                    self._lock_all, [key, _lock_key(key), *generation_keys], [token, _millis(ttl)])
+                    self._lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys], [token, _millis(ttl)])
             except _DRIVER_ERRORS as exc:
                 raise StoreError(f"redis lock failed: {exc!r}") from exc
             return ((token if taken else None), value if isinstance(value, bytes) else None,
@@ -436,7 +445,7 @@ class RedisStore:
             async with self._gated(), self._client.pipeline(transaction=False) as pipe:
                 # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
                 # Redis caches the compiled script by its text anyway.
-                pipe.eval(_LOCK_SCRIPT, 2, key, _lock_key(key), token, _millis(ttl))
+                pipe.eval(_LOCK_SCRIPT, 3, key, _lock_key(key), _wait_key(key), token, _millis(ttl))
                 for generation_key in generation_keys:
                     pipe.get(generation_key)
                 reply, *generations = await pipe.execute()
@@ -456,7 +465,7 @@ class RedisStore:
         if not self.cluster:
             try:
                 stored = await self._script(
-                    self._fill_all, [key, _lock_key(key), *tag_sets, *generation_keys],
+                    self._fill_all, [key, _lock_key(key), _wait_key(key), *tag_sets, *generation_keys],
                     [value, _millis(ttl), token or "", self.channel, now, expires, _millis(ttl + 60),
                      len(tag_sets), *(str(g) for g in generations)])
             except _DRIVER_ERRORS as exc:
@@ -464,7 +473,8 @@ class RedisStore:
             return bool(stored)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.eval(_FILL_SCRIPT, 2, key, _lock_key(key), value, _millis(ttl), token or "", self.channel)
+                pipe.eval(_FILL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, _millis(ttl), token or "",
+                          self.channel)
                 for tag_set in tag_sets:
                     pipe.eval(_INDEX_SCRIPT, 1, tag_set, key, expires, now, _millis(ttl + 60))
                 for generation_key in generation_keys:
@@ -481,7 +491,7 @@ class RedisStore:
     async def unlock(self, key: str, token: str) -> None:
         try:
             # Waiters are woken too: they find no entry and call the app themselves at once.
-            await self._script(self._unlock_script, [_lock_key(key)], [token, self.channel, key])
+            await self._script(self._unlock_script, [_lock_key(key), _wait_key(key)], [token, self.channel, key])
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"redis unlock failed: {exc!r}") from exc
 
