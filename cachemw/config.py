@@ -58,6 +58,9 @@ class Settings:
     refresh_concurrency: int = 16  # refreshes running at once, in a lane of their own
     grace_period: float = 10.0  # on shutdown, how long queued jobs may take to finish
     metrics_interval: float = 5.0  # how often each process writes its counters to Redis (0: never)
+    # After the app's startup, gc.freeze(): full collections then skip what startup made (modules, routes,
+    # the app), which keeps their pauses, and so the tail latency, short. Process-wide; false to leave it.
+    gc_freeze: bool = True
     presets: Mapping[str, Policy] = field(default_factory=lambda: dict(PRESETS))
     rules: tuple[FileRule, ...] = ()
     source: str | None = None  # the file these came from
@@ -73,10 +76,11 @@ _COUNT_SETTINGS = {
     "concurrency": (1, 10_000),
     "refresh_concurrency": (1, 10_000),
 }
+_BOOL_SETTINGS = {"gc_freeze"}
 _URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
                 "rediss+sentinel://")
 _SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_OPTIONAL_DURATION_SETTINGS,
-                 *_COUNT_SETTINGS}
+                 *_COUNT_SETTINGS, *_BOOL_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
 
 
@@ -144,6 +148,10 @@ def _setting(key: str, raw: object, where: str) -> object:
     if key == "redis_url":
         if not isinstance(raw, str) or not raw.startswith(_URL_SCHEMES):
             raise bad("a URL starting with " + ", ".join(_URL_SCHEMES))
+        return raw
+    if key in _BOOL_SETTINGS:
+        if not isinstance(raw, bool):
+            raise bad("true or false")
         return raw
     if key == "key_prefix":
         if not isinstance(raw, str) or not _PREFIX.fullmatch(raw):

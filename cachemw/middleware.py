@@ -10,6 +10,7 @@ supervisor and runs after the response is sent.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -296,9 +297,15 @@ class CacheMiddleware:
                     await writes.stop()
             return message
 
+        async def send_then_freeze(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and self.settings is not None \
+                    and self.settings.gc_freeze:
+                _freeze_startup_objects()
+            await send(message)
+
         try:
             async with self.supervisor.run():
-                await self.app(scope, receive_with_drain, send)
+                await self.app(scope, receive_with_drain, send_then_freeze)
         finally:
             for writes in self.write_behinds:
                 with anyio.CancelScope(shield=True):
@@ -806,6 +813,18 @@ class CacheMiddleware:
         if self.access_log.enabled:
             key_hash = key[key.rfind("{") + 1 : key.rfind("}")] if key else "-"
             self.access_log.emit((rule.template, key_hash[:12] or "-", state, status, origin, elapsed, size))
+
+
+def _freeze_startup_objects() -> None:
+    """Collect startup's garbage, then move every object alive now out of the collector's view.
+
+    What is alive once the app has started (modules, routes, the app's own state)
+    mostly lives as long as the process; a full collection would walk all of it
+    each time, pausing every request in flight. ``gc.freeze()`` leaves it out, so
+    full collections only walk what requests made.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _no_identity(headers: RequestHeaders, scope: Scope) -> str | None:

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import redis
 
+import cachemw.middleware
 from cachemw import MemoryStore, RedisStore
+
+_REAL_FREEZE = cachemw.middleware._freeze_startup_objects
 
 try:  # tests/ is a package
     from tests.asgi import SpyStore
@@ -23,6 +26,29 @@ except ImportError:  # tests/ as a plain directory (pytest's "prepend" import mo
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
+
+
+class FreezeCalls:
+    count = 0
+
+
+def real_gc_freeze() -> None:
+    """The middleware's own startup freeze, which the autouse fixture below replaces."""
+    _REAL_FREEZE()
+
+
+@pytest.fixture(autouse=True)
+def gc_freezes(monkeypatch: pytest.MonkeyPatch) -> FreezeCalls:
+    """Counts the middleware's gc.freeze() at startup instead of doing it: in one test process
+    hundreds of app startups would each collect and freeze everything alive (tests/test_gc_freeze.py
+    checks the real thing)."""
+    calls = FreezeCalls()
+
+    def count() -> None:
+        calls.count += 1
+
+    monkeypatch.setattr(cachemw.middleware, "_freeze_startup_objects", count)
+    return calls
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@
   same route without the middleware), ``/hit/{id}`` is ``@cache(ttl="1h")`` (20 ms
   handler), ``/l1/{id}`` is ``@cache(ttl="1h", sync="1s")`` (the per-process L1 in
   front of Redis);
+- ``starlette_redis_unfrozen``: ``starlette_redis`` with ``Settings(gc_freeze=False)`` (cachemw's
+  gc.freeze() after startup switched off: the labelled variant);
 - ``starlette_memory``: Starlette + ``CacheMiddleware()`` (no URL: the in-process memory
   store): ``/hit/{id}`` is ``@cache(ttl="1h")`` (20 ms handler);
 - ``starlette_without``: ``starlette_redis`` without the ``CacheMiddleware`` line (same
@@ -34,7 +36,7 @@ from starlette.routing import Route
 
 import peer_common
 import peer_starlette
-from cachemw import CacheMiddleware, cache
+from cachemw import CacheMiddleware, Settings, cache
 
 __all__ = ["create_fastapi_redis", "create_starlette"]  # and the apps, built on first access
 
@@ -85,7 +87,7 @@ async def l1(request: Request) -> Response:
     return JSONResponse(peer_common.payload(request.path_params["id"]))
 
 
-def create_starlette(redis_url: str | None, *, middleware: bool = True) -> Starlette:
+def create_starlette(redis_url: str | None, *, middleware: bool = True, gc_freeze: bool = True) -> Starlette:
     """``/item/{id}`` first, as in ``peer_starlette``, so both routers try the same route first.
 
     ``middleware=False``: the same app, the same imports and routes, without the
@@ -98,12 +100,15 @@ def create_starlette(redis_url: str | None, *, middleware: bool = True) -> Starl
     if not middleware:
         return Starlette(routes=routes)
     options: dict[str, Any] = {} if redis_url is None else {"redis_url": redis_url}
+    if not gc_freeze:
+        options["settings"] = Settings(gc_freeze=False)
     return Starlette(routes=routes, middleware=[Middleware(CacheMiddleware, **options)])
 
 
 _FACTORIES = {
     "fastapi_redis": lambda: create_fastapi_redis(_redis_url()),
     "starlette_redis": lambda: create_starlette(_redis_url()),
+    "starlette_redis_unfrozen": lambda: create_starlette(_redis_url(), gc_freeze=False),
     "starlette_memory": lambda: create_starlette(None),
     "starlette_without": lambda: create_starlette("redis://unused", middleware=False),
 }
