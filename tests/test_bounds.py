@@ -50,3 +50,20 @@ async def test_a_hundred_thousand_distinct_keys_stay_within_the_bounds() -> None
     assert cache_layer._flights == {} and cache_layer._refreshing == set()
     indexed = sum(len(members) for members in store._tag_sets.values())
     assert indexed <= 4 * len(store) + 3 * 128  # the tag index follows the live entries
+
+
+async def test_memory_store_forgets_tag_sets_and_locks_of_entries_long_gone() -> None:
+    """One ``path:`` tag set per URL and locks whose release was shed must not pile up for ever."""
+    clock = [0.0]
+    store = MemoryStore(max_bytes=64 * 1024, clock=lambda: clock[0])
+    for i in range(5000):
+        key = f"e{i}"
+        token, _, generations = await store.lock(key, 5, ["g"])
+        assert token is not None
+        if i % 2:  # half of them filled (and released), half never released
+            await store.fill(key, b"x" * 100, 10, token, [f"path:/item/{i}", "route:/item/{id}"], ["g"],
+                             generations)
+        clock[0] += 0.01  # 50 s in all: early entries and locks expire along the way
+    assert len(store._tag_sets) < 1100  # ~ the live entries' sets, not 2,500 + 1
+    assert len(store._locks) < 1100  # not 2,500 abandoned ones
+    assert len(store) > 0

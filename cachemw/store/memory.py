@@ -135,6 +135,10 @@ class MemoryStore:
             return None, value, generations
         token = token or secrets.token_hex(8)
         self._locks[key] = (token, now + ttl)
+        if _at_doubling(len(self._locks)):
+            # Locks whose release never came (a shed job, a cancelled request) go once expired.
+            for stale in [k for k, (_, until) in self._locks.items() if until <= now]:
+                del self._locks[stale]
         return token, value, generations
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
@@ -145,12 +149,17 @@ class MemoryStore:
             await self.set(key, value, ttl)
             now = self._clock()
             for tag_set in tag_sets:
-                members = self._tag_sets.setdefault(tag_set, {})
+                members = self._tag_sets.get(tag_set)
+                if members is None:
+                    members = self._tag_sets[tag_set] = {}
+                    if _at_doubling(len(self._tag_sets)):
+                        # Most tag sets name one URL (``path:`` tags): drop those whose entries are all gone.
+                        for name in [n for n, m in self._tag_sets.items() if not self._prune(m, now)]:
+                            del self._tag_sets[name]
+                        self._tag_sets[tag_set] = members
                 members[key] = now + ttl
-                if len(members) >= 64 and len(members) & (len(members) - 1) == 0:
-                    # At each power of two: forget expired or evicted members, so the index stays bounded.
-                    for member in [m for m, expires in members.items() if expires <= now or m not in self._data]:
-                        del members[member]
+                if _at_doubling(len(members)):
+                    self._prune(members, now)
         if token is not None:
             await self.unlock(key, token)
         self.notifications.filled(key)
@@ -194,8 +203,19 @@ class MemoryStore:
         self._tag_sets.clear()
         self.bytes_used = 0
 
+    def _prune(self, members: dict[str, float], now: float) -> int:
+        """Forget expired or evicted members of a tag set; how many are left."""
+        for member in [m for m, expires in members.items() if expires <= now or m not in self._data]:
+            del members[member]
+        return len(members)
+
     def _discard(self, key: str) -> tuple[bytes, float] | None:
         entry = self._data.pop(key, None)
         if entry is not None:
             self.bytes_used -= len(key) + len(entry[0])
         return entry
+
+
+def _at_doubling(size: int) -> bool:
+    """True at 64, 128, 256, ...: sweeping a growing map then costs O(1) per insert, amortised."""
+    return size >= 64 and size & (size - 1) == 0
