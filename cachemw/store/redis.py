@@ -1,5 +1,10 @@
 """Redis store on redis-py's asyncio client (hiredis parser when installed).
 
+On one server over TCP or a Unix socket the request path's commands (GET and the
+lock, fill and release scripts) take the auto-pipelined connection of
+``cachemw.store.pipeline`` instead, which keeps the time budget itself; what
+follows describes redis-py's part (everything else, and TLS, Cluster, Sentinel).
+
 A cache must answer within a request's budget or get out of the way, so the factory
 sets its own pool and time budget instead of redis-py's defaults (a pool that raises
 at 100 connections, 5 s socket timeouts, 10 retries with backoff):
