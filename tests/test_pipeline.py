@@ -49,6 +49,22 @@ async def test_concurrent_commands_each_get_their_own_reply(redis_url: str, redi
         await client.aclose()
 
 
+async def test_concurrent_first_commands_open_one_connection(redis_url: str, redis_server: RedisServer) -> None:
+    def connections() -> int:
+        with redis_server.client() as admin:
+            return len(admin.client_list())
+
+    before = connections()
+    client = _connection(redis_server)
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(client.get, f"k{i}")
+        assert connections() == before + 1
+    finally:
+        await client.aclose()
+
+
 async def test_a_frozen_server_times_out_in_budget_then_closes_and_reconnects(
         redis_url: str, redis_server: RedisServer) -> None:
     with redis_server.client() as setup:
@@ -241,7 +257,8 @@ async def test_a_server_that_is_not_redis_is_a_store_error(not_redis: int) -> No
 
 
 async def test_tls_cluster_and_sentinel_urls_stay_on_redis_py() -> None:
-    for url in ("rediss://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1,127.0.0.1:2"):
+    for url in ("rediss://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1,127.0.0.1:2",
+                "redis+sentinel://127.0.0.1:1/mymaster"):
         store = RedisStore.from_url(url, timeout=0.05)
         try:
             assert not store.bounded

@@ -171,12 +171,6 @@ def _reply_error(reply: hiredis.ReplyError) -> StoreError:
     return StoreError(f"redis error: {message}")
 
 
-def _retrieve(attempt: asyncio.Future[Any]) -> None:
-    """A connection attempt every caller gave up on still has its error read (no "never retrieved" noise)."""
-    if not attempt.cancelled():
-        attempt.exception()
-
-
 class NoScript(StoreError):
     """EVALSHA of a script the server does not have (yet, or any more after a restart)."""
 
@@ -202,8 +196,7 @@ class PipelinedRedis:
         if db:
             self._hello.append(encode_command(["SELECT", db]))
         self._connection: _Connection | None = None
-        self._connecting: asyncio.Future[_Connection] | None = None
-        self._scripts: dict[str, bytes] = {}
+        self._connect_lock: asyncio.Lock | None = None  # made on first use, inside the event loop
 
     async def execute(self, command: bytes) -> Any:
         """The reply to an encoded command (see ``encode_command``)."""
@@ -225,13 +218,19 @@ class PipelinedRedis:
             return await self.execute(encode_command(["EVAL", script, len(keys), *keys, *args]))
 
     async def _connect(self) -> _Connection:
-        connecting = self._connecting
-        if connecting is None or connecting.done():
-            connecting = self._connecting = asyncio.ensure_future(self._open())
-            connecting.add_done_callback(_retrieve)
-        # Shielded: a caller that gives up does not cancel the attempt the others wait on.
+        """Connect in the caller's own task and time budget; callers arriving meanwhile wait for that one.
+
+        No task of its own: a caller that gives up abandons the attempt (its socket is
+        closed), and the next caller starts another.
+        """
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
         try:
-            return await asyncio.wait_for(asyncio.shield(connecting), self.timeout)
+            async with _timeout(self.timeout), self._connect_lock:
+                connection = self._connection
+                if connection is not None and not connection.closed:
+                    return connection  # connected by the caller this one waited behind
+                return await self._open()
         except asyncio.TimeoutError:
             raise StoreTimeout("connecting to redis took longer than the time budget") from None
 
@@ -240,19 +239,18 @@ class PipelinedRedis:
         started = time.monotonic()
         connection: _Connection | None = None
         try:
-            async with _timeout(max(self.timeout, 1.0)):
-                if self.path is not None:
-                    _, connection = await loop.create_unix_connection(
-                        lambda: _Connection(loop, self.stuck_after), self.path)
-                else:
-                    _, connection = await loop.create_connection(
-                        lambda: _Connection(loop, self.stuck_after), self.host, self.port)
-                for command in self._hello:
-                    await connection.send(command, loop.time() + max(self.timeout, 1.0))
+            if self.path is not None:
+                _, connection = await loop.create_unix_connection(
+                    lambda: _Connection(loop, self.stuck_after), self.path)
+            else:
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop, self.stuck_after), self.host, self.port)
+            for command in self._hello:
+                await connection.send(command, loop.time() + self.timeout)
         except BaseException as exc:
             if connection is not None:
                 connection.close(StoreError("connection setup failed"))
-            if isinstance(exc, (OSError, asyncio.TimeoutError)):
+            if isinstance(exc, OSError) and not isinstance(exc, StoreError):
                 raise StoreError(f"connecting to redis failed after {time.monotonic() - started:.3f} s: "
                                  f"{exc!r}") from exc
             raise
@@ -260,9 +258,6 @@ class PipelinedRedis:
         return connection
 
     async def aclose(self) -> None:
-        connecting, self._connecting = self._connecting, None
-        if connecting is not None and not connecting.done():
-            connecting.cancel()
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close(StoreError("closed"))
