@@ -204,13 +204,7 @@ class Supervisor:
         finally:
             self._inline.reset(token)
             for job in jobs:
-                counters = self.counters_for(job.kind)
-                counters.queued -= 1
-                counters.running += 1
-                try:
-                    await self._run(job, counters)
-                finally:
-                    counters.running -= 1
+                await self._run(job)
 
     @asynccontextmanager
     async def run(self) -> AsyncIterator[Supervisor]:
@@ -285,19 +279,23 @@ class Supervisor:
         try:
             async with receive:
                 async for job in receive:
-                    counters = self.counters_for(job.kind)
-                    counters.queued -= 1
-                    counters.running += 1
-                    try:
-                        await self._run(job, counters)
-                    finally:
-                        counters.running -= 1
+                    await self._run(job)
         finally:
             state.workers_left -= 1
             if state.workers_left == 0:
                 state.idle.set()
 
-    async def _run(self, job: _Job, counters: JobCounters) -> None:
+    async def _run(self, job: _Job) -> None:
+        """Run a taken job (counted from queued to running to done or failed)."""
+        counters = self.counters_for(job.kind)
+        counters.queued -= 1
+        counters.running += 1
+        try:
+            await self._attempts(job, counters)
+        finally:
+            counters.running -= 1
+
+    async def _attempts(self, job: _Job, counters: JobCounters) -> None:
         for attempt in range(job.retries + 1):
             try:
                 if job.timeout == math.inf:  # bounded by itself (a store call with its own budget): no cancel scope

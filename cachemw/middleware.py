@@ -15,10 +15,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.requests import HTTPConnection
@@ -62,6 +62,7 @@ _BYPASS = b"BYPASS"
 
 
 _current: ContextVar[CacheMiddleware] = ContextVar("cachemw_cache")
+T = TypeVar("T")
 
 
 def current_cache() -> CacheMiddleware:
@@ -437,44 +438,32 @@ class CacheMiddleware:
         if store is None:
             return None
         waiter = store.notifications.waiter(plan.key)
+        deadline = time.monotonic() + self._lock_timeout
+        pause = 0.05 if store.listening else 0.01
         try:
-            locked = await self._lock(plan)
-            if locked is None:
-                return None
-            token, current, generations = locked
-            plan.generations = generations
-            entry = self._fresh(current, plan.policy)
-            if entry is not None:
-                # Filled between our lookup and the lock: nothing to do but release it.
-                self._release(plan.key, token)
-                return entry
-            if token is not None:
-                plan.token = token
-                return None
-            # Another process holds the lock. Wait to be woken by its fill (or release),
-            # and look again now and then ourselves: an announcement can be lost, and a
-            # holder can vanish without one (its lock then expires, and we take it).
-            deadline = time.monotonic() + self._lock_timeout
-            pause = 0.05 if store.listening else 0.01
-            while (left := deadline - time.monotonic()) > 0:
-                woken = await waiter.wait(min(pause, left))
-                again = await self._lock(plan)
-                if again is None:
+            while True:
+                locked = await self._lock(plan)
+                if locked is None:
                     return None  # the store is failing: the app answers
-                token, current, generations = again
-                plan.generations = generations
+                token, current, plan.generations = locked
                 entry = self._fresh(current, plan.policy)
                 if entry is not None:
+                    # Filled since our lookup: nothing to do but release the lock if we took it.
                     self._release(plan.key, token)
                     return entry
                 if token is not None:
-                    plan.token = token  # the holder gave up or died: this request fills
+                    plan.token = token  # ours (first try, or the holder gave up or died): this request fills
                     return None
-                if woken:
+                # Another process holds the lock. Wait to be woken by its fill (or release),
+                # and look again now and then ourselves: an announcement can be lost, and a
+                # holder can vanish without one (its lock then expires, and we take it).
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if await waiter.wait(min(pause, left)):
                     waiter.close()
-                    waiter = store.notifications.waiter(plan.key)
+                    waiter = store.notifications.waiter(plan.key)  # registered again before the next attempt
                 pause = min(pause * 2, 0.5)
-            return None
         finally:
             waiter.close()
 
@@ -639,12 +628,7 @@ class CacheMiddleware:
             return None, True
         began = time.perf_counter()
         try:
-            if self._bounded:
-                value = await store.get(key)
-            else:
-                # Our own budget, whatever the driver's timeouts and retries are.
-                with anyio.fail_after(self._budget):
-                    value = await store.get(key)
+            value = await self._within_budget(store.get(key))
         except (StoreError, TimeoutError) as exc:
             self._store_failed(breaker, exc, began)
             return None, True
@@ -665,11 +649,7 @@ class CacheMiddleware:
         token = os.urandom(8).hex()
         began = time.perf_counter()
         try:
-            if self._bounded:
-                result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys, token)
-            else:
-                with anyio.fail_after(self._budget):
-                    result = await store.lock(plan.key, self._lock_timeout, plan.generation_keys, token)
+            result = await self._within_budget(store.lock(plan.key, self._lock_timeout, plan.generation_keys, token))
         except (StoreError, TimeoutError) as exc:
             self._store_failed(breaker, exc, began)
             # Redis may have taken the lock after we stopped waiting: release it (if it is
@@ -678,6 +658,13 @@ class CacheMiddleware:
             return None
         breaker.success()
         return result
+
+    async def _within_budget(self, call: Awaitable[T]) -> T:
+        """A request-path store call, failing with TimeoutError after the budget whatever the driver does."""
+        if self._bounded:  # the store keeps the budget itself, without a cancel scope per call
+            return await call
+        with anyio.fail_after(self._budget):
+            return await call
 
     def _breaker(self, key: str) -> CircuitBreaker:
         """On a cluster each node has its own breaker: one node down fails only its slots."""

@@ -151,12 +151,11 @@ class MemoryStore:
             for tag_set in tag_sets:
                 members = self._tag_sets.get(tag_set)
                 if members is None:
-                    members = self._tag_sets[tag_set] = {}
-                    if _at_doubling(len(self._tag_sets)):
+                    if _at_doubling(len(self._tag_sets) + 1):
                         # Most tag sets name one URL (``path:`` tags): drop those whose entries are all gone.
                         for name in [n for n, m in self._tag_sets.items() if not self._prune(m, now)]:
                             del self._tag_sets[name]
-                        self._tag_sets[tag_set] = members
+                    members = self._tag_sets[tag_set] = {}
                 members[key] = now + ttl
                 if _at_doubling(len(members)):
                     self._prune(members, now)

@@ -388,12 +388,8 @@ class RedisStore:
         return self._client
 
     async def get(self, key: str) -> bytes | None:
-        pipelined = self._pipelined
-        if pipelined is not None:
-            value = await pipelined.get(key)
-            if value is not None and not isinstance(value, bytes):
-                raise StoreError(f"redis GET answered {type(value).__name__}")
-            return value
+        if self._pipelined is not None:
+            return await self._pipelined.get(key)
         try:
             if self._gate is None:
                 value = await self._client.get(key)
