@@ -17,10 +17,10 @@ _REAL_FREEZE = cachemw.middleware._freeze_startup_objects
 
 try:  # tests/ is a package
     from tests.asgi import SpyStore
-    from tests.redis_server import RedisServer, RedisServerNotFound, find_redis_server, free_port
+    from tests.redis_server import RedisServer, find_redis_server, free_port, started
 except ImportError:  # tests/ as a plain directory (pytest's "prepend" import mode puts it on sys.path)
     from asgi import SpyStore  # type: ignore[no-redef]
-    from redis_server import RedisServer, RedisServerNotFound, find_redis_server, free_port  # type: ignore[no-redef]
+    from redis_server import RedisServer, find_redis_server, free_port, started  # type: ignore[no-redef]
 
 
 @pytest.fixture(scope="session")
@@ -54,15 +54,8 @@ def gc_freezes(monkeypatch: pytest.MonkeyPatch) -> FreezeCalls:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A private redis-server for the whole session; fails (never skips) without a binary."""
-    try:
-        server = RedisServer(tmp_path_factory.mktemp("redis"))
-    except RedisServerNotFound as exc:
-        pytest.fail(str(exc), pytrace=False)
-    server.start()
-    try:
+    with started(lambda: RedisServer(tmp_path_factory.mktemp("redis"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -109,15 +102,8 @@ except ImportError:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A private 3-master Redis Cluster for the whole session; fails (never skips) without binaries."""
-    try:
-        cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
-    except RedisServerNotFound as exc:
-        pytest.fail(str(exc), pytrace=False)
-    cluster.start()
-    try:
+    with started(lambda: LocalCluster(tmp_path_factory.mktemp("cluster"))) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from cachemw import CacheMiddleware, Settings, cache
 from tests.asgi import lifespan
 from tests.redis_cluster import LocalCluster
-from tests.redis_server import RedisServerNotFound
+from tests.redis_server import started
 
 pytestmark = pytest.mark.anyio
 
@@ -26,15 +26,9 @@ IDS = range(1, 31)  # spread over the three masters' slots
 
 @pytest.fixture(scope="module")
 def cluster_with_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    try:
-        cluster = LocalCluster(tmp_path_factory.mktemp("failover"), masters=3, replicas=1, node_timeout_ms=1000)
-    except RedisServerNotFound as exc:
-        pytest.fail(str(exc), pytrace=False)
-    cluster.start()
-    try:
+    with started(lambda: LocalCluster(tmp_path_factory.mktemp("failover"), masters=3, replicas=1,
+                                      node_timeout_ms=1000)) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def make_app(url: str, calls: list[int]) -> Starlette:

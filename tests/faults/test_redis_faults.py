@@ -17,7 +17,7 @@ from starlette.routing import Route
 from cachemw import CacheMiddleware, Settings, cache
 from tests.asgi import eventually, find_middleware, lifespan
 from tests.faults.proxy import FaultProxy
-from tests.redis_server import RedisServer, RedisServerNotFound
+from tests.redis_server import RedisServer, started
 
 pytestmark = pytest.mark.anyio
 
@@ -25,15 +25,8 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A Redis of this module's own: these tests kill, freeze and restart it."""
-    try:
-        server = RedisServer(tmp_path_factory.mktemp("faulty-redis"))
-    except RedisServerNotFound as exc:
-        pytest.fail(str(exc), pytrace=False)
-    server.start()
-    try:
+    with started(lambda: RedisServer(tmp_path_factory.mktemp("faulty-redis"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
