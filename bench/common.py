@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -939,6 +939,26 @@ def median(values: Sequence[float]) -> float:
         return math.nan
     mid = n // 2
     return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def exit_status(run: Callable[[], int]) -> int:
+    """A harness's exit status: its own, 1 for a HarnessError (said on stderr), 130 when interrupted."""
+    try:
+        return run()
+    except HarnessError as exc:
+        print(f"HARNESS ERROR: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def remove_workdir(path: Path, *, keep: bool) -> None:
+    """Remove a run's scratch directory, or keep it (a failed run, ``--keep-workdir``) and say where."""
+    if keep:
+        print(f"logs kept in {path}", file=sys.stderr)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def workdir(prefix: str) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import statistics
@@ -141,7 +142,7 @@ async def _measure(case: str, redis_url: str, redis_pid: int | None, seconds: fl
     else:
         ring = itertools.cycle([f"{prefix}{i}" for i in range(ids)])
         paths = ring.__next__
-    async with (_Lifespan(app) if lifespan else _Nothing()):
+    async with (_Lifespan(app) if lifespan else contextlib.nullcontext()):
         await _drive(app, paths, 0.5, concurrency)  # warm: fills, L1, decode memo, JIT-free warm caches
         calls_before = sum(peer_common.calls.values())
         cpu0, redis0, wall0 = time.process_time(), _redis_cpu(redis_pid), time.perf_counter()
@@ -155,14 +156,6 @@ async def _measure(case: str, redis_url: str, redis_pid: int | None, seconds: fl
         raise SystemExit(f"{case}: statuses {sink.statuses}")
     return {"requests": done, "app_us": (cpu1 - cpu0) / done * 1e6, "redis_us": (redis1 - redis0) / done * 1e6,
             "rps": done / (wall1 - wall0), "handler_runs": handler_runs}
-
-
-class _Nothing:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ import argparse
 import json
 import random
 import shlex
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -424,22 +423,11 @@ def run(args: argparse.Namespace) -> int:
         ok = True
         return 0
     finally:
-        if ok and not args.keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}", file=sys.stderr)
+        common.remove_workdir(workdir, keep=not ok or args.keep_workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except HarnessError as exc:
-        print(f"HARNESS ERROR: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return common.exit_status(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":
