@@ -47,7 +47,7 @@ from cachemw.observe import enable_fleet_metrics, enable_history
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RuleTable, build_rule_table, normalise_template
 from cachemw.store import MemoryStore, Store, StoreError, store_from_url
-from cachemw.store.base import LockResult
+from cachemw.store.base import FillWaiter, LockResult
 from cachemw.writebehind import WriteBehind
 
 __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
@@ -102,6 +102,10 @@ class _Plan:
     generation_keys: tuple[str, ...]
     generations: tuple[int, ...] | None = None  # unknown: the fill is served but never stored
     token: str | None = None
+    # A lookup that found nothing and tried the lock in the same round trip: its result,
+    # and the waiter registered before it (so a fill announced meanwhile is not missed).
+    looked_up: LockResult | None = None
+    waiter: FillWaiter | None = None
 
 
 class _Flight:
@@ -182,6 +186,9 @@ class CacheMiddleware:
         # Recently decoded entries by their stored bytes: a hot entry is decoded once, not per hit.
         self._decoded: dict[bytes, Entry] = {}
         self._refreshing: set[str] = set()
+        # Routes whose last lookup missed: their next lookup also tries the lock (one round trip).
+        self._missing: set[str] = set()
+        self._lookup_locks = False
         self.l1 = L1()
         self.invalidator: Invalidator | None = None
         self.breaker = CircuitBreaker(on_transition=self._breaker_moved)
@@ -241,6 +248,7 @@ class CacheMiddleware:
         self._budget = settings.store_timeout
         self._remote = not isinstance(self.store, MemoryStore)
         self._bounded = bool(getattr(self.store, "bounded", False))
+        self._lookup_locks = bool(getattr(self.store, "lookup_locks", False))
         # Fills and lock releases are store calls: a store that keeps its own budget needs no job timeout.
         self._store_job_timeout = math.inf if self._bounded or not self._remote else None
         self._shard = self.store.shard if getattr(self.store, "cluster", False) else None  # type: ignore[attr-defined]
@@ -359,7 +367,15 @@ class CacheMiddleware:
                                           http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
                     self._log(match, key, "HIT", status, None, started, len(entry.body))
                     return
-        data, failed = await self._get(key)
+        template = match.rule.template
+        plan: _Plan | None = None
+        if self._lookup_locks and template in self._missing:
+            plan = self._plan(key, policy, match, scope)
+            data, failed = await self._get_or_lock(plan)
+            if data is not None:
+                self._missing.discard(template)
+        else:
+            data, failed = await self._get(key)
         entry = None if data is None else self._decode(key, data)
         if failed and policy.sync > 0 and self._remote:
             entry = self.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
@@ -385,7 +401,10 @@ class CacheMiddleware:
                 return
             if state is Freshness.STALE_IF_ERROR:
                 fallback = entry
-        await self._miss(scope, receive, send, self._plan(key, policy, match, scope), headers, fallback, started)
+        if self._lookup_locks:
+            self._missing.add(template)
+        await self._miss(scope, receive, send, plan or self._plan(key, policy, match, scope), headers, fallback,
+                         started)
 
     def _plan(self, key: str, policy: Policy, match: RouteMatch, scope: Scope) -> _Plan:
         tags = (*format_tags(policy.tags, match.path_params), route_tag(normalise_template(match.rule.template)),
@@ -402,6 +421,7 @@ class CacheMiddleware:
         flight = self._flights.get(key)
         if flight is not None:
             # Another request of this process is filling the key: wait (bounded) and share its result.
+            self._drop_lookup_lock(plan)
             if await flight.wait(self._lock_timeout):
                 if flight.entry is not None:
                     status = await _serve(flight.entry, scope, headers, send, time.time(), _MISS,
@@ -437,15 +457,18 @@ class CacheMiddleware:
         store = self.store
         if store is None:
             return None
-        waiter = store.notifications.waiter(plan.key)
+        locked, waiter = plan.looked_up, plan.waiter or store.notifications.waiter(plan.key)
+        plan.looked_up = plan.waiter = None
         deadline = time.monotonic() + self._lock_timeout
         pause = 0.05 if store.listening else 0.01
         try:
             while True:
-                locked = await self._lock(plan)
                 if locked is None:
-                    return None  # the store is failing: the app answers
+                    locked = await self._lock(plan)
+                    if locked is None:
+                        return None  # the store is failing: the app answers
                 token, current, plan.generations = locked
+                locked = None
                 entry = self._fresh(current, plan.policy)
                 if entry is not None:
                     # Filled since our lookup: nothing to do but release the lock if we took it.
@@ -635,6 +658,45 @@ class CacheMiddleware:
         self.metrics.store_latency.observe(time.perf_counter() - began)
         breaker.success()
         return value, False
+
+    async def _get_or_lock(self, plan: _Plan) -> tuple[bytes | None, bool]:
+        """``_get`` for a route that has been missing: where the key holds nothing, the lock is tried too.
+
+        That attempt's result waits in ``plan.looked_up`` for ``_lock_or_wait``.
+        """
+        store = self.store
+        assert store is not None
+        breaker = self._breaker(plan.key)
+        if not breaker.allow(time.monotonic()):
+            return None, True
+        token = os.urandom(8).hex()
+        waiter = store.notifications.waiter(plan.key)
+        began = time.perf_counter()
+        try:
+            result = await self._within_budget(
+                store.get_or_lock(plan.key, self._lock_timeout, plan.generation_keys, token))  # type: ignore[attr-defined]
+        except (StoreError, TimeoutError) as exc:
+            waiter.close()
+            self._store_failed(breaker, exc, began)
+            self._release(plan.key, token)  # Redis may have taken it after we stopped waiting
+            return None, True
+        self.metrics.store_latency.observe(time.perf_counter() - began)
+        breaker.success()
+        value = result[1]
+        if value is not None:
+            waiter.close()
+            return value, False
+        plan.looked_up, plan.waiter = result, waiter
+        return None, False
+
+    def _drop_lookup_lock(self, plan: _Plan) -> None:
+        """The lookup's lock attempt is not needed after all (another request of this process fills)."""
+        if plan.looked_up is not None:
+            self._release(plan.key, plan.looked_up[0])
+            plan.looked_up = None
+        if plan.waiter is not None:
+            plan.waiter.close()
+            plan.waiter = None
 
     async def _lock(self, plan: _Plan) -> LockResult | None:
         """The lock attempt of a miss, under the same budget and breaker as a lookup; None if it failed."""

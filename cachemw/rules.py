@@ -49,7 +49,11 @@ def cache(policy: str | None = None, /, **fields: Any) -> Callable[[_T], _T]:
         module = getattr(endpoint, "__module__", "?")
         where = f"@cache on {module}.{name}"
         policy_from_fields(fields, base=Policy(), where=where)  # fail at import, not at startup
-        setattr(endpoint, _SPEC_ATTRIBUTE, CacheSpec(preset=policy, fields=dict(fields), where=where))
+        try:
+            setattr(endpoint, _SPEC_ATTRIBUTE, CacheSpec(preset=policy, fields=dict(fields), where=where))
+        except AttributeError:  # a bound method, a builtin: nothing to carry the policy
+            raise TypeError(f"{where}: @cache goes on a function or class; wrap this callable in a function "
+                            "and decorate that") from None
         return endpoint
 
     return annotate

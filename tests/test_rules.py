@@ -130,6 +130,15 @@ def test_cache_without_parentheses_is_a_type_error_with_a_hint() -> None:
     assert "ttl=" in str(info.value)
 
 
+def test_cache_on_a_bound_method_is_a_type_error_with_a_hint() -> None:
+    class Views:
+        async def product(self, request: Request) -> Response:
+            return PlainTextResponse("")
+
+    with pytest.raises(TypeError, match=r"@cache on .*Views.product: @cache goes on a function or class; wrap"):
+        cache(ttl="5m")(Views().product)
+
+
 def test_decorator_preset_with_overrides() -> None:
     endpoint = cache("minutes", ttl="30s")(handler("inbox"))
     table = build_rule_table([Route("/inbox", endpoint)], Settings())

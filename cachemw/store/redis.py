@@ -90,8 +90,11 @@ return 1
 # On one server a miss's lock attempt and a fill are one script each: one command for the
 # client to encode and parse instead of up to a dozen (most of a miss's store cost is
 # redis-py's, not Redis's). On a cluster the keys span slots, so the pipelines below run.
+# ARGV[3] = '1' (a lookup of a route that has been missing): a value is returned at
+# once, and only its absence takes the lock, so a miss costs one round trip, not two.
 _LOCK_ALL_SCRIPT = """
 local value = redis.call('GET', KEYS[1])
+if value and ARGV[3] == '1' then return {2, value} end
 local taken = 0
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then taken = 1
 else redis.call('SET', KEYS[3], '1', 'PX', ARGV[2]) end
@@ -326,7 +329,7 @@ class RedisStore:
 
     __slots__ = ("_also_close", "_client", "_fill_all", "_gate", "_listener_client", "_listening", "_lock_all",
                  "_pipelined", "_unlock_script", "bounded", "channel",
-                 "cluster", "invalidation_channel", "notifications")
+                 "cluster", "invalidation_channel", "lookup_locks", "notifications")
 
     def __init__(self, client: Redis | RedisCluster, *, channel: str = DEFAULT_CHANNEL,
                  invalidation_channel: str = DEFAULT_INVALIDATION_CHANNEL,
@@ -338,6 +341,7 @@ class RedisStore:
         self.bounded = self._pipelined is not None
         self._listener_client = listener_client or self._default_listener_client
         self.cluster = isinstance(client, RedisCluster)
+        self.lookup_locks = not self.cluster  # get_or_lock is one round trip on one server
         # redis-py's cluster client raises at once when a node's pool is full; wait for a
         # connection instead (within the caller's budget), as the single-server pool does.
         self._gate: _Gate | None = _Gate(max_connections) if self.cluster else None
@@ -455,6 +459,25 @@ class RedisStore:
         taken = bool(reply[0])
         value = reply[1] if len(reply) > 1 and isinstance(reply[1], bytes) else None
         return (token if taken else None), value, tuple(_int(g) for g in generations)
+
+    async def get_or_lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str) -> LockResult:
+        """GET, and when the key holds nothing a lock attempt too, in one round trip.
+
+        ``(None, value, ())`` when the key holds a value (no lock attempted);
+        otherwise the lock attempt's ``(token or None, None, generations)``.
+        """
+        if self.cluster:  # the generation keys live in other slots than the entry
+            value = await self.get(key)
+            return (None, value, ()) if value is not None else await self.lock(key, ttl, generation_keys, token)
+        try:
+            reply = await self._script(
+                self._lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys], [token, _millis(ttl), "1"])
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"redis lookup failed: {exc!r}") from exc
+        if reply[0] == 2:
+            return None, reply[1], ()
+        taken, _, generations = reply
+        return (token if taken else None), None, tuple(_int(g) for g in generations)
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
                    generation_keys: Sequence[str], generations: Sequence[int]) -> bool:
