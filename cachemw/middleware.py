@@ -270,11 +270,14 @@ class CacheMiddleware:
             supervisor = self.supervisor
             supervisor.bind()
             _current.set(self)
+            # A route without a policy goes straight to the app: no frame of ours in between.
+            match = table.match(route_path(scope), scope["method"])
             if supervisor.running:
-                await self._http(scope, receive, send, table)
+                await (self.app(scope, receive, send) if match is None else self._http(scope, receive, send, match))
             else:
                 async with supervisor.inline_after_response():
-                    await self._http(scope, receive, send, table)
+                    await (self.app(scope, receive, send) if match is None
+                           else self._http(scope, receive, send, match))
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
@@ -325,11 +328,7 @@ class CacheMiddleware:
                 self.store = None
                 self.table = None
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send, table: RuleTable) -> None:
-        match = table.match(route_path(scope), scope["method"]) if table.has_policies else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
+    async def _http(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch) -> None:
         policy = match.rule.policy
         assert policy is not None
         if scope["method"] not in _CACHED_METHODS:
