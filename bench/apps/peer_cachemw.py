@@ -12,8 +12,13 @@
   gc.freeze() after startup switched off: the labelled variant);
 - ``starlette_memory``: Starlette + ``CacheMiddleware()`` (no URL: the in-process memory
   store): ``/hit/{id}`` is ``@cache(ttl="1h")`` (20 ms handler);
+- ``starlette_memory_inner``: ``starlette_memory`` with the middleware inside Starlette
+  (``Middleware(CacheMiddleware)``, what ``app.add_middleware`` does) instead of wrapping it;
 - ``starlette_without``: ``starlette_redis`` without the ``CacheMiddleware`` line (same
   imports, same routes): the "without" side of the no-policy comparison.
+
+The other Starlette apps wrap: ``CacheMiddleware(Starlette(...))``, the outermost layer,
+so a hit never enters Starlette (its ServerErrorMiddleware and send wrapper) at all.
 
 Every app also has the uncached ``/_calls`` (handler counters, GC totals) and
 ``/_gc_freeze`` (``gc.collect(); gc.freeze()``, for the labelled gc.freeze variant).
@@ -87,11 +92,15 @@ async def l1(request: Request) -> Response:
     return JSONResponse(peer_common.payload(request.path_params["id"]))
 
 
-def create_starlette(redis_url: str | None, *, middleware: bool = True, gc_freeze: bool = True) -> Starlette:
+def create_starlette(redis_url: str | None, *, middleware: bool = True, gc_freeze: bool = True,
+                     wrap: bool = True) -> Any:
     """``/item/{id}`` first, as in ``peer_starlette``, so both routers try the same route first.
 
     ``middleware=False``: the same app, the same imports and routes, without the
     ``CacheMiddleware`` line (the "without" side of the no-policy comparison).
+    ``wrap=True``: ``CacheMiddleware(Starlette(...))``, cachemw outermost (a hit never
+    enters Starlette); ``False``: ``Starlette(middleware=[Middleware(CacheMiddleware)])``,
+    inside Starlette's ServerErrorMiddleware, as ``app.add_middleware`` puts it.
     """
     routes = [peer_starlette.ROUTES[0], Route("/hit/{id:int}", hit)]
     if redis_url is not None:
@@ -102,6 +111,8 @@ def create_starlette(redis_url: str | None, *, middleware: bool = True, gc_freez
     options: dict[str, Any] = {} if redis_url is None else {"redis_url": redis_url}
     if not gc_freeze:
         options["settings"] = Settings(gc_freeze=False)
+    if wrap:
+        return CacheMiddleware(Starlette(routes=routes), **options)
     return Starlette(routes=routes, middleware=[Middleware(CacheMiddleware, **options)])
 
 
@@ -110,6 +121,7 @@ _FACTORIES = {
     "starlette_redis": lambda: create_starlette(_redis_url()),
     "starlette_redis_unfrozen": lambda: create_starlette(_redis_url(), gc_freeze=False),
     "starlette_memory": lambda: create_starlette(None),
+    "starlette_memory_inner": lambda: create_starlette(None, wrap=False),
     "starlette_without": lambda: create_starlette("redis://unused", middleware=False),
 }
 
