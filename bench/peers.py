@@ -1,6 +1,6 @@
 """cachemw side by side with fastapi-cache2 and cashews, and against the raw ASGI ceiling.
 
-    python3 bench/peers.py            # ~10 min: setup (first time), 5 rounds x 16 cases x 6 s, stampede
+    python3 bench/peers.py            # ~12 min: setup (first time), 5 rounds x 17 cases x 6 s, stampede
 
 One command: makes ``bench/.venv-peers`` (``python3 -m venv``, ``pip install -r
 bench/requirements-peers.txt -e .``: the peers' latest releases and cachemw, so every
