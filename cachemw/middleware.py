@@ -665,26 +665,11 @@ class CacheMiddleware:
         """
         store = self.store
         assert store is not None
-        breaker = self._breaker(plan.key)
-        if not breaker.allow(time.monotonic()):
-            return None, True
-        token = os.urandom(8).hex()
-        waiter = store.notifications.waiter(plan.key)
-        began = time.perf_counter()
-        try:
-            result = await self._within_budget(
-                store.get_or_lock(plan.key, self._lock_timeout, plan.generation_keys, token))  # type: ignore[attr-defined]
-        except (StoreError, TimeoutError) as exc:
+        waiter = store.notifications.waiter(plan.key)  # before the attempt: no announcement slips past
+        result = await self._lock(plan, lookup=True)
+        if result is None or result[1] is not None:
             waiter.close()
-            self._store_failed(breaker, exc, began)
-            self._release(plan.key, token)  # Redis may have taken it after we stopped waiting
-            return None, True
-        self.metrics.store_latency.observe(time.perf_counter() - began)
-        breaker.success()
-        value = result[1]
-        if value is not None:
-            waiter.close()
-            return value, False
+            return (None, True) if result is None else (result[1], False)
         plan.looked_up, plan.waiter = result, waiter
         return None, False
 
@@ -697,8 +682,11 @@ class CacheMiddleware:
             plan.waiter.close()
             plan.waiter = None
 
-    async def _lock(self, plan: _Plan) -> LockResult | None:
-        """The lock attempt of a miss, under the same budget and breaker as a lookup; None if it failed."""
+    async def _lock(self, plan: _Plan, *, lookup: bool = False) -> LockResult | None:
+        """The lock attempt of a miss, under the same budget and breaker as a lookup; None if it failed.
+
+        ``lookup``: the store's ``get_or_lock``, which answers the value instead when there is one.
+        """
         store = self.store
         if store is None:
             return None
@@ -708,15 +696,19 @@ class CacheMiddleware:
         if not breaker.allow(time.monotonic()):
             return None
         token = os.urandom(8).hex()
+        attempt = store.get_or_lock if lookup else store.lock  # type: ignore[attr-defined]
         began = time.perf_counter()
         try:
-            result = await self._within_budget(store.lock(plan.key, self._lock_timeout, plan.generation_keys, token))
+            result: LockResult = await self._within_budget(
+                attempt(plan.key, self._lock_timeout, plan.generation_keys, token))
         except (StoreError, TimeoutError) as exc:
             self._store_failed(breaker, exc, began)
             # Redis may have taken the lock after we stopped waiting: release it (if it is
             # ours) rather than leave others waiting for a fill that never comes.
             self._release(plan.key, token)
             return None
+        if lookup:
+            self.metrics.store_latency.observe(time.perf_counter() - began)
         breaker.success()
         return result
 

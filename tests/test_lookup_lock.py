@@ -201,3 +201,25 @@ async def test_a_store_that_is_down_on_a_missing_route_is_the_apps_answer() -> N
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_get_or_lock_answers_a_value_or_takes_the_lock_once(shared_url: str) -> None:
+    """The store's side, on one server (one script) and on a cluster (GET, then the lock's pipeline)."""
+    store = RedisStore.from_url(shared_url, timeout=2.0)
+    raw = store.client
+    generation = "lookup-test:g:{lookup}"
+    try:
+        await raw.delete("lookup-test:e:{held}", "lookup-test:e:{held}:lock", "lookup-test:e:{cold}",
+                         "lookup-test:e:{cold}:lock", "lookup-test:e:{cold}:wait")
+        await raw.set(generation, 7)
+        await store.set("lookup-test:e:{held}", b"entry", 60)
+        held = await store.get_or_lock("lookup-test:e:{held}", 5, [generation], "t0")
+        first = await store.get_or_lock("lookup-test:e:{cold}", 5, [generation], "t1")
+        second = await store.get_or_lock("lookup-test:e:{cold}", 5, [generation], "t2")
+        lock_holder = await raw.get("lookup-test:e:{cold}:lock")
+        held_lock = await raw.get("lookup-test:e:{held}:lock")
+    finally:
+        await raw.delete(generation)
+        await store.aclose()
+    assert held == (None, b"entry", ()) and held_lock is None  # a value: no lock attempted
+    assert first == ("t1", None, (7,)) and second == (None, None, (7,)) and lock_holder == b"t1"
