@@ -271,17 +271,25 @@ class RedisProcess:
     def log_path(self) -> Path:
         return self.workdir / "redis.log"
 
-    def start(self) -> None:
-        self.port = free_port()
-        assert self.port != FORBIDDEN_PORT
-        args = [
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def args(self) -> list[str]:
+        return [
             *taskset_prefix(self.cpu), self.binary,
             "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--loglevel", "warning",
         ]  # fmt: skip
+
+    def start(self) -> None:
+        """Start on a free port; a restart (after ``stop``) comes back on the same one, empty."""
+        if not self.port:
+            self.port = free_port()
+        assert self.port != FORBIDDEN_PORT
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args(), cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_deadline
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -289,11 +297,11 @@ class RedisProcess:
                 raise HarnessError(f"redis-server exited with {self.proc.returncode} at start; log:\n"
                                    f"{_tail(self.log_path)}")
             try:
-                if self.command("PING") == "PONG":
+                if self.command("PING", timeout=0.5) == "PONG":
                     return
             except OSError as exc:
                 last = exc
-            time.sleep(0.02)
+            time.sleep(0.005)
         self.stop()
         raise HarnessError(f"redis-server on port {self.port} did not answer PING within "
                            f"{self.start_deadline} s ({last!r}); log:\n{_tail(self.log_path)}")

@@ -53,7 +53,6 @@ import os
 import pickle
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -85,81 +84,28 @@ class Phase:
 # -- a Redis we can kill, restart on the same port, freeze and thaw -------------------------------
 
 
-class FaultRedis:
-    """A private redis-server on 127.0.0.1:<free port>, no persistence; ``kill``/``restart``/``freeze``/``thaw``.
-
-    ``common.RedisProcess`` picks a new port on every start; the app keeps its
-    URL, so a restart must come back on the same port (empty: nothing is saved).
-    """
+class FaultRedis(common.RedisProcess):
+    """``common.RedisProcess`` that can be killed, restarted on the same port (empty), frozen and thawed."""
 
     def __init__(self, workdir: Path, *, cpu: str | None) -> None:
-        self.binary = common.find_redis_server()
-        self.version = common.redis_server_version(self.binary)
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.cpu = cpu
-        self.port = common.free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir, cpu=cpu)
+        self.port = common.free_port()  # known before the start: the app keeps this URL across restarts
         self.frozen = False
-        self._log: IO[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
-    def args(self) -> list[str]:
-        return [
-            *common.taskset_prefix(self.cpu), self.binary,
-            "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
-            "--daemonize", "no", "--loglevel", "warning",
-        ]  # fmt: skip
 
     def display_command(self) -> str:
         return shlex.join(["R" if a == str(self.port) else ("DIR" if a == str(self.workdir) else a)
                            for a in self.args()])
 
-    def start(self, deadline: float = 10.0) -> None:
-        if self.port in (0, common.FORBIDDEN_PORT):
-            raise HarnessError("refusing to start a Redis on a port that is not ours")
-        self._log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(self.args(), cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
+    def start(self) -> None:
+        super().start()
         self.frozen = False
-        until = time.monotonic() + deadline
-        while time.monotonic() < until:
-            if self.proc.poll() is not None:
-                raise HarnessError(f"redis-server exited with {self.proc.returncode} at start (port {self.port})")
-            with contextlib.suppress(OSError):
-                if self.command("PING", timeout=0.5) == "PONG":
-                    return
-            time.sleep(0.005)
-        raise HarnessError(f"redis-server on port {self.port} did not answer PING within {deadline} s")
-
-    def command(self, *args: str, timeout: float = 2.0) -> Any:
-        """One command over a raw RESP connection (never while frozen: it would wait ``timeout``)."""
-        if self.port in (0, common.FORBIDDEN_PORT):
-            raise HarnessError("refusing to talk to a Redis that is not ours")
-        payload = f"*{len(args)}\r\n".encode() + b"".join(
-            f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            sock.sendall(payload)
-            return _read_resp(sock.makefile("rb"))
-
-    def dbsize(self) -> int:
-        return int(self.command("DBSIZE"))
 
     def kill(self) -> None:
         """SIGKILL, as an OOM killer or a crash would: no goodbye to the clients."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.stop()
         self.frozen = False
-        self._close_log()
 
     def freeze(self) -> None:
         assert self.proc is not None
@@ -170,39 +116,6 @@ class FaultRedis:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
         self.frozen = False
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()  # SIGKILL works on a stopped process too
-            proc.wait(timeout=10)
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def _read_resp(reader: Any) -> Any:
-    line = reader.readline()
-    if not line:
-        raise OSError("connection closed")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise HarnessError(f"redis error: {rest.decode()}")
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else reader.read(n + 2)[:-2]
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_read_resp(reader) for _ in range(n)]
-    raise HarnessError(f"unexpected RESP reply {line!r}")
 
 
 # -- the load generator: every request recorded ---------------------------------------------------
