@@ -21,12 +21,10 @@ Serve: ``CACHEMW_REDIS_URL=redis://127.0.0.1:PORT/0 uvicorn cluster_app:app --ap
 from __future__ import annotations
 
 import asyncio
-import gc
-import json
 import os
-import time
 from pathlib import Path
 
+import peer_common
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -37,34 +35,10 @@ from cachemw import CacheMiddleware, cache
 
 __all__ = ["DB_SECONDS", "create_app"]  # and `app`, built on first access
 
-DB_SECONDS = 0.020
-BODY_BYTES = 1024
+DB_SECONDS = peer_common.DB_SECONDS
 
 _calls = [0]
 _calls_dir = os.environ.get("CACHEMW_BENCH_CALLS_DIR") or None
-
-gc_stats: dict[str, list[float]] = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
-_gc_started = [0.0]
-
-
-def _gc_callback(phase: str, info: dict[str, int]) -> None:
-    if phase == "start":
-        _gc_started[0] = time.perf_counter()
-    else:
-        generation = info["generation"]
-        gc_stats["collections"][generation] += 1
-        gc_stats["seconds"][generation] += time.perf_counter() - _gc_started[0]
-
-
-gc.callbacks.append(_gc_callback)
-
-
-def _payload(item_id: int) -> bytes:
-    """~1 KB of compact JSON for one id."""
-    doc = {"id": item_id, "name": f"item {item_id}", "price": 12.5, "tags": ["a", "b"], "padding": ""}
-    size = len(json.dumps(doc, separators=(",", ":")).encode())
-    doc["padding"] = "x" * max(0, BODY_BYTES - size)
-    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 class _RawJSON(JSONResponse):
@@ -86,7 +60,7 @@ def _record_call() -> None:
 async def item(request: Request) -> Response:
     _record_call()
     await asyncio.sleep(DB_SECONDS)  # the database
-    return _RawJSON(_payload(request.path_params["id"]))
+    return _RawJSON(peer_common.payload_bytes(request.path_params["id"]))
 
 
 def _total_calls() -> tuple[int, dict[str, int]]:
@@ -102,7 +76,7 @@ def _total_calls() -> tuple[int, dict[str, int]]:
 
 async def handler_calls(request: Request) -> Response:
     total, per_worker = _total_calls()
-    return JSONResponse({"item": total, "per_worker": per_worker, "pid": os.getpid(), "gc": gc_stats})
+    return JSONResponse({"item": total, "per_worker": per_worker, "pid": os.getpid(), "gc": peer_common.gc_stats})
 
 
 def create_app() -> Starlette:

@@ -32,6 +32,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import peer_common
+import peer_starlette
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -39,8 +41,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import peer_common
-import peer_starlette
 from cachemw import CacheMiddleware, Settings, cache
 
 __all__ = ["create_fastapi_redis", "create_starlette"]  # and the apps, built on first access

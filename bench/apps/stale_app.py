@@ -20,12 +20,12 @@ Serve: ``CACHEMW_REDIS_URL=redis://127.0.0.1:PORT/0 uvicorn stale_app:app --app-
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
 
 import anyio
+import peer_common
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -40,26 +40,6 @@ SLOW_HANDLER_SECONDS = 0.5
 BODY_BYTES = 1024
 
 calls = {"fresh": 0, "stale": 0, "stale_in_flight": 0}
-
-# Time spent in the cyclic garbage collector, per generation: background work that
-# keeps objects alive for 500 ms (refreshes) makes collections of the older
-# generations more frequent and slower, and that pause lands on whatever request
-# happened to allocate when it struck.
-gc_stats: dict[str, list[float]] = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
-_gc_started = [0.0]
-
-
-def _gc_callback(phase: str, info: dict[str, int]) -> None:
-    if phase == "start":
-        _gc_started[0] = time.perf_counter()
-    else:
-        generation = info["generation"]
-        gc_stats["collections"][generation] += 1
-        gc_stats["seconds"][generation] += time.perf_counter() - _gc_started[0]
-
-
-gc.callbacks.append(_gc_callback)
-
 
 def _payload(item_id: int) -> bytes:
     """~1 KB of JSON for one id (same size for both routes)."""
@@ -93,7 +73,10 @@ async def stale(request: Request) -> Response:
 
 
 async def handler_calls(request: Request) -> Response:
-    return JSONResponse({**calls, "gc": gc_stats})
+    # ``gc``: time in the cyclic garbage collector per generation (peer_common's hook): background
+    # work that keeps objects alive for 500 ms (refreshes) makes collections of the older
+    # generations more frequent and slower, and that pause lands on whatever request allocated.
+    return JSONResponse({**calls, "gc": peer_common.gc_stats})
 
 
 def create_app(redis_url: str | None = None) -> Starlette:
