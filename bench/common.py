@@ -753,19 +753,22 @@ class PySpy:
                                f"{err.decode(errors='replace')}")
 
 
+def collapsed_stacks(collapsed: Path) -> Iterator[tuple[list[str], int]]:
+    """(frames outermost first, samples) for each line of a py-spy ``raw`` file."""
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            yield stack.split(";"), int(n)
+
+
 def top_frames(collapsed: Path, *, limit: int = 25, exclusive: bool = False,
                by_function: bool = True) -> list[tuple[float, str]]:
     """(share of samples, frame) from a py-spy ``raw`` file: inclusive (frame anywhere on the stack) or
     exclusive (frame on top of the stack); ``by_function`` merges the lines of one function."""
     counts: dict[str, int] = {}
     total = 0
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        samples = int(n)
+    for frames, samples in collapsed_stacks(collapsed):
         total += samples
-        frames = stack.split(";")
         if by_function:
             frames = [re.sub(r":\d+\)$", ")", f) for f in frames]
         for frame in ({frames[-1]} if exclusive else set(frames)):

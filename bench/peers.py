@@ -530,12 +530,8 @@ _BREAKDOWN = [
 def breakdown(collapsed: Path, limit: int = 12) -> list[tuple[float, str]]:
     counts: dict[str, int] = {}
     total = 0
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        total += int(n)
-        frames = stack.split(";")
+    for frames, n in common.collapsed_stacks(collapsed):
+        total += n
         name = None
         for pattern, label in _BREAKDOWN:
             at = next((i for i, f in enumerate(frames) if pattern in f), None)
@@ -551,7 +547,7 @@ def breakdown(collapsed: Path, limit: int = 12) -> list[tuple[float, str]]:
         if name is None:
             # Shallow stacks: the event loop itself, or a callback it runs (redis-py's writes show up here).
             name = "event loop and callbacks, top frame: " + frames[-1].rsplit(":", 1)[0].rstrip(")") + ")"
-        counts[name] = counts.get(name, 0) + int(n)
+        counts[name] = counts.get(name, 0) + n
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
     return [(n / total, name) for name, n in ranked] if total else []
 
