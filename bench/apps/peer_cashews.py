@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import os
 
+import peer_common
 from cashews import cache
 from fastapi import FastAPI
-
-import peer_common
 
 cache.setup(os.environ["BENCH_REDIS_URL"])
 

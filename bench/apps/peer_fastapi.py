@@ -10,9 +10,8 @@ Serve: ``uvicorn peer_fastapi:app --app-dir bench/apps``.
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-
 import peer_common
+from fastapi import FastAPI
 
 app = FastAPI()
 

@@ -16,13 +16,12 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import peer_common
 from fastapi import FastAPI
 from fastapi_cache import FastAPICache
 from fastapi_cache.backends.redis import RedisBackend
 from fastapi_cache.decorator import cache
 from redis import asyncio as aioredis
-
-import peer_common
 
 REDIS_URL = os.environ["BENCH_REDIS_URL"]
 

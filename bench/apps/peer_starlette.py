@@ -7,12 +7,11 @@ the middleware in front). Serve: ``uvicorn peer_starlette:app --app-dir bench/ap
 
 from __future__ import annotations
 
+import peer_common
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-
-import peer_common
 
 
 async def item(request: Request) -> Response:
