@@ -67,3 +67,21 @@ async def test_memory_store_forgets_tag_sets_and_locks_of_entries_long_gone() ->
     assert len(store._tag_sets) < 1100  # ~ the live entries' sets, not 2,500 + 1
     assert len(store._locks) < 1100  # not 2,500 abandoned ones
     assert len(store) > 0
+
+
+async def test_memory_store_sweeps_stay_amortised_when_a_tag_set_is_refilled_at_its_threshold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tag of exactly 64 live entries, refilled over and over: not one full sweep per fill."""
+    store = MemoryStore()
+    prunes = [0]
+    prune = MemoryStore._prune
+
+    def counting(self: MemoryStore, members: dict[str, float], now: float) -> int:
+        prunes[0] += 1
+        return prune(self, members, now)
+
+    monkeypatch.setattr(MemoryStore, "_prune", counting)
+    for round_ in range(20):
+        for i in range(64):
+            await store.fill(f"e{i}", b"x", 60, None, ["tag:hot"], [], [])
+    assert prunes[0] <= 2  # the first time the set reached 64, not ~1,200 times

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -21,6 +22,8 @@ from anyio.abc import TaskStatus
 from cachemw.store.base import LockResult, Notifications
 
 __all__ = ["MemoryStore", "MemoryStoreStats"]
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ class MemoryStore:
         self.rejected = 0
         # Fill locks, tag index and generations: apps sharing this store in one process
         # coordinate through it exactly as processes do through Redis.
-        self._locks: dict[str, tuple[str, float]] = {}
-        self._tag_sets: dict[str, dict[str, float]] = {}
+        self._locks: _SweptDict[tuple[str, float]] = _SweptDict()
+        self._tag_sets: _SweptDict[_SweptDict[float]] = _SweptDict()
         self._generations: dict[str, int] = {}
         self.notifications = Notifications()
 
@@ -135,10 +138,11 @@ class MemoryStore:
             return None, value, generations
         token = token or secrets.token_hex(8)
         self._locks[key] = (token, now + ttl)
-        if _at_doubling(len(self._locks)):
+        if self._locks.due():
             # Locks whose release never came (a shed job, a cancelled request) go once expired.
             for stale in [k for k, (_, until) in self._locks.items() if until <= now]:
                 del self._locks[stale]
+            self._locks.swept()
         return token, value, generations
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
@@ -151,14 +155,16 @@ class MemoryStore:
             for tag_set in tag_sets:
                 members = self._tag_sets.get(tag_set)
                 if members is None:
-                    if _at_doubling(len(self._tag_sets) + 1):
+                    if self._tag_sets.due():
                         # Most tag sets name one URL (``path:`` tags): drop those whose entries are all gone.
                         for name in [n for n, m in self._tag_sets.items() if not self._prune(m, now)]:
                             del self._tag_sets[name]
-                    members = self._tag_sets[tag_set] = {}
+                        self._tag_sets.swept()
+                    members = self._tag_sets[tag_set] = _SweptDict()
                 members[key] = now + ttl
-                if _at_doubling(len(members)):
+                if members.due():
                     self._prune(members, now)
+                    members.swept()
         if token is not None:
             await self.unlock(key, token)
         self.notifications.filled(key)
@@ -215,6 +221,21 @@ class MemoryStore:
         return entry
 
 
-def _at_doubling(size: int) -> bool:
-    """True at 64, 128, 256, ...: sweeping a growing map then costs O(1) per insert, amortised."""
-    return size >= 64 and size & (size - 1) == 0
+class _SweptDict(dict[str, V]):
+    """A map swept of dead items whenever it has grown by half since its last sweep (and at 64).
+
+    Whatever mix of inserts, refills and deletes it sees, a sweep then costs O(1) per
+    insert, amortised: the map must grow by half of what the sweep left before the next.
+    """
+
+    __slots__ = ("_sweep_at",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sweep_at = 64
+
+    def due(self) -> bool:
+        return len(self) >= self._sweep_at
+
+    def swept(self) -> None:
+        self._sweep_at = max(64, len(self) + len(self) // 2)
