@@ -917,7 +917,6 @@ class _Flusher(Generic[V]):
         fresh = []
         for entry in claimed:
             if entry.deliveries > owner.max_attempts:
-                self.held[entry.id] = entry
                 await self._bury(entry, [], f"delivered {entry.deliveries} times: each flusher holding it stopped "
                                  "(crashed or hung) before acknowledging it", entry.deliveries)
             else:

@@ -647,6 +647,39 @@ async def test_a_write_whose_flushers_keep_dying_is_dead_lettered(shared_url: st
     assert db.rows() == {}
 
 
+async def test_a_dead_letter_that_fails_once_is_tried_again_not_stranded(
+        shared_url: str, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis blip while a write that kept killing its flushers is moved to the dead letters."""
+    from cachemw.store.base import StoreError
+    from cachemw.writebehind import _RedisBackend
+
+    real = _RedisBackend.dead_letter
+    blips = [1]
+
+    async def once_failing(self: Any, *args: Any) -> None:
+        if blips[0]:
+            blips[0] -= 1
+            raise StoreError("redis dead letter failed: connection reset")
+        await real(self, *args)
+
+    monkeypatch.setattr(_RedisBackend, "dead_letter", once_failing)
+    writes = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, claim_idle=0.2,
+                         max_attempts=3)
+    await writes.put("crashy", 1)
+    stream = f"{PREFIX}:wb:{{cart}}:stream"
+    with direct(shared_url) as r:
+        r.xgroup_create(stream, "cachemw", "0")
+        [[_, [(entry_id, _)]]] = r.xreadgroup("cachemw", "ghost-1", {stream: ">"})
+        for n in range(2, 5):
+            r.xclaim(stream, "cachemw", f"ghost-{n}", 0, [entry_id])
+    async with writes.running():
+        async def settled() -> bool:  # dead-lettered after all, or flushed by the flusher that now owns it
+            return (await writes.status()).dead == 1 or bool(db.rows())
+
+        await until(settled, "the write leaving the flusher once the blip passed")
+    assert blips == [0]
+
+
 # -- operating -------------------------------------------------------------------------------
 
 
