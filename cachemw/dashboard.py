@@ -57,14 +57,25 @@ Check = Callable[[Request], "bool | Awaitable[bool]"]
 
 
 def loopback_only(request: Request) -> bool:
-    """True for a client on this machine (127.0.0.0/8, ::1) that no proxy relays."""
+    """True for a client on this machine (127.0.0.0/8, ::1) that no proxy relays, asking for a loopback host.
+
+    The ``Host`` check keeps out DNS rebinding: a page of ``evil.example`` whose name
+    now resolves to 127.0.0.1 reaches us from a loopback address, but names its own host.
+    """
     if any(name in request.headers for name in _PROXY_HEADERS):
         return False  # a proxy on this host relays someone else
-    client = request.client
-    if client is None:
+    host = request.headers.get("host")
+    if host is not None and not _is_loopback_host(urlsplit("//" + host).hostname or ""):
         return False
+    client = request.client
+    return client is not None and _is_loopback_host(client.host)
+
+
+def _is_loopback_host(name: str) -> bool:
+    if name.lower() == "localhost":
+        return True
     try:
-        address = ipaddress.ip_address(client.host)
+        address = ipaddress.ip_address(name)
     except ValueError:
         return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

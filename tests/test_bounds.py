@@ -81,7 +81,7 @@ async def test_memory_store_sweeps_stay_amortised_when_a_tag_set_is_refilled_at_
         return prune(self, members, now)
 
     monkeypatch.setattr(MemoryStore, "_prune", counting)
-    for round_ in range(20):
+    for _ in range(20):
         for i in range(64):
             await store.fill(f"e{i}", b"x", 60, None, ["tag:hot"], [], [])
     assert prunes[0] <= 2  # the first time the set reached 64, not ~1,200 times

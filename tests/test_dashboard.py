@@ -74,7 +74,7 @@ def make_app(*, redis_url: str | None = None, **dashboard: Any) -> CacheMiddlewa
 
 
 def asgi_client(app: Any, client: tuple[str, int] = ("127.0.0.1", 50000)) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=client), base_url="http://testserver")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=client), base_url="http://127.0.0.1")
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ async def test_purge_by_route_and_by_tag(app: CacheMiddleware) -> None:
         assert (await http.get("/products/2")).headers["x-cache"] == "HIT"
 
         response = await http.post("/_cachemw/api/purge", content=json.dumps({"route": "/stats"}),
-                                   headers={**PURGE_HEADERS, "origin": "http://testserver",
+                                   headers={**PURGE_HEADERS, "origin": "http://127.0.0.1",
                                             "sec-fetch-site": "same-origin"})
         assert response.status_code == 200, response.text
         assert response.json()["dropped"] == 1
@@ -254,12 +254,30 @@ async def test_a_dashboard_outside_a_cached_app_says_so() -> None:
     [("127.0.0.1", {}, True), ("127.8.9.10", {}, True), ("::1", {}, True), ("::ffff:127.0.0.1", {}, True),
      ("10.0.0.1", {}, False), ("::ffff:10.0.0.1", {}, False), ("2001:db8::1", {}, False), ("testclient", {}, False),
      (None, {}, False), ("127.0.0.1", {"forwarded": "for=203.0.113.9"}, False),
-     ("127.0.0.1", {"x-real-ip": "203.0.113.9"}, False)],
+     ("127.0.0.1", {"x-real-ip": "203.0.113.9"}, False),
+     ("127.0.0.1", {"host": "localhost:8000"}, True), ("127.0.0.1", {"host": "127.0.0.1:8000"}, True),
+     ("127.0.0.1", {"host": "[::1]:8000"}, True),
+     ("127.0.0.1", {"host": "evil.example"}, False), ("127.0.0.1", {"host": "evil.example:8000"}, False)],
 )
 def test_loopback_only(host: str | None, headers: dict[str, str], allowed: bool) -> None:
     scope = {"type": "http", "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
              "client": None if host is None else (host, 1234)}
     assert loopback_only(Request(scope)) is allowed
+
+
+@pytest.mark.anyio
+async def test_dns_rebinding_neither_reads_nor_purges(app: CacheMiddleware) -> None:
+    """A page of another site whose name now resolves to 127.0.0.1: loopback client, foreign Host."""
+    await fill(app, "/products/1")
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://evil.example:8000") as rebound:
+        state = await rebound.get("/_cachemw/api/state")
+        purge = await rebound.post("/_cachemw/api/purge", content=json.dumps({"tag": "product:1"}),
+                                   headers={**PURGE_HEADERS, "origin": "http://evil.example:8000",
+                                            "sec-fetch-site": "same-origin"})
+    assert state.status_code == 403 and purge.status_code == 403
+    async with asgi_client(app) as http:
+        assert (await http.get("/products/1")).headers["x-cache"] == "HIT"
 
 
 # -- in a real browser ----------------------------------------------------------------------------
