@@ -560,9 +560,8 @@ def _add_observe_commands(commands: Any, store_help: str) -> None:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from redis.exceptions import RedisError
-
     from cachemw.observe import aggregate, read_fleet
+    from cachemw.store.redis import DRIVER_ERRORS
 
     if args.watch is not None and not 0.1 <= args.watch <= 3600:
         raise CommandFailed(f"--watch {args.watch:g}: expected a number of seconds from 0.1 to 3600")
@@ -576,7 +575,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         try:
             with anyio.fail_after(OPERATOR_TIMEOUT * 5):
                 documents = await read_fleet(client, prefix)
-        except (RedisError, OSError, TimeoutError) as exc:  # as the store boundary reports the driver's errors
+        except DRIVER_ERRORS as exc:  # as the store boundary reports the driver's errors (a timeout is an OSError)
             raise StoreError(_one_line(exc) or "timed out") from exc
         return aggregate(documents)
 

@@ -75,7 +75,6 @@ only as durable as the process; what is not flushed at shutdown is lost.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -96,10 +95,11 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from cachemw.background import Supervisor
 from cachemw.store.base import StoreError
+from cachemw.store.redis import DRIVER_ERRORS as _DRIVER_ERRORS
 from cachemw.store.redis import _Gate, close_client, redis_clients
 
 __all__ = [
@@ -121,8 +121,6 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _MAX_KEY_LENGTH = 1024
 _MAX_BLOCK = 5.0  # longest blocking read; the flusher wakes at least this often
 _CHUNK = 500  # ids per script call: Lua's unpack() has a stack limit
-# RedisClusterException is no RedisError: the cluster client raises it when no node answers.
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 _MAX_CONNECTIONS = 256  # per server or cluster node, for put/get/status
 
 

@@ -11,7 +11,6 @@ when a process restarts; for rates over time, use the Prometheus endpoint.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -23,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
-from redis.exceptions import RedisError
 
 from cachemw.metrics import BUCKETS
 from cachemw.observe.snapshot import COUNTERS, HOST, JOB_FIELDS, by_policy, full_snapshot, observed, totals
+from cachemw.store.redis import DRIVER_ERRORS as _DRIVER_ERRORS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -37,7 +36,6 @@ __all__ = ["aggregate", "enable_fleet_metrics", "fleet_key", "flush_fleet_metric
 
 logger = logging.getLogger(__name__)
 
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
 _L1_FIELDS = ("entries", "bytes_used", "max_bytes", "hits", "dropped")
 
 

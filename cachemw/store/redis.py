@@ -53,7 +53,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from cachemw.store.base import LockResult, Notifications, StoreError
 from cachemw.store.pipeline import PipelinedRedis
 
-__all__ = ["RedisClients", "RedisStore", "close_client", "redis_clients"]
+__all__ = ["DRIVER_ERRORS", "RedisClients", "RedisStore", "close_client", "redis_clients"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,9 @@ def _millis(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 # What the driver may raise for a down, slow or refusing server. asyncio.TimeoutError
-# is the builtin TimeoutError (an OSError) from 3.11 on, but not on 3.10.
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+# is the builtin TimeoutError (an OSError) from 3.11 on, but not on 3.10; the cluster
+# client raises RedisClusterException (no RedisError) when no node answers.
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 class RedisClients:
@@ -400,7 +401,7 @@ class RedisStore:
             else:
                 async with self._gate:
                     value = await self._client.get(key)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis GET failed: {exc!r}") from exc
         return cast("bytes | None", value)
 
@@ -414,7 +415,7 @@ class RedisStore:
             else:
                 # PX 0 is an error and a sub-millisecond ttl should still store.
                 await self._client.set(key, value, px=max(1, math.ceil(ttl * 1000)))
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis SET failed: {exc!r}") from exc
 
     async def delete(self, *keys: str) -> int:
@@ -422,7 +423,7 @@ class RedisStore:
             return 0  # DEL without keys is a syntax error
         try:
             return await self._delete_each(keys)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis DEL failed: {exc!r}") from exc
 
     async def _delete_each(self, keys: Sequence[str | bytes]) -> int:
@@ -442,7 +443,7 @@ class RedisStore:
             try:
                 taken, value, generations = await self._script(
                     self._lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys], [token, _millis(ttl)])
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 raise StoreError(f"redis lock failed: {exc!r}") from exc
             return ((token if taken else None), value if isinstance(value, bytes) else None,
                     tuple(_int(g) for g in generations))
@@ -454,7 +455,7 @@ class RedisStore:
                 for generation_key in generation_keys:
                     pipe.get(generation_key)
                 reply, *generations = await pipe.execute()
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis lock failed: {exc!r}") from exc
         taken = bool(reply[0])
         value = reply[1] if len(reply) > 1 and isinstance(reply[1], bytes) else None
@@ -472,7 +473,7 @@ class RedisStore:
         try:
             reply = await self._script(
                 self._lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys], [token, _millis(ttl), "1"])
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis lookup failed: {exc!r}") from exc
         if reply[0] == 2:
             return None, reply[1], ()
@@ -492,7 +493,7 @@ class RedisStore:
                     self._fill_all, [key, _lock_key(key), _wait_key(key), *tag_sets, *generation_keys],
                     [value, _millis(ttl), token or "", self.channel, now, expires, _millis(ttl + 60),
                      len(tag_sets), *(str(g) for g in generations)])
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 raise StoreError(f"redis fill failed: {exc!r}") from exc
             return bool(stored)
         try:
@@ -508,7 +509,7 @@ class RedisStore:
             if current != tuple(generations):
                 await self._client.delete(key)
                 return False
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis fill failed: {exc!r}") from exc
         return True
 
@@ -516,7 +517,7 @@ class RedisStore:
         try:
             # Waiters are woken too: they find no entry and call the app themselves at once.
             await self._script(self._unlock_script, [_lock_key(key), _wait_key(key)], [token, self.channel, key])
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis unlock failed: {exc!r}") from exc
 
     async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
@@ -538,7 +539,7 @@ class RedisStore:
             dropped = await self._delete_each(list(keys))
             await self._delete_each(list(tag_sets))
             await self._client.publish(self.invalidation_channel, message)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis invalidate failed: {exc!r}") from exc
         return dropped
 
@@ -554,14 +555,14 @@ class RedisStore:
                     batch = []
             dropped += await self._delete_each(batch)
             await self._client.publish(self.invalidation_channel, message)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis purge failed: {exc!r}") from exc
         return dropped
 
     async def publish_invalidation(self, message: str) -> None:
         try:
             await self._client.publish(self.invalidation_channel, message)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"redis publish failed: {exc!r}") from exc
 
     @property
@@ -574,7 +575,7 @@ class RedisStore:
         if self.cluster:
             # Learn the slot map once, before traffic: concurrent first commands would each
             # start discovering it (redis-py then leaks the connections of the losers).
-            with contextlib.suppress(*_DRIVER_ERRORS, RedisClusterException):
+            with contextlib.suppress(*DRIVER_ERRORS):
                 await self._client.initialize()
         client = self._listener_client()
         fills = self.channel.encode()
@@ -601,7 +602,7 @@ class RedisStore:
                             self.notifications.filled(data)
                         else:
                             self._invalidated(data)
-                except _DRIVER_ERRORS as exc:
+                except DRIVER_ERRORS as exc:
                     logger.debug("cachemw: subscription lost (%r); resubscribing", exc)
                 finally:
                     if self._listening:
@@ -615,7 +616,7 @@ class RedisStore:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
         finally:
-            with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
+            with anyio.CancelScope(shield=True), contextlib.suppress(*DRIVER_ERRORS):
                 await close_client(client)
 
     def _invalidated(self, data: str) -> None:
@@ -633,7 +634,7 @@ class RedisStore:
             await close_client(self._client)
             for other in self._also_close:
                 await close_client(other)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
 
 
@@ -646,5 +647,5 @@ async def close_client(client: Any) -> None:
 
 
 async def _quietly_close(pubsub: Any) -> None:
-    with contextlib.suppress(*_DRIVER_ERRORS):
+    with contextlib.suppress(*DRIVER_ERRORS):
         await pubsub.aclose()

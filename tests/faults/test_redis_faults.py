@@ -180,3 +180,18 @@ async def test_foreign_values_under_our_keys_are_misses_that_get_overwritten(
     response = await http.get("/item")
     assert response.status_code == 200 and response.headers["x-cache"] == "MISS"
     await eventually(lambda: _hit(http), what="the foreign value being overwritten")
+
+
+async def test_a_cluster_none_of_whose_nodes_answers_is_the_apps_answer() -> None:
+    """The cluster client raises RedisClusterException (no RedisError) then: still a store fault, not a 500."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    counter = Counter()
+    app = make_app(f"redis+cluster://127.0.0.1:{port}", counter)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                 base_url="http://testserver") as http:
+        await _all_answered(http, 3)
+    assert counter.calls == 3
