@@ -65,6 +65,33 @@ async def test_concurrent_first_commands_open_one_connection(redis_url: str, red
         await client.aclose()
 
 
+async def test_closing_while_the_first_command_connects_leaves_no_connection(
+        redis_url: str, redis_server: RedisServer) -> None:
+    def connections() -> int:
+        with redis_server.client() as admin:
+            return len(admin.client_list())
+
+    before = connections()
+    client = _connection(redis_server, timeout=1.0)
+    outcome: list[object] = []
+
+    async def first() -> None:
+        try:
+            outcome.append(await client.get("k"))
+        except StoreError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        await anyio.sleep(0)  # the get is connecting now
+        await client.aclose()
+    assert len(outcome) == 1 and isinstance(outcome[0], StoreError)
+    assert connections() == before
+    with pytest.raises(StoreError):
+        await client.get("k")  # closed for good: no silent reconnect
+    assert connections() == before
+
+
 async def test_a_frozen_server_times_out_in_budget_then_closes_and_reconnects(
         redis_url: str, redis_server: RedisServer) -> None:
     with redis_server.client() as setup:

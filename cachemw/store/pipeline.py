@@ -197,11 +197,14 @@ class PipelinedRedis:
             self._hello.append(encode_command(["SELECT", db]))
         self._connection: _Connection | None = None
         self._connect_lock: asyncio.Lock | None = None  # made on first use, inside the event loop
+        self._closed = False  # by aclose: for good, even for a connect already under way
 
     async def execute(self, command: bytes) -> Any:
         """The reply to an encoded command (see ``encode_command``)."""
         connection = self._connection
         if connection is None or connection.closed:
+            if self._closed:
+                raise StoreError("redis connection closed")
             connection = await self._connect()
         return await connection.send(command, connection.loop.time() + self.timeout)
 
@@ -254,10 +257,14 @@ class PipelinedRedis:
                 raise StoreError(f"connecting to redis failed after {time.monotonic() - started:.3f} s: "
                                  f"{exc!r}") from exc
             raise
+        if self._closed:  # closed while we connected: nobody would ever close this socket
+            connection.close(StoreError("closed"))
+            raise StoreError("redis connection closed")
         self._connection = connection
         return connection
 
     async def aclose(self) -> None:
+        self._closed = True
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close(StoreError("closed"))
