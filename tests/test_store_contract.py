@@ -291,9 +291,10 @@ async def test_redis_ttl_is_set_in_milliseconds(redis_url: str, redis_server: Re
         assert client.pttl("tiny") in (-2, 0, 1)  # 1 ms, or already gone
 
 
-async def test_redis_pool_waits_instead_of_failing(redis_url: str) -> None:
-    # redis-py's default pool raises MaxConnectionsError beyond its size; ours waits.
-    store = RedisStore.from_url(redis_url, timeout=2.0, max_connections=4)
+async def test_redis_pool_waits_instead_of_failing(shared_url: str) -> None:
+    # redis-py's default pool raises MaxConnectionsError beyond its size; ours waits,
+    # whatever mix of lookups, locks, fills and releases runs at once.
+    store = RedisStore.from_url(shared_url, timeout=2.0, max_connections=4)
     try:
         await store.set("k", b"v", 60)
         results: list[bytes | None] = []
@@ -301,9 +302,18 @@ async def test_redis_pool_waits_instead_of_failing(redis_url: str) -> None:
         async def read() -> None:
             results.append(await store.get("k"))
 
+        async def miss(i: int) -> None:
+            key = f"pool:{{k{i}}}"
+            token, _, generations = await store.lock(key, 5, [])
+            assert token is not None
+            await store.fill(key, b"x", 60, token, [], [], generations)
+            await store.unlock(key, token)
+
         async with anyio.create_task_group() as tg:
-            for _ in range(200):
+            for i in range(200):
                 tg.start_soon(read)
+                if i % 2:
+                    tg.start_soon(miss, i)
         assert results == [b"v"] * 200
     finally:
         await store.aclose()

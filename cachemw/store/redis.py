@@ -396,11 +396,8 @@ class RedisStore:
         if self._pipelined is not None:
             return await self._pipelined.get(key)
         try:
-            if self._gate is None:
+            async with self._gated():
                 value = await self._client.get(key)
-            else:
-                async with self._gate:
-                    value = await self._client.get(key)
         except DRIVER_ERRORS as exc:
             raise StoreError(f"redis GET failed: {exc!r}") from exc
         return cast("bytes | None", value)
@@ -410,11 +407,12 @@ class RedisStore:
             await self.delete(key)
             return
         try:
-            if math.isinf(ttl):
-                await self._client.set(key, value)
-            else:
-                # PX 0 is an error and a sub-millisecond ttl should still store.
-                await self._client.set(key, value, px=max(1, math.ceil(ttl * 1000)))
+            async with self._gated():
+                if math.isinf(ttl):
+                    await self._client.set(key, value)
+                else:
+                    # PX 0 is an error and a sub-millisecond ttl should still store.
+                    await self._client.set(key, value, px=max(1, math.ceil(ttl * 1000)))
         except DRIVER_ERRORS as exc:
             raise StoreError(f"redis SET failed: {exc!r}") from exc
 
@@ -430,7 +428,7 @@ class RedisStore:
         """One DEL per key, pipelined: a multi-key DEL would cross Redis Cluster slots."""
         dropped = 0
         for start in range(0, len(keys), 500):
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._gated(), self._client.pipeline(transaction=False) as pipe:
                 for key in keys[start : start + 500]:
                     pipe.delete(key)
                 dropped += sum(int(n) for n in await pipe.execute())
@@ -497,18 +495,19 @@ class RedisStore:
                 raise StoreError(f"redis fill failed: {exc!r}") from exc
             return bool(stored)
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.eval(_FILL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, _millis(ttl), token or "",
-                          self.channel)
-                for tag_set in tag_sets:
-                    pipe.eval(_INDEX_SCRIPT, 1, tag_set, key, expires, now, _millis(ttl + 60))
-                for generation_key in generation_keys:
-                    pipe.get(generation_key)
-                replies = await pipe.execute()
-            current = tuple(_int(g) for g in replies[len(replies) - len(generation_keys):])
-            if current != tuple(generations):
-                await self._client.delete(key)
-                return False
+            async with self._gated():
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.eval(_FILL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, _millis(ttl),
+                              token or "", self.channel)
+                    for tag_set in tag_sets:
+                        pipe.eval(_INDEX_SCRIPT, 1, tag_set, key, expires, now, _millis(ttl + 60))
+                    for generation_key in generation_keys:
+                        pipe.get(generation_key)
+                    replies = await pipe.execute()
+                current = tuple(_int(g) for g in replies[len(replies) - len(generation_keys):])
+                if current != tuple(generations):
+                    await self._client.delete(key)
+                    return False
         except DRIVER_ERRORS as exc:
             raise StoreError(f"redis fill failed: {exc!r}") from exc
         return True
@@ -524,12 +523,13 @@ class RedisStore:
         """A registered script, on the pipelined connection when there is one."""
         pipelined = self._pipelined
         if pipelined is None:
-            return await script(keys=keys, args=args)
+            async with self._gated():
+                return await script(keys=keys, args=args)
         return await pipelined.evalsha(script.sha, script.script, keys, args)
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._gated(), self._client.pipeline(transaction=False) as pipe:
                 for generation_key in generation_keys:
                     pipe.incr(generation_key)
                 for tag_set in tag_sets:
