@@ -100,7 +100,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from cachemw.background import Supervisor
 from cachemw.store.base import StoreError
 from cachemw.store.redis import DRIVER_ERRORS as _DRIVER_ERRORS
-from cachemw.store.redis import _Gate, close_client, redis_clients
+from cachemw.store.redis import _Gate, _millis, close_client, redis_clients
 
 __all__ = [
     "DeadLetter",
@@ -229,7 +229,6 @@ class _Entry:
     failures: int = 0  # failed flushes it was part of
     counted: int = 0  # failed alone while the database accepted other writes: toward max_attempts
     seen: int = 0  # the flusher's success count when it was read or last failed alone
-    error: str = ""
 
 
 @dataclass(slots=True)
@@ -430,11 +429,10 @@ def _group_lost(error: StoreError) -> bool:
 
 
 class _Keys:
-    __slots__ = ("counter", "dead", "prefix", "stats", "stream", "values")
+    __slots__ = ("counter", "dead", "stats", "stream", "values")
 
     def __init__(self, prefix: str, name: str) -> None:
         base = f"{prefix}:wb:{{{name}}}"
-        self.prefix = base
         self.values = f"{base}:v:"
         self.stream = f"{base}:stream"
         self.dead = f"{base}:dead"
@@ -532,7 +530,7 @@ class _RedisBackend:
     async def read(self, count: int, block: float) -> list[_Entry]:
         args: list[Any] = ["XREADGROUP", "GROUP", _GROUP, self._consumer, "COUNT", count]
         if block > 0:
-            args += ["BLOCK", max(1, math.ceil(block * 1000))]
+            args += ["BLOCK", _millis(block)]
         args += ["STREAMS", self._keys.stream, ">"]
         with _store_errors("read"):
             client = await self._flusher()
@@ -552,7 +550,7 @@ class _RedisBackend:
             client = await self._flusher()
             while len(claimed) < count:
                 reply = await _command(client,
-                    "XAUTOCLAIM", self._keys.stream, _GROUP, self._consumer, max(1, math.ceil(min_idle * 1000)),
+                    "XAUTOCLAIM", self._keys.stream, _GROUP, self._consumer, _millis(min_idle),
                     self._cursor, "COUNT", min(count - len(claimed), 1000))
                 self._cursor = _text(reply[0])
                 claimed.extend(entry for entry in map(_entry, reply[1]) if entry is not None)
@@ -579,7 +577,7 @@ class _RedisBackend:
 
     async def ack(self, entries: Sequence[_Entry], winners: Sequence[_Entry], retain: float | None) -> None:
         keys = self._keys
-        retain_ms = 0 if retain is None else max(1, math.ceil(retain * 1000))
+        retain_ms = 0 if retain is None else _millis(retain)
         winner_ids = {id(w) for w in winners}
         with _store_errors("acknowledge"):
             client = await self._flusher()
@@ -1040,7 +1038,6 @@ class _Flusher(Generic[V]):
         entries = group.entries
         for entry in entries:
             entry.failures += 1
-            entry.error = error
         failures = group.failures + 1
         due = now + self._backoff(failures)
         keys = list(dict.fromkeys(e.key for e in entries))

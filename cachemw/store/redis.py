@@ -176,6 +176,7 @@ def _int(value: object) -> int:
 
 
 def _millis(seconds: float) -> int:
+    """Redis milliseconds: rounded up, and at least 1 (PX 0 is an error; a tiny ttl should still store)."""
     return max(1, math.ceil(seconds * 1000))
 
 # What the driver may raise for a down, slow or refusing server. asyncio.TimeoutError
@@ -411,8 +412,7 @@ class RedisStore:
                 if math.isinf(ttl):
                     await self._client.set(key, value)
                 else:
-                    # PX 0 is an error and a sub-millisecond ttl should still store.
-                    await self._client.set(key, value, px=max(1, math.ceil(ttl * 1000)))
+                    await self._client.set(key, value, px=_millis(ttl))  # PX 0 would be an error
         except DRIVER_ERRORS as exc:
             raise StoreError(f"redis SET failed: {exc!r}") from exc
 
