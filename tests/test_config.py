@@ -322,6 +322,9 @@ def test_unknown_setting_in_cachemw_table(tmp_path: Path) -> None:
         ("memory_max_bytes", "true", "True"),
         ("session_cookie", '"my session"', "'my session'"),
         ("session_cookie", "1", "1"),
+        ("metrics_interval", '"-1s"', "'-1s'"),
+        ("metrics_interval", '"2h"', "'2h'"),
+        ("metrics_interval", '"often"', "'often'"),
     ],
 )
 def test_bad_setting_names_file_field_and_value(
@@ -332,6 +335,12 @@ def test_bad_setting_names_file_field_and_value(
     assert repr(field) in message
     assert shown in message
     assert "expected" in message
+
+
+@pytest.mark.parametrize(("toml_value", "seconds"), [("0", 0.0), ('"5s"', 5.0), ('"1h"', 3600.0)])
+def test_metrics_interval_takes_zero_for_off_and_durations(tmp_path: Path, toml_value: str, seconds: float) -> None:
+    path = write(tmp_path, f"[cachemw]\nmetrics_interval = {toml_value}\n")
+    assert load_settings(path, environ=NO_ENV).metrics_interval == seconds
 
 
 @pytest.mark.parametrize("url", ["redis://h:6379/0", "rediss://h:6380", "unix:///run/redis.sock"])

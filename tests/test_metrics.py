@@ -22,7 +22,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 import cachemw.middleware
-from cachemw import CacheMiddleware, MemoryStore, cache
+from cachemw import CacheMiddleware, MemoryStore, Settings, cache
 from cachemw.observe import (
     aggregate,
     enable_fleet_metrics,
@@ -542,6 +542,24 @@ async def test_the_fleet_view_sums_two_processes(redis_url: str, direct: redis.a
         # The second process shut down: its report is gone at once, not after its TTL.
         assert len(await read_fleet(direct, "fleet")) == 1
     assert await read_fleet(direct, "fleet") == []
+
+
+@pytest.mark.parametrize("interval", [0.1, 0.0])
+async def test_the_metrics_interval_setting_alone_turns_fleet_reports_on_or_off(
+        redis_url: str, direct: redis.asyncio.Redis, interval: float) -> None:
+    inner = Starlette(routes=routes())
+    member = CacheMiddleware(inner, redis_url=redis_url, key_prefix="fleetset",
+                             settings=Settings(metrics_interval=interval))
+    async with lifespan(member), client(member) as http:
+        assert (await http.get("/products/1")).status_code == 200
+        if interval:
+            async def reported() -> bool:
+                return len(await read_fleet(direct, "fleetset")) == 1
+
+            await eventually(reported, what="the report the setting asked for")
+        else:
+            await eventually(jobs_done(member, "fill", 1), what="the fill")
+            assert await direct.keys("fleetset:m:*") == []
 
 
 async def test_the_fleet_reader_skips_foreign_values(redis_url: str, direct: redis.asyncio.Redis) -> None:
