@@ -266,6 +266,22 @@ def test_loopback_only(host: str | None, headers: dict[str, str], allowed: bool)
 
 
 @pytest.mark.anyio
+async def test_a_rule_over_every_route_never_caches_the_dashboard(tmp_path: Path) -> None:
+    """Its state is answered per request, for allowed clients only: a cached copy would skip ``allow``."""
+    config = tmp_path / "cachemw.toml"
+    config.write_text('[cachemw]\n[[cachemw.rules]]\nroute = "/*"\nttl = "5m"\n')
+    inner = Starlette(routes=[Route("/stats", stats), Mount("/_cachemw", app=dashboard_app())])
+    app = CacheMiddleware(inner, config=config, store=MemoryStore())
+    async with asgi_client(app) as http:
+        for _ in range(2):
+            state = await http.get("/_cachemw/api/state")
+            assert state.status_code == 200 and state.headers["x-cache"] == "MISS"  # the rule covers it
+    async with asgi_client(app, client=OUTSIDER) as outsider:
+        response = await outsider.get("/_cachemw/api/state")
+    assert response.status_code == 403 and response.headers.get("x-cache") != "HIT"
+
+
+@pytest.mark.anyio
 async def test_dns_rebinding_neither_reads_nor_purges(app: CacheMiddleware) -> None:
     """A page of another site whose name now resolves to 127.0.0.1: loopback client, foreign Host."""
     await fill(app, "/products/1")
