@@ -66,19 +66,7 @@ DEFAULT_INVALIDATION_CHANNEL = "cachemw:invalidations"
 # script stays in one slot. A lock attempt that finds the lock taken raises the flag; a
 # fill or release announces itself only when the flag is up: with nobody waiting (the
 # common case) no message goes out, and no subscriber anywhere has to read one.
-_LOCK_SCRIPT = """
-local value = redis.call('GET', KEYS[1])
-local taken = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
-if taken then return {1, value} end
-redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
-return {0, value}
-"""
-_FILL_SCRIPT = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
-return 1
-"""
+#
 # A tag's index: entry keys scored by expiry; expired members are dropped on every
 # write, and the index itself lives as long as its longest-lived member.
 _INDEX_SCRIPT = """
@@ -87,9 +75,10 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 return 1
 """
-# On one server a miss's lock attempt and a fill are one script each: one command for the
-# client to encode and parse instead of up to a dozen (most of a miss's store cost is
-# redis-py's, not Redis's). On a cluster the keys span slots, so the pipelines below run.
+# On one server a miss's lock attempt and a fill are one script each, over the entry's
+# three keys plus the tag indexes and generations: one command for the client to encode
+# and parse instead of up to a dozen. On a cluster those span slots, so the scripts get
+# only the entry's three keys, and pipelines next to them do the rest.
 # ARGV[3] = '1' (a lookup of a route that has been missing): a value is returned at
 # once, and only its absence takes the lock, so a miss costs one round trip, not two.
 _LOCK_ALL_SCRIPT = """
@@ -104,23 +93,22 @@ return {taken, value or false, generations}
 """
 _FILL_ALL_SCRIPT = """
 local tags = tonumber(ARGV[8])
+local current = 1
 for i = 1, #KEYS - 3 - tags do
-  if (redis.call('GET', KEYS[3 + tags + i]) or '0') ~= ARGV[8 + i] then
-    if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-    if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
-    return 0
-  end
+  if (redis.call('GET', KEYS[3 + tags + i]) or '0') ~= ARGV[8 + i] then current = 0 break end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-for i = 1, tags do
-  local index = KEYS[3 + i]
-  redis.call('ZADD', index, ARGV[6], KEYS[1])
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[5])
-  if redis.call('PTTL', index) < tonumber(ARGV[7]) then redis.call('PEXPIRE', index, ARGV[7]) end
+if current == 1 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  for i = 1, tags do
+    local index = KEYS[3 + i]
+    redis.call('ZADD', index, ARGV[6], KEYS[1])
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[5])
+    if redis.call('PTTL', index) < tonumber(ARGV[7]) then redis.call('PEXPIRE', index, ARGV[7]) end
+  end
 end
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
-return 1
+return current
 """
 _UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -449,15 +437,14 @@ class RedisStore:
             async with self._gated(), self._client.pipeline(transaction=False) as pipe:
                 # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
                 # Redis caches the compiled script by its text anyway.
-                pipe.eval(_LOCK_SCRIPT, 3, key, _lock_key(key), _wait_key(key), token, _millis(ttl))
+                pipe.eval(_LOCK_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), token, _millis(ttl))
                 for generation_key in generation_keys:
                     pipe.get(generation_key)
-                reply, *generations = await pipe.execute()
+                (taken, value, _), *generations = await pipe.execute()
         except DRIVER_ERRORS as exc:
             raise StoreError(f"redis lock failed: {exc!r}") from exc
-        taken = bool(reply[0])
-        value = reply[1] if len(reply) > 1 and isinstance(reply[1], bytes) else None
-        return (token if taken else None), value, tuple(_int(g) for g in generations)
+        return (token if taken else None), value if isinstance(value, bytes) else None, tuple(
+            _int(g) for g in generations)
 
     async def get_or_lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str) -> LockResult:
         """GET, and when the key holds nothing a lock attempt too, in one round trip.
@@ -497,8 +484,8 @@ class RedisStore:
         try:
             async with self._gated():
                 async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.eval(_FILL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, _millis(ttl),
-                              token or "", self.channel)
+                    pipe.eval(_FILL_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, _millis(ttl),
+                              token or "", self.channel, now, expires, _millis(ttl + 60), 0)
                     for tag_set in tag_sets:
                         pipe.eval(_INDEX_SCRIPT, 1, tag_set, key, expires, now, _millis(ttl + 60))
                     for generation_key in generation_keys:
