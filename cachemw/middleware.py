@@ -55,6 +55,9 @@ __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
 logger = logging.getLogger(__name__)
 
 _CACHED_METHODS = frozenset({"GET", "HEAD"})
+# Only these may invalidate: OPTIONS (a CORS preflight anyone can send), TRACE and
+# unknown methods are passed through untouched, never cached and never purging.
+_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _HIT = b"HIT"
 _STALE = b"STALE"
 _MISS = b"MISS"
@@ -331,8 +334,12 @@ class CacheMiddleware:
     async def _http(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch) -> None:
         policy = match.rule.policy
         assert policy is not None
-        if scope["method"] not in _CACHED_METHODS:
-            await self._unsafe(scope, receive, send, match, policy)
+        method = scope["method"]
+        if method not in _CACHED_METHODS:
+            if method in _UNSAFE_METHODS:
+                await self._unsafe(scope, receive, send, match, policy)
+            else:
+                await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_METHOD)
             return
         if not policy.cacheable:
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS)

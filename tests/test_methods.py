@@ -1,0 +1,83 @@
+"""Which methods may invalidate: POST, PUT, PATCH and DELETE only; every other one passes through."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from cachemw import CacheMiddleware, cache
+from tests.asgi import SpyStore, client
+
+pytestmark = pytest.mark.anyio
+
+
+def make_app(store: SpyStore, reads: collections.Counter[str]) -> Starlette:
+    # A class-based endpoint has no method list: its rule covers every method. CORS answers
+    # with "Vary: Origin", which the key must cover for the entry to be stored.
+    @cache(ttl="5m", tags=["items"], invalidates=["items"], vary=["origin"])
+    class Items(HTTPEndpoint):
+        async def get(self, request: Request) -> Response:
+            reads["get"] += 1
+            return JSONResponse({"read": reads["get"]})
+
+        async def post(self, request: Request) -> Response:
+            return JSONResponse({"written": True})
+
+        async def trace(self, request: Request) -> Response:
+            return JSONResponse({"traced": True})
+
+    # A plain ASGI endpoint answers every method itself, as a proxy or a WebDAV app would.
+    class Raw:
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["method"] == "GET":
+                reads["get"] += 1
+            await JSONResponse({"read": reads["get"], "method": scope["method"]})(scope, receive, send)
+
+    raw = cache(ttl="5m", tags=["items"], invalidates=["items"], vary=["origin"])(Raw())
+    app = Starlette(routes=[Route("/items", Items), Route("/raw", raw)])
+    # CORS inside the cache answers preflights with 200, as in a real app.
+    app.add_middleware(CORSMiddleware, allow_origins=["https://shop.example"], allow_methods=["*"])
+    app.add_middleware(CacheMiddleware, store=store)
+    return app
+
+
+async def test_a_cors_preflight_does_not_purge(store: SpyStore) -> None:
+    reads: collections.Counter[str] = collections.Counter()
+    async with client(make_app(store, reads)) as http:
+        assert (await http.get("/items")).headers["x-cache"] == "MISS"
+        preflight = await http.options("/items", headers={"origin": "https://shop.example",
+                                                          "access-control-request-method": "POST"})
+        assert preflight.status_code == 200
+        assert preflight.headers["x-cache"] == "BYPASS"
+        after = await http.get("/items")
+    assert after.headers["x-cache"] == "HIT" and after.json() == {"read": 1}
+
+
+@pytest.mark.parametrize("method", ["TRACE", "PURGE", "OPTIONS"])
+async def test_other_methods_neither_purge_nor_are_cached(store: SpyStore, method: str) -> None:
+    reads: collections.Counter[str] = collections.Counter()
+    async with client(make_app(store, reads)) as http:
+        await http.get("/raw")
+        first = await http.request(method, "/raw")
+        second = await http.request(method, "/raw")
+        after = await http.get("/raw")
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-cache"] == second.headers["x-cache"] == "BYPASS"
+    assert after.headers["x-cache"] == "HIT" and after.json() == {"read": 1, "method": "GET"}
+
+
+async def test_a_post_still_purges(store: SpyStore) -> None:
+    reads: collections.Counter[str] = collections.Counter()
+    async with client(make_app(store, reads)) as http:
+        await http.get("/items")
+        assert (await http.post("/items")).status_code == 200
+        after = await http.get("/items")
+    assert after.headers["x-cache"] == "MISS" and after.json() == {"read": 2}
