@@ -118,9 +118,10 @@ class _Flight:
     waiting, and making an anyio Event costs a backend lookup.
     """
 
-    __slots__ = ("_done", "_event", "entry", "failed")
+    __slots__ = ("_done", "_event", "entry", "failed", "plan")
 
-    def __init__(self) -> None:
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan  # its tags: an invalidation of one detaches the flight from later requests
         self._done = False
         self._event: anyio.Event | None = None
         self.entry: Entry | None = None
@@ -244,7 +245,8 @@ class CacheMiddleware:
         self.store.notifications.on_invalidate.append(self.l1.drop_tags)
         self.store.notifications.on_lost.append(self.l1.lost_sync)
         self.store.notifications.on_connected.append(self._store_reconnected)
-        self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1)
+        self.store.notifications.on_invalidate.append(self._detach_flights)
+        self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1, on_local=self._detach_flights)
         self.supervisor.add_service("access-log", self.access_log.consume)
         self._prefix = settings.key_prefix
         self._lock_timeout = settings.lock_timeout
@@ -439,7 +441,7 @@ class CacheMiddleware:
                     return
             await self._forward(scope, receive, send, headers, plan, fallback, started)  # unknown generations
             return
-        flight = self._flights[key] = _Flight()
+        flight = self._flights[key] = _Flight(plan)
         try:
             shared = await self._lock_or_wait(plan)
             if shared is not None:
@@ -450,8 +452,27 @@ class CacheMiddleware:
             entry, failed = await self._forward(scope, receive, send, headers, plan, fallback, started)
             flight.finish(entry, failed)
         finally:
-            del self._flights[key]
+            if self._flights.get(key) is flight:  # not detached by an invalidation meanwhile
+                del self._flights[key]
             flight.finish(None)
+
+    def _detach_flights(self, tags: Sequence[str]) -> None:
+        """Requests that start after an invalidation must not join a fill that began before it.
+
+        Those already waiting keep their flight: they began before the write. The
+        detached fill is not stored (the generations would refuse it anyway), and
+        its lock is released now, so the next request's fill need not wait for it.
+        """
+        if not self._flights:
+            return
+        dropped = set(tags)
+        everything = ALL_TAG in dropped
+        for key, flight in list(self._flights.items()):
+            plan = flight.plan
+            if everything or not dropped.isdisjoint(plan.tags):
+                del self._flights[key]
+                token, plan.token, plan.generations = plan.token, None, None
+                self._release(key, token)
 
     async def _lock_or_wait(self, plan: _Plan) -> Entry | None:
         """Take the key's fill lock, or wait for the process holding it.
