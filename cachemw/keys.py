@@ -171,6 +171,12 @@ def entry_pattern(prefix: str) -> str:
     return f"{prefix}:e:*}}"
 
 
+def _server(scope: Scope) -> tuple[object, ...] | None:
+    """ASGI allows any two-item iterable (Starlette's TestClient sends a list): hashable here."""
+    server = scope.get("server")
+    return tuple(server) if server else None
+
+
 class KeyCache:
     """Remembers the keys of recent requests: hot URLs are keyed by one dict lookup.
 
@@ -188,7 +194,7 @@ class KeyCache:
         raw_headers = scope["headers"]
         facts: tuple[object, ...] = (
             id(policy), label, prefix, scope.get("scheme"), scope.get("root_path", ""), scope["path"],
-            scope.get("query_string", b""), identity, scope.get("server"),
+            scope.get("query_string", b""), identity, _server(scope),
             tuple(value for name, value in raw_headers if name == b"host"),
         )
         if policy.vary:
