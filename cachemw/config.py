@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ __all__ = ["FileRule", "Settings", "load_settings"]
 REDIS_URL_ENV = "CACHEMW_REDIS_URL"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header or cookie name (RFC 9110 token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,10 @@ class Settings:
     memory_max_bytes: int = 64 * 1024 * 1024
     l1_max_bytes: int = 32 * 1024 * 1024  # the per-process L1 in front of Redis (rules with sync > 0)
     session_cookie: str = "session"
+    # Headers ("x-api-key"), cookies ("cookie:NAME") and query parameters ("query:NAME") that identify a
+    # user, beside the session cookie and Authorization: they keep a request off shared entries, and key
+    # private ones.
+    credentials: tuple[str, ...] = ()
     lock_timeout: float = 5.0  # how long one fill may hold a key's lock, and others wait for it
     queue_size: int = 10_000  # background jobs waiting at most; more are shed and counted
     concurrency: int = 32  # background jobs running at once
@@ -79,7 +84,7 @@ _COUNT_SETTINGS = {
 _BOOL_SETTINGS = {"gc_freeze"}
 _URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
                 "rediss+sentinel://")
-_SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_OPTIONAL_DURATION_SETTINGS,
+_SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", "credentials", *_DURATION_SETTINGS, *_OPTIONAL_DURATION_SETTINGS,
                  *_COUNT_SETTINGS, *_BOOL_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
 
@@ -181,10 +186,27 @@ def _setting(key: str, raw: object, where: str) -> object:
             raise bad(f"a whole number from {low_count} to {high_count}")
         return raw
     if key == "session_cookie":
-        if not isinstance(raw, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", raw):
+        if not isinstance(raw, str) or not _TOKEN.fullmatch(raw):
             raise bad("a cookie name")
         return raw
+    if key == "credentials":
+        return _credentials(raw, bad)
     raise AssertionError(key)  # pragma: no cover
+
+
+def _credentials(raw: object, bad: Callable[[str], ConfigError]) -> tuple[str, ...]:
+    expected = 'a list of header names ("x-api-key"), "cookie:NAME" and "query:NAME"'
+    if not isinstance(raw, list):
+        raise bad(expected)
+    items: list[str] = []
+    for item in raw:
+        if not isinstance(item, str):
+            raise bad(expected)
+        kind, _, name = item.partition(":") if ":" in item else ("", "", item)
+        if kind not in ("", "cookie", "query") or not _TOKEN.fullmatch(name):
+            raise bad(expected)
+        items.append(f"{kind}:{name}" if kind else name.lower())
+    return tuple(items)
 
 
 def _presets(raw: object, source: str) -> dict[str, Policy]:

@@ -45,7 +45,7 @@ from cachemw.l1 import L1
 from cachemw.metrics import Metrics, RouteMetrics
 from cachemw.observe import enable_fleet_metrics, enable_history
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
-from cachemw.rules import RouteMatch, RuleTable, build_rule_table, normalise_template
+from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template
 from cachemw.store import MemoryStore, Store, StoreError, store_from_url
 from cachemw.store.base import FillWaiter, LockResult
 from cachemw.writebehind import WriteBehind
@@ -182,7 +182,9 @@ class CacheMiddleware:
         self.access_log = AccessLog(json_lines=access_log_json)
         self.settings: Settings | None = None
         self.table: RuleTable | None = None
-        self._identity: Callable[[RequestHeaders, Scope], str | None] = _no_identity
+        self._identity: Callable[[RequestHeaders, Scope], str | None] | None = None  # None: the credentials
+        self._credentials = SessionIdentity()
+        self._route_credentials: dict[int, SessionIdentity] = {}
         self._prefix = "cachemw"
         self._lock_timeout = 5.0
         self._flights: dict[str, _Flight] = {}
@@ -257,10 +259,12 @@ class CacheMiddleware:
         # Fills and lock releases are store calls: a store that keeps its own budget needs no job timeout.
         self._store_job_timeout = math.inf if self._bounded or not self._remote else None
         self._shard = self.store.shard if getattr(self.store, "cluster", False) else None  # type: ignore[attr-defined]
-        if self._custom_identity is None:
-            session = SessionIdentity(settings.session_cookie)
-            self._identity = lambda headers, scope: session(headers)
-        else:
+        self._credentials = SessionIdentity(settings.session_cookie, settings.credentials)
+        # A route's FastAPI security schemes (APIKeyHeader, APIKeyCookie, ...) are its credentials too.
+        self._route_credentials = {id(rule): self._credentials.including(rule_credentials)
+                                   for rule in table.rules
+                                   if (rule_credentials := _credential_names(rule))}
+        if self._custom_identity is not None:
             custom = self._custom_identity
             self._identity = lambda headers, scope: custom(HTTPConnection(scope))
         self.settings = settings
@@ -347,12 +351,13 @@ class CacheMiddleware:
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS)
             return
         headers = RequestHeaders(scope)
-        identity = self._identity(headers, scope)
+        credentials = self._credentials_of(match)(headers, scope.get("query_string", b""))
+        identity = credentials if self._identity is None else self._identity(headers, scope)
         if policy.private:
             if identity is None:  # nobody to key on: nothing may be shared
                 await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
                 return
-        elif identity is not None or headers.get(b"authorization") is not None:
+        elif identity is not None or credentials is not None:
             # Credentials on a shared route: never answered from, nor stored into, a shared entry.
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
             return
@@ -413,6 +418,9 @@ class CacheMiddleware:
             self._missing.add(template)
         await self._miss(scope, receive, send, plan or self._plan(key, policy, match, scope), headers, fallback,
                          started)
+
+    def _credentials_of(self, match: RouteMatch) -> SessionIdentity:
+        return self._route_credentials.get(id(match.rule), self._credentials)
 
     def _plan(self, key: str, policy: Policy, match: RouteMatch, scope: Scope) -> _Plan:
         tags = (*format_tags(policy.tags, match.path_params), route_tag(normalise_template(match.rule.template)),
@@ -572,7 +580,8 @@ class CacheMiddleware:
             return  # one refresh per key in this process; the lock makes it one across processes
         self._refreshing.add(key)
         plan = self._plan(key, policy, match, scope)
-        if not self.supervisor.submit("refresh", self._refresh, plan, _refresh_scope(scope, policy), key=key,
+        refresh_scope = _refresh_scope(scope, policy, self._credentials_of(match).header_names)
+        if not self.supervisor.submit("refresh", self._refresh, plan, refresh_scope, key=key,
                                       timeout=policy.origin_timeout + self._lock_timeout):
             self._refreshing.discard(key)
 
@@ -895,8 +904,10 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def _no_identity(headers: RequestHeaders, scope: Scope) -> str | None:
-    return None
+def _credential_names(rule: RouteRule) -> tuple[str, ...]:
+    """A route's credentials as the ``credentials`` setting names them ("x-api-key", "cookie:NAME")."""
+    pairs: tuple[tuple[str, str], ...] = getattr(rule, "credentials", ())
+    return tuple(name if where == "header" else f"{where}:{name}" for where, name in pairs)
 
 
 async def _quietly(closing: Any) -> None:
@@ -931,11 +942,11 @@ def _without_unkeyed_overrides(scope: Scope, policy: Policy) -> Scope:
     return dict(scope, headers=kept)
 
 
-def _refresh_scope(scope: Scope, policy: Policy) -> dict[str, Any]:
+def _refresh_scope(scope: Scope, policy: Policy, credential_headers: Sequence[bytes]) -> dict[str, Any]:
     """A bodiless GET with only the headers that form the key: what the entry was made of."""
     keep = {b"host", *(name.encode("latin-1") for name in policy.vary_headers)}
     if policy.private or policy.vary_cookies:
-        keep |= {b"cookie", b"authorization"}
+        keep |= {b"cookie", *credential_headers}
     refresh = dict(scope)
     refresh["method"] = "GET"
     refresh["headers"] = [(name, value) for name, value in scope["headers"] if name in keep]
