@@ -84,8 +84,8 @@ _COUNT_SETTINGS = {
 _BOOL_SETTINGS = {"gc_freeze"}
 _URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
                 "rediss+sentinel://")
-_SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", "credentials", *_DURATION_SETTINGS, *_OPTIONAL_DURATION_SETTINGS,
-                 *_COUNT_SETTINGS, *_BOOL_SETTINGS}
+_SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", "credentials", *_DURATION_SETTINGS,
+                 *_OPTIONAL_DURATION_SETTINGS, *_COUNT_SETTINGS, *_BOOL_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
 
 
