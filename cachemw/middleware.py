@@ -665,7 +665,7 @@ class CacheMiddleware:
                     and 200 <= marker.status < 400 and tags):
                 try:
                     await invalidator.tags(*tags)
-                except StoreError:
+                except Exception:
                     self.store_errors += 1  # the entries expire by themselves; the response still goes out
             await marker.send(message)
 
@@ -688,7 +688,7 @@ class CacheMiddleware:
         began = time.perf_counter()
         try:
             value = await self._within_budget(store.get(key))
-        except (StoreError, TimeoutError) as exc:
+        except Exception as exc:  # whatever the driver raises (another loop, trio, a bug): the app answers
             self._store_failed(breaker, exc, began)
             return None, True
         self.metrics.store_latency.observe(time.perf_counter() - began)
@@ -738,7 +738,7 @@ class CacheMiddleware:
         try:
             result: LockResult = await self._within_budget(
                 attempt(plan.key, self._lock_timeout, plan.generation_keys, token))
-        except (StoreError, TimeoutError) as exc:
+        except Exception as exc:  # as in _get: any store failure sends the request to the app
             self._store_failed(breaker, exc, began)
             # Redis may have taken the lock after we stopped waiting: release it (if it is
             # ours) rather than leave others waiting for a fill that never comes.
@@ -829,7 +829,7 @@ class CacheMiddleware:
         try:
             stored = await store.fill(plan.key, data, plan.policy.usable_for, plan.token, tag_sets,
                                       plan.generation_keys, plan.generations)
-        except StoreError:
+        except Exception:
             self._store_failed(self._breaker(plan.key))  # this fill is lost; the next miss refills
             return
         if stored:
@@ -845,7 +845,7 @@ class CacheMiddleware:
             return
         try:
             await store.unlock(key, token)
-        except StoreError:
+        except Exception:
             self._store_failed(self._breaker(key))  # the lock expires by itself
 
     def _release(self, key: str, token: str | None) -> None:
