@@ -318,24 +318,41 @@ class CacheMiddleware:
                     await writes.stop()
             return message
 
-        async def send_then_freeze(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete" and self.settings is not None \
-                    and self.settings.gc_freeze:
+        shutdown_reply: Message | None = None
+
+        async def send_to_server(message: Message) -> None:
+            nonlocal shutdown_reply
+            kind = message["type"]
+            if kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                # Held until our own cleanup is done: a server that hears "complete" may tear
+                # the loop down at once (uvicorn on Ctrl-C), cancelling whatever we still await.
+                shutdown_reply = message
+                return
+            if kind == "lifespan.startup.complete" and self.settings is not None and self.settings.gc_freeze \
+                    and self.table is not None and self.table.has_policies:
                 _freeze_startup_objects()
             await send(message)
 
+        app_error: Exception | None = None
         try:
             async with self.supervisor.run():
-                await self.app(scope, receive_with_drain, send_then_freeze)
+                try:
+                    await self.app(scope, receive_with_drain, send_to_server)
+                except Exception as exc:
+                    # The app's own exception, as it raised it: not wrapped in our task group's ExceptionGroup.
+                    app_error = exc
         finally:
-            for writes in self.write_behinds:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                for writes in self.write_behinds:
                     await writes.aclose()
-            if self._owns_store and self.store is not None:
-                with anyio.CancelScope(shield=True):
+                if self._owns_store and self.store is not None:
                     await _quietly(self.store.aclose())
-                self.store = None
-                self.table = None
+                    self.store = None
+                    self.table = None
+        if shutdown_reply is not None:
+            await send(shutdown_reply)
+        if app_error is not None:
+            raise app_error
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch) -> None:
         policy = match.rule.policy
@@ -892,14 +909,23 @@ class CacheMiddleware:
             self.access_log.emit((rule.template, key_hash[:12] or "-", state, status, origin, elapsed, size))
 
 
+_frozen = False
+
+
 def _freeze_startup_objects() -> None:
-    """Collect startup's garbage, then move every object alive now out of the collector's view.
+    """Collect startup's garbage, then move every object alive now out of the collector's view; once a process.
 
     What is alive once the app has started (modules, routes, the app's own state)
     mostly lives as long as the process; a full collection would walk all of it
     each time, pausing every request in flight. ``gc.freeze()`` leaves it out, so
-    full collections only walk what requests made.
+    full collections only walk what requests made. Only the first startup: a
+    process that starts apps many times (a test suite) would otherwise never free
+    what was alive at each later one.
     """
+    global _frozen
+    if _frozen:
+        return
+    _frozen = True
     gc.collect()
     gc.freeze()
 
