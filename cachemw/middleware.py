@@ -1111,7 +1111,7 @@ class _FillResponder:
         etag = http.response_etag(self._headers) or http.make_etag(body)
         return Entry(
             status=self.status,
-            headers=http.stored_headers(self._headers, etag, len(body)),
+            headers=http.stored_headers(self._headers, etag, len(body), self.status),
             body=body,
             stored_at=self.stored_at,
             etag=etag,

@@ -1,4 +1,4 @@
-"""Which methods may invalidate: POST, PUT, PATCH and DELETE only; every other one passes through."""
+"""Which methods may invalidate (POST, PUT, PATCH and DELETE only), and what a replay of a bodiless status carries."""
 
 from __future__ import annotations
 
@@ -81,3 +81,18 @@ async def test_a_post_still_purges(store: SpyStore) -> None:
         assert (await http.post("/items")).status_code == 200
         after = await http.get("/items")
     assert after.headers["x-cache"] == "MISS" and after.json() == {"read": 2}
+
+
+async def test_a_cached_204_is_replayed_without_content_length(store: SpyStore) -> None:
+    @cache(ttl="5m", statuses=[200, 204])
+    async def nothing(request: Request) -> Response:
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route("/nothing", nothing)])
+    app.add_middleware(CacheMiddleware, store=store)
+    async with client(app) as http:
+        first = await http.get("/nothing")
+        hit = await http.get("/nothing")
+    assert first.status_code == hit.status_code == 204
+    assert hit.headers["x-cache"] == "HIT"
+    assert "content-length" not in first.headers and "content-length" not in hit.headers
