@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
 
@@ -244,6 +245,17 @@ def _rules(raw: object, presets: Mapping[str, Policy], source: str) -> tuple[Fil
         policy = policy_from_fields(fields_, base=base, where=here)
         rules.append(FileRule(index=index, route=route, policy=policy, source=f"{source} rule {index}"))
     return tuple(rules)
+
+
+def masked_url(url: str) -> str:
+    """The URL with its password replaced by ``***``: safe to log and print."""
+    split = urlsplit(url)
+    masked = url
+    if split.password is not None:
+        user_info = split.netloc.rpartition("@")[0]
+        masked = masked.replace(user_info + "@", f"{split.username or ''}:***@", 1)
+    # redis-py also takes ?password=...
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", masked)
 
 
 def resolve_preset(name: object, presets: Mapping[str, Policy], where: str) -> Policy:

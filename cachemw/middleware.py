@@ -28,7 +28,7 @@ from cachemw import http
 from cachemw.accesslog import AccessLog
 from cachemw.background import Supervisor
 from cachemw.breaker import CircuitBreaker
-from cachemw.config import Settings, load_settings
+from cachemw.config import Settings, load_settings, masked_url
 from cachemw.entry import Entry, EntryDecodeError, decode_entry, encode_entry
 from cachemw.invalidation import Invalidator, format_tags, targets_for_unsafe_request
 from cachemw.keys import (
@@ -63,6 +63,8 @@ _STALE = b"STALE"
 _MISS = b"MISS"
 _BYPASS = b"BYPASS"
 
+
+_PROBE_TIMEOUT = 2.0  # the startup probe of the store: a background job, not a request's budget
 
 _current: ContextVar[CacheMiddleware] = ContextVar("cachemw_cache")
 T = TypeVar("T")
@@ -208,6 +210,7 @@ class CacheMiddleware:
         self._warned_corrupt = False
         self.store_errors = 0
         self.loop_lag_timeouts = 0
+        self.store_problem: str | None = None  # why the startup probe could not reach the store
 
     # -- startup ---------------------------------------------------------------------------------
 
@@ -336,6 +339,7 @@ class CacheMiddleware:
         app_error: Exception | None = None
         try:
             async with self.supervisor.run():
+                self.supervisor.submit("probe", self._probe_store, timeout=_PROBE_TIMEOUT)
                 try:
                     await self.app(scope, receive_with_drain, send_to_server)
                 except Exception as exc:
@@ -353,6 +357,24 @@ class CacheMiddleware:
             await send(shutdown_reply)
         if app_error is not None:
             raise app_error
+
+    async def _probe_store(self) -> None:
+        """Say once, at startup, when the store cannot be reached: which one (password masked) and why.
+
+        Requests do not wait for this; they go to the app while the store fails.
+        """
+        store, settings = self.store, self.settings
+        if store is None or settings is None or not self._remote:
+            return
+        try:
+            with anyio.fail_after(_PROBE_TIMEOUT):
+                await store.get(f"{self._prefix}:probe")
+        except Exception as exc:
+            self.store_problem = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            logger.warning("cachemw: cannot reach the store at %s (%s); requests go to the app until it answers",
+                           masked_url(settings.redis_url or ""), self.store_problem)
+        else:
+            self.store_problem = None
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch) -> None:
         policy = match.rule.policy
