@@ -88,6 +88,7 @@ class Metrics:
         self.routes: dict[str, RouteMetrics] = {}
         self.store_latency = Histogram()
         self.store_errors = 0
+        self.waiting_on_fills = 0  # a gauge: requests of this process waiting for another's origin call
 
     def route(self, template: str, policy: str) -> RouteMetrics:
         metrics = self.routes.get(template)

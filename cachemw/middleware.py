@@ -113,6 +113,10 @@ class _Plan:
     waiter: FillWaiter | None = None
 
 
+class CoalescedFailure(Exception):
+    """Raised in the requests that waited on one whose app call raised: the failure is shared, not retried N times."""
+
+
 class _Flight:
     """One in-process fill of a key that other requests for the key wait on.
 
@@ -120,7 +124,7 @@ class _Flight:
     waiting, and making an anyio Event costs a backend lookup.
     """
 
-    __slots__ = ("_done", "_event", "entry", "failed", "plan")
+    __slots__ = ("_done", "_event", "entry", "failed", "failure", "plan", "raised")
 
     def __init__(self, plan: _Plan) -> None:
         self.plan = plan  # its tags: an invalidation of one detaches the flight from later requests
@@ -128,12 +132,17 @@ class _Flight:
         self._event: anyio.Event | None = None
         self.entry: Entry | None = None
         self.failed = False
+        self.failure: Entry | None = None  # the origin's 5xx answer, for the waiters to share
+        self.raised = False  # the origin raised: the waiters fail too
 
-    def finish(self, entry: Entry | None, failed: bool = False) -> None:
+    def finish(self, entry: Entry | None, failed: bool = False, failure: Entry | None = None,
+               raised: bool = False) -> None:
         if not self._done:
             self._done = True
             self.entry = entry
             self.failed = failed
+            self.failure = failure
+            self.raised = raised
             if self._event is not None:
                 self._event.set()
 
@@ -475,17 +484,32 @@ class CacheMiddleware:
         scope = _without_unkeyed_overrides(scope, plan.policy)
         flight = self._flights.get(key)
         if flight is not None:
-            # Another request of this process is filling the key: wait (bounded) and share its result.
+            # Another request of this process is filling the key: wait (bounded) and share its result,
+            # a failure included: a failing origin is called once for the herd, not once per request.
             self._drop_lookup_lock(plan)
-            if await flight.wait(self._lock_timeout):
+            self.metrics.waiting_on_fills += 1
+            try:
+                done = await flight.wait(self._lock_timeout)
+            finally:
+                self.metrics.waiting_on_fills -= 1
+            if done:
                 if flight.entry is not None:
                     status = await _serve(flight.entry, scope, headers, send, time.time(), _MISS,
                                           http.STATUS_COLLAPSED)
                     self._log(plan.match, key, "MISS", status, None, started, len(flight.entry.body), "collapsed")
                     return
-                if flight.failed and fallback is not None:
-                    await self._serve_fallback(fallback, scope, headers, send, None, plan.match, key, started)
-                    return
+                if flight.failed:
+                    if fallback is not None:
+                        await self._serve_fallback(fallback, scope, headers, send, None, plan.match, key, started)
+                        return
+                    if flight.failure is not None:
+                        status = await _replay_failure(flight.failure, scope, send)
+                        self._log(plan.match, key, "MISS", status, None, started, len(flight.failure.body),
+                                  "collapsed")
+                        return
+                    if flight.raised:
+                        raise CoalescedFailure(f"the request for {scope['path']!r} this one waited on failed; "
+                                               "the app was not called again for it")
             await self._forward(scope, receive, send, headers, plan, fallback, started)  # unknown generations
             return
         flight = self._flights[key] = _Flight(plan)
@@ -496,8 +520,12 @@ class CacheMiddleware:
                 status = await _serve(shared, scope, headers, send, time.time(), _MISS, http.STATUS_COLLAPSED)
                 self._log(plan.match, key, "MISS", status, None, started, len(shared.body), "collapsed")
                 return
-            entry, failed = await self._forward(scope, receive, send, headers, plan, fallback, started)
-            flight.finish(entry, failed)
+            try:
+                entry, failed, failure = await self._forward(scope, receive, send, headers, plan, fallback, started)
+            except Exception:
+                flight.finish(None, failed=True, raised=True)
+                raise
+            flight.finish(entry, failed, failure)
         finally:
             if self._flights.get(key) is flight:  # not detached by an invalidation meanwhile
                 del self._flights[key]
@@ -565,11 +593,12 @@ class CacheMiddleware:
             waiter.close()
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, plan: _Plan,
-                       fallback: Entry | None, started: float) -> tuple[Entry | None, bool]:
+                       fallback: Entry | None, started: float) -> tuple[Entry | None, bool, Entry | None]:
         """Call the app, streaming its response to the client; store the copy afterwards.
 
         With a ``fallback`` (an entry within stale_if_error) a 5xx, an exception
         or no response start within ``origin_timeout`` serves the fallback instead.
+        Returns the entry to share, whether the origin failed, and its 5xx answer.
         """
         policy = plan.policy
         responder = _FillResponder(send, policy, head=scope["method"] == "HEAD",
@@ -598,13 +627,14 @@ class CacheMiddleware:
             self._release(plan.key, plan.token)
             await self._serve_fallback(fallback, scope, headers, send, responder.failed_status, plan.match,
                                        plan.key, started)
-            return None, True
+            return None, True, None
         entry = responder.entry(tags=plan.tags)
         if entry is None or plan.generations is None or not self.supervisor.submit(
                 "fill", self._fill, plan, entry, key=plan.key, timeout=self._store_job_timeout):
             self._release(plan.key, plan.token)
         self._log(plan.match, plan.key, "MISS", responder.status, origin_time, started, responder.size)
-        return entry, responder.status >= 500
+        failed = responder.status >= 500
+        return entry, failed, responder.failure() if failed else None
 
     async def _serve_fallback(self, entry: Entry, scope: Scope, headers: RequestHeaders, send: Send,
                               origin_status: int | None, match: RouteMatch, key: str, started: float) -> None:
@@ -1019,6 +1049,14 @@ async def _serve(entry: Entry, scope: Scope, headers: RequestHeaders, send: Send
     return entry.status
 
 
+async def _replay_failure(failure: Entry, scope: Scope, send: Send) -> int:
+    """The leader's error answer to a request that waited on it: no validators, never a 304."""
+    await send({"type": "http.response.start", "status": failure.status,
+                "headers": [*failure.headers, (http.X_CACHE, _MISS), (http.CACHE_STATUS, http.STATUS_COLLAPSED)]})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else failure.body})
+    return failure.status
+
+
 class _Marker:
     """Pass the response through, adding only the cache headers."""
 
@@ -1050,9 +1088,9 @@ class _FillResponder:
     ``hold_errors`` a 5xx is swallowed, so a stale entry can answer instead.
     """
 
-    __slots__ = ("_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy", "_send", "cache_status",
-                 "complete", "deadline", "failed_status", "response_tags", "size", "started", "status", "storable",
-                 "stored_at")
+    __slots__ = ("_chunks", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy", "_send",
+                 "cache_status", "complete", "deadline", "failed_status", "response_tags", "size", "started", "status",
+                 "storable", "stored_at")
 
     def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes, hold_errors: bool) -> None:
         self._send = send
@@ -1061,6 +1099,7 @@ class _FillResponder:
         self._hold_errors = hold_errors
         self.cache_status = cache_status
         self._chunks: list[bytes] = []
+        self._failure_chunks: list[bytes] | None = None  # a copy of a 5xx answer, for the waiters to share
         self._held: dict[str, Any] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self.size = 0
@@ -1091,6 +1130,8 @@ class _FillResponder:
                 self.response_tags = http.parse_cache_tags(message["headers"])
             self._headers = raw_headers
             self.storable = not self._head and http.not_storable_reason(self.status, raw_headers, self._policy) is None
+            if self.status >= 500 and not self.storable:
+                self._failure_chunks = []
             start: dict[str, Any] = dict(message)
             start["headers"] = [*raw_headers, (http.X_CACHE, _MISS), (http.CACHE_STATUS, self.cache_status)]
             self.started = True
@@ -1109,6 +1150,11 @@ class _FillResponder:
                     self._chunks = []
                 else:
                     self._chunks.append(body)
+            elif self._failure_chunks is not None:
+                if self.size > self._policy.max_body:
+                    self._failure_chunks = None
+                else:
+                    self._failure_chunks.append(body)
             if self._held is not None:
                 held, self._held = self._held, None
                 if not more and self.storable and http.response_etag(self._headers) is None:
@@ -1124,6 +1170,14 @@ class _FillResponder:
             held, self._held = self._held, None
             await self._send(held)
         await self._send(message)
+
+    def failure(self) -> Entry | None:
+        """The app's whole 5xx answer, to replay (never store) to the requests that waited on this one."""
+        if not self.complete or self._failure_chunks is None:
+            return None
+        body = b"".join(self._failure_chunks)
+        headers = tuple(h for h in http.stored_headers(self._headers, b"", len(body), self.status) if h[0] != b"etag")
+        return Entry(status=self.status, headers=headers, body=body, stored_at=self.stored_at, etag=b"", tags=())
 
     def entry(self, *, tags: tuple[str, ...]) -> Entry | None:
         """The entry to store, once the whole response went out; None if it must not be stored."""
