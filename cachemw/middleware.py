@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import anyio
+from anyio.abc import TaskStatus
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -65,6 +66,7 @@ _BYPASS = b"BYPASS"
 
 
 _PROBE_TIMEOUT = 2.0  # the startup probe of the store: a background job, not a request's budget
+_RELEASE_TIMEOUT = 2.0  # one shed lock release: past it the lock expires by itself
 
 _current: ContextVar[CacheMiddleware] = ContextVar("cachemw_cache")
 T = TypeVar("T")
@@ -220,6 +222,8 @@ class CacheMiddleware:
         self.store_errors = 0
         self.loop_lag_timeouts = 0
         self.store_problem: str | None = None  # why the startup probe could not reach the store
+        self._pending_releases: dict[str, str] = {}  # lock releases a full queue shed: key -> token
+        self._releases_wanted: anyio.Event | None = None
 
     # -- startup ---------------------------------------------------------------------------------
 
@@ -247,6 +251,7 @@ class CacheMiddleware:
                                          grace_period=settings.grace_period,
                                          lanes={"refresh": settings.refresh_concurrency})
         self.supervisor.add_service("notifications", self.store.listen)
+        self.supervisor.add_service("releases", self._send_pending_releases)
         enable_history(self)  # the dashboard's chart: a short ring buffer of per-route counts
         if settings.metrics_interval and settings.redis_url:
             enable_fleet_metrics(self, interval=settings.metrics_interval)
@@ -894,12 +899,18 @@ class CacheMiddleware:
             return
         tag_sets = [tag_keys(self._prefix, tag)[0] for tag in entry.tags]
         if self._remote and self._breaker(plan.key).state == "open":
-            return  # don't hammer a store that is down: the next miss after it recovers refills
+            # Don't hammer a store that is down: the next miss after it recovers refills. The
+            # lock is still released (one small command), or its waiters would wait it out.
+            if plan.token is not None:
+                await self._unlock(plan.key, plan.token)
+            return
         try:
             stored = await store.fill(plan.key, data, plan.policy.usable_for, plan.token, tag_sets,
                                       plan.generation_keys, plan.generations)
         except Exception:
             self._store_failed(self._breaker(plan.key))  # this fill is lost; the next miss refills
+            if plan.token is not None:
+                await self._unlock(plan.key, plan.token)  # a lost fill must not leave its lock to expire
             return
         if stored:
             route_metrics = self._route_metrics(plan)
@@ -918,8 +929,27 @@ class CacheMiddleware:
             self._store_failed(self._breaker(key))  # the lock expires by itself
 
     def _release(self, key: str, token: str | None) -> None:
-        if token is not None:
-            self.supervisor.submit("unlock", self._unlock, key, token, key=key, timeout=self._store_job_timeout)
+        if token is None:
+            return
+        if not self.supervisor.submit("unlock", self._unlock, key, token, key=key, timeout=self._store_job_timeout) \
+                and self.supervisor.running:
+            # Shed with a full queue: a release is never dropped, or every request for the key
+            # would wait out the lock. The pending set is bounded by the locks this process holds.
+            self._pending_releases[key] = token
+            if self._releases_wanted is not None:
+                self._releases_wanted.set()
+
+    async def _send_pending_releases(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """A service: the releases a full queue could not take, sent as soon as they come."""
+        self._releases_wanted = anyio.Event()
+        task_status.started()
+        while True:
+            await self._releases_wanted.wait()
+            self._releases_wanted = anyio.Event()
+            pending, self._pending_releases = self._pending_releases, {}
+            for key, token in pending.items():
+                with anyio.move_on_after(_RELEASE_TIMEOUT):
+                    await self._unlock(key, token)
 
     # -- bypass and logging ----------------------------------------------------------------------
 
