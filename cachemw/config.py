@@ -63,6 +63,11 @@ class Settings:
     concurrency: int = 32  # background jobs running at once
     refresh_concurrency: int = 16  # refreshes running at once, in a lane of their own
     grace_period: float = 10.0  # on shutdown, how long queued jobs may take to finish
+    # Origin calls of cached routes at once in a process (0: unbounded); past it a request with a stale entry
+    # gets the entry, the others wait origin_wait for a slot, then get a 503 with Retry-After: retry_after.
+    origin_concurrency: int = 1024
+    origin_wait: float = 5.0
+    retry_after: int = 1
     metrics_interval: float = 5.0  # how often each process writes its counters to Redis (0: never)
     # After the app's startup, gc.freeze(): full collections then skip what startup made (modules, routes,
     # the app), which keeps their pauses, and so the tail latency, short. Process-wide; false to leave it.
@@ -73,7 +78,8 @@ class Settings:
 
 
 # Bounded durations and counts: (lowest, highest) allowed.
-_DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "lock_timeout": (0.0, 300.0), "grace_period": (0.0, 3600.0)}
+_DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "lock_timeout": (0.0, 300.0), "grace_period": (0.0, 3600.0),
+                      "origin_wait": (0.0, 300.0)}
 _OPTIONAL_DURATION_SETTINGS = {"metrics_interval": (0.0, 3600.0)}  # 0 switches it off
 _COUNT_SETTINGS = {
     "memory_max_bytes": (1024, 2**40),
@@ -81,6 +87,8 @@ _COUNT_SETTINGS = {
     "queue_size": (1, 10_000_000),
     "concurrency": (1, 10_000),
     "refresh_concurrency": (1, 10_000),
+    "origin_concurrency": (0, 1_000_000),
+    "retry_after": (0, 86400),
 }
 _BOOL_SETTINGS = {"gc_freeze"}
 _URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",

@@ -45,6 +45,7 @@ from cachemw.keys import (
 from cachemw.l1 import L1
 from cachemw.metrics import Metrics, RouteMetrics
 from cachemw.observe import enable_fleet_metrics, enable_history
+from cachemw.origin import OriginSlots
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template
 from cachemw.store import MemoryStore, Store, StoreError, store_from_url
@@ -222,6 +223,9 @@ class CacheMiddleware:
         self.store_errors = 0
         self.loop_lag_timeouts = 0
         self.store_problem: str | None = None  # why the startup probe could not reach the store
+        self._origin = OriginSlots(0)
+        self._origin_wait = 5.0
+        self._origin_busy = Entry(status=503, headers=(), body=b"", stored_at=0.0, etag=b"", tags=())
         self._pending_releases: dict[str, str] = {}  # lock releases a full queue shed: key -> token
         self._releases_wanted: anyio.Event | None = None
 
@@ -266,6 +270,16 @@ class CacheMiddleware:
         self.store.notifications.on_connected.append(self._store_reconnected)
         self.store.notifications.on_invalidate.append(self._detach_flights)
         self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1, on_local=self._detach_flights)
+        self._origin = OriginSlots(settings.origin_concurrency)
+        for rule in table.rules:
+            if rule.policy is not None:
+                self._origin.bound_route(rule.template, rule.policy.origin_concurrency)
+        self._origin_wait = settings.origin_wait
+        body = b"The service is busy; try again shortly.\n"
+        self._origin_busy = Entry(status=503, headers=(
+            (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
+            (b"retry-after", b"%d" % settings.retry_after), (b"cache-control", b"no-store")),
+            body=body, stored_at=0.0, etag=b"", tags=())
         self.supervisor.add_service("access-log", self.access_log.consume)
         self._prefix = settings.key_prefix
         self._lock_timeout = settings.lock_timeout
@@ -508,7 +522,7 @@ class CacheMiddleware:
                         await self._serve_fallback(fallback, scope, headers, send, None, plan.match, key, started)
                         return
                     if flight.failure is not None:
-                        status = await _replay_failure(flight.failure, scope, send)
+                        status = await _replay_failure(flight.failure, scope, send)  # its Cache-Status: collapsed
                         self._log(plan.match, key, "MISS", status, None, started, len(flight.failure.body),
                                   "collapsed")
                         return
@@ -599,6 +613,29 @@ class CacheMiddleware:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, plan: _Plan,
                        fallback: Entry | None, started: float) -> tuple[Entry | None, bool, Entry | None]:
+        """Call the app within the bound on origin calls; past it, the stale entry or a 503 with Retry-After."""
+        template = plan.match.rule.template
+        slot = self._origin.take_nowait(template)
+        if slot is None:
+            if fallback is None:
+                slot = await self._origin.take(template, self._origin_wait)
+            if slot is None:
+                self._release(plan.key, plan.token)
+                self._route_metrics(plan).origin_busy += 1
+                if fallback is not None:
+                    await self._serve_fallback(fallback, scope, headers, send, None, plan.match, plan.key, started)
+                    return None, True, None
+                busy = self._origin_busy
+                status = await _replay_failure(busy, scope, send, http.STATUS_ORIGIN_BUSY)
+                self._log(plan.match, plan.key, "MISS", status, None, started, len(busy.body))
+                return None, True, busy
+        try:
+            return await self._call_origin(scope, receive, send, headers, plan, fallback, started)
+        finally:
+            slot.release()
+
+    async def _call_origin(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, plan: _Plan,
+                           fallback: Entry | None, started: float) -> tuple[Entry | None, bool, Entry | None]:
         """Call the app, streaming its response to the client; store the copy afterwards.
 
         With a ``fallback`` (an entry within stale_if_error) a 5xx, an exception
@@ -661,8 +698,10 @@ class CacheMiddleware:
 
     async def _refresh(self, plan: _Plan, scope: Scope) -> None:
         store = self.store
+        # The stale entry keeps answering meanwhile: with the origin saturated, a later request retries.
+        slot = self._origin.take_nowait(plan.match.rule.template)
         try:
-            if store is None:
+            if store is None or slot is None:
                 return
             locked = await self._lock(plan)
             if locked is None:
@@ -690,6 +729,8 @@ class CacheMiddleware:
             self._route_metrics(plan).refresh_failed += 1
             raise
         finally:
+            if slot is not None:
+                slot.release()
             self._refreshing.discard(plan.key)
 
     def _route_metrics(self, plan: _Plan) -> RouteMetrics:
@@ -1079,10 +1120,11 @@ async def _serve(entry: Entry, scope: Scope, headers: RequestHeaders, send: Send
     return entry.status
 
 
-async def _replay_failure(failure: Entry, scope: Scope, send: Send) -> int:
-    """The leader's error answer to a request that waited on it: no validators, never a 304."""
+async def _replay_failure(failure: Entry, scope: Scope, send: Send, cache_status: bytes = http.STATUS_COLLAPSED
+                          ) -> int:
+    """An error answer not from the app (the leader's, or ours when the origin is saturated): never a 304."""
     await send({"type": "http.response.start", "status": failure.status,
-                "headers": [*failure.headers, (http.X_CACHE, _MISS), (http.CACHE_STATUS, http.STATUS_COLLAPSED)]})
+                "headers": [*failure.headers, (http.X_CACHE, _MISS), (http.CACHE_STATUS, cache_status)]})
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else failure.body})
     return failure.status
 
