@@ -32,7 +32,7 @@ class RequestHeaders:
 
     def __init__(self, scope: Scope) -> None:
         values: dict[bytes, bytes] = {}
-        for name, value in scope["headers"]:
+        for name, value in scope.get("headers", ()):
             if name in values:
                 separator = b"; " if name == b"cookie" else b", "
                 values[name] = values[name] + separator + value
@@ -179,7 +179,7 @@ def make_key(
 
 
 def _all_values(scope: Scope, name: bytes) -> tuple[bytes, ...]:
-    return tuple(value for key, value in scope["headers"] if key == name)
+    return tuple(value for key, value in scope.get("headers", ()) if key == name)
 
 
 def _name(pair: tuple[str, str]) -> str:
@@ -229,7 +229,7 @@ class KeyCache:
 
     def key(self, scope: Scope, headers: RequestHeaders, policy: Policy, label: str, prefix: str,
             identity: str | None) -> KeyedRequest:
-        raw_headers = scope["headers"]
+        raw_headers = scope.get("headers", ())
         facts: tuple[object, ...] = (
             id(policy), label, prefix, scope.get("scheme"), scope.get("root_path", ""), scope["path"],
             scope.get("query_string", b""), identity, _server(scope),

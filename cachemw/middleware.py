@@ -1083,7 +1083,7 @@ async def _log_corrupt(key: str, reason: str) -> None:
 
 def _without_unkeyed_overrides(scope: Scope, policy: Policy) -> Scope:
     """Headers that make apps answer for another host, scheme, URL or method never reach them unkeyed."""
-    headers = scope["headers"]
+    headers = scope.get("headers", ())
     if not any(name in http.OVERRIDE_HEADERS for name, _ in headers):
         return scope
     keyed = {name.encode("latin-1") for name in policy.vary_headers}
@@ -1098,7 +1098,7 @@ def _refresh_scope(scope: Scope, policy: Policy, credential_headers: Sequence[by
         keep |= {b"cookie", *credential_headers}
     refresh = dict(scope)
     refresh["method"] = "GET"
-    refresh["headers"] = [(name, value) for name, value in scope["headers"] if name in keep]
+    refresh["headers"] = [(name, value) for name, value in scope.get("headers", ()) if name in keep]
     refresh["extensions"] = {}
     return refresh
 
@@ -1207,7 +1207,10 @@ class _FillResponder:
             start: dict[str, Any] = dict(message)
             start["headers"] = [*raw_headers, (http.X_CACHE, _MISS), (http.CACHE_STATUS, self.cache_status)]
             self.started = True
-            if self.storable:
+            # A response that announces its length (Starlette's Response) sends its body at once:
+            # hold the start to add the ETag. A stream may wait long for its first chunk (events,
+            # long polls): its start goes out now, without an ETag on this miss.
+            if self.storable and http.header_values(raw_headers, b"content-length"):
                 self._held = start
                 return
             await self._send(start)
