@@ -59,7 +59,10 @@ class _Connection(asyncio.Protocol):
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.outgoing: list[bytes] = []
         self.flush_scheduled = False
-        self.timer: asyncio.TimerHandle | None = None
+        # uvloop's ``call_at`` returns a plain ``Handle`` (no ``when()``) for a deadline
+        # already past (or within its 1 ms resolution): the time it is armed for is kept here.
+        self.timer: asyncio.Handle | None = None
+        self.timer_at = 0.0
         self.overdue = 0  # how many of the oldest in ``waiting`` are past their deadline (and failed)
         self.closed = False
 
@@ -88,7 +91,7 @@ class _Connection(asyncio.Protocol):
                 self.overdue -= 1
             if not future.done():  # else it timed out or its caller went away: the reply is dropped
                 if isinstance(reply, hiredis.ReplyError):
-                    future.set_exception(_reply_error(reply))
+                    _fail(future, _reply_error(reply))
                 else:
                     future.set_result(reply)
 
@@ -110,11 +113,15 @@ class _Connection(asyncio.Protocol):
             self.loop.call_soon(self._flush)
         timer = self.timer
         if timer is None:
-            self.timer = self.loop.call_at(deadline, self._expire)
-        elif timer.when() > deadline:  # armed for an overdue head's stuck check, later than this one
+            self._arm(deadline)
+        elif self.timer_at > deadline:  # armed for an overdue head's stuck check, later than this one
             timer.cancel()
-            self.timer = self.loop.call_at(deadline, self._expire)
+            self._arm(deadline)
         return future
+
+    def _arm(self, at: float) -> None:
+        self.timer = self.loop.call_at(at, self._expire)
+        self.timer_at = at
 
     def _flush(self) -> None:
         self.flush_scheduled = False
@@ -133,12 +140,12 @@ class _Connection(asyncio.Protocol):
                 break
             self.overdue += 1
             if not future.done():
-                future.set_exception(StoreTimeout("redis did not answer within the time budget"))
+                _fail(future, StoreTimeout("redis did not answer within the time budget"))
         if not waiting:
             return
         head = waiting[0][1]
         if not self.overdue:
-            self.timer = self.loop.call_at(head, self._expire)
+            self._arm(head)
             return
         if now - head >= self.stuck_after:
             self.close(StoreTimeout(f"redis has not answered for {now - head:.1f} s; connection closed"))
@@ -146,7 +153,7 @@ class _Connection(asyncio.Protocol):
         next_at = head + self.stuck_after
         if self.overdue < len(waiting):
             next_at = min(next_at, waiting[self.overdue][1])
-        self.timer = self.loop.call_at(next_at, self._expire)
+        self._arm(next_at)
 
     def close(self, error: StoreError) -> None:
         if self.closed:
@@ -158,10 +165,18 @@ class _Connection(asyncio.Protocol):
         waiting, self.waiting = self.waiting, collections.deque()
         for future, _ in waiting:
             if not future.done():
-                future.set_exception(error)
+                _fail(future, error)
         self.outgoing = []
         if self.transport is not None:
             self.transport.abort()
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fail a caller's future, marked as seen: its caller may be gone (cancelled in the same
+    loop iteration, or never awaiting it), and asyncio would then log "Future exception was
+    never retrieved" for a timeout nobody is waiting for. A caller still awaiting gets it."""
+    future.set_exception(error)
+    future.exception()
 
 
 def _reply_error(reply: hiredis.ReplyError) -> StoreError:
