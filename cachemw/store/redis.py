@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import secrets
@@ -558,7 +557,12 @@ class RedisStore:
         return self._listening
 
     async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Subscribe to fill and invalidation announcements; resubscribe after any loss, until cancelled."""
+        """Subscribe to fill and invalidation announcements; resubscribe after any loss, until cancelled.
+
+        What arrives on the channels is untrusted (anyone who can reach the Redis can
+        publish): a message that does not decode to a valid announcement is dropped and
+        counted in ``notifications.rejected``, and never ends the subscription.
+        """
         if self.cluster:
             # Learn the slot map once, before traffic: concurrent first commands would each
             # start discovering it (redis-py then leaks the connections of the losers).
@@ -584,11 +588,10 @@ class RedisStore:
                     async for message in pubsub.listen():
                         if message.get("type") != "message":
                             continue
-                        data = message["data"].decode("utf-8", "replace")
-                        if message["channel"] == fills:
-                            self.notifications.filled(data)
+                        if message.get("channel") == fills:
+                            self.notifications.fill_message(message.get("data"))
                         else:
-                            self._invalidated(data)
+                            self.notifications.invalidation_message(message.get("data"))
                 except DRIVER_ERRORS as exc:
                     logger.debug("cachemw: subscription lost (%r); resubscribing", exc)
                 finally:
@@ -605,14 +608,6 @@ class RedisStore:
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(*DRIVER_ERRORS):
                 await close_client(client)
-
-    def _invalidated(self, data: str) -> None:
-        try:
-            tags = json.loads(data)
-        except ValueError:
-            return
-        if isinstance(tags, list) and all(isinstance(tag, str) for tag in tags):
-            self.notifications.invalidated(tags)
 
     async def aclose(self) -> None:
         if self._pipelined is not None:
