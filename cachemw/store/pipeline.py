@@ -211,7 +211,7 @@ class PipelinedRedis:
         if db:
             self._hello.append(encode_command(["SELECT", db]))
         self._connection: _Connection | None = None
-        self._connect_lock: asyncio.Lock | None = None  # made on first use, inside the event loop
+        self._attempt: asyncio.Future[None] | None = None  # a connect under way: done when it ends
         self._closed = False  # by aclose: for good, even for a connect already under way
 
     async def execute(self, command: bytes) -> Any:
@@ -239,16 +239,26 @@ class PipelinedRedis:
         """Connect in the caller's own task and time budget; callers arriving meanwhile wait for that one.
 
         No task of its own: a caller that gives up abandons the attempt (its socket is
-        closed), and the next caller starts another.
+        closed), and one of those waiting starts another. The waiters all wake when
+        the attempt ends (not one by one behind a lock, which on a cold start with
+        hundreds of callers could take longer than the budget).
         """
-        if self._connect_lock is None:
-            self._connect_lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
         try:
-            async with _timeout(self.timeout), self._connect_lock:
-                connection = self._connection
-                if connection is not None and not connection.closed:
-                    return connection  # connected by the caller this one waited behind
-                return await self._open()
+            async with _timeout(self.timeout):
+                while True:
+                    connection = self._connection
+                    if connection is not None and not connection.closed:
+                        return connection  # connected by the caller this one waited for
+                    attempt = self._attempt
+                    if attempt is None:
+                        self._attempt = attempt = loop.create_future()
+                        try:
+                            return await self._open()
+                        finally:
+                            self._attempt = None
+                            attempt.set_result(None)
+                    await asyncio.shield(attempt)  # a waiter that gives up leaves the attempt to the others
         except asyncio.TimeoutError:
             raise StoreTimeout("connecting to redis took longer than the time budget") from None
 
