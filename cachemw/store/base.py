@@ -17,7 +17,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 __all__ = ["MAX_FILL_MESSAGE", "MAX_INVALIDATION_MESSAGE", "FillWaiter", "LockResult", "Notifications", "Store",
-           "StoreError", "StoreTimeout", "decode_fill", "decode_invalidation"]
+           "StoreError", "StoreTimeout", "decode_fill", "decode_invalidation", "requires_asyncio",
+           "unsupported_event_loop"]
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -174,6 +175,27 @@ class Notifications:
     def connected(self) -> None:
         for callback in self.on_connected:
             callback()
+
+
+def requires_asyncio(store: object) -> bool:
+    """True if ``store`` works only on an asyncio event loop (asyncio or uvloop): the Redis store."""
+    return bool(getattr(store, "requires_asyncio", False))
+
+
+def unsupported_event_loop(store: object) -> str | None:
+    """Why ``store`` cannot work in the async library running now (trio), or None if it can.
+
+    For a check at startup (the lifespan runs in the app's event loop): refuse the
+    configuration with this message instead of failing every store call.
+    """
+    if not requires_asyncio(store):
+        return None
+    from cachemw.store.loops import NEEDS_ASYNCIO, current_library
+
+    library = current_library()
+    if library in (None, "asyncio"):
+        return None
+    return f"{NEEDS_ASYNCIO}; this app runs on {library}: use the memory store (no redis_url) or run on asyncio"
 
 
 @runtime_checkable
