@@ -49,7 +49,7 @@ from cachemw.origin import OriginSlots
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template
 from cachemw.store import MemoryStore, Store, StoreError, store_from_url
-from cachemw.store.base import FillWaiter, LockResult
+from cachemw.store.base import FillWaiter, LockResult, unsupported_event_loop
 from cachemw.writebehind import WriteBehind
 
 __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
@@ -328,6 +328,9 @@ class CacheMiddleware:
         if first["type"] == "lifespan.startup":
             try:
                 self.prepare(scope.get("app"))
+                problem = unsupported_event_loop(self.store)  # the Redis store on trio
+                if problem is not None:
+                    raise ConfigError(problem)
             except ConfigError as exc:
                 # Reported as a failed startup: uvicorn would take an exception for
                 # "lifespan unsupported" and serve with the bad configuration.

@@ -23,10 +23,10 @@ import anyio
 import pytest
 import uvloop
 from starlette.applications import Starlette
-from starlette.exceptions import StarletteDeprecationWarning
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache
 from cachemw.store import StoreError
@@ -34,10 +34,6 @@ from cachemw.store.base import requires_asyncio, unsupported_event_loop
 from cachemw.store.pipeline import PipelinedRedis
 from tests.asgi import find_middleware
 from tests.redis_server import RedisServer
-
-with warnings.catch_warnings():  # Starlette asks for httpx2 over httpx; httpx is what the tests have
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from starlette.testclient import TestClient
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -89,17 +85,6 @@ def make_app(redis_url: str) -> Starlette:
     return app
 
 
-def server_as_tuple(app: Any) -> Any:
-    """TestClient sends ``scope["server"]`` as a list, which the key did not take (#14 item 6,
-    fixed apart from this): a tuple here, so these tests are about loops only."""
-    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-        if scope.get("server") is not None:
-            scope = {**scope, "server": tuple(scope["server"])}
-        await app(scope, receive, send)
-
-    return wrapped
-
-
 # -- TestClient outside ``with``: a loop per request, no lifespan --------------------------------
 
 
@@ -110,12 +95,12 @@ def test_test_clients_outside_with_get_cache_behaviour_on_every_loop(redis_url: 
     before = connections(redis_server)
     with no_resource_warnings():
         app = make_app(redis_url)
-        first = TestClient(server_as_tuple(app))
+        first = TestClient(app)
         miss = first.get("/products/1")
         assert (miss.status_code, miss.headers["x-cache"]) == (200, "MISS")
         hit = first.get("/products/1")  # another loop already
         assert (hit.status_code, hit.headers["x-cache"]) == (200, "HIT")
-        second = TestClient(server_as_tuple(app))
+        second = TestClient(app)
         for path, expected in (("/products/1", "HIT"), ("/products/2", "MISS"), ("/products/2", "HIT")):
             response = second.get(path)
             assert (response.status_code, response.headers["x-cache"]) == (200, expected), path
@@ -133,7 +118,7 @@ def test_without_a_lifespan_nothing_is_left_open_when_the_loop_ends(redis_url: s
     before = connections(redis_server)
     with no_resource_warnings():
         app = make_app(redis_url)
-        response = TestClient(server_as_tuple(app)).get("/products/1")  # one request, one loop
+        response = TestClient(app).get("/products/1")  # one request, one loop
         assert (response.status_code, response.headers["x-cache"]) == (200, "MISS")
         del app
     await_connections(redis_server, before)
@@ -142,10 +127,10 @@ def test_without_a_lifespan_nothing_is_left_open_when_the_loop_ends(redis_url: s
 def test_a_test_client_with_a_lifespan_then_without_one(redis_url: str) -> None:
     with no_resource_warnings():
         app = make_app(redis_url)
-        with TestClient(server_as_tuple(app)) as client:
+        with TestClient(app) as client:
             assert client.get("/products/3").headers["x-cache"] == "MISS"
         # The lifespan closed its store; requests without one open another, on their own loops.
-        client = TestClient(server_as_tuple(app))
+        client = TestClient(app)
         assert client.get("/products/3").headers["x-cache"] == "HIT"
         assert client.get("/products/4").headers["x-cache"] == "MISS"
         assert find_middleware(app).store_errors == 0
