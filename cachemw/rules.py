@@ -70,6 +70,10 @@ class RouteRule:
     policy: Policy | None
     source: str  # "decorator", "cachemw.toml rule 2", or "default"
     label: str  # the template as it appears in keys: braces would be Redis Cluster hash tags
+    # What the route authenticates with, from its FastAPI security dependencies: (location, name)
+    # pairs, location "header" (name lowercased), "cookie" or "query". A request that carries one
+    # is a user's request.
+    credentials: tuple[tuple[str, str], ...] = ()
 
 
 class RouteMatch:
@@ -357,6 +361,7 @@ def _compile(routes: Iterable[BaseRoute], prefix: str, build: _Build) -> tuple[_
             policy=policy,
             source=source,
             label=route_label(template),
+            credentials=_credentials(route),
         )
         build.rules.append(rule)
         nodes.append(_Node(_ROUTE, route.path_regex, getattr(route, "param_convertors", {}), method_set, rule, None))
@@ -413,6 +418,41 @@ def _expand_included(routes: Iterable[BaseRoute]) -> Iterator[Any]:
                 yield getattr(context, "starlette_route", None) or context
         else:
             yield route
+
+
+def _credentials(route: Any) -> tuple[tuple[str, str], ...]:
+    """The FastAPI security schemes among a route's dependencies, sub-dependencies and its routers'.
+
+    A scheme reads one credential: an API key from a header, cookie or query parameter,
+    or ``Authorization`` (HTTP Basic/Bearer/Digest, OAuth2, OpenID Connect). Plain
+    ``Header()`` and ``Cookie()`` parameters are not taken for credentials.
+    """
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return ()
+    try:
+        from fastapi.openapi import models
+        from fastapi.security.base import SecurityBase
+    except ImportError:
+        return ()
+    found: dict[tuple[str, str], None] = {}
+    seen: set[int] = set()
+    stack = [dependant]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        call = getattr(current, "call", None)
+        if isinstance(call, SecurityBase):
+            model = getattr(call, "model", None)
+            if isinstance(model, models.APIKey):
+                location = model.in_.value
+                found[(location, model.name.lower() if location == "header" else model.name)] = None
+            elif isinstance(model, (models.HTTPBase, models.OAuth2, models.OpenIdConnect)):
+                found[("header", "authorization")] = None
+        stack.extend(reversed(getattr(current, "dependencies", None) or ()))
+    return tuple(found)
 
 
 def build_rule_table(routes: Iterable[BaseRoute], settings: Settings) -> RuleTable:
