@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -413,3 +413,69 @@ def test_head_follows_get_where_one_route_serves_both() -> None:
     assert split.match("/x", "HEAD") is None
     get = split.match("/x", "GET")
     assert get is not None and get.rule.name == "x"
+
+
+# -- the same property on FastAPI apps: APIRoutes, included routers (nested, prefixed), mounts ---
+
+
+def operation(name: str, cached: bool) -> Any:
+    async def run(request: Request) -> Response:
+        return PlainTextResponse(name)
+
+    run.__name__ = run.__qualname__ = name
+    return cache(ttl="1m")(run) if cached else run
+
+
+@st.composite
+def api_router(draw: Any, depth: int) -> tuple[APIRouter, list[str]]:
+    """A router of operations and included routers; and the full templates it answers, to aim at."""
+    router = APIRouter()
+    aims: list[str] = []
+    for _ in range(draw(st.integers(1, 4))):
+        if depth and draw(st.integers(0, 3)) == 0:
+            child, child_aims = draw(api_router(depth - 1))
+            prefix = draw(st.sampled_from(["", "/a", "/b", f"/{{t{next(_ids)}}}"]))
+            router.include_router(child, prefix=prefix)
+            aims.extend(prefix + aim for aim in child_aims)
+            continue
+        name = f"op{next(_ids)}"
+        path = draw(paths(params=True))
+        methods = draw(st.sampled_from([["GET"], ["GET"], ["POST"], ["HEAD"], ["GET", "POST"], ["DELETE"]]))
+        router.add_api_route(path, operation(name, draw(st.integers(0, 2)) > 0), methods=methods, name=name)
+        aims.append(path)
+    return router, aims
+
+
+@st.composite
+def fastapi_apps(draw: Any) -> tuple[FastAPI, list[str]]:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    router, aims = draw(api_router(2))
+    app.include_router(router, prefix=draw(st.sampled_from(["", "/a"])))
+    aims = [*aims, *("/a" + aim for aim in aims)]
+    if draw(st.booleans()):
+        name = f"mounted{next(_ids)}"
+        inner = draw(paths(params=True))
+        app.mount(draw(st.sampled_from(["/a", "/m"])), Router([Route(inner, operation(name, True), name=name)]))
+        aims.extend(["/a" + inner, "/m" + inner])
+    return app, aims
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(built=fastapi_apps(), data=st.data())
+def test_the_table_picks_the_route_fastapis_router_runs(built: tuple[FastAPI, list[str]], data: st.DataObject) -> None:
+    app, aims = built
+    template = data.draw(st.sampled_from(aims))
+    path = PARAM.sub(lambda m: data.draw(st.sampled_from(VALUES[m.group(1) or "str"])), template)
+    path += data.draw(st.sampled_from(["", "", "/", "/a"]))
+    method = data.draw(st.sampled_from(["GET", "GET", "HEAD", "POST", "DELETE"]))
+    table = build_rule_table(app.routes, Settings())
+    assert table.warnings == ()
+    dispatched = ran(app, path, method, "testserver")
+    ours = table_name(table, path, method)
+    match = table.match(path, method)
+    event("no route runs" if ours is None else "cached route" if match is not None else "route without a policy")
+    assert ours == dispatched
+    if match is not None:
+        assert match.rule.name == dispatched
+        if method == "HEAD":
+            assert ran(app, path, "GET", "testserver") == dispatched
