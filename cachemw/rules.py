@@ -4,6 +4,12 @@ The decorator only annotates the endpoint. The table is built once, at startup,
 from the app's routes, because the middleware must decide before the router
 runs (the router sets ``scope["endpoint"]`` only inside itself). Precedence:
 decorator, then the first file rule that matches the route, then no caching.
+
+The table's matcher reproduces Starlette's (and FastAPI's) router exactly for the
+routes it knows (Route, APIRoute, Mount, included routers, WebSocket routes). A
+route it cannot reproduce (``Host``, a custom ``BaseRoute``, a ``matches()`` of its
+own, a mounted router that dispatches its own way) may take any request that
+reaches it: such requests get no policy, and ``RuleTable.warnings`` says so.
 """
 
 from __future__ import annotations
