@@ -38,7 +38,6 @@ from cachemw.keys import (
     RequestHeaders,
     SessionIdentity,
     path_tag,
-    route_path,
     route_tag,
     tag_keys,
 )
@@ -244,6 +243,8 @@ class CacheMiddleware:
         if routes is None:
             routes = getattr(self.app, "routes", [])
         table = build_rule_table(routes, settings)
+        for warning in table.warnings:  # routes the table cannot model: what may reach them is never cached
+            logger.warning("cachemw: %s", warning)
         if self.store is None:
             try:
                 self.store = store_from_url(settings.redis_url, timeout=settings.store_timeout,
@@ -311,7 +312,7 @@ class CacheMiddleware:
             supervisor.bind()
             _current.set(self)
             # A route without a policy goes straight to the app: no frame of ours in between.
-            match = table.match(route_path(scope), scope["method"])
+            match = table.match_scope(scope)
             if supervisor.running:
                 await (self.app(scope, receive, send) if match is None else self._http(scope, receive, send, match))
             else:
@@ -1058,8 +1059,7 @@ def _freeze_startup_objects() -> None:
 
 def _credential_names(rule: RouteRule) -> tuple[str, ...]:
     """A route's credentials as the ``credentials`` setting names them ("x-api-key", "cookie:NAME")."""
-    pairs: tuple[tuple[str, str], ...] = getattr(rule, "credentials", ())
-    return tuple(name if where == "header" else f"{where}:{name}" for where, name in pairs)
+    return tuple(name if where == "header" else f"{where}:{name}" for where, name in rule.credentials)
 
 
 async def _quietly(closing: Any) -> None:

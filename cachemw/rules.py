@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Host, Mount, Route, Router, WebSocketRoute
 
 from cachemw.config import FileRule, Settings, resolve_preset
+from cachemw.keys import strip_root_path
 from cachemw.policy import ConfigError, Policy, policy_from_fields
 
 __all__ = ["UNKNOWN", "CacheSpec", "RouteMatch", "RouteRule", "RuleTable", "build_rule_table", "cache"]
@@ -128,17 +129,6 @@ class _Unknown:
 UNKNOWN = _Unknown()
 
 
-def _route_path(path: str, root_path: str) -> str:
-    """Starlette's ``get_route_path``, applied at each level as its routes do."""
-    if not root_path or not path.startswith(root_path):
-        return path
-    if path == root_path:
-        return ""
-    if path[len(root_path)] == "/":
-        return path[len(root_path):]
-    return path
-
-
 _Found = list[tuple[re.Match[str], Mapping[str, Any]]]
 
 
@@ -146,7 +136,7 @@ def _walk(nodes: tuple[_Node, ...], path: str, root_path: str, method: str,
           found: _Found) -> _Node | _Unknown | None:
     """The route Starlette's router runs for this request: a node, None (404, 405, a redirect, a
     mounted app of no routes of ours), or UNKNOWN (a route we cannot model may take it)."""
-    route_path = _route_path(path, root_path)
+    route_path = strip_root_path(path, root_path)
     for node in nodes:
         if node.kind == _UNKNOWN:
             return UNKNOWN  # it may match: whatever comes after it is not known to run
