@@ -544,7 +544,8 @@ class CacheMiddleware:
                 self._log(plan.match, key, "MISS", status, None, started, len(shared.body), "collapsed")
                 return
             try:
-                entry, failed, failure = await self._forward(scope, receive, send, headers, plan, fallback, started)
+                entry, failed, failure = await self._forward(scope, receive, send, headers, plan, fallback, started,
+                                                             flight)
             except Exception:
                 flight.finish(None, failed=True, raised=True)
                 raise
@@ -616,7 +617,8 @@ class CacheMiddleware:
             waiter.close()
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, plan: _Plan,
-                       fallback: Entry | None, started: float) -> tuple[Entry | None, bool, Entry | None]:
+                       fallback: Entry | None, started: float, flight: _Flight | None = None
+                       ) -> tuple[Entry | None, bool, Entry | None]:
         """Call the app within the bound on origin calls; past it, the stale entry or a 503 with Retry-After."""
         template = plan.match.rule.template
         slot = self._origin.take_nowait(template)
@@ -634,12 +636,13 @@ class CacheMiddleware:
                 self._log(plan.match, plan.key, "MISS", status, None, started, len(busy.body))
                 return None, True, busy
         try:
-            return await self._call_origin(scope, receive, send, headers, plan, fallback, started)
+            return await self._call_origin(scope, receive, send, headers, plan, fallback, started, flight)
         finally:
             slot.release()
 
     async def _call_origin(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, plan: _Plan,
-                           fallback: Entry | None, started: float) -> tuple[Entry | None, bool, Entry | None]:
+                           fallback: Entry | None, started: float, flight: _Flight | None
+                           ) -> tuple[Entry | None, bool, Entry | None]:
         """Call the app, streaming its response to the client; store the copy afterwards.
 
         With a ``fallback`` (an entry within stale_if_error) a 5xx, an exception
@@ -650,6 +653,10 @@ class CacheMiddleware:
         responder = _FillResponder(send, policy, head=scope["method"] == "HEAD",
                                    cache_status=http.STATUS_STALE_MISS if fallback else http.STATUS_MISS,
                                    hold_errors=fallback is not None)
+        if flight is not None:
+            # The waiters get the response as soon as it is complete, not when the app returns:
+            # a Starlette BackgroundTask runs inside the app call, after the last body message.
+            responder.on_complete = lambda: flight.finish(responder.entry(tags=plan.tags))
         origin_started = time.perf_counter()
         failure: str | None = None
         try:
@@ -1163,9 +1170,9 @@ class _FillResponder:
     ``hold_errors`` a 5xx is swallowed, so a stale entry can answer instead.
     """
 
-    __slots__ = ("_chunks", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy", "_send",
-                 "cache_status", "complete", "deadline", "failed_status", "response_tags", "size", "started", "status",
-                 "storable", "stored_at")
+    __slots__ = ("_chunks", "_entry", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy",
+                 "_send", "cache_status", "complete", "deadline", "failed_status", "on_complete", "response_tags",
+                 "size", "started", "status", "storable", "stored_at")
 
     def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes, hold_errors: bool) -> None:
         self._send = send
@@ -1175,6 +1182,8 @@ class _FillResponder:
         self.cache_status = cache_status
         self._chunks: list[bytes] = []
         self._failure_chunks: list[bytes] | None = None  # a copy of a 5xx answer, for the waiters to share
+        self._entry: Entry | None = None
+        self.on_complete: Callable[[], None] | None = None  # called once the whole response went out
         self._held: dict[str, Any] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self.size = 0
@@ -1241,6 +1250,8 @@ class _FillResponder:
             await self._send(message)
             if not more:
                 self.complete = True
+                if self.on_complete is not None and self.storable:
+                    self.on_complete()
             return
         # Trailers, pathsend, anything new: not ours to copy.
         self.storable = False
@@ -1261,9 +1272,11 @@ class _FillResponder:
         """The entry to store, once the whole response went out; None if it must not be stored."""
         if not (self.complete and self.storable):
             return None
+        if self._entry is not None:
+            return self._entry
         body = b"".join(self._chunks)
         etag = http.response_etag(self._headers) or http.make_etag(body)
-        return Entry(
+        self._entry = Entry(
             status=self.status,
             headers=http.stored_headers(self._headers, etag, len(body), self.status),
             body=body,
@@ -1271,3 +1284,4 @@ class _FillResponder:
             etag=etag,
             tags=(*tags, *self.response_tags),
         )
+        return self._entry

@@ -140,3 +140,44 @@ async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str) 
             await eventually(no_locks, what="the lost fill's lock released")
     finally:
         await inner.aclose()
+
+
+async def test_waiters_are_answered_when_the_response_is_complete_not_after_its_background_task(
+        store: SpyStore) -> None:
+    from starlette.background import BackgroundTask
+
+    handler_gate, task_gate, task_done = anyio.Event(), anyio.Event(), anyio.Event()
+    calls = 0
+
+    async def slow_task() -> None:
+        await task_gate.wait()  # the e-mail the handler sends after its response
+        task_done.set()
+
+    @cache(ttl="5m")
+    async def page(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        await handler_gate.wait()
+        return PlainTextResponse("page", background=BackgroundTask(slow_task))
+
+    app = Starlette(routes=[Route("/page", page)])
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(store_timeout=2.0))
+    async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                base_url="http://testserver") as http, \
+            anyio.create_task_group() as tg:
+        tg.start_soon(http.get, "/page")
+        await eventually(lambda: _true(calls == 1), what="the leader in the handler")
+        waiter: list[httpx.Response] = []
+
+        async def wait_on_it() -> None:
+            waiter.append(await http.get("/page"))
+
+        tg.start_soon(wait_on_it)
+        await eventually(lambda: _true(find_middleware(app).metrics.waiting_on_fills == 1),
+                         what="the second request waiting on the first")
+        handler_gate.set()
+        await eventually(lambda: _true(bool(waiter)), what="the waiter answered")
+        assert not task_done.is_set()  # answered while the leader's background task still runs
+        task_gate.set()
+    assert waiter[0].text == "page" and "collapsed" in waiter[0].headers["cache-status"]
+    assert calls == 1
