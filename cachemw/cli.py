@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 
-from cachemw.config import REDIS_URL_ENV, Settings, load_settings
+from cachemw.config import REDIS_URL_ENV, Settings, load_settings, masked_url, open_store
 from cachemw.entry import EntryDecodeError, decode_entry
 from cachemw.invalidation import Invalidator
 from cachemw.keys import RequestHeaders, SessionIdentity, make_key, path_tag, route_path
@@ -175,10 +175,15 @@ def _cmd_routes(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    # What CacheMiddleware.prepare does at startup, short of connecting: the settings, the rule
+    # table (with --app) and the store the settings name, made and closed unused.
     settings = load_settings(args.file, environ={})
     if args.app:
         app = load_app(args.app)
         build_rule_table(_routes_of(app), settings)
+    store = open_store(settings)
+    with contextlib.suppress(StoreError):
+        anyio.run(store.aclose)
     print(f"{args.file}: ok ({len(settings.rules)} rule(s), {len(settings.presets)} polic"
           f"{'y' if len(settings.presets) == 1 else 'ies'})")
     return 0
@@ -226,18 +231,6 @@ def _operator_settings(args: argparse.Namespace) -> tuple[Any, RuleTable | None,
     return app, table, settings
 
 
-def _where(url: str) -> str:
-    """Where the store is, for messages: never the whole URL (it may carry a password)."""
-    split = urlsplit(url)
-    if split.scheme.lower() == "unix":
-        return split.path or "(unix socket)"
-    try:
-        port = split.port or 6379
-    except ValueError:
-        return split.hostname or "(unknown host)"
-    return f"{split.hostname or 'localhost'}:{port}"
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -250,7 +243,7 @@ def _open_store(settings: Settings, doing: str) -> Store:
         return store_from_url(settings.redis_url, timeout=OPERATOR_TIMEOUT,
                               memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
     except ValueError as exc:
-        raise CommandFailed(f"redis_url: {_one_line(exc)}") from None
+        raise CommandFailed(f"redis_url {masked_url(settings.redis_url)}: {_one_line(exc)}") from None
 
 
 def _with_store(settings: Settings, doing: str, work: Callable[[Store], Any]) -> Any:
@@ -270,7 +263,7 @@ def _with_store(settings: Settings, doing: str, work: Callable[[Store], Any]) ->
     except StoreError as exc:
         assert settings.redis_url is not None
         detail = _one_line(exc.__cause__ or exc)  # the driver's own words say more than the wrapper's
-        raise CommandFailed(f"{doing} failed: the redis store at {_where(settings.redis_url)} did not answer "
+        raise CommandFailed(f"{doing} failed: the redis store at {masked_url(settings.redis_url)} did not answer "
                             f"({detail})") from None
 
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
@@ -22,7 +22,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
 
-__all__ = ["FileRule", "Settings", "load_settings"]
+if TYPE_CHECKING:
+    from cachemw.store import Store
+
+__all__ = ["FileRule", "Settings", "load_settings", "masked_url", "open_store"]
 
 REDIS_URL_ENV = "CACHEMW_REDIS_URL"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -264,6 +267,23 @@ def masked_url(url: str) -> str:
         masked = masked.replace(user_info + "@", f"{split.username or ''}:***@", 1)
     # redis-py also takes ?password=...
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", masked)
+
+
+def open_store(settings: Settings, *, timeout: float | None = None) -> Store:
+    """The store ``settings`` name, as startup makes it: validated, nothing connected yet.
+
+    A URL the store cannot use (``redis://host:6391:0``) is a ConfigError naming the
+    settings' file, the field and the URL (password masked). ``timeout`` defaults to
+    ``store_timeout``. ``cachemw check`` runs exactly this.
+    """
+    from cachemw.store import store_from_url
+
+    try:
+        return store_from_url(settings.redis_url, timeout=settings.store_timeout if timeout is None else timeout,
+                              memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
+    except ValueError as exc:
+        url = f" {masked_url(settings.redis_url)!r}" if settings.redis_url else ""
+        raise ConfigError(f"{settings.source or 'settings'}: field 'redis_url'{url}: {exc}") from None
 
 
 def resolve_preset(name: object, presets: Mapping[str, Policy], where: str) -> Policy:

@@ -308,6 +308,33 @@ def test_check_with_an_app_wrapped_in_the_middleware(tmp_path: Path) -> None:
     assert "/hello" in routes.stdout
 
 
+@pytest.mark.parametrize("url", ["redis://host:6391:0", "redis://:s3cret@host:6391:0", "redis://h:99999/0"])
+def test_check_rejects_a_store_url_that_startup_rejects(tmp_path: Path, url: str) -> None:
+    from starlette.applications import Starlette
+
+    from cachemw import CacheMiddleware, ConfigError
+
+    config = tmp_path / "cachemw.toml"
+    config.write_text(f'[cachemw]\nredis_url = "{url}"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as startup:  # what the app's startup says of this file
+        CacheMiddleware(Starlette(), config=str(config)).prepare(None)
+    result = run("check", str(config))
+    assert result.returncode == 2, result.stdout
+    assert_clean_failure(result)
+    assert f"{config}: field 'redis_url'" in result.stderr
+    assert str(startup.value).rsplit(": ", 1)[1] in result.stderr  # the same validation's own words
+    assert "s3cret" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_does_not_connect_to_the_store(tmp_path: Path) -> None:
+    config = tmp_path / "cachemw.toml"
+    config.write_text('[cachemw]\nredis_url = "redis://127.0.0.1:1/0"\n', encoding="utf-8")  # nothing listens
+    result = run("check", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{config}: ok")
+
+
 def test_check_with_a_bad_app_path_is_a_clear_error() -> None:
     result = run("check", str(SAMPLE_CONFIG), "--app", "nosuchmodule:app")
     assert result.returncode != 0
@@ -868,7 +895,9 @@ def test_stats_without_or_with_an_unreachable_redis_is_a_clear_error() -> None:
     assert result.returncode == 2
     assert_clean_failure(result)
     assert len(result.stderr.strip().splitlines()) == 1
-    assert "read stats failed: the redis store at 127.0.0.1:1 did not answer" in result.stderr
+    # Which URL (password masked) and why, in one line.
+    assert "read stats failed: the redis store at redis://:***@127.0.0.1:1/0 did not answer (" in result.stderr
+    assert "Connect call failed" in result.stderr or "refused" in result.stderr.lower()
     assert "secret" not in result.stderr
     assert result.stdout == ""
     result = run("stats", "--redis-url", "redis://127.0.0.1:1/0", "--watch", "0")
