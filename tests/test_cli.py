@@ -905,16 +905,44 @@ def test_stats_without_or_with_an_unreachable_redis_is_a_clear_error() -> None:
     assert "--watch" in result.stderr
 
 
-def test_stats_watch_repeats_until_interrupted(redis_url: str) -> None:
+def default_sigint() -> None:
+    """In a child, before exec: SIGINT as a terminal sends it, even when pytest runs with it ignored
+    (nohup, CI runners), which children would otherwise inherit."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(params=["inherited", "ignored"])
+def pytest_sigint(request: pytest.FixtureRequest) -> Any:
+    """Run the test as pytest runs under a terminal, and as under ``nohup`` / a CI runner (SIGINT ignored)."""
+    import signal
+
+    if request.param == "inherited":
+        yield request.param
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield request.param
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_stats_watch_repeats_until_interrupted(redis_url: str, pytest_sigint: str) -> None:
     import signal
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEMW_", "PYTHON"))}
     with subprocess.Popen([str(SCRIPT), "stats", "--redis-url", redis_url, "--watch", "0.1", "--json"],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watch:
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=default_sigint) as watch:
         assert watch.stdout is not None
         views = [json.loads(watch.stdout.readline()) for _ in range(3)]
         watch.send_signal(signal.SIGINT)
-        _, stderr = watch.communicate(timeout=30)
+        try:
+            _, stderr = watch.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            watch.kill()
+            raise AssertionError("cachemw stats --watch did not stop on SIGINT") from None
     assert watch.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert all(view["processes"] == [] for view in views)
