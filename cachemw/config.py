@@ -6,6 +6,7 @@ unknown key is an error, not a silent default.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -29,7 +30,7 @@ __all__ = ["FileRule", "Settings", "load_settings", "masked_url", "open_store"]
 
 REDIS_URL_ENV = "CACHEMW_REDIS_URL"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_POLICY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+POLICY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a preset's name, in [cachemw.policies.NAME] and @cache(NAME)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header or cookie name (RFC 9110 token)
 
 
@@ -228,7 +229,7 @@ def _presets(raw: object, source: str) -> dict[str, Policy]:
     presets = dict(PRESETS)
     for name, fields_ in raw.items():
         here = f"{source}: policy {name!r}"
-        if not _POLICY_NAME.fullmatch(name):
+        if not POLICY_NAME.fullmatch(name):
             raise ConfigError(f"{here}: a policy name is 1-64 characters from A-Z a-z 0-9 _ -")
         if not isinstance(fields_, dict):
             raise ConfigError(f"{here}: must be a table of fields")
@@ -291,5 +292,10 @@ def resolve_preset(name: object, presets: Mapping[str, Policy], where: str) -> P
     if name is None:
         return Policy()
     if not isinstance(name, str) or name not in presets:
-        raise ConfigError(f"{where}: field 'policy': unknown policy {name!r}; known: {sorted(presets)}")
+        hint = ""
+        if isinstance(name, str):
+            close = difflib.get_close_matches(name, list(presets), n=1)
+            hint = (f". HINT: {'did you mean ' + repr(close[0]) + '? ' if close else ''}a preset of your own is a "
+                    f"[cachemw.policies.{name}] table in the config file")
+        raise ConfigError(f"{where}: field 'policy': unknown policy {name!r}; known: {sorted(presets)}{hint}")
     return presets[name]
