@@ -619,25 +619,53 @@ def test_purge_by_url_ignores_the_query_and_decodes_the_path(filled: str) -> Non
 def test_purge_text_output(filled: str) -> None:
     result = run("purge", "--tag", "product:1", "--redis-url", filled, "--app", "sample_app:app")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "dropped 1 entry\n"
+    assert result.stdout == "dropped 1 entry tagged product:1, under the key prefix 'cachemw-sample'\n"
     result = run("purge", "--tag", "product:1", "--redis-url", filled, "--app", "sample_app:app")
-    assert result.stdout == "dropped 0 entries\n"
+    assert result.stdout == "dropped 0 entries tagged product:1, under the key prefix 'cachemw-sample'\n"
+    result = run("purge", "--route", "/products/{id}", "--redis-url", filled, "--app", "sample_app:app")
+    assert result.stdout == "dropped 1 entry of route /products/{id}, under the key prefix 'cachemw-sample'\n"
 
 
 def test_purge_takes_the_prefix_from_the_config(filled: str, tmp_path: Path) -> None:
-    # Without the app (or its config) the prefix is the default one: none of the sample's entries.
+    # Without the app (or its config) the prefix is the default one, under which nothing is stored here:
+    # said, and not a success.
     result = run("purge", "--all", "--redis-url", filled, "--json")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"dropped": 0}
+    assert result.returncode == 1, result.stdout
+    assert_clean_failure(result)
+    assert result.stdout == ""
+    assert ("nothing is stored under the key prefix 'cachemw' at " + filled) in result.stderr
+    assert "HINT: pass --app (or --config)" in result.stderr
     result = run("purge", "--all", "--config", str(SAMPLE_CONFIG), "--redis-url", filled, "--json")
-    assert json.loads(result.stdout) == {"dropped": len(FILLED)}
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"dropped": len(FILLED), "prefix": "cachemw-sample"}
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [(("--route", "/prodcts/{id}"), 2, "--route '/prodcts/{id}' names no route of sample_app:app; its cached "
+                                       "routes are: /api/products/{product_id}, /products/{id:int}, /stats"),
+     (("--route", "/cart"), 1, "--route '/cart': the route /cart has no cache policy that stores entries"),
+     (("--route", "/debug/queries"), 1, "the route /debug/queries has no cache policy"),
+     (("--url", "/nowhere/1"), 1, "--url '/nowhere/1': /nowhere/1 is on no cached route of sample_app:app"),
+     (("--url", BASE + "/cart"), 1, "/cart is on no cached route")],
+    ids=["unknown-route", "realtime-route", "uncached-route", "unknown-url", "uncached-url"],
+)
+def test_purge_of_what_cannot_have_entries_fails(filled: str, args: tuple[str, ...], status: int,
+                                                 message: str) -> None:
+    result = run("purge", *args, "--app", "sample_app:app", "--redis-url", filled)
+    assert result.returncode == status, result.stdout
+    assert_clean_failure(result)
+    assert message in result.stderr
+    assert result.stdout == ""
+    with redis.Redis.from_url(filled) as direct:
+        assert len(direct.keys("cachemw-sample:e:*")) == len(FILLED)  # nothing was purged
 
 
 def test_purge_reads_the_redis_url_from_the_environment(filled: str) -> None:
     result = run("purge", "--tag", "product:1", "--app", "sample_app:app", "--json",
                  extra_env={"CACHEMW_REDIS_URL": filled})
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"dropped": 1}
+    assert json.loads(result.stdout) == {"dropped": 1, "prefix": "cachemw-sample"}
 
 
 @pytest.mark.parametrize("app", [(), ("--app", "sample_app:app")], ids=["defaults", "app"])
