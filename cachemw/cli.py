@@ -128,6 +128,17 @@ def _middleware_options(app: Any) -> dict[str, Any]:
     return {}
 
 
+def app_write_behinds(app: Any) -> list[str]:
+    """The names of the write-behind queues the app's CacheMiddleware runs."""
+    from cachemw.middleware import CacheMiddleware
+
+    if isinstance(app, CacheMiddleware):
+        queues: Any = app.write_behinds
+    else:
+        queues = _middleware_options(app).get("write_behind") or ()
+    return [queue.name for queue in queues]
+
+
 def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
     """The rule table the app's CacheMiddleware would build, with the config it names (or ``config``)."""
     options = _middleware_options(app)
