@@ -36,3 +36,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``cachemw.dashboard`` after a plain ``import cachemw``: imported when first used (it needs Starlette's app)."""
+    if name == "dashboard":
+        import importlib
+
+        return importlib.import_module("cachemw.dashboard")
+    raise AttributeError(f"module 'cachemw' has no attribute {name!r}")

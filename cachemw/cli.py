@@ -30,12 +30,12 @@ from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 
-from cachemw.config import REDIS_URL_ENV, Settings, load_settings
+from cachemw.config import REDIS_URL_ENV, Settings, load_settings, masked_url, open_store
 from cachemw.entry import EntryDecodeError, decode_entry
 from cachemw.invalidation import Invalidator
 from cachemw.keys import RequestHeaders, SessionIdentity, make_key, path_tag, route_path
 from cachemw.policy import ConfigError, Policy, freshness
-from cachemw.rules import RouteRule, RuleTable, build_rule_table
+from cachemw.rules import RouteRule, RuleTable, build_rule_table, normalise_template
 from cachemw.store import Store, StoreError, store_from_url
 
 __all__ = ["main"]
@@ -128,6 +128,17 @@ def _middleware_options(app: Any) -> dict[str, Any]:
     return {}
 
 
+def app_write_behinds(app: Any) -> list[str]:
+    """The names of the write-behind queues the app's CacheMiddleware runs."""
+    from cachemw.middleware import CacheMiddleware
+
+    if isinstance(app, CacheMiddleware):
+        queues: Any = app.write_behinds
+    else:
+        queues = _middleware_options(app).get("write_behind") or ()
+    return [queue.name for queue in queues]
+
+
 def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
     """The rule table the app's CacheMiddleware would build, with the config it names (or ``config``)."""
     options = _middleware_options(app)
@@ -186,10 +197,15 @@ def _cmd_routes(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    # What CacheMiddleware.prepare does at startup, short of connecting: the settings, the rule
+    # table (with --app) and the store the settings name, made and closed unused.
     settings = load_settings(args.file, environ={})
     if args.app:
         app = load_app(args.app)
         build_rule_table(_routes_of(app), settings)
+    store = open_store(settings)
+    with contextlib.suppress(StoreError):
+        anyio.run(store.aclose)
     print(f"{args.file}: ok ({len(settings.rules)} rule(s), {len(settings.presets)} polic"
           f"{'y' if len(settings.presets) == 1 else 'ies'})")
     return 0
@@ -237,18 +253,6 @@ def _operator_settings(args: argparse.Namespace) -> tuple[Any, RuleTable | None,
     return app, table, settings
 
 
-def _where(url: str) -> str:
-    """Where the store is, for messages: never the whole URL (it may carry a password)."""
-    split = urlsplit(url)
-    if split.scheme.lower() == "unix":
-        return split.path or "(unix socket)"
-    try:
-        port = split.port or 6379
-    except ValueError:
-        return split.hostname or "(unknown host)"
-    return f"{split.hostname or 'localhost'}:{port}"
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -261,7 +265,7 @@ def _open_store(settings: Settings, doing: str) -> Store:
         return store_from_url(settings.redis_url, timeout=OPERATOR_TIMEOUT,
                               memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
     except ValueError as exc:
-        raise CommandFailed(f"redis_url: {_one_line(exc)}") from None
+        raise CommandFailed(f"redis_url {masked_url(settings.redis_url)}: {_one_line(exc)}") from None
 
 
 def _with_store(settings: Settings, doing: str, work: Callable[[Store], Any]) -> Any:
@@ -281,7 +285,7 @@ def _with_store(settings: Settings, doing: str, work: Callable[[Store], Any]) ->
     except StoreError as exc:
         assert settings.redis_url is not None
         detail = _one_line(exc.__cause__ or exc)  # the driver's own words say more than the wrapper's
-        raise CommandFailed(f"{doing} failed: the redis store at {_where(settings.redis_url)} did not answer "
+        raise CommandFailed(f"{doing} failed: the redis store at {masked_url(settings.redis_url)} did not answer "
                             f"({detail})") from None
 
 
@@ -295,6 +299,57 @@ def _purged_path(url: str) -> str:
     return unquote(split.path)
 
 
+async def prefix_in_use(store: Store, prefix: str) -> bool:
+    """Whether the store holds any key under ``prefix:`` (entries, tag indexes, fleet reports, queues)."""
+    client = getattr(store, "client", None)
+    if client is None:
+        return True  # not a Redis store: nothing to look at, so nothing to say
+    from cachemw.store.redis import DRIVER_ERRORS
+
+    try:
+        async for _ in client.scan_iter(match=f"{prefix}:*", count=1000):  # a prefix has no glob characters
+            return True
+    except DRIVER_ERRORS as exc:
+        raise StoreError(_one_line(exc) or "timed out") from exc
+    return False
+
+
+def _unused_prefix(settings: Settings) -> CommandFailed:
+    assert settings.redis_url is not None
+    return CommandFailed(
+        f"nothing is stored under the key prefix {settings.key_prefix!r} at {masked_url(settings.redis_url)}: no "
+        "app caches there under that prefix. HINT: pass --app (or --config) so the command uses the app's "
+        "key_prefix", 1)
+
+
+def _purge_targets(args: argparse.Namespace, table: RuleTable | None, paths: Sequence[str]) -> str:
+    """What a purge looks for, in words; with the app's rule table, a route or URL that cannot have entries fails."""
+    if table is not None:
+        cached = sorted({rule.template for rule in table.rules if rule.policy is not None and rule.policy.cacheable})
+        for template in args.route or ():
+            wanted = normalise_template(template)
+            rules = [rule for rule in table.rules if normalise_template(rule.template) == wanted]
+            if not rules:
+                raise CommandFailed(f"--route {template!r} names no route of {args.app}; its cached routes are: "
+                                    f"{', '.join(cached) or '(none)'}")
+            if not any(rule.policy is not None and rule.policy.cacheable for rule in rules):
+                raise CommandFailed(f"--route {template!r}: the route {rules[0].template} has no cache policy that "
+                                    f"stores entries ({describe_policy(rules[0].policy)}, from {rules[0].source}): "
+                                    "nothing to purge", 1)
+        for url, path in zip(args.url or (), paths, strict=True):
+            match = table.match(path, "GET")
+            if match is None or match.rule.policy is None or not match.rule.policy.cacheable:
+                raise CommandFailed(f"--url {url!r}: {path} is on no cached route of {args.app}: nothing to purge; "
+                                    f"its cached routes are: {', '.join(cached) or '(none)'}", 1)
+    if args.all:
+        return "(all entries)"
+    if args.route:
+        return "of route " + ", ".join(args.route)
+    if paths:
+        return "of path " + ", ".join(paths)
+    return "tagged " + ", ".join(args.tag)
+
+
 def _cmd_purge(args: argparse.Namespace) -> int:
     if args.route:
         for template in args.route:
@@ -305,9 +360,12 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     # Paths are decoded before they are tagged: the middleware tags entries with the ASGI
     # scope's (decoded) path, while Invalidator.urls() would keep "%xx" escapes as given.
     paths = [_purged_path(url) for url in args.url or ()]
-    _, _, settings = _operator_settings(args)
+    _, table, settings = _operator_settings(args)
+    what = _purge_targets(args, table, paths)
 
-    async def purge(store: Store) -> int:
+    async def purge(store: Store) -> int | None:
+        if not await prefix_in_use(store, settings.key_prefix):
+            return None
         invalidator = Invalidator(store, settings.key_prefix)
         if args.all:
             return await invalidator.everything()
@@ -317,11 +375,14 @@ def _cmd_purge(args: argparse.Namespace) -> int:
             return await invalidator.tags(*(path_tag(path) for path in paths))
         return await invalidator.tags(*args.tag)
 
-    dropped: int = _with_store(settings, "purge", purge)
+    dropped: int | None = _with_store(settings, "purge", purge)
+    if dropped is None:
+        raise _unused_prefix(settings)
     if args.json:
-        print(json.dumps({"dropped": dropped}))
+        print(json.dumps({"dropped": dropped, "prefix": settings.key_prefix}))
     else:
-        print(f"dropped {dropped} entr{'y' if dropped == 1 else 'ies'}")
+        print(f"dropped {dropped} entr{'y' if dropped == 1 else 'ies'} {what}, under the key prefix "
+              f"{settings.key_prefix!r}")
     return 0
 
 

@@ -6,13 +6,14 @@ unknown key is an error, not a silent default.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
@@ -22,11 +23,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
 
-__all__ = ["FileRule", "Settings", "load_settings"]
+if TYPE_CHECKING:
+    from cachemw.store import Store
+
+__all__ = ["FileRule", "Settings", "load_settings", "masked_url", "open_store"]
 
 REDIS_URL_ENV = "CACHEMW_REDIS_URL"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_POLICY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+POLICY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a preset's name, in [cachemw.policies.NAME] and @cache(NAME)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header or cookie name (RFC 9110 token)
 
 
@@ -225,7 +229,7 @@ def _presets(raw: object, source: str) -> dict[str, Policy]:
     presets = dict(PRESETS)
     for name, fields_ in raw.items():
         here = f"{source}: policy {name!r}"
-        if not _POLICY_NAME.fullmatch(name):
+        if not POLICY_NAME.fullmatch(name):
             raise ConfigError(f"{here}: a policy name is 1-64 characters from A-Z a-z 0-9 _ -")
         if not isinstance(fields_, dict):
             raise ConfigError(f"{here}: must be a table of fields")
@@ -266,10 +270,32 @@ def masked_url(url: str) -> str:
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", masked)
 
 
+def open_store(settings: Settings, *, timeout: float | None = None) -> Store:
+    """The store ``settings`` name, as startup makes it: validated, nothing connected yet.
+
+    A URL the store cannot use (``redis://host:6391:0``) is a ConfigError naming the
+    settings' file, the field and the URL (password masked). ``timeout`` defaults to
+    ``store_timeout``. ``cachemw check`` runs exactly this.
+    """
+    from cachemw.store import store_from_url
+
+    try:
+        return store_from_url(settings.redis_url, timeout=settings.store_timeout if timeout is None else timeout,
+                              memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
+    except ValueError as exc:
+        url = f" {masked_url(settings.redis_url)!r}" if settings.redis_url else ""
+        raise ConfigError(f"{settings.source or 'settings'}: field 'redis_url'{url}: {exc}") from None
+
+
 def resolve_preset(name: object, presets: Mapping[str, Policy], where: str) -> Policy:
     """The named preset, or no caching when ``name`` is None."""
     if name is None:
         return Policy()
     if not isinstance(name, str) or name not in presets:
-        raise ConfigError(f"{where}: field 'policy': unknown policy {name!r}; known: {sorted(presets)}")
+        hint = ""
+        if isinstance(name, str):
+            close = difflib.get_close_matches(name, list(presets), n=1)
+            hint = (f". HINT: {'did you mean ' + repr(close[0]) + '? ' if close else ''}a preset of your own is a "
+                    f"[cachemw.policies.{name}] table in the config file")
+        raise ConfigError(f"{where}: field 'policy': unknown policy {name!r}; known: {sorted(presets)}{hint}")
     return presets[name]

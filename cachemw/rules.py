@@ -47,8 +47,15 @@ def cache(policy: str | None = None, /, **fields: Any) -> Callable[[_T], _T]:
     """Declare how a route is cached: ``@cache("minutes")`` or ``@cache(ttl="5m", tags=["p:{id}"])``.
 
     The endpoint is returned unchanged (FastAPI's signature introspection keeps
-    working); the decorator may go above or below ``@app.get(...)``.
+    working); the decorator may go above or below ``@app.get(...)``. Mistakes fail
+    here, at import: unknown fields, bad values, neither a ``ttl`` nor a preset (a
+    policy that would never cache; ``invalidates`` alone is fine, for unsafe
+    routes), a preset that no config file could define. A name that is not built
+    in may come from the config file, so it is looked up at startup.
     """
+    from cachemw.config import POLICY_NAME
+    from cachemw.policy import PRESETS
+
     if callable(policy):
         raise TypeError("use @cache(...) with arguments, e.g. @cache(ttl='5m') or @cache('minutes')")
 
@@ -56,7 +63,17 @@ def cache(policy: str | None = None, /, **fields: Any) -> Callable[[_T], _T]:
         name = getattr(endpoint, "__qualname__", repr(endpoint))
         module = getattr(endpoint, "__module__", "?")
         where = f"@cache on {module}.{name}"
+        known = ", ".join(repr(preset) for preset in PRESETS)
+        if policy is not None and (not isinstance(policy, str) or not POLICY_NAME.fullmatch(policy)):
+            raise ConfigError(f"{where}: preset {policy!r} is not a preset name (1-64 of A-Z a-z 0-9 _ -). HINT: "
+                              f"the built-in presets are {known}, or one of [cachemw.policies] in the config "
+                              "file; a ttl is written @cache(ttl=\"5m\")")
         policy_from_fields(fields, base=Policy(), where=where)  # fail at import, not at startup
+        if policy is None and "ttl" not in fields and "invalidates" not in fields:
+            raise ConfigError(f"{where}: neither a ttl nor a preset: this policy would never cache. HINT: "
+                              f"@cache(ttl=\"5m\", ...), or a preset: @cache(\"minutes\") (built in: {known}, or "
+                              "one of [cachemw.policies] in the config file); @cache(\"realtime\") if the route must "
+                              "never be cached")
         try:
             setattr(endpoint, _SPEC_ATTRIBUTE, CacheSpec(preset=policy, fields=dict(fields), where=where))
         except AttributeError:  # a bound method, a builtin: nothing to carry the policy

@@ -4,24 +4,29 @@
 - ``dead``: the dead letters, oldest first, with the error that parked each;
 - ``retry``: move dead letters (all, or ``--id`` ones) back to the stream, to be flushed again.
 
-The Redis is ``--redis-url``, else ``CACHEMW_REDIS_URL``, else the ``redis_url`` of
-``--config``; the key prefix ``--prefix``, else the config's ``key_prefix``, else
-``cachemw``. The memory backend lives inside the app's process, out of reach.
-Exit status: 0 done, 2 a usage, configuration or store error.
+The Redis is ``--redis-url``, else ``CACHEMW_REDIS_URL``, else the app's
+``CacheMiddleware`` (``--app``) or the ``redis_url`` of ``--config``; the key prefix
+``--prefix``, else the app's or the config's ``key_prefix``, else ``cachemw``. The
+memory backend lives inside the app's process, out of reach. A queue of which
+Redis holds no trace, and that the ``--app``'s middleware does not run, is an
+error (the names Redis holds are listed). Exit status: 0 done, 1 no
+such queue in this Redis, 2 a usage, configuration or store error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import anyio
 
-from cachemw.config import REDIS_URL_ENV, load_settings
+from cachemw.config import REDIS_URL_ENV, load_settings, masked_url
 from cachemw.policy import ConfigError
 from cachemw.store import StoreError
 from cachemw.writebehind import DeadLetter, WriteBehind, WriteBehindStatus
@@ -35,6 +40,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     common.add_argument("name", help="the WriteBehind's name, e.g. cart")
     common.add_argument("--redis-url", help=f"the Redis (default: ${REDIS_URL_ENV}, else the config's redis_url)")
     common.add_argument("--prefix", help="the key prefix (default: the config's key_prefix, else cachemw)")
+    common.add_argument("--app", help="the app as MODULE:ATTRIBUTE: its CacheMiddleware's Redis, key_prefix and "
+                        "write-behind queues")
     common.add_argument("--config", help="a cachemw.toml or pyproject.toml to take redis_url and key_prefix from")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -52,27 +59,75 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     retry.set_defaults(run=_cmd_retry)
 
 
-def _queue(args: argparse.Namespace) -> WriteBehind[Any] | None:
-    settings = load_settings(args.config)
-    url = args.redis_url or settings.redis_url
+def _queue(args: argparse.Namespace) -> tuple[WriteBehind[Any], bool, str, str] | None:
+    """The queue the arguments name, whether the app declares it (with ``--app``), its Redis URL and prefix."""
+    from cachemw.cli import app_write_behinds, load_app
+
+    declared = False
+    if args.app:
+        from cachemw.cli import _operator_settings
+
+        settings = _operator_settings(args)[2]
+        # A queue the app's middleware runs exists by declaration, even before its first write.
+        declared = args.name in app_write_behinds(load_app(args.app))
+    else:
+        settings = load_settings(args.config)
+        if args.redis_url:
+            settings = replace(settings, redis_url=args.redis_url)
+    url = settings.redis_url
     if not url:
-        print(f"cachemw: no Redis URL: pass --redis-url, set {REDIS_URL_ENV}, or --config a file with redis_url "
+        print(f"cachemw: no Redis URL: pass --redis-url, set {REDIS_URL_ENV}, or --app / --config with a redis_url "
               "(a memory-backed write-behind lives inside the app's process)", file=sys.stderr)
         return None
+    prefix = args.prefix or settings.key_prefix
     try:
-        return WriteBehind(args.name, redis_url=url, key_prefix=args.prefix or settings.key_prefix, timeout=5.0)
+        queue: WriteBehind[Any] = WriteBehind(args.name, redis_url=url, key_prefix=prefix, timeout=5.0)
     except ValueError as exc:
         print(f"cachemw: {exc}", file=sys.stderr)
         return None
+    return queue, declared, url, prefix
+
+
+def _never_used(status: WriteBehindStatus) -> bool:
+    """Nothing in Redis was ever written for this queue: no stream, no dead letters, no counters, no flusher."""
+    return not any(value for key, value in status.as_dict().items() if key not in ("name", "backend"))
+
+
+async def _queues_under(url: str, prefix: str) -> list[str]:
+    """The names of the write-behind queues Redis holds a trace of under ``prefix`` (best effort)."""
+    from cachemw.store import store_from_url
+
+    store = store_from_url(url, timeout=5.0, memory_max_bytes=1024, prefix=prefix)
+    found: set[str] = set()
+    try:
+        async for key in store.client.scan_iter(match=f"{prefix}:wb:{{*}}:*", count=1000):  # type: ignore[attr-defined]
+            text = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+            found.add(text[len(prefix) + len(":wb:{"):].partition("}")[0])
+            if len(found) >= 50:
+                break
+    except Exception:  # only a hint: the error the command reports is that the queue is unknown
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            await store.aclose()
+    return sorted(found)
 
 
 def _run(args: argparse.Namespace, action: Any) -> int:
-    queue = _queue(args)
-    if queue is None:
+    made = _queue(args)
+    if made is None:
         return 2
+    queue, declared, url, prefix = made
 
     async def go() -> int:
         try:
+            if not declared and _never_used(await queue.status()):
+                others = await _queues_under(url, prefix)
+                print(f"cachemw: no write-behind queue {queue.name!r} under the key prefix {prefix!r} at "
+                      f"{masked_url(url)}: Redis holds no trace of it (no writes, dead letters, counters or "
+                      f"flusher). Queues there: {', '.join(others) or '(none)'}. HINT: check the name, and pass "
+                      "--app (or --prefix) for the app's key_prefix", file=sys.stderr)
+                return 1
             result: int = await action(queue, args)
             return result
         except StoreError as exc:

@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"cachemw sample app: store {store}; "
-        f"try `curl -i http://{host}:{args.port}/products/1` twice (X-Cache: MISS, then HIT)",
+        f"try `curl -i http://{host}:{args.port}/products/1` twice (X-Cache: MISS, then HIT); "
+        f"dashboard http://{host}:{args.port}/_cachemw/, metrics http://{host}:{args.port}/metrics",
         flush=True,
     )
     uvicorn.run(app, host=args.host, port=args.port)

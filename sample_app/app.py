@@ -30,6 +30,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from cachemw import CacheMiddleware, StoreError, Write, WriteBehind, cache, load_settings
+from cachemw.dashboard import dashboard_app
+from cachemw.observe import metrics_app
 from sample_app.api import fastapi_app
 from sample_app.db import CATALOGUE, KINDS, MAX_LINE_QTY, CartLines, Database, cart_json, create_and_seed, database
 
@@ -85,6 +87,8 @@ GET  /cart                   your cart (session cookie); cachemw.toml rule, poli
 POST /cart/items             add to your cart: {{"product_id": 1, "qty": 2}}; in Redis at once, SQLite later
 GET  /cart/lag               the carts not yet in SQLite (write-behind backlog and lag)
 GET  /debug/queries          how many slow queries really ran (never cached)
+GET  /_cachemw/              cachemw's dashboard: routes, hit ratios, queue, purge buttons (from this machine)
+GET  /metrics                cachemw's metrics for Prometheus
 
 Every query takes {database(request).delay:g} s. Try:
 
@@ -249,6 +253,10 @@ def create_app(*, db_path: str | os.PathLike[str] | None = None, db_delay: float
             Route("/cart/lag", cart_lag, methods=["GET"]),
             Route("/debug/queries", debug_queries),
             Mount("/api", app=fastapi_app),
+            # cachemw's own views of this app, for loopback clients (the dashboard) or anyone (metrics:
+            # keep such a route internal in a real app).
+            Mount("/_cachemw", app=dashboard_app()),
+            Route("/metrics", metrics_app()),
         ],
         lifespan=lifespan,
     )

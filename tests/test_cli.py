@@ -162,8 +162,9 @@ def test_routes_json_has_the_same_facts() -> None:
 
 
 def test_routes_works_from_another_directory(tmp_path: Path) -> None:
-    # A dotted module path; the installed package, not the working directory, provides it.
-    result = run("routes", "sample_app.app:app", cwd=tmp_path)
+    # A dotted module path, found on PYTHONPATH rather than in the working directory (the sample
+    # app is not installed: it runs from a checkout).
+    result = run("routes", "sample_app.app:app", cwd=tmp_path, extra_env={"PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert "/products/{id:int}" in result.stdout
 
@@ -349,6 +350,33 @@ def test_check_with_an_app_wrapped_in_the_middleware(tmp_path: Path) -> None:
     routes = run("routes", "wrapped_app:app", "--config", str(config), cwd=tmp_path)
     assert routes.returncode == 0, routes.stderr
     assert "/hello" in routes.stdout
+
+
+@pytest.mark.parametrize("url", ["redis://host:6391:0", "redis://:s3cret@host:6391:0", "redis://h:99999/0"])
+def test_check_rejects_a_store_url_that_startup_rejects(tmp_path: Path, url: str) -> None:
+    from starlette.applications import Starlette
+
+    from cachemw import CacheMiddleware, ConfigError
+
+    config = tmp_path / "cachemw.toml"
+    config.write_text(f'[cachemw]\nredis_url = "{url}"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as startup:  # what the app's startup says of this file
+        CacheMiddleware(Starlette(), config=str(config)).prepare(None)
+    result = run("check", str(config))
+    assert result.returncode == 2, result.stdout
+    assert_clean_failure(result)
+    assert f"{config}: field 'redis_url'" in result.stderr
+    assert str(startup.value).rsplit(": ", 1)[1] in result.stderr  # the same validation's own words
+    assert "s3cret" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_does_not_connect_to_the_store(tmp_path: Path) -> None:
+    config = tmp_path / "cachemw.toml"
+    config.write_text('[cachemw]\nredis_url = "redis://127.0.0.1:1/0"\n', encoding="utf-8")  # nothing listens
+    result = run("check", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{config}: ok")
 
 
 def test_check_with_a_bad_app_path_is_a_clear_error() -> None:
@@ -635,25 +663,53 @@ def test_purge_by_url_ignores_the_query_and_decodes_the_path(filled: str) -> Non
 def test_purge_text_output(filled: str) -> None:
     result = run("purge", "--tag", "product:1", "--redis-url", filled, "--app", "sample_app:app")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "dropped 1 entry\n"
+    assert result.stdout == "dropped 1 entry tagged product:1, under the key prefix 'cachemw-sample'\n"
     result = run("purge", "--tag", "product:1", "--redis-url", filled, "--app", "sample_app:app")
-    assert result.stdout == "dropped 0 entries\n"
+    assert result.stdout == "dropped 0 entries tagged product:1, under the key prefix 'cachemw-sample'\n"
+    result = run("purge", "--route", "/products/{id}", "--redis-url", filled, "--app", "sample_app:app")
+    assert result.stdout == "dropped 1 entry of route /products/{id}, under the key prefix 'cachemw-sample'\n"
 
 
 def test_purge_takes_the_prefix_from_the_config(filled: str, tmp_path: Path) -> None:
-    # Without the app (or its config) the prefix is the default one: none of the sample's entries.
+    # Without the app (or its config) the prefix is the default one, under which nothing is stored here:
+    # said, and not a success.
     result = run("purge", "--all", "--redis-url", filled, "--json")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"dropped": 0}
+    assert result.returncode == 1, result.stdout
+    assert_clean_failure(result)
+    assert result.stdout == ""
+    assert ("nothing is stored under the key prefix 'cachemw' at " + filled) in result.stderr
+    assert "HINT: pass --app (or --config)" in result.stderr
     result = run("purge", "--all", "--config", str(SAMPLE_CONFIG), "--redis-url", filled, "--json")
-    assert json.loads(result.stdout) == {"dropped": len(FILLED)}
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"dropped": len(FILLED), "prefix": "cachemw-sample"}
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [(("--route", "/prodcts/{id}"), 2, "--route '/prodcts/{id}' names no route of sample_app:app; its cached "
+                                       "routes are: /api/products/{product_id}, /products/{id:int}, /stats"),
+     (("--route", "/cart"), 1, "--route '/cart': the route /cart has no cache policy that stores entries"),
+     (("--route", "/debug/queries"), 1, "the route /debug/queries has no cache policy"),
+     (("--url", "/nowhere/1"), 1, "--url '/nowhere/1': /nowhere/1 is on no cached route of sample_app:app"),
+     (("--url", BASE + "/cart"), 1, "/cart is on no cached route")],
+    ids=["unknown-route", "realtime-route", "uncached-route", "unknown-url", "uncached-url"],
+)
+def test_purge_of_what_cannot_have_entries_fails(filled: str, args: tuple[str, ...], status: int,
+                                                 message: str) -> None:
+    result = run("purge", *args, "--app", "sample_app:app", "--redis-url", filled)
+    assert result.returncode == status, result.stdout
+    assert_clean_failure(result)
+    assert message in result.stderr
+    assert result.stdout == ""
+    with redis.Redis.from_url(filled) as direct:
+        assert len(direct.keys("cachemw-sample:e:*")) == len(FILLED)  # nothing was purged
 
 
 def test_purge_reads_the_redis_url_from_the_environment(filled: str) -> None:
     result = run("purge", "--tag", "product:1", "--app", "sample_app:app", "--json",
                  extra_env={"CACHEMW_REDIS_URL": filled})
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"dropped": 1}
+    assert json.loads(result.stdout) == {"dropped": 1, "prefix": "cachemw-sample"}
 
 
 @pytest.mark.parametrize("app", [(), ("--app", "sample_app:app")], ids=["defaults", "app"])
@@ -911,7 +967,9 @@ def test_stats_without_or_with_an_unreachable_redis_is_a_clear_error() -> None:
     assert result.returncode == 2
     assert_clean_failure(result)
     assert len(result.stderr.strip().splitlines()) == 1
-    assert "read stats failed: the redis store at 127.0.0.1:1 did not answer" in result.stderr
+    # Which URL (password masked) and why, in one line.
+    assert "read stats failed: the redis store at redis://:***@127.0.0.1:1/0 did not answer (" in result.stderr
+    assert "Connect call failed" in result.stderr or "refused" in result.stderr.lower()
     assert "secret" not in result.stderr
     assert result.stdout == ""
     result = run("stats", "--redis-url", "redis://127.0.0.1:1/0", "--watch", "0")
@@ -919,16 +977,44 @@ def test_stats_without_or_with_an_unreachable_redis_is_a_clear_error() -> None:
     assert "--watch" in result.stderr
 
 
-def test_stats_watch_repeats_until_interrupted(redis_url: str) -> None:
+def default_sigint() -> None:
+    """In a child, before exec: SIGINT as a terminal sends it, even when pytest runs with it ignored
+    (nohup, CI runners), which children would otherwise inherit."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(params=["inherited", "ignored"])
+def pytest_sigint(request: pytest.FixtureRequest) -> Any:
+    """Run the test as pytest runs under a terminal, and as under ``nohup`` / a CI runner (SIGINT ignored)."""
+    import signal
+
+    if request.param == "inherited":
+        yield request.param
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield request.param
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_stats_watch_repeats_until_interrupted(redis_url: str, pytest_sigint: str) -> None:
     import signal
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEMW_", "PYTHON"))}
     with subprocess.Popen([str(SCRIPT), "stats", "--redis-url", redis_url, "--watch", "0.1", "--json"],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watch:
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=default_sigint) as watch:
         assert watch.stdout is not None
         views = [json.loads(watch.stdout.readline()) for _ in range(3)]
         watch.send_signal(signal.SIGINT)
-        _, stderr = watch.communicate(timeout=30)
+        try:
+            _, stderr = watch.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            watch.kill()
+            raise AssertionError("cachemw stats --watch did not stop on SIGINT") from None
     assert watch.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert all(view["processes"] == [] for view in views)

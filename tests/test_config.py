@@ -459,3 +459,15 @@ def test_masked_url_hides_passwords_only() -> None:
     assert masked_url("rediss+sentinel://:pw@h:1,h2:2/svc") == "rediss+sentinel://:***@h:1,h2:2/svc"
     assert masked_url("unix:///tmp/r.sock?db=1&password=zz") == "unix:///tmp/r.sock?db=1&password=***"
     assert masked_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_open_store_is_startups_store_validation() -> None:
+    from cachemw.config import open_store
+    from cachemw.store import MemoryStore
+
+    assert isinstance(open_store(Settings()), MemoryStore)
+    with pytest.raises(ConfigError) as info:
+        open_store(Settings(redis_url="redis://:pw@host:6391:0", source="shop.toml"))
+    message = str(info.value)
+    assert message.startswith("shop.toml: field 'redis_url' 'redis://:***@host:6391:0': ")
+    assert "pw@" not in message

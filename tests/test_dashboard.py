@@ -585,3 +585,15 @@ def test_the_purge_buttons_work_in_chromium(live: tuple[str, CacheMiddleware], t
             assert http.get("/stats").headers["x-cache"] == "MISS"
     finally:
         browser.close()
+
+
+def test_the_dashboard_is_an_attribute_of_a_plain_import_cachemw() -> None:
+    import subprocess
+    import sys
+
+    # A fresh interpreter: in this one some test has imported cachemw.dashboard already.
+    code = ("import sys, cachemw\nassert 'cachemw.dashboard' not in sys.modules\n"
+            "from starlette.routing import Mount\nMount('/_cachemw', app=cachemw.dashboard.dashboard_app())\n"
+            "assert cachemw.observe.metrics_app\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr

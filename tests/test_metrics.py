@@ -602,3 +602,16 @@ def _keys(client_: redis.asyncio.Redis, n: int) -> Any:
         return len(await client_.keys("fleet:m:*")) == n
 
     return check
+
+
+@pytest.mark.anyio
+async def test_metrics_app_as_a_route_answers_its_own_path() -> None:
+    app = Starlette(routes=[Route("/products/{id:int}", product), Route("/metrics", metrics_app())])
+    app.add_middleware(CacheMiddleware)
+    async with lifespan(app), client(app) as http:
+        await http.get("/products/1")
+        response = await http.get("/metrics")  # a Mount would answer this with an empty 307
+        assert response.status_code == 200, response.text
+        assert 'route="/products/{id:int}"' in response.text
+        assert (await http.head("/metrics")).status_code == 200
+        assert (await http.post("/metrics")).status_code == 405

@@ -235,3 +235,20 @@ def test_fastapi_route(server: Server) -> None:
     assert first.json()["name"] == "Espresso cup"
     assert invalid.status_code == 422
     assert missing.status_code == 404
+
+
+def test_dashboard_and_metrics_are_served_where_the_log_says(server: Server) -> None:
+    assert f"dashboard {server.url}/_cachemw/, metrics {server.url}/metrics" in server.log()
+    with httpx.Client(base_url=server.url, timeout=10.0, follow_redirects=False) as client:
+        client.get("/products/3")
+        metrics = client.get("/metrics")  # answered itself: no redirect to /metrics/
+        page = client.get("/_cachemw/")
+        state = client.get("/_cachemw/api/state")
+        index = client.get("/")
+    assert metrics.status_code == 200, metrics.text
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'cachemw_requests_total{policy="minutes",route="/products/{id:int}",state="miss"}' in metrics.text
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert state.status_code == 200
+    assert any(rule["route"] == "/products/{id:int}" for rule in state.json()["snapshot"]["routes"])
+    assert "/_cachemw/" in index.text and "/metrics" in index.text

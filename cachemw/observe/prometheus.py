@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from cachemw.observe.snapshot import CacheSource, full_snapshot, resolve_cache, snapshot
 
-__all__ = ["CacheCollector", "families", "metrics_app"]
+__all__ = ["CacheCollector", "MetricsApp", "families", "metrics_app"]
 
 _ROUTE = ["route", "policy"]
 _STATES = ("hit", "stale", "miss", "bypass")
@@ -178,15 +178,15 @@ def render(data: dict[str, Any], accept: str | None = None) -> tuple[bytes, str]
     return encoder(registry), content_type
 
 
-def metrics_app(cache: CacheSource = None) -> Any:
-    """An ASGI app answering GET with this process's metrics, e.g. ``Mount("/metrics", app=metrics_app())``.
+class MetricsApp:
+    """The ASGI app ``metrics_app()`` returns. An object, not a function: Starlette's ``Route`` takes
+    it as an ASGI app (a function would be called as a request handler), so ``Route("/metrics", ...)``
+    answers ``/metrics`` itself, where a ``Mount`` only answers ``/metrics/`` and redirects ``/metrics``."""
 
-    ``cache`` is the CacheMiddleware, or a function returning it; by default the one
-    handling the request (mount the app inside the cached app). Anyone who can reach
-    it can read route names and counts: expose it to your Prometheus, not the world.
-    """
+    def __init__(self, cache: CacheSource = None) -> None:
+        self._cache = cache
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":  # run standalone: nothing to start
             while True:
                 message = await receive()
@@ -201,7 +201,7 @@ def metrics_app(cache: CacheSource = None) -> Any:
             await _respond(send, 405, b"method not allowed\n", "text/plain; charset=utf-8", [(b"allow", b"GET, HEAD")])
             return
         try:
-            found = resolve_cache(cache, scope)
+            found = resolve_cache(self._cache, scope)
         except LookupError as exc:
             await _respond(send, 500, f"cachemw: {exc}\n".encode(), "text/plain; charset=utf-8")
             return
@@ -210,7 +210,15 @@ def metrics_app(cache: CacheSource = None) -> Any:
         await _respond(send, 200, b"" if scope["method"] == "HEAD" else body, content_type,
                        content_length=len(body))
 
-    return app
+
+def metrics_app(cache: CacheSource = None) -> MetricsApp:
+    """An ASGI app answering GET with this process's metrics: ``Route("/metrics", metrics_app())``.
+
+    ``cache`` is the CacheMiddleware, or a function returning it; by default the one
+    handling the request (put the route inside the cached app). Anyone who can reach
+    it can read route names and counts: expose it to your Prometheus, not the world.
+    """
+    return MetricsApp(cache)
 
 
 async def _respond(send: Send, status: int, body: bytes, content_type: str,
