@@ -29,7 +29,7 @@ from cachemw import http
 from cachemw.accesslog import AccessLog
 from cachemw.background import Supervisor
 from cachemw.breaker import CircuitBreaker
-from cachemw.config import Settings, load_settings, masked_url
+from cachemw.config import Settings, load_settings, masked_url, open_store
 from cachemw.entry import Entry, EntryDecodeError, decode_entry, encode_entry
 from cachemw.invalidation import Invalidator, format_tags, targets_for_unsafe_request
 from cachemw.keys import (
@@ -47,7 +47,7 @@ from cachemw.observe import enable_fleet_metrics, enable_history
 from cachemw.origin import OriginSlots
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template
-from cachemw.store import MemoryStore, Store, StoreError, store_from_url
+from cachemw.store import MemoryStore, Store, StoreError
 from cachemw.store.base import FillWaiter, LockResult, unsupported_event_loop
 from cachemw.writebehind import WriteBehind
 
@@ -246,11 +246,7 @@ class CacheMiddleware:
         for warning in table.warnings:  # routes the table cannot model: what may reach them is never cached
             logger.warning("cachemw: %s", warning)
         if self.store is None:
-            try:
-                self.store = store_from_url(settings.redis_url, timeout=settings.store_timeout,
-                                            memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
-            except ValueError as exc:
-                raise ConfigError(f"{settings.source or 'settings'}: field 'redis_url': {exc}") from None
+            self.store = open_store(settings)  # exactly what `cachemw check` validates
         if self._given_supervisor is None:
             self.supervisor = Supervisor(queue_size=settings.queue_size, concurrency=settings.concurrency,
                                          grace_period=settings.grace_period,

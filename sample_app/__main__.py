@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
 
-from cachemw.config import load_settings
+from cachemw.config import load_settings, masked_url
 from sample_app.app import CONFIG_PATH, app
 
 
@@ -16,14 +15,7 @@ def describe_store(redis_url: str | None) -> str:
     """The store in words, with any password in the Redis URL masked: this line goes to logs."""
     if not redis_url:
         return "in-process memory (set CACHEMW_REDIS_URL=redis://... to use Redis)"
-    parts = urlsplit(redis_url)
-    if parts.password is not None:
-        user = parts.username or ""
-        host = parts.hostname or ""
-        host = f"[{host}]" if ":" in host else host
-        port = f":{parts.port}" if parts.port is not None else ""
-        parts = parts._replace(netloc=f"{user}:***@{host}{port}")
-    return f"Redis at {urlunsplit(parts)}"
+    return f"Redis at {masked_url(redis_url)}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
