@@ -59,6 +59,7 @@ _CACHED_METHODS = frozenset({"GET", "HEAD"})
 # Only these may invalidate: OPTIONS (a CORS preflight anyone can send), TRACE and
 # unknown methods are passed through untouched, never cached and never purging.
 _UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_BODY_NEEDS_HEADERS = frozenset({"1.0", "1.1"})  # where a request body must announce itself in its headers
 _HIT = b"HIT"
 _STALE = b"STALE"
 _MISS = b"MISS"
@@ -432,6 +433,14 @@ class CacheMiddleware:
             # A body the app may read but the key cannot cover: not ours to answer or store.
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
             return
+        if scope.get("http_version", "1.1") not in _BODY_NEEDS_HEADERS:
+            # HTTP/2 and 3 frame a body without announcing it: look at the first message (given to the
+            # app again after) to know there is none.
+            first = await receive()
+            receive = _replaying(first, receive)
+            if first.get("body") or first.get("more_body"):
+                await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
+                return
         started = time.perf_counter()
         keyed = self._keys.key(scope, headers, policy, match.rule.label, self._prefix, identity)
         key = keyed.key
@@ -1058,6 +1067,16 @@ def _freeze_startup_objects() -> None:
     _frozen = True
     gc.collect()
     gc.freeze()
+
+
+def _replaying(first: Message, receive: Receive) -> Receive:
+    """``receive`` with ``first`` given back once, before what follows."""
+    pending: list[Message] = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 def _credential_names(rule: RouteRule) -> tuple[str, ...]:

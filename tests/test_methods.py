@@ -158,3 +158,34 @@ async def test_a_scope_without_headers_is_answered_by_the_app(store: SpyStore) -
              "scheme": "http", "server": ("testserver", 80)}
     await app(scope, receive, send)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize("http_version", ["2", "3"])
+async def test_an_http2_get_with_an_unannounced_body_is_not_answered_from_the_cache(
+        store: SpyStore, http_version: str) -> None:
+    """HTTP/2 frames a body without Content-Length: the body, not the headers, says there is one."""
+    @cache(ttl="5m")
+    async def echo(request: Request) -> Response:
+        return Response(b"body was " + await request.body())
+
+    app = CacheMiddleware(Starlette(routes=[Route("/echo", echo)]), store=store)
+
+    async def get(body: bytes) -> tuple[int, bytes, dict[bytes, bytes]]:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "http_version": http_version, "method": "GET", "scheme": "https",
+                 "path": "/echo", "root_path": "", "query_string": b"", "headers": [(b"host", b"shop.example")],
+                 "server": ("shop.example", 443)}
+        await app(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]), dict(sent[0]["headers"])
+
+    assert (await get(b""))[1] == b"body was "
+    assert (await get(b""))[2][b"x-cache"] == b"HIT"
+    status, body, headers = await get(b"12345")
+    assert (status, body, headers[b"x-cache"]) == (200, b"body was 12345", b"BYPASS")
