@@ -81,3 +81,17 @@ def test_on_trio_the_redis_store_is_refused_at_startup_with_a_clear_message(redi
 
     with pytest.raises(LifespanFailed, match=r"cachemw: .*needs an asyncio event loop.*trio"):
         anyio.run(start, backend="trio")
+
+
+async def test_garbage_on_our_channel_is_counted_in_the_snapshot(redis_url: str) -> None:
+    import redis.asyncio
+
+    from cachemw.observe import snapshot
+
+    app = CacheMiddleware(Starlette(routes=[Route("/page", page)]), redis_url=redis_url)
+    async with lifespan(app), redis.asyncio.Redis.from_url(redis_url) as raw:
+        await eventually(lambda: _true(app.store is not None and app.store.listening), what="the subscription")
+        await raw.publish("cachemw:invalidations", b"[" * 100_000)  # a RecursionError for a naive json.loads
+        await eventually(lambda: _true(snapshot(app)["store"]["rejected_messages"] >= 1),
+                         what="the garbage counted")
+        assert snapshot(app)["store"]["problem"] is None and app.store.listening

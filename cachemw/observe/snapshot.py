@@ -253,10 +253,15 @@ def _store(cache: CacheMiddleware) -> dict[str, Any]:
         "breaker_transitions": cache.breaker.transitions,
         "errors": cache.store_errors,
         "latency": cache.metrics.store_latency.snapshot(),
+        "problem": cache.store_problem,  # why the startup probe could not reach it, if it could not
+        "rejected_messages": 0,
+        "waiting_on_fills": cache.metrics.waiting_on_fills,
     }
     if store is None:
         return info
     info["listening"] = bool(store.listening)
+    # Announcements on our channels that did not decode: garbage someone published, dropped and counted.
+    info["rejected_messages"] = store.notifications.rejected
     if isinstance(store, RedisStore):
         info["kind"] = "redis"
         info["where"] = _where(store)
