@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -286,11 +287,13 @@ def _known_matchers() -> tuple[dict[Any, str], frozenset[Any], frozenset[Any], t
     matchers: dict[Any, str] = {Route.matches: "route", Mount.matches: "mount", WebSocketRoute.matches: "websocket"}
     router_apps: set[Any] = {Router.app}
     app_calls: set[Any] = {Starlette.__call__}
-    try:
-        from fastapi import FastAPI
-        from fastapi import routing as fastapi_routing
-    except ImportError:  # FastAPI is optional
+    # FastAPI only if the app has imported it (an app with FastAPI routes has): importing it here
+    # would read files inside the event loop at the first request of a plain Starlette app.
+    fastapi_routing: Any = sys.modules.get("fastapi.routing")
+    fastapi_applications: Any = sys.modules.get("fastapi.applications")
+    if fastapi_routing is None or fastapi_applications is None:
         return matchers, frozenset(router_apps), frozenset(app_calls), None, None
+    FastAPI = fastapi_applications.FastAPI
     matchers[fastapi_routing.APIRoute.matches] = "route"
     matchers[fastapi_routing.APIWebSocketRoute.matches] = "websocket"
     router_apps.add(fastapi_routing.APIRouter.app)  # Starlette's loop, then frontend routes on no match
@@ -300,6 +303,9 @@ def _known_matchers() -> tuple[dict[Any, str], frozenset[Any], frozenset[Any], t
 
 
 def _describe(route: Any) -> str:
+    if isinstance(route, _CustomRouter):
+        prefixes = {getattr(r, "path", "") for r in getattr(route.router, "routes", ())}
+        return f"{type(route.router).__name__}({', '.join(sorted(prefixes))})"
     original = getattr(route, "original_route", None)
     if original is not None:
         route = original
@@ -393,6 +399,8 @@ def _under(prefix: str) -> str:
 
 def _kind_of(route: Any, build: _Build) -> tuple[str, str]:
     """"route", "mount", "websocket" (never an HTTP request's), or "unknown" with why."""
+    if isinstance(route, _CustomRouter):
+        return "unknown", f"its router {type(route.router).__name__} has its own matches()"
     if build.context_type is not None and isinstance(route, build.context_type):
         # A FastAPI route of an included router: the router asks the original route, which asks this.
         original: Any = getattr(route, "original_route", None)
@@ -426,11 +434,34 @@ def _expand_included(routes: Iterable[BaseRoute]) -> Iterator[Any]:
     """
     for route in routes:
         contexts = getattr(route, "effective_route_contexts", None)
-        if callable(contexts):
+        if not callable(contexts):
+            yield route
+        elif _matches_its_own_way(route):
+            yield _CustomRouter(route)  # its router may refuse what its routes would take
+        else:
             for context in contexts():
                 yield getattr(context, "starlette_route", None) or context
-        else:
-            yield route
+
+
+class _CustomRouter:
+    """An included router (or one it includes) whose class has its own ``matches()``: not modelled."""
+
+    __slots__ = ("router",)
+
+    def __init__(self, included: Any) -> None:
+        self.router = getattr(included, "original_router", included)
+
+
+def _matches_its_own_way(included: Any) -> bool:
+    """Whether an included router, or any router included in it, overrides FastAPI's ``matches``."""
+    fastapi_routing: Any = sys.modules.get("fastapi.routing")
+    stock = getattr(getattr(fastapi_routing, "APIRouter", None), "matches", None)
+    router = getattr(included, "original_router", None)
+    if router is not None and getattr(type(router), "matches", stock) is not stock:
+        return True
+    candidates = getattr(included, "effective_candidates", None)
+    return callable(candidates) and any(
+        hasattr(candidate, "original_router") and _matches_its_own_way(candidate) for candidate in candidates())
 
 
 def _credentials(route: Any) -> tuple[tuple[str, str], ...]:
@@ -441,13 +472,11 @@ def _credentials(route: Any) -> tuple[tuple[str, str], ...]:
     ``Header()`` and ``Cookie()`` parameters are not taken for credentials.
     """
     dependant = getattr(route, "dependant", None)
-    if dependant is None:
+    models: Any = sys.modules.get("fastapi.openapi.models")
+    security_base: Any = sys.modules.get("fastapi.security.base")
+    if dependant is None or models is None or security_base is None:  # loaded by any FastAPI app
         return ()
-    try:
-        from fastapi.openapi import models
-        from fastapi.security.base import SecurityBase
-    except ImportError:
-        return ()
+    SecurityBase = security_base.SecurityBase
     found: dict[tuple[str, str], None] = {}
     seen: set[int] = set()
     stack = [dependant]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import itertools
 import re
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -23,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Host, Match, Mount, Route, Router, WebSocketRoute
+from starlette.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -479,3 +482,51 @@ def test_the_table_picks_the_route_fastapis_router_runs(built: tuple[FastAPI, li
         assert match.rule.name == dispatched
         if method == "HEAD":
             assert ran(app, path, "GET", "testserver") == dispatched
+
+
+def test_an_included_router_with_its_own_matches_is_not_modelled() -> None:
+    """FastAPI asks an included router as well as its routes: a router class that refuses requests
+    by a header (or anything else) is not something the table can reproduce."""
+    class HeaderRouter(APIRouter):
+        def matches(self, scope: Any) -> Any:
+            if dict(scope.get("headers", [])).get(b"x-router-match") != b"yes":
+                return Match.NONE, {}
+            return super().matches(scope)
+
+    router = HeaderRouter()
+
+    @router.get("/items")
+    @cache(ttl="1m")
+    def read_items() -> list[int]:
+        return [1]
+
+    app = FastAPI()
+    app.include_router(router, prefix="/api")
+    app.add_middleware(CacheMiddleware, store=MemoryStore())
+    http = TestClient(app)
+    refused = http.get("/api/items")
+    taken = http.get("/api/items", headers={"x-router-match": "yes"})
+    assert refused.status_code == 404 and taken.status_code == 200 and taken.json() == [1]
+    assert "x-cache" not in refused.headers and "x-cache" not in taken.headers
+    table = build_rule_table(app.routes, Settings())
+    assert any("HeaderRouter" in warning and "matches()" in warning for warning in table.warnings)
+
+
+def test_a_plain_starlette_app_does_not_import_fastapi_at_its_first_request() -> None:
+    """Importing FastAPI (and pydantic) inside the event loop reads files and stalls the first request."""
+    code = (
+        "import sys\n"
+        "from starlette.applications import Starlette\n"
+        "from starlette.responses import PlainTextResponse\n"
+        "from starlette.routing import Route\n"
+        "from starlette.testclient import TestClient\n"
+        "from cachemw import CacheMiddleware, cache\n"
+        "page = cache(ttl='1m')(lambda request: PlainTextResponse('hi'))\n"
+        "app = Starlette(routes=[Route('/', page)])\n"
+        "app.add_middleware(CacheMiddleware)\n"
+        "assert TestClient(app).get('/').status_code == 200\n"
+        "print('fastapi' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
