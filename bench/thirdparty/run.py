@@ -1,0 +1,307 @@
+"""Run FastAPI's and Starlette's own test suites with CacheMiddleware in every app they build.
+
+For each suite: the baseline (no plugin), then each mode of ``cachemw_suites`` (beside this
+file), and write ``bench/results/thirdparty.md``: counts per mode and every test that fails
+with the plugin but not without, each with a one-line diagnosis (``diagnoses.py``).
+
+The suites are those of the FastAPI and Starlette versions installed in ``--python``'s
+environment, from their sdists (which ship ``tests/`` and ``docs_src/``); they are
+downloaded into ``--src`` (default ``bench/thirdparty/src``, not in git) when missing.
+That environment needs their test requirements (``requirements.txt`` beside this file)
+and cachemw installed; keep it apart from the project's own venv::
+
+    python3 -m venv /work/suites-venv
+    /work/suites-venv/bin/pip install -e '.[test]' -r bench/thirdparty/requirements.txt
+    python3 bench/thirdparty/run.py --python /work/suites-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import fnmatch
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+from diagnoses import DIAGNOSES  # noqa: E402
+
+MODES = {
+    # name: (CACHEMW_SUITES_MODE, CACHEMW_SUITES_POLICY)
+    "baseline": (None, None),
+    "inject-none": ("inject", "none"),
+    "wrap-none": ("wrap", "none"),
+    "inject-catchall": ("inject", "catchall"),
+    "wrap-catchall": ("wrap", "catchall"),
+}
+SUITES = {
+    # name: (distribution, extra pytest arguments)
+    "fastapi": ("fastapi", []),  # its own config: timeout = 20 s a test
+    "starlette": ("starlette", ["--timeout=60"]),  # anyio runs each async test on asyncio and trio
+}
+FAILED = ("failed", "error")
+
+
+@dataclass
+class Outcome:
+    outcome: str  # passed, failed, error, skipped, xfailed
+    message: str = ""
+
+
+@dataclass
+class Run:
+    suite: str
+    mode: str
+    command: str
+    seconds: float
+    exit_code: int
+    results: dict[str, Outcome]
+    events: list[dict[str, object]] = field(default_factory=list)
+
+    def counts(self) -> collections.Counter[str]:
+        return collections.Counter(result.outcome for result in self.results.values())
+
+
+def installed_version(python: str, dist: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version({dist!r}))"
+    return subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def suite_source(python: str, src: Path, dist: str, version: str) -> Path:
+    folder = src / f"{dist}-{version}"
+    if (folder / "tests").is_dir():
+        return folder
+    src.mkdir(parents=True, exist_ok=True)
+    subprocess.run([python, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps", "-d", str(src),
+                    f"{dist}=={version}"], check=True)
+    archive = src / f"{dist}-{version}.tar.gz"
+    with tarfile.open(archive) as tar:
+        tar.extractall(src, filter="data")
+    if not (folder / "tests").is_dir():
+        raise SystemExit(f"{archive} has no tests/ folder: this version's sdist does not ship its suite")
+    return folder
+
+
+def parse_junit(path: Path) -> dict[str, Outcome]:
+    results: dict[str, Outcome] = {}
+    if not path.exists():
+        return results
+    for case in ET.parse(path).getroot().iter("testcase"):
+        classname = case.get("classname", "")
+        test_id = f"{classname.replace('.', '/')}::{case.get('name')}"
+        outcome = Outcome("passed")
+        for child in case:
+            if child.tag in ("failure", "error"):
+                kind = "failed" if child.tag == "failure" else "error"
+                outcome = Outcome(kind, (child.get("message") or child.text or "").strip().splitlines()[0][:240]
+                                  if (child.get("message") or child.text) else "")
+                break
+            if child.tag == "skipped":
+                kind = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
+                outcome = Outcome(kind, (child.get("message") or "")[:240])
+        # A test that passed and errored in teardown shows up twice: the worst wins.
+        previous = results.get(test_id)
+        if previous is None or outcome.outcome in FAILED:
+            results[test_id] = outcome
+    return results
+
+
+def run_one(python: str, suite: str, folder: Path, mode: str, out: Path, workers: int) -> Run:
+    plugin_mode, policy = MODES[mode]
+    junit = out / f"{suite}-{mode}.xml"
+    log = out / f"{suite}-{mode}.log"
+    events = out / f"{suite}-{mode}.events.jsonl"
+    for stale in (junit, log, events):
+        stale.unlink(missing_ok=True)
+    args = [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+            *SUITES[suite][1]]
+    if workers > 1:
+        args += ["-n", str(workers)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEMW_", "PYTEST_"))}
+    if plugin_mode is not None:
+        args += ["-p", "cachemw_suites"]
+        env.update(CACHEMW_SUITES_MODE=plugin_mode, CACHEMW_SUITES_POLICY=policy or "none",
+                   CACHEMW_SUITES_EVENTS=str(events),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])))
+    shown = " ".join(f"{k}={env[k]}" for k in ("CACHEMW_SUITES_MODE", "CACHEMW_SUITES_POLICY") if k in env)
+    command = f"cd {folder.name} && {shown + ' ' if shown else ''}" + " ".join(
+        shlex.quote(a) for a in [Path(python).name, *args[1:]] if not a.startswith("--junitxml"))
+    print(f"[{time.strftime('%H:%M:%S')}] {suite} {mode}: {command}", flush=True)
+    started = time.monotonic()
+    with log.open("w") as fh:
+        proc = subprocess.run(args, cwd=folder, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    seconds = time.monotonic() - started
+    run = Run(suite, mode, command, seconds, proc.returncode, parse_junit(junit))
+    if events.exists():
+        with events.open() as fh:
+            run.events = [json.loads(line) for line in fh if line.strip()]
+    counts = run.counts()
+    print(f"    {seconds:.0f}s exit {proc.returncode}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
+          flush=True)
+    return run
+
+
+def diagnose(suite: str, mode: str, test_id: str) -> str | None:
+    for suites, modes, pattern, text in DIAGNOSES:
+        if fnmatch.fnmatchcase(suite, suites) and fnmatch.fnmatchcase(mode, modes) and \
+                fnmatch.fnmatchcase(test_id, pattern):
+            return text
+    return None
+
+
+def event_summary(run: Run) -> list[str]:
+    lines: list[str] = []
+    exceptions = collections.Counter()
+    from_cachemw: dict[str, set[str]] = collections.defaultdict(set)
+    logs = collections.Counter()
+    across = collections.defaultdict(set)
+    x_cache: collections.Counter[str] = collections.Counter()
+    no_routes = 0
+    for event in run.events:
+        kind = event["kind"]
+        if kind == "exception":
+            label = f"{event['type']} (innermost frame in {event['origin']})"
+            exceptions[label] += 1
+            if event["origin"] == "cachemw":
+                from_cachemw[f"{event['type']}: {event['message']}"[:160]].add(str(event["test"]))
+        elif kind == "log":
+            logs[f"{event['level']} {event['logger']}: {str(event['message'])[:120]}"] += 1
+        elif kind == "hit-across-requests":
+            across[f"{event['method']} {event['path']}"].add(str(event["test"]))
+        elif kind == "x-cache":
+            x_cache.update(event["counts"])  # type: ignore[arg-type]
+        elif kind == "no-routes":
+            no_routes += 1
+    if x_cache:
+        lines.append("- responses by `X-Cache`: " + ", ".join(f"{k} {n}" for k, n in x_cache.most_common()))
+    if no_routes:
+        lines.append(f"- apps the catch-all rule matched no route of (run with no policy): {no_routes}")
+    if exceptions:
+        lines.append("- exceptions out of the middleware: " + ", ".join(f"{k}: {n}" for k, n in
+                                                                          exceptions.most_common()))
+    for message, tests in sorted(from_cachemw.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  - raised in cachemw, {len(tests)} test(s): `{message}`")
+    if logs:
+        lines.append("- cachemw log records (WARNING+): " + "; ".join(f"`{k}` x{n}" for k, n in logs.most_common(8)))
+    if across:
+        tests = set().union(*across.values())
+        lines.append(f"- hits served to a request differing from the fill's in a non-standard header or cookie "
+                     f"(possible cross-user): {sum(len(v) for v in across.values())} route(s) in {len(tests)} "
+                     "test(s); the failing ones are listed below")
+    return lines
+
+
+def write_report(path: Path, runs: list[Run], versions: dict[str, str], python: str, argv: list[str]) -> None:
+    revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "cachemw"], capture_output=True,
+                           text=True).stdout.strip()
+    pyver = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True,
+                           text=True).stdout.strip()
+    others = {d: installed_version(python, d) for d in ("anyio", "trio", "httpx", "pydantic", "pytest")}
+    out: list[str] = [
+        "# Third-party test suites with CacheMiddleware in every app",
+        "",
+        f"- command: `python3 {' '.join(shlex.quote(a) for a in argv)}` (from the repository root)",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- revision: cachemw {revision}{' with uncommitted changes in cachemw/' if dirty else ''}",
+        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {pyver}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in {**versions, **others}.items()),
+        "- plugin: `bench/thirdparty/cachemw_suites.py` (`-p cachemw_suites`, no edit to the suites). "
+        "`inject`: `CacheMiddleware` is the outermost user middleware of every Starlette/FastAPI app, as "
+        "`app.add_middleware(CacheMiddleware)` called last; `wrap`: every app a `TestClient` or httpx "
+        "`ASGITransport` runs is `CacheMiddleware(app)`. `none`: `CacheMiddleware()` defaults, no policy, "
+        "memory store; `catchall`: one rule `route = \"/*\"`, `ttl = \"2s\"`, shared, memory store.",
+        "",
+        "## Counts",
+        "",
+        "| suite | mode | passed | failed | errors | skipped | xfailed | beyond baseline | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    baselines = {run.suite: run for run in runs if run.mode == "baseline"}
+    extra: dict[tuple[str, str], list[str]] = {}
+    for run in runs:
+        base = baselines.get(run.suite)
+        if base is not None and run is not base:
+            extra[(run.suite, run.mode)] = sorted(
+                t for t, r in run.results.items()
+                if r.outcome in FAILED and (t not in base.results or base.results[t].outcome not in FAILED))
+        c = run.counts()
+        beyond = "" if run.mode == "baseline" else str(len(extra.get((run.suite, run.mode), [])))
+        out.append(f"| {run.suite} | {run.mode} | {c['passed']} | {c['failed']} | {c['error']} | {c['skipped']} | "
+                   f"{c['xfailed']} | {beyond} | {run.seconds:.0f} |")
+    out.append("")
+    for run in runs:
+        out += [f"## {run.suite}, {run.mode}", "", f"`{run.command}`", ""]
+        if run.mode == "baseline":
+            failing = sorted(t for t, r in run.results.items() if r.outcome in FAILED)
+            out.append(f"Fails without the middleware ({len(failing)}):")
+            out += [f"- `{t}`: {diagnose(run.suite, 'baseline', t) or run.results[t].message}" for t in failing]
+            out.append("")
+            continue
+        out += event_summary(run)
+        tests = extra.get((run.suite, run.mode), [])
+        out += ["", f"Fail with the plugin but not without ({len(tests)}):" if tests else
+                "No test fails with the plugin that passes without it.", ""]
+        undiagnosed = 0
+        for test_id in tests:
+            text = diagnose(run.suite, run.mode, test_id)
+            if text is None:
+                undiagnosed += 1
+                text = "undiagnosed: " + run.results[test_id].message
+            out.append(f"- `{test_id}`: {text}")
+        if undiagnosed:
+            out.append(f"\n{undiagnosed} of these have no diagnosis yet.")
+        out.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+    print(f"wrote {path}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python", default=sys.executable, help="the interpreter of the suites' venv")
+    parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, of {list(SUITES)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    parser.add_argument("--src", type=Path, default=HERE / "src", help="where the suites' sdists are unpacked")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "thirdparty.md")
+    parser.add_argument("--raw", type=Path, default=HERE / "out", help="junit XML, logs and plugin events")
+    parser.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers per run")
+    args = parser.parse_args(argv)
+    suites = [s for s in args.suites.split(",") if s]
+    modes = [m for m in args.modes.split(",") if m]
+    for name in suites:
+        if name not in SUITES:
+            parser.error(f"unknown suite {name!r}")
+    for name in modes:
+        if name not in MODES:
+            parser.error(f"unknown mode {name!r}")
+    if "baseline" not in modes:
+        modes.insert(0, "baseline")
+    args.raw.mkdir(parents=True, exist_ok=True)
+    versions = {dist: installed_version(args.python, dist) for dist, _ in SUITES.values()}
+    runs: list[Run] = []
+    for suite in suites:
+        dist = SUITES[suite][0]
+        folder = suite_source(args.python, args.src, dist, versions[dist])
+        for mode in modes:
+            runs.append(run_one(args.python, suite, folder, mode, args.raw, args.workers))
+    write_report(args.out, runs, versions, args.python, ["bench/thirdparty/run.py", *argv])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
