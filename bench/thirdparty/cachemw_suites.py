@@ -17,6 +17,10 @@ edited. Chosen by environment variables:
 ``CACHEMW_SUITES_POSITION``
     ``outer`` (default): the outermost user middleware (``add_middleware`` called last);
     ``inner``: the innermost one (called first). Inject mode only.
+``CACHEMW_SUITES_SERVER_TUPLE``
+    ``1``: turn a list ``scope["server"]`` (what ``TestClient`` sends) into a tuple before cachemw
+    sees it. A diagnostic workaround for #14 item 6 only, off by default: with it, the catch-all
+    runs show what fails beyond that crash.
 ``CACHEMW_SUITES_EVENTS``
     A file to append JSON lines to: exceptions that left the middleware (and whether they
     began in cachemw), cachemw's log records at WARNING and above, ``X-Cache`` counts per
@@ -49,6 +53,7 @@ POLICY = os.environ.get("CACHEMW_SUITES_POLICY", "none")
 POSITION = os.environ.get("CACHEMW_SUITES_POSITION", "outer")
 TTL = os.environ.get("CACHEMW_SUITES_TTL", "2s")
 EVENTS = os.environ.get("CACHEMW_SUITES_EVENTS")
+SERVER_TUPLE = os.environ.get("CACHEMW_SUITES_SERVER_TUPLE") == "1"
 
 _CACHEMW_DIR = str(Path(cachemw.__file__).resolve().parent)
 _NO_RULES = Settings()
@@ -64,12 +69,25 @@ _lock = threading.Lock()
 _counts: dict[str, int] = {}
 
 
+_pending: list[str] = []
+
+
 def _emit(kind: str, **fields: Any) -> None:
+    """Keep an event; written between tests (a file write in the event loop trips Starlette's blockbuster)."""
     if not EVENTS:
         return
     line = json.dumps({"kind": kind, "test": _current_test, **fields}, default=repr)
-    with _lock, open(EVENTS, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+    with _lock:
+        _pending.append(line)
+
+
+def _flush() -> None:
+    with _lock:
+        lines = _pending[:]
+        _pending.clear()
+    if lines and EVENTS:
+        with open(EVENTS, "a", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in lines))
 
 
 _catchall: Settings | None = None
@@ -148,6 +166,8 @@ class SuiteCache(CacheMiddleware):
                     _emit("exception", scope=scope["type"], **_describe(exc))
                 raise
             return
+        if SERVER_TUPLE and isinstance(scope.get("server"), list):
+            scope["server"] = tuple(scope["server"])
         state: dict[str, Any] = {"x_cache": None, "status": None, "digest": hashlib.blake2b(digest_size=8)}
 
         async def observe(message: Any) -> None:
@@ -288,7 +308,8 @@ def pytest_configure(config: Any) -> None:
 
 
 def pytest_report_header(config: Any) -> str:
-    return f"cachemw_suites: mode={MODE} policy={POLICY} position={POSITION} ttl={TTL}"
+    return (f"cachemw_suites: mode={MODE} policy={POLICY} position={POSITION} ttl={TTL}"
+            + (" server-tuple workaround" if SERVER_TUPLE else ""))
 
 
 def pytest_runtest_setup(item: Any) -> None:
@@ -303,4 +324,9 @@ def pytest_runtest_teardown(item: Any, nextitem: Any) -> None:
             counts = dict(_counts)
             _counts.clear()
         _emit("x-cache", counts=counts)
+    _flush()
     _current_test = "<between tests>"
+
+
+def pytest_sessionfinish(session: Any) -> None:
+    _flush()

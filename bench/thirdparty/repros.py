@@ -1,0 +1,83 @@
+"""Minimal reproductions of what the third-party suites found (see bench/results/thirdparty.md).
+
+``python bench/thirdparty/repros.py [name ...]``: each prints ``REPRODUCED`` with what it saw, or
+``ok`` once the defect is fixed. Every one builds its app and client the way the failing
+third-party test does, with nothing but Starlette or FastAPI and ``CacheMiddleware``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from cachemw import CacheMiddleware, Settings
+from cachemw.config import settings_from_table
+
+REPROS: dict[str, Callable[[], str | None]] = {}
+
+
+def repro(function: Callable[[], str | None]) -> Callable[[], str | None]:
+    REPROS[function.__name__] = function
+    return function
+
+
+def catch_all(ttl: str = "2s") -> Settings:
+    return settings_from_table({"rules": [{"route": "/*", "ttl": ttl}]}, source="repro", where="repro")
+
+
+@repro
+def lifespan_exception_group() -> str | None:
+    """#14 item 11: with no policy, an exception of the app's lifespan comes out as an ExceptionGroup."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> Any:
+        raise RuntimeError("Startup error")
+        yield
+
+    app = Starlette(lifespan=lifespan)
+    app.add_middleware(CacheMiddleware)
+    try:
+        with TestClient(app):
+            pass
+    except RuntimeError:
+        return None
+    except BaseException as exc:
+        return f"with TestClient(app) raised {type(exc).__name__}: {exc!r}, not the RuntimeError"
+    return "no exception at all"
+
+
+@repro
+def testclient_server_list() -> str | None:
+    """#14 item 6: TestClient's scope["server"] is a list; a cached GET raises TypeError (unhashable)."""
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    app = Starlette(routes=[Route("/", hello)])
+    app.add_middleware(CacheMiddleware, settings=catch_all())
+    try:
+        response = TestClient(app).get("/")
+    except TypeError as exc:
+        return f"GET / raised TypeError: {exc}"
+    return None if response.status_code == 200 else f"GET / answered {response.status_code}"
+
+
+def main(names: list[str]) -> int:
+    chosen = names or list(REPROS)
+    reproduced = 0
+    for name in chosen:
+        outcome = REPROS[name]()
+        reproduced += outcome is not None
+        print(f"{name}: " + ("ok" if outcome is None else f"REPRODUCED: {outcome}"))
+    return 1 if reproduced else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
