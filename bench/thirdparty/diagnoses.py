@@ -1,6 +1,8 @@
 """One-line diagnoses of the tests that fail in ``run.py``'s runs: (suite, mode, test id), as globs.
 
-The first entry that matches wins. A diagnosis names the root cause (cachemw file:line and
+A test that saw an exception raised inside cachemw (the plugin records them) is diagnosed by it
+first (RAISED_IN_CACHEMW: suite, mode, "Type: message" glob); else the first entry of DIAGNOSES
+that matches. A diagnosis names the root cause (cachemw file:line and
 the #14 item when it is one) or says why the harness, not cachemw, makes the test fail.
 """
 
@@ -16,6 +18,20 @@ DIAGNOSES: list[tuple[str, str, str, str]] = [
     ("starlette", "*", "tests/test_testclient.py::test_exception_in_middleware*",
      "#14 item 11: an exception a middleware inside the cache raises on the lifespan scope comes out as an "
      "ExceptionGroup (supervisor's task group around the app's lifespan, cachemw/middleware.py _lifespan)"),
+    ("fastapi", "*", "tests/test_telemetry/test_runtime.py::test_application_lifespan_errors_still_propagate*",
+     "#14 item 11: the app's RuntimeError in its lifespan startup/shutdown comes out as an ExceptionGroup "
+     "(supervisor's task group around the app's lifespan, cachemw/middleware.py _lifespan)"),
+    # -- catch-all rule --------------------------------------------------------------------------------
+    ("starlette", "*-catchall*", "tests/test_testclient.py::test_streaming_response_is_available_before_first_chunk*",
+     "new: on a cacheable route the response start is held until the first body chunk "
+     "(cachemw/middleware.py:1016-1019 `_FillResponder.send` keeps it in `_held`, sent with the first body at "
+     "1030-1036 to add an ETag); a stream whose first chunk waits shows the client no status/headers"),
+    ("starlette", "*-catchall*", "tests/test_testclient.py::test_use_testclient_as_contextmanager*",
+     "staleness as declared: two GET /loop_id outside `with client` expect 1 then 2 (a new loop per request); "
+     "the second is the cached 1 within the 2 s ttl"),
+    ("starlette", "wrap-catchall*", "tests/test_routing.py::test_lifespan_state_async_cm*",
+     "staleness as declared (the second GET / is a hit, so the handler appends to state.items once, "
+     "[1] != [1, 1]; the lifespan's AssertionError then comes out as an ExceptionGroup, #14 item 11)"),
     ("starlette", "wrap-*", "tests/test_routing.py::test_raise_on_startup*",
      "#14 item 11: a startup exception of the router's lifespan comes out as an ExceptionGroup (wrapped "
      "app; supervisor's task group, cachemw/middleware.py _lifespan)"),
@@ -25,4 +41,13 @@ DIAGNOSES: list[tuple[str, str, str, str]] = [
     ("starlette", "wrap-*", "tests/test_routing.py::test_lifespan_state_unsupported*",
      "#14 item 11: Starlette's RuntimeError('The server does not support \"state\"') comes out as an "
      "ExceptionGroup (supervisor's task group, cachemw/middleware.py _lifespan)"),
+]
+
+RAISED_IN_CACHEMW: list[tuple[str, str, str, str]] = [
+    ("*", "*", "TypeError: unhashable type: 'list'",
+     "#14 item 6: TestClient's list `scope[\"server\"]` goes into the memo key of `KeyCache.key` "
+     "(cachemw/keys.py:188-199), so every cached GET raises; the test sees the exception or a 500"),
+    ("*", "*", "KeyError: 'headers'",
+     "new (minor): an http scope without `headers` (the test's own hand-made scope) raises KeyError in "
+     "`RequestHeaders.__init__` (cachemw/keys.py:35) on a cached route; the app alone never reads them"),
 ]

@@ -32,6 +32,17 @@ def catch_all(ttl: str = "2s") -> Settings:
     return settings_from_table({"rules": [{"route": "/*", "ttl": ttl}]}, source="repro", where="repro")
 
 
+def server_as_tuple(app: Any) -> Any:
+    """The app with TestClient's list scope["server"] made a tuple: keeps #14 item 6 out of the way."""
+
+    async def shim(scope: Any, receive: Any, send: Any) -> None:
+        if isinstance(scope.get("server"), list):
+            scope["server"] = tuple(scope["server"])
+        await app(scope, receive, send)
+
+    return shim
+
+
 @repro
 def lifespan_exception_group() -> str | None:
     """#14 item 11: with no policy, an exception of the app's lifespan comes out as an ExceptionGroup."""
@@ -67,6 +78,71 @@ def testclient_server_list() -> str | None:
     except TypeError as exc:
         return f"GET / raised TypeError: {exc}"
     return None if response.status_code == 200 else f"GET / answered {response.status_code}"
+
+
+@repro
+def streaming_start_held() -> str | None:
+    """New: on a cached route, the response start is held until the first body chunk.
+
+    A StreamingResponse whose first chunk waits (server-sent events, a long poll, here an event
+    the client sets once it has the headers) shows the client nothing: no status, no headers.
+    """
+    import threading
+
+    import anyio
+    from starlette.responses import StreamingResponse
+
+    release = threading.Event()
+    released_in_time: list[bool] = []
+
+    async def stream() -> Any:
+        released_in_time.append(await anyio.to_thread.run_sync(release.wait, 2))
+        yield b"hello"
+
+    async def homepage(request: Any) -> StreamingResponse:
+        return StreamingResponse(stream())
+
+    app = Starlette(routes=[Route("/", homepage)])
+    app.add_middleware(CacheMiddleware, settings=catch_all())
+    client = TestClient(server_as_tuple(app))
+    with client.stream("GET", "/") as response:
+        release.set()
+        response.read()
+    if released_in_time == [True]:
+        return None
+    return "the response headers reached the client only after the first body chunk (2 s later)"
+
+
+@repro
+def scope_without_headers() -> str | None:
+    """New (minor): a cached route raises KeyError on an http scope without "headers".
+
+    ASGI lists ``headers`` without a default; servers always send it, Starlette's own tests
+    do not (their hand-made scopes); the app below never reads headers and answers fine alone.
+    """
+    import anyio
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    app = Starlette(routes=[Route("/", hello)])
+    app.add_middleware(CacheMiddleware, settings=catch_all())
+    messages: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        messages.append(message)
+
+    async def call() -> None:
+        await app({"type": "http", "version": "3", "method": "GET", "path": "/"}, receive, send)
+
+    try:
+        anyio.run(call)
+    except KeyError as exc:
+        return f"KeyError {exc} from the middleware"
+    return None
 
 
 def main(names: list[str]) -> int:

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from diagnoses import DIAGNOSES  # noqa: E402
+from diagnoses import DIAGNOSES, RAISED_IN_CACHEMW  # noqa: E402
 
 MODES = {
     # name: (CACHEMW_SUITES_MODE, CACHEMW_SUITES_POLICY)
@@ -160,12 +160,29 @@ def run_one(python: str, suite: str, folder: Path, mode: str, out: Path, workers
     return run
 
 
-def diagnose(suite: str, mode: str, test_id: str) -> str | None:
+def diagnose(suite: str, mode: str, test_id: str, raised_in_cachemw: list[str] = ()) -> str | None:
+    """For an exception the test saw raised inside cachemw, its diagnosis; else the first whose globs match."""
+    for message in raised_in_cachemw:  # a crash in cachemw comes first: it hides whatever else the test checks
+        for suites, modes, pattern, text in RAISED_IN_CACHEMW:
+            if fnmatch.fnmatchcase(suite, suites) and fnmatch.fnmatchcase(mode, modes) and \
+                    fnmatch.fnmatchcase(message, pattern):
+                return text + f" (seen: `{message[:100]}`)"
     for suites, modes, pattern, text in DIAGNOSES:
+        # junit names a test by module ("tests/test_x::name"); a diagnosis may write the file name.
         if fnmatch.fnmatchcase(suite, suites) and fnmatch.fnmatchcase(mode, modes) and \
-                fnmatch.fnmatchcase(test_id, pattern):
+                fnmatch.fnmatchcase(test_id, pattern.replace(".py::", "::")):
             return text
     return None
+
+
+def raised_in_cachemw(run: Run) -> dict[str, list[str]]:
+    """Per test (as junit names it), the exceptions whose innermost frame was in cachemw."""
+    found: dict[str, list[str]] = collections.defaultdict(list)
+    for event in run.events:
+        if event["kind"] == "exception" and event["origin"] == "cachemw":
+            test = str(event["test"]).replace(".py::", "::")
+            found[test].append(f"{event['type']}: {event['message']}")
+    return found
 
 
 def event_summary(run: Run) -> list[str]:
@@ -265,12 +282,20 @@ def write_report(path: Path, runs: list[Run], versions: dict[str, str], python: 
         out += ["", f"Fail with the plugin but not without ({len(tests)}):" if tests else
                 "No test fails with the plugin that passes without it.", ""]
         undiagnosed = 0
+        raised = raised_in_cachemw(run)
+        by_cause: dict[str, list[str]] = collections.defaultdict(list)
         for test_id in tests:
-            text = diagnose(run.suite, run.mode, test_id)
+            text = diagnose(run.suite, run.mode, test_id, raised.get(test_id, []))
             if text is None:
                 undiagnosed += 1
                 text = "undiagnosed: " + run.results[test_id].message
-            out.append(f"- `{test_id}`: {text}")
+            elif "(seen: `" in text:
+                text = text[:text.index(" (seen: `")]  # one group per cause, not per message
+            by_cause[text].append(test_id)
+        for text, ids in sorted(by_cause.items(), key=lambda kv: -len(kv[1])):
+            out.append(f"- {len(ids)} test(s): {text}")
+            shown = ids if len(ids) <= 12 else [*ids[:10], f"... and {len(ids) - 10} more (see the junit XML)"]
+            out += [f"  - `{t}`" if not t.startswith("...") else f"  - {t}" for t in shown]
         if undiagnosed:
             out.append(f"\n{undiagnosed} of these have no diagnosis yet.")
         out.append("")
