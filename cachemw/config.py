@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
 
@@ -26,6 +27,7 @@ __all__ = ["FileRule", "Settings", "load_settings"]
 REDIS_URL_ENV = "CACHEMW_REDIS_URL"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header or cookie name (RFC 9110 token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +54,20 @@ class Settings:
     memory_max_bytes: int = 64 * 1024 * 1024
     l1_max_bytes: int = 32 * 1024 * 1024  # the per-process L1 in front of Redis (rules with sync > 0)
     session_cookie: str = "session"
+    # Headers ("x-api-key"), cookies ("cookie:NAME") and query parameters ("query:NAME") that identify a
+    # user, beside the session cookie and Authorization: they keep a request off shared entries, and key
+    # private ones.
+    credentials: tuple[str, ...] = ()
     lock_timeout: float = 5.0  # how long one fill may hold a key's lock, and others wait for it
     queue_size: int = 10_000  # background jobs waiting at most; more are shed and counted
     concurrency: int = 32  # background jobs running at once
     refresh_concurrency: int = 16  # refreshes running at once, in a lane of their own
     grace_period: float = 10.0  # on shutdown, how long queued jobs may take to finish
+    # Origin calls of cached routes at once in a process (0: unbounded); past it a request with a stale entry
+    # gets the entry, the others wait origin_wait for a slot, then get a 503 with Retry-After: retry_after.
+    origin_concurrency: int = 1024
+    origin_wait: float = 5.0
+    retry_after: int = 1
     metrics_interval: float = 5.0  # how often each process writes its counters to Redis (0: never)
     # After the app's startup, gc.freeze(): full collections then skip what startup made (modules, routes,
     # the app), which keeps their pauses, and so the tail latency, short. Process-wide; false to leave it.
@@ -67,7 +78,8 @@ class Settings:
 
 
 # Bounded durations and counts: (lowest, highest) allowed.
-_DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "lock_timeout": (0.0, 300.0), "grace_period": (0.0, 3600.0)}
+_DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "lock_timeout": (0.0, 300.0), "grace_period": (0.0, 3600.0),
+                      "origin_wait": (0.0, 300.0)}
 _OPTIONAL_DURATION_SETTINGS = {"metrics_interval": (0.0, 3600.0)}  # 0 switches it off
 _COUNT_SETTINGS = {
     "memory_max_bytes": (1024, 2**40),
@@ -75,12 +87,14 @@ _COUNT_SETTINGS = {
     "queue_size": (1, 10_000_000),
     "concurrency": (1, 10_000),
     "refresh_concurrency": (1, 10_000),
+    "origin_concurrency": (0, 1_000_000),
+    "retry_after": (0, 86400),
 }
 _BOOL_SETTINGS = {"gc_freeze"}
 _URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
                 "rediss+sentinel://")
-_SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", *_DURATION_SETTINGS, *_OPTIONAL_DURATION_SETTINGS,
-                 *_COUNT_SETTINGS, *_BOOL_SETTINGS}
+_SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", "credentials", *_DURATION_SETTINGS,
+                 *_OPTIONAL_DURATION_SETTINGS, *_COUNT_SETTINGS, *_BOOL_SETTINGS}
 _TOP_KEYS = _SETTING_KEYS | {"policies", "rules"}
 
 
@@ -181,10 +195,27 @@ def _setting(key: str, raw: object, where: str) -> object:
             raise bad(f"a whole number from {low_count} to {high_count}")
         return raw
     if key == "session_cookie":
-        if not isinstance(raw, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", raw):
+        if not isinstance(raw, str) or not _TOKEN.fullmatch(raw):
             raise bad("a cookie name")
         return raw
+    if key == "credentials":
+        return _credentials(raw, bad)
     raise AssertionError(key)  # pragma: no cover
+
+
+def _credentials(raw: object, bad: Callable[[str], ConfigError]) -> tuple[str, ...]:
+    expected = 'a list of header names ("x-api-key"), "cookie:NAME" and "query:NAME"'
+    if not isinstance(raw, list):
+        raise bad(expected)
+    items: list[str] = []
+    for item in raw:
+        if not isinstance(item, str):
+            raise bad(expected)
+        kind, _, name = item.partition(":") if ":" in item else ("", "", item)
+        if kind not in ("", "cookie", "query") or not _TOKEN.fullmatch(name):
+            raise bad(expected)
+        items.append(f"{kind}:{name}" if kind else name.lower())
+    return tuple(items)
 
 
 def _presets(raw: object, source: str) -> dict[str, Policy]:
@@ -222,6 +253,17 @@ def _rules(raw: object, presets: Mapping[str, Policy], source: str) -> tuple[Fil
         policy = policy_from_fields(fields_, base=base, where=here)
         rules.append(FileRule(index=index, route=route, policy=policy, source=f"{source} rule {index}"))
     return tuple(rules)
+
+
+def masked_url(url: str) -> str:
+    """The URL with its password replaced by ``***``: safe to log and print."""
+    split = urlsplit(url)
+    masked = url
+    if split.password is not None:
+        user_info = split.netloc.rpartition("@")[0]
+        masked = masked.replace(user_info + "@", f"{split.username or ''}:***@", 1)
+    # redis-py also takes ?password=...
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", masked)
 
 
 def resolve_preset(name: object, presets: Mapping[str, Policy], where: str) -> Policy:

@@ -86,14 +86,19 @@ def not_storable_reason(
     return None
 
 
-def stored_headers(headers: RawHeaders, etag: bytes, body_length: int) -> tuple[tuple[bytes, bytes], ...]:
-    """The headers a hit replays: hop-by-hop and per-response ones dropped, length exact."""
+def stored_headers(headers: RawHeaders, etag: bytes, body_length: int, status: int = 200
+                   ) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers a hit replays: hop-by-hop and per-response ones dropped, length exact.
+
+    A 204 gets no Content-Length at all (RFC 9110 8.6 forbids it there).
+    """
     kept = [
         (key.lower(), value)
         for key, value in headers
         if key.lower() not in _NOT_REPLAYED and key.lower() != b"content-length"
     ]
-    kept.append((b"content-length", str(body_length).encode()))
+    if status != 204:
+        kept.append((b"content-length", str(body_length).encode()))
     kept.append((b"etag", etag))
     return tuple(kept)
 
@@ -149,6 +154,7 @@ STATUS_BYPASS_REQUEST = b"cachemw; fwd=request"
 STATUS_BYPASS_METHOD = b"cachemw; fwd=method"
 # Another request's fill answered this one (RFC 9211 "collapsed").
 STATUS_COLLAPSED = b"cachemw; fwd=uri-miss; collapsed"
+STATUS_ORIGIN_BUSY = b"cachemw; fwd=uri-miss; detail=origin-busy"  # past origin_concurrency: a 503 of ours
 
 
 def cache_status_stale_if_error(origin_status: int | None) -> bytes:

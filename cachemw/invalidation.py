@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 from cachemw.keys import ALL_TAG, entry_pattern, path_tag, route_tag, tag_keys
@@ -26,10 +26,13 @@ _PARAM = re.compile(r"{([^{}:]+)(?::[^{}]*)?}")
 class Invalidator:
     """Purges entries in the shared store and this process's L1; other processes hear it by pub/sub."""
 
-    def __init__(self, store: Store, prefix: str, l1: L1 | None = None) -> None:
+    def __init__(self, store: Store, prefix: str, l1: L1 | None = None,
+                 on_local: Callable[[Sequence[str]], None] | None = None) -> None:
         self.store = store
         self.prefix = prefix
         self.l1 = l1
+        # What else this process drops at once (the middleware's fills in flight), before the store call.
+        self._on_local = on_local
 
     async def tags(self, *tags: str) -> int:
         """Drop every entry carrying one of ``tags``; returns how many entries were dropped."""
@@ -38,6 +41,8 @@ class Invalidator:
             return 0
         if self.l1 is not None:
             self.l1.drop_tags(wanted)
+        if self._on_local is not None:
+            self._on_local(wanted)
         pairs = [tag_keys(self.prefix, tag) for tag in wanted]
         return await self.store.invalidate([p[0] for p in pairs], [p[1] for p in pairs], json.dumps(wanted))
 
@@ -54,6 +59,8 @@ class Invalidator:
         """Every entry under the key prefix."""
         if self.l1 is not None:
             self.l1.clear()
+        if self._on_local is not None:
+            self._on_local([ALL_TAG])
         _, generation = tag_keys(self.prefix, ALL_TAG)
         return await self.store.purge(entry_pattern(self.prefix), generation, json.dumps([ALL_TAG]))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -32,7 +32,7 @@ class RequestHeaders:
 
     def __init__(self, scope: Scope) -> None:
         values: dict[bytes, bytes] = {}
-        for name, value in scope["headers"]:
+        for name, value in scope.get("headers", ()):
             if name in values:
                 separator = b"; " if name == b"cookie" else b", "
                 values[name] = values[name] + separator + value
@@ -54,27 +54,65 @@ class RequestHeaders:
 
 
 class SessionIdentity:
-    """Default identity: the session cookie, else the ``Authorization`` header.
+    """Default identity: every credential the request carries, together.
 
+    The session cookie, ``Authorization``, and the headers, cookies and query
+    parameters named as credentials (by the ``credentials`` setting, or found in
+    a route's FastAPI security dependencies). cachemw cannot know which of them
+    the app authenticates with, so it keys on all of them: two users who share
+    one of them (a cookie that is not their credential) never share an entry.
     Used both to key ``private`` entries and to keep requests that carry
-    credentials away from shared entries.
+    credentials away from shared ones.
     """
 
-    def __init__(self, cookie_name: str = "session") -> None:
+    def __init__(self, cookie_name: str = "session", credentials: Iterable[str] = ()) -> None:
         self.cookie_name = cookie_name
+        headers, cookies, query = [b"authorization"], [cookie_name], []
+        for item in credentials:
+            kind, _, name = item.partition(":") if ":" in item else ("header", "", item)
+            if kind == "cookie":
+                cookies.append(name)
+            elif kind == "query":
+                query.append(name)
+            else:
+                headers.append(name.lower().encode("latin-1"))
+        self.credentials = tuple(credentials)
+        self._headers = tuple(dict.fromkeys(headers))
         # Only the name: the cookie parser strips spaces around "=", so "session = x" is the cookie too.
-        self._needle = cookie_name.encode("latin-1")
+        self._cookies = tuple((name, name.encode("latin-1")) for name in dict.fromkeys(cookies))
+        self._query = tuple((name, name.encode("latin-1")) for name in dict.fromkeys(query))
 
-    def __call__(self, headers: RequestHeaders) -> str | None:
+    @property
+    def header_names(self) -> tuple[bytes, ...]:
+        """The credential headers, ``cookie`` aside: what a request made for this identity must carry."""
+        return self._headers
+
+    def including(self, credentials: Iterable[str]) -> SessionIdentity:
+        """This identity with more credentials (a route's own)."""
+        return SessionIdentity(self.cookie_name, (*self.credentials, *credentials))
+
+    def __call__(self, headers: RequestHeaders, query_string: bytes = b"") -> str | None:
+        found: list[str] = []
         raw_cookie = headers.get(b"cookie")
-        if raw_cookie is not None and self._needle in raw_cookie:
-            value = headers.cookie(self.cookie_name)
-            if value:
-                return "c:" + value
-        authorization = headers.get(b"authorization")
-        if authorization:
-            return "a:" + authorization.decode("latin-1")
-        return None
+        if raw_cookie is not None:
+            for name, needle in self._cookies:
+                if needle in raw_cookie:
+                    value = headers.cookie(name)
+                    if value:
+                        found.append("c:" + value if name == self.cookie_name else f"c:{name}={value}")
+        for header in self._headers:
+            value_bytes = headers.get(header)
+            if value_bytes:
+                value = value_bytes.decode("latin-1")
+                found.append("a:" + value if header == b"authorization" else f"h:{header.decode()}={value}")
+        if self._query and query_string:
+            wanted = [name for name, needle in self._query if needle in query_string]
+            if wanted:
+                pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+                found.extend(f"q:{name}={value}" for name, value in pairs if name in wanted and value)
+        if not found:
+            return None
+        return found[0] if len(found) == 1 else "\n".join(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +179,7 @@ def make_key(
 
 
 def _all_values(scope: Scope, name: bytes) -> tuple[bytes, ...]:
-    return tuple(value for key, value in scope["headers"] if key == name)
+    return tuple(value for key, value in scope.get("headers", ()) if key == name)
 
 
 def _name(pair: tuple[str, str]) -> str:
@@ -171,6 +209,12 @@ def entry_pattern(prefix: str) -> str:
     return f"{prefix}:e:*}}"
 
 
+def _server(scope: Scope) -> tuple[object, ...] | None:
+    """ASGI allows any two-item iterable (Starlette's TestClient sends a list): hashable here."""
+    server = scope.get("server")
+    return tuple(server) if server else None
+
+
 class KeyCache:
     """Remembers the keys of recent requests: hot URLs are keyed by one dict lookup.
 
@@ -185,10 +229,10 @@ class KeyCache:
 
     def key(self, scope: Scope, headers: RequestHeaders, policy: Policy, label: str, prefix: str,
             identity: str | None) -> KeyedRequest:
-        raw_headers = scope["headers"]
+        raw_headers = scope.get("headers", ())
         facts: tuple[object, ...] = (
             id(policy), label, prefix, scope.get("scheme"), scope.get("root_path", ""), scope["path"],
-            scope.get("query_string", b""), identity, scope.get("server"),
+            scope.get("query_string", b""), identity, _server(scope),
             tuple(value for name, value in raw_headers if name == b"host"),
         )
         if policy.vary:

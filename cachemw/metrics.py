@@ -58,6 +58,7 @@ class RouteMetrics:
     refresh_failed: int = 0
     stored_bytes: int = 0
     stored_entries: int = 0
+    origin_busy: int = 0  # past origin_concurrency: answered stale or 503 instead of calling the app
     origin_latency: Histogram = field(default_factory=Histogram)
     hit_latency: Histogram = field(default_factory=Histogram)
 
@@ -75,7 +76,7 @@ class RouteMetrics:
             "route": self.route, "policy": self.policy, "requests": self.requests, "hit": self.hit,
             "stale": self.stale, "miss": self.miss, "bypass": self.bypass, "stale_if_error": self.stale_if_error,
             "collapsed": self.collapsed, "refresh_ok": self.refresh_ok, "refresh_failed": self.refresh_failed,
-            "stored_bytes": self.stored_bytes, "stored_entries": self.stored_entries,
+            "stored_bytes": self.stored_bytes, "stored_entries": self.stored_entries, "origin_busy": self.origin_busy,
             "hit_ratio": round(self.hit_ratio, 4),
             "origin_latency": self.origin_latency.snapshot(), "hit_latency": self.hit_latency.snapshot(),
         }
@@ -88,6 +89,7 @@ class Metrics:
         self.routes: dict[str, RouteMetrics] = {}
         self.store_latency = Histogram()
         self.store_errors = 0
+        self.waiting_on_fills = 0  # a gauge: requests of this process waiting for another's origin call
 
     def route(self, template: str, policy: str) -> RouteMetrics:
         metrics = self.routes.get(template)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import anyio
+from anyio.abc import TaskStatus
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,7 +29,7 @@ from cachemw import http
 from cachemw.accesslog import AccessLog
 from cachemw.background import Supervisor
 from cachemw.breaker import CircuitBreaker
-from cachemw.config import Settings, load_settings
+from cachemw.config import Settings, load_settings, masked_url
 from cachemw.entry import Entry, EntryDecodeError, decode_entry, encode_entry
 from cachemw.invalidation import Invalidator, format_tags, targets_for_unsafe_request
 from cachemw.keys import (
@@ -44,8 +45,9 @@ from cachemw.keys import (
 from cachemw.l1 import L1
 from cachemw.metrics import Metrics, RouteMetrics
 from cachemw.observe import enable_fleet_metrics, enable_history
+from cachemw.origin import OriginSlots
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
-from cachemw.rules import RouteMatch, RuleTable, build_rule_table, normalise_template
+from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template
 from cachemw.store import MemoryStore, Store, StoreError, store_from_url
 from cachemw.store.base import FillWaiter, LockResult
 from cachemw.writebehind import WriteBehind
@@ -63,6 +65,9 @@ _STALE = b"STALE"
 _MISS = b"MISS"
 _BYPASS = b"BYPASS"
 
+
+_PROBE_TIMEOUT = 2.0  # the startup probe of the store: a background job, not a request's budget
+_RELEASE_TIMEOUT = 2.0  # one shed lock release: past it the lock expires by itself
 
 _current: ContextVar[CacheMiddleware] = ContextVar("cachemw_cache")
 T = TypeVar("T")
@@ -111,6 +116,10 @@ class _Plan:
     waiter: FillWaiter | None = None
 
 
+class CoalescedFailure(Exception):
+    """Raised in the requests that waited on one whose app call raised: the failure is shared, not retried N times."""
+
+
 class _Flight:
     """One in-process fill of a key that other requests for the key wait on.
 
@@ -118,19 +127,25 @@ class _Flight:
     waiting, and making an anyio Event costs a backend lookup.
     """
 
-    __slots__ = ("_done", "_event", "entry", "failed")
+    __slots__ = ("_done", "_event", "entry", "failed", "failure", "plan", "raised")
 
-    def __init__(self) -> None:
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan  # its tags: an invalidation of one detaches the flight from later requests
         self._done = False
         self._event: anyio.Event | None = None
         self.entry: Entry | None = None
         self.failed = False
+        self.failure: Entry | None = None  # the origin's 5xx answer, for the waiters to share
+        self.raised = False  # the origin raised: the waiters fail too
 
-    def finish(self, entry: Entry | None, failed: bool = False) -> None:
+    def finish(self, entry: Entry | None, failed: bool = False, failure: Entry | None = None,
+               raised: bool = False) -> None:
         if not self._done:
             self._done = True
             self.entry = entry
             self.failed = failed
+            self.failure = failure
+            self.raised = raised
             if self._event is not None:
                 self._event.set()
 
@@ -181,7 +196,9 @@ class CacheMiddleware:
         self.access_log = AccessLog(json_lines=access_log_json)
         self.settings: Settings | None = None
         self.table: RuleTable | None = None
-        self._identity: Callable[[RequestHeaders, Scope], str | None] = _no_identity
+        self._identity: Callable[[RequestHeaders, Scope], str | None] | None = None  # None: the credentials
+        self._credentials = SessionIdentity()
+        self._route_credentials: dict[int, SessionIdentity] = {}
         self._prefix = "cachemw"
         self._lock_timeout = 5.0
         self._flights: dict[str, _Flight] = {}
@@ -205,6 +222,12 @@ class CacheMiddleware:
         self._warned_corrupt = False
         self.store_errors = 0
         self.loop_lag_timeouts = 0
+        self.store_problem: str | None = None  # why the startup probe could not reach the store
+        self._origin = OriginSlots(0)
+        self._origin_wait = 5.0
+        self._origin_busy = Entry(status=503, headers=(), body=b"", stored_at=0.0, etag=b"", tags=())
+        self._pending_releases: dict[str, str] = {}  # lock releases a full queue shed: key -> token
+        self._releases_wanted: anyio.Event | None = None
 
     # -- startup ---------------------------------------------------------------------------------
 
@@ -232,6 +255,7 @@ class CacheMiddleware:
                                          grace_period=settings.grace_period,
                                          lanes={"refresh": settings.refresh_concurrency})
         self.supervisor.add_service("notifications", self.store.listen)
+        self.supervisor.add_service("releases", self._send_pending_releases)
         enable_history(self)  # the dashboard's chart: a short ring buffer of per-route counts
         if settings.metrics_interval and settings.redis_url:
             enable_fleet_metrics(self, interval=settings.metrics_interval)
@@ -244,7 +268,18 @@ class CacheMiddleware:
         self.store.notifications.on_invalidate.append(self.l1.drop_tags)
         self.store.notifications.on_lost.append(self.l1.lost_sync)
         self.store.notifications.on_connected.append(self._store_reconnected)
-        self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1)
+        self.store.notifications.on_invalidate.append(self._detach_flights)
+        self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1, on_local=self._detach_flights)
+        self._origin = OriginSlots(settings.origin_concurrency)
+        for rule in table.rules:
+            if rule.policy is not None:
+                self._origin.bound_route(rule.template, rule.policy.origin_concurrency)
+        self._origin_wait = settings.origin_wait
+        body = b"The service is busy; try again shortly.\n"
+        self._origin_busy = Entry(status=503, headers=(
+            (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
+            (b"retry-after", b"%d" % settings.retry_after), (b"cache-control", b"no-store")),
+            body=body, stored_at=0.0, etag=b"", tags=())
         self.supervisor.add_service("access-log", self.access_log.consume)
         self._prefix = settings.key_prefix
         self._lock_timeout = settings.lock_timeout
@@ -255,10 +290,12 @@ class CacheMiddleware:
         # Fills and lock releases are store calls: a store that keeps its own budget needs no job timeout.
         self._store_job_timeout = math.inf if self._bounded or not self._remote else None
         self._shard = self.store.shard if getattr(self.store, "cluster", False) else None  # type: ignore[attr-defined]
-        if self._custom_identity is None:
-            session = SessionIdentity(settings.session_cookie)
-            self._identity = lambda headers, scope: session(headers)
-        else:
+        self._credentials = SessionIdentity(settings.session_cookie, settings.credentials)
+        # A route's FastAPI security schemes (APIKeyHeader, APIKeyCookie, ...) are its credentials too.
+        self._route_credentials = {id(rule): self._credentials.including(rule_credentials)
+                                   for rule in table.rules
+                                   if (rule_credentials := _credential_names(rule))}
+        if self._custom_identity is not None:
             custom = self._custom_identity
             self._identity = lambda headers, scope: custom(HTTPConnection(scope))
         self.settings = settings
@@ -312,24 +349,60 @@ class CacheMiddleware:
                     await writes.stop()
             return message
 
-        async def send_then_freeze(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete" and self.settings is not None \
-                    and self.settings.gc_freeze:
+        shutdown_reply: Message | None = None
+
+        async def send_to_server(message: Message) -> None:
+            nonlocal shutdown_reply
+            kind = message["type"]
+            if kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                # Held until our own cleanup is done: a server that hears "complete" may tear
+                # the loop down at once (uvicorn on Ctrl-C), cancelling whatever we still await.
+                shutdown_reply = message
+                return
+            if kind == "lifespan.startup.complete" and self.settings is not None and self.settings.gc_freeze \
+                    and self.table is not None and self.table.has_policies:
                 _freeze_startup_objects()
             await send(message)
 
+        app_error: Exception | None = None
         try:
             async with self.supervisor.run():
-                await self.app(scope, receive_with_drain, send_then_freeze)
+                self.supervisor.submit("probe", self._probe_store, timeout=_PROBE_TIMEOUT)
+                try:
+                    await self.app(scope, receive_with_drain, send_to_server)
+                except Exception as exc:
+                    # The app's own exception, as it raised it: not wrapped in our task group's ExceptionGroup.
+                    app_error = exc
         finally:
-            for writes in self.write_behinds:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                for writes in self.write_behinds:
                     await writes.aclose()
-            if self._owns_store and self.store is not None:
-                with anyio.CancelScope(shield=True):
+                if self._owns_store and self.store is not None:
                     await _quietly(self.store.aclose())
-                self.store = None
-                self.table = None
+                    self.store = None
+                    self.table = None
+        if shutdown_reply is not None:
+            await send(shutdown_reply)
+        if app_error is not None:
+            raise app_error
+
+    async def _probe_store(self) -> None:
+        """Say once, at startup, when the store cannot be reached: which one (password masked) and why.
+
+        Requests do not wait for this; they go to the app while the store fails.
+        """
+        store, settings = self.store, self.settings
+        if store is None or settings is None or not self._remote:
+            return
+        try:
+            with anyio.fail_after(_PROBE_TIMEOUT):
+                await store.get(f"{self._prefix}:probe")
+        except Exception as exc:
+            self.store_problem = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            logger.warning("cachemw: cannot reach the store at %s (%s); requests go to the app until it answers",
+                           masked_url(settings.redis_url or ""), self.store_problem)
+        else:
+            self.store_problem = None
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch) -> None:
         policy = match.rule.policy
@@ -345,12 +418,13 @@ class CacheMiddleware:
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS)
             return
         headers = RequestHeaders(scope)
-        identity = self._identity(headers, scope)
+        credentials = self._credentials_of(match)(headers, scope.get("query_string", b""))
+        identity = credentials if self._identity is None else self._identity(headers, scope)
         if policy.private:
             if identity is None:  # nobody to key on: nothing may be shared
                 await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
                 return
-        elif identity is not None or headers.get(b"authorization") is not None:
+        elif identity is not None or credentials is not None:
             # Credentials on a shared route: never answered from, nor stored into, a shared entry.
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
             return
@@ -412,6 +486,9 @@ class CacheMiddleware:
         await self._miss(scope, receive, send, plan or self._plan(key, policy, match, scope), headers, fallback,
                          started)
 
+    def _credentials_of(self, match: RouteMatch) -> SessionIdentity:
+        return self._route_credentials.get(id(match.rule), self._credentials)
+
     def _plan(self, key: str, policy: Policy, match: RouteMatch, scope: Scope) -> _Plan:
         tags = (*format_tags(policy.tags, match.path_params), route_tag(normalise_template(match.rule.template)),
                 path_tag(scope["path"]))
@@ -426,20 +503,35 @@ class CacheMiddleware:
         scope = _without_unkeyed_overrides(scope, plan.policy)
         flight = self._flights.get(key)
         if flight is not None:
-            # Another request of this process is filling the key: wait (bounded) and share its result.
+            # Another request of this process is filling the key: wait (bounded) and share its result,
+            # a failure included: a failing origin is called once for the herd, not once per request.
             self._drop_lookup_lock(plan)
-            if await flight.wait(self._lock_timeout):
+            self.metrics.waiting_on_fills += 1
+            try:
+                done = await flight.wait(self._lock_timeout)
+            finally:
+                self.metrics.waiting_on_fills -= 1
+            if done:
                 if flight.entry is not None:
                     status = await _serve(flight.entry, scope, headers, send, time.time(), _MISS,
                                           http.STATUS_COLLAPSED)
                     self._log(plan.match, key, "MISS", status, None, started, len(flight.entry.body), "collapsed")
                     return
-                if flight.failed and fallback is not None:
-                    await self._serve_fallback(fallback, scope, headers, send, None, plan.match, key, started)
-                    return
+                if flight.failed:
+                    if fallback is not None:
+                        await self._serve_fallback(fallback, scope, headers, send, None, plan.match, key, started)
+                        return
+                    if flight.failure is not None:
+                        status = await _replay_failure(flight.failure, scope, send)  # its Cache-Status: collapsed
+                        self._log(plan.match, key, "MISS", status, None, started, len(flight.failure.body),
+                                  "collapsed")
+                        return
+                    if flight.raised:
+                        raise CoalescedFailure(f"the request for {scope['path']!r} this one waited on failed; "
+                                               "the app was not called again for it")
             await self._forward(scope, receive, send, headers, plan, fallback, started)  # unknown generations
             return
-        flight = self._flights[key] = _Flight()
+        flight = self._flights[key] = _Flight(plan)
         try:
             shared = await self._lock_or_wait(plan)
             if shared is not None:
@@ -447,11 +539,34 @@ class CacheMiddleware:
                 status = await _serve(shared, scope, headers, send, time.time(), _MISS, http.STATUS_COLLAPSED)
                 self._log(plan.match, key, "MISS", status, None, started, len(shared.body), "collapsed")
                 return
-            entry, failed = await self._forward(scope, receive, send, headers, plan, fallback, started)
-            flight.finish(entry, failed)
+            try:
+                entry, failed, failure = await self._forward(scope, receive, send, headers, plan, fallback, started)
+            except Exception:
+                flight.finish(None, failed=True, raised=True)
+                raise
+            flight.finish(entry, failed, failure)
         finally:
-            del self._flights[key]
+            if self._flights.get(key) is flight:  # not detached by an invalidation meanwhile
+                del self._flights[key]
             flight.finish(None)
+
+    def _detach_flights(self, tags: Sequence[str]) -> None:
+        """Requests that start after an invalidation must not join a fill that began before it.
+
+        Those already waiting keep their flight: they began before the write. The
+        detached fill is not stored (the generations would refuse it anyway), and
+        its lock is released now, so the next request's fill need not wait for it.
+        """
+        if not self._flights:
+            return
+        dropped = set(tags)
+        everything = ALL_TAG in dropped
+        for key, flight in list(self._flights.items()):
+            plan = flight.plan
+            if everything or not dropped.isdisjoint(plan.tags):
+                del self._flights[key]
+                token, plan.token, plan.generations = plan.token, None, None
+                self._release(key, token)
 
     async def _lock_or_wait(self, plan: _Plan) -> Entry | None:
         """Take the key's fill lock, or wait for the process holding it.
@@ -497,11 +612,35 @@ class CacheMiddleware:
             waiter.close()
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, plan: _Plan,
-                       fallback: Entry | None, started: float) -> tuple[Entry | None, bool]:
+                       fallback: Entry | None, started: float) -> tuple[Entry | None, bool, Entry | None]:
+        """Call the app within the bound on origin calls; past it, the stale entry or a 503 with Retry-After."""
+        template = plan.match.rule.template
+        slot = self._origin.take_nowait(template)
+        if slot is None:
+            if fallback is None:
+                slot = await self._origin.take(template, self._origin_wait)
+            if slot is None:
+                self._release(plan.key, plan.token)
+                self._route_metrics(plan).origin_busy += 1
+                if fallback is not None:
+                    await self._serve_fallback(fallback, scope, headers, send, None, plan.match, plan.key, started)
+                    return None, True, None
+                busy = self._origin_busy
+                status = await _replay_failure(busy, scope, send, http.STATUS_ORIGIN_BUSY)
+                self._log(plan.match, plan.key, "MISS", status, None, started, len(busy.body))
+                return None, True, busy
+        try:
+            return await self._call_origin(scope, receive, send, headers, plan, fallback, started)
+        finally:
+            slot.release()
+
+    async def _call_origin(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, plan: _Plan,
+                           fallback: Entry | None, started: float) -> tuple[Entry | None, bool, Entry | None]:
         """Call the app, streaming its response to the client; store the copy afterwards.
 
         With a ``fallback`` (an entry within stale_if_error) a 5xx, an exception
         or no response start within ``origin_timeout`` serves the fallback instead.
+        Returns the entry to share, whether the origin failed, and its 5xx answer.
         """
         policy = plan.policy
         responder = _FillResponder(send, policy, head=scope["method"] == "HEAD",
@@ -530,13 +669,14 @@ class CacheMiddleware:
             self._release(plan.key, plan.token)
             await self._serve_fallback(fallback, scope, headers, send, responder.failed_status, plan.match,
                                        plan.key, started)
-            return None, True
+            return None, True, None
         entry = responder.entry(tags=plan.tags)
         if entry is None or plan.generations is None or not self.supervisor.submit(
                 "fill", self._fill, plan, entry, key=plan.key, timeout=self._store_job_timeout):
             self._release(plan.key, plan.token)
         self._log(plan.match, plan.key, "MISS", responder.status, origin_time, started, responder.size)
-        return entry, responder.status >= 500
+        failed = responder.status >= 500
+        return entry, failed, responder.failure() if failed else None
 
     async def _serve_fallback(self, entry: Entry, scope: Scope, headers: RequestHeaders, send: Send,
                               origin_status: int | None, match: RouteMatch, key: str, started: float) -> None:
@@ -551,14 +691,17 @@ class CacheMiddleware:
             return  # one refresh per key in this process; the lock makes it one across processes
         self._refreshing.add(key)
         plan = self._plan(key, policy, match, scope)
-        if not self.supervisor.submit("refresh", self._refresh, plan, _refresh_scope(scope, policy), key=key,
+        refresh_scope = _refresh_scope(scope, policy, self._credentials_of(match).header_names)
+        if not self.supervisor.submit("refresh", self._refresh, plan, refresh_scope, key=key,
                                       timeout=policy.origin_timeout + self._lock_timeout):
             self._refreshing.discard(key)
 
     async def _refresh(self, plan: _Plan, scope: Scope) -> None:
         store = self.store
+        # The stale entry keeps answering meanwhile: with the origin saturated, a later request retries.
+        slot = self._origin.take_nowait(plan.match.rule.template)
         try:
-            if store is None:
+            if store is None or slot is None:
                 return
             locked = await self._lock(plan)
             if locked is None:
@@ -586,6 +729,8 @@ class CacheMiddleware:
             self._route_metrics(plan).refresh_failed += 1
             raise
         finally:
+            if slot is not None:
+                slot.release()
             self._refreshing.discard(plan.key)
 
     def _route_metrics(self, plan: _Plan) -> RouteMetrics:
@@ -635,7 +780,7 @@ class CacheMiddleware:
                     and 200 <= marker.status < 400 and tags):
                 try:
                     await invalidator.tags(*tags)
-                except StoreError:
+                except Exception:
                     self.store_errors += 1  # the entries expire by themselves; the response still goes out
             await marker.send(message)
 
@@ -658,7 +803,7 @@ class CacheMiddleware:
         began = time.perf_counter()
         try:
             value = await self._within_budget(store.get(key))
-        except (StoreError, TimeoutError) as exc:
+        except Exception as exc:  # whatever the driver raises (another loop, trio, a bug): the app answers
             self._store_failed(breaker, exc, began)
             return None, True
         self.metrics.store_latency.observe(time.perf_counter() - began)
@@ -708,7 +853,7 @@ class CacheMiddleware:
         try:
             result: LockResult = await self._within_budget(
                 attempt(plan.key, self._lock_timeout, plan.generation_keys, token))
-        except (StoreError, TimeoutError) as exc:
+        except Exception as exc:  # as in _get: any store failure sends the request to the app
             self._store_failed(breaker, exc, began)
             # Redis may have taken the lock after we stopped waiting: release it (if it is
             # ours) rather than leave others waiting for a fill that never comes.
@@ -795,12 +940,18 @@ class CacheMiddleware:
             return
         tag_sets = [tag_keys(self._prefix, tag)[0] for tag in entry.tags]
         if self._remote and self._breaker(plan.key).state == "open":
-            return  # don't hammer a store that is down: the next miss after it recovers refills
+            # Don't hammer a store that is down: the next miss after it recovers refills. The
+            # lock is still released (one small command), or its waiters would wait it out.
+            if plan.token is not None:
+                await self._unlock(plan.key, plan.token)
+            return
         try:
             stored = await store.fill(plan.key, data, plan.policy.usable_for, plan.token, tag_sets,
                                       plan.generation_keys, plan.generations)
-        except StoreError:
+        except Exception:
             self._store_failed(self._breaker(plan.key))  # this fill is lost; the next miss refills
+            if plan.token is not None:
+                await self._unlock(plan.key, plan.token)  # a lost fill must not leave its lock to expire
             return
         if stored:
             route_metrics = self._route_metrics(plan)
@@ -815,12 +966,31 @@ class CacheMiddleware:
             return
         try:
             await store.unlock(key, token)
-        except StoreError:
+        except Exception:
             self._store_failed(self._breaker(key))  # the lock expires by itself
 
     def _release(self, key: str, token: str | None) -> None:
-        if token is not None:
-            self.supervisor.submit("unlock", self._unlock, key, token, key=key, timeout=self._store_job_timeout)
+        if token is None:
+            return
+        if not self.supervisor.submit("unlock", self._unlock, key, token, key=key, timeout=self._store_job_timeout) \
+                and self.supervisor.running:
+            # Shed with a full queue: a release is never dropped, or every request for the key
+            # would wait out the lock. The pending set is bounded by the locks this process holds.
+            self._pending_releases[key] = token
+            if self._releases_wanted is not None:
+                self._releases_wanted.set()
+
+    async def _send_pending_releases(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """A service: the releases a full queue could not take, sent as soon as they come."""
+        self._releases_wanted = anyio.Event()
+        task_status.started()
+        while True:
+            await self._releases_wanted.wait()
+            self._releases_wanted = anyio.Event()
+            pending, self._pending_releases = self._pending_releases, {}
+            for key, token in pending.items():
+                with anyio.move_on_after(_RELEASE_TIMEOUT):
+                    await self._unlock(key, token)
 
     # -- bypass and logging ----------------------------------------------------------------------
 
@@ -862,20 +1032,31 @@ class CacheMiddleware:
             self.access_log.emit((rule.template, key_hash[:12] or "-", state, status, origin, elapsed, size))
 
 
+_frozen = False
+
+
 def _freeze_startup_objects() -> None:
-    """Collect startup's garbage, then move every object alive now out of the collector's view.
+    """Collect startup's garbage, then move every object alive now out of the collector's view; once a process.
 
     What is alive once the app has started (modules, routes, the app's own state)
     mostly lives as long as the process; a full collection would walk all of it
     each time, pausing every request in flight. ``gc.freeze()`` leaves it out, so
-    full collections only walk what requests made.
+    full collections only walk what requests made. Only the first startup: a
+    process that starts apps many times (a test suite) would otherwise never free
+    what was alive at each later one.
     """
+    global _frozen
+    if _frozen:
+        return
+    _frozen = True
     gc.collect()
     gc.freeze()
 
 
-def _no_identity(headers: RequestHeaders, scope: Scope) -> str | None:
-    return None
+def _credential_names(rule: RouteRule) -> tuple[str, ...]:
+    """A route's credentials as the ``credentials`` setting names them ("x-api-key", "cookie:NAME")."""
+    pairs: tuple[tuple[str, str], ...] = getattr(rule, "credentials", ())
+    return tuple(name if where == "header" else f"{where}:{name}" for where, name in pairs)
 
 
 async def _quietly(closing: Any) -> None:
@@ -902,7 +1083,7 @@ async def _log_corrupt(key: str, reason: str) -> None:
 
 def _without_unkeyed_overrides(scope: Scope, policy: Policy) -> Scope:
     """Headers that make apps answer for another host, scheme, URL or method never reach them unkeyed."""
-    headers = scope["headers"]
+    headers = scope.get("headers", ())
     if not any(name in http.OVERRIDE_HEADERS for name, _ in headers):
         return scope
     keyed = {name.encode("latin-1") for name in policy.vary_headers}
@@ -910,14 +1091,14 @@ def _without_unkeyed_overrides(scope: Scope, policy: Policy) -> Scope:
     return dict(scope, headers=kept)
 
 
-def _refresh_scope(scope: Scope, policy: Policy) -> dict[str, Any]:
+def _refresh_scope(scope: Scope, policy: Policy, credential_headers: Sequence[bytes]) -> dict[str, Any]:
     """A bodiless GET with only the headers that form the key: what the entry was made of."""
     keep = {b"host", *(name.encode("latin-1") for name in policy.vary_headers)}
     if policy.private or policy.vary_cookies:
-        keep |= {b"cookie", b"authorization"}
+        keep |= {b"cookie", *credential_headers}
     refresh = dict(scope)
     refresh["method"] = "GET"
-    refresh["headers"] = [(name, value) for name, value in scope["headers"] if name in keep]
+    refresh["headers"] = [(name, value) for name, value in scope.get("headers", ()) if name in keep]
     refresh["extensions"] = {}
     return refresh
 
@@ -937,6 +1118,15 @@ async def _serve(entry: Entry, scope: Scope, headers: RequestHeaders, send: Send
     body = b"" if scope["method"] == "HEAD" else entry.body
     await send({"type": "http.response.body", "body": body})
     return entry.status
+
+
+async def _replay_failure(failure: Entry, scope: Scope, send: Send, cache_status: bytes = http.STATUS_COLLAPSED
+                          ) -> int:
+    """An error answer not from the app (the leader's, or ours when the origin is saturated): never a 304."""
+    await send({"type": "http.response.start", "status": failure.status,
+                "headers": [*failure.headers, (http.X_CACHE, _MISS), (http.CACHE_STATUS, cache_status)]})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else failure.body})
+    return failure.status
 
 
 class _Marker:
@@ -970,9 +1160,9 @@ class _FillResponder:
     ``hold_errors`` a 5xx is swallowed, so a stale entry can answer instead.
     """
 
-    __slots__ = ("_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy", "_send", "cache_status",
-                 "complete", "deadline", "failed_status", "response_tags", "size", "started", "status", "storable",
-                 "stored_at")
+    __slots__ = ("_chunks", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy", "_send",
+                 "cache_status", "complete", "deadline", "failed_status", "response_tags", "size", "started", "status",
+                 "storable", "stored_at")
 
     def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes, hold_errors: bool) -> None:
         self._send = send
@@ -981,6 +1171,7 @@ class _FillResponder:
         self._hold_errors = hold_errors
         self.cache_status = cache_status
         self._chunks: list[bytes] = []
+        self._failure_chunks: list[bytes] | None = None  # a copy of a 5xx answer, for the waiters to share
         self._held: dict[str, Any] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self.size = 0
@@ -1011,10 +1202,15 @@ class _FillResponder:
                 self.response_tags = http.parse_cache_tags(message["headers"])
             self._headers = raw_headers
             self.storable = not self._head and http.not_storable_reason(self.status, raw_headers, self._policy) is None
+            if self.status >= 500 and not self.storable:
+                self._failure_chunks = []
             start: dict[str, Any] = dict(message)
             start["headers"] = [*raw_headers, (http.X_CACHE, _MISS), (http.CACHE_STATUS, self.cache_status)]
             self.started = True
-            if self.storable:
+            # A response that announces its length (Starlette's Response) sends its body at once:
+            # hold the start to add the ETag. A stream may wait long for its first chunk (events,
+            # long polls): its start goes out now, without an ETag on this miss.
+            if self.storable and http.header_values(raw_headers, b"content-length"):
                 self._held = start
                 return
             await self._send(start)
@@ -1029,6 +1225,11 @@ class _FillResponder:
                     self._chunks = []
                 else:
                     self._chunks.append(body)
+            elif self._failure_chunks is not None:
+                if self.size > self._policy.max_body:
+                    self._failure_chunks = None
+                else:
+                    self._failure_chunks.append(body)
             if self._held is not None:
                 held, self._held = self._held, None
                 if not more and self.storable and http.response_etag(self._headers) is None:
@@ -1045,6 +1246,14 @@ class _FillResponder:
             await self._send(held)
         await self._send(message)
 
+    def failure(self) -> Entry | None:
+        """The app's whole 5xx answer, to replay (never store) to the requests that waited on this one."""
+        if not self.complete or self._failure_chunks is None:
+            return None
+        body = b"".join(self._failure_chunks)
+        headers = tuple(h for h in http.stored_headers(self._headers, b"", len(body), self.status) if h[0] != b"etag")
+        return Entry(status=self.status, headers=headers, body=body, stored_at=self.stored_at, etag=b"", tags=())
+
     def entry(self, *, tags: tuple[str, ...]) -> Entry | None:
         """The entry to store, once the whole response went out; None if it must not be stored."""
         if not (self.complete and self.storable):
@@ -1053,7 +1262,7 @@ class _FillResponder:
         etag = http.response_etag(self._headers) or http.make_etag(body)
         return Entry(
             status=self.status,
-            headers=http.stored_headers(self._headers, etag, len(body)),
+            headers=http.stored_headers(self._headers, etag, len(body), self.status),
             body=body,
             stored_at=self.stored_at,
             etag=etag,

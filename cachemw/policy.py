@@ -79,6 +79,7 @@ class Policy:
     max_body: int = DEFAULT_MAX_BODY
     statuses: frozenset[int] = DEFAULT_STATUSES
     origin_timeout: float = 30.0
+    origin_concurrency: int = 0  # origin calls of this route at once in a process; 0: only the global bound
     preset: str | None = field(default=None, compare=False)
 
     @property
@@ -174,6 +175,7 @@ _PARSERS: dict[str, Any] = {
     "invalidates": _string_list,
     "max_body": _positive_int,
     "statuses": _statuses,
+    "origin_concurrency": _positive_int,
 }
 
 

@@ -450,3 +450,12 @@ def test_bad_policies_table(tmp_path: Path, text: str, shown: str) -> None:
 )
 def test_file_rule_knows_a_glob(route: str, is_glob: bool) -> None:
     assert FileRule(index=1, route=route, policy=Policy(), source="cachemw.toml rule 1").is_glob is is_glob
+
+
+def test_masked_url_hides_passwords_only() -> None:
+    from cachemw.config import masked_url
+
+    assert masked_url("redis://user:sekret@h:1/0") == "redis://user:***@h:1/0"
+    assert masked_url("rediss+sentinel://:pw@h:1,h2:2/svc") == "rediss+sentinel://:***@h:1,h2:2/svc"
+    assert masked_url("unix:///tmp/r.sock?db=1&password=zz") == "unix:///tmp/r.sock?db=1&password=***"
+    assert masked_url("redis://h:6379/0") == "redis://h:6379/0"

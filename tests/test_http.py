@@ -293,3 +293,9 @@ def test_not_modified_headers_drop_content_headers_and_keep_validators() -> None
 def test_stale_if_error_cache_status_names_the_origin_failure() -> None:
     assert cache_status_stale_if_error(503) == b"cachemw; fwd=stale; fwd-status=503; detail=stale-if-error"
     assert cache_status_stale_if_error(None) == b"cachemw; fwd=stale; detail=stale-if-error"
+
+
+def test_a_stored_204_gets_no_content_length() -> None:
+    stored = dict(stored_headers([(b"content-length", b"0"), (b"x-done", b"1")], b'"e"', 0, 204))
+    assert b"content-length" not in stored and stored[b"x-done"] == b"1"
+    assert dict(stored_headers([], b'"e"', 0, 200))[b"content-length"] == b"0"

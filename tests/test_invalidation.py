@@ -193,8 +193,9 @@ async def test_a_fill_that_began_before_an_invalidation_is_not_stored(store: Spy
             await find_middleware(app).invalidator.tags("product:1")  # type: ignore[union-attr]
             db.gate.set()  # the handler answers with what it read before the change
         assert responses[0].json()["version"] == 1
-        fills = find_middleware(app).supervisor.counters_for("fill")
-        await eventually(lambda: _true(fills.done == 1), what="the fill job finishing")
+        # The invalidation detached the fill: it is not stored, and its lock is released.
+        unlocks = find_middleware(app).supervisor.counters_for("unlock")
+        await eventually(lambda: _true(unlocks.done == 1), what="the detached fill's lock being released")
         after = await http.get("/products/1")
     assert after.headers["x-cache"] == "MISS" and after.json()["version"] == 2
 

@@ -324,7 +324,8 @@ def test_a_cookie_that_merely_contains_session_is_not_the_session(cookie: bytes)
 def test_authorization_is_the_fallback() -> None:
     assert identity_of([(b"authorization", b"Bearer t0ken")]) == "a:Bearer t0ken"
     assert identity_of([(b"cookie", b"xsession=1"), (b"authorization", b"Bearer t0ken")]) == "a:Bearer t0ken"
-    assert identity_of([(b"cookie", b"session=abc"), (b"authorization", b"Bearer t0ken")]) == "c:abc"
+    # Both present: keyed on both, since cachemw cannot know which one the app authenticates with.
+    assert identity_of([(b"cookie", b"session=abc"), (b"authorization", b"Bearer t0ken")]) == "c:abc\na:Bearer t0ken"
 
 
 def test_no_session_cookie_and_no_authorization_is_no_identity() -> None:

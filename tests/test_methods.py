@@ -1,20 +1,22 @@
-"""Which methods may invalidate: POST, PUT, PATCH and DELETE only; every other one passes through."""
+"""Which methods may invalidate (POST, PUT, PATCH and DELETE only), and what a replay of a bodiless status carries."""
 
 from __future__ import annotations
 
 import collections
+from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from cachemw import CacheMiddleware, cache
-from tests.asgi import SpyStore, client
+from tests.asgi import SpyStore, client, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -81,3 +83,78 @@ async def test_a_post_still_purges(store: SpyStore) -> None:
         assert (await http.post("/items")).status_code == 200
         after = await http.get("/items")
     assert after.headers["x-cache"] == "MISS" and after.json() == {"read": 2}
+
+
+async def test_a_cached_204_is_replayed_without_content_length(store: SpyStore) -> None:
+    @cache(ttl="5m", statuses=[200, 204])
+    async def nothing(request: Request) -> Response:
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route("/nothing", nothing)])
+    app.add_middleware(CacheMiddleware, store=store)
+    async with client(app) as http:
+        first = await http.get("/nothing")
+        hit = await http.get("/nothing")
+    assert first.status_code == hit.status_code == 204
+    assert hit.headers["x-cache"] == "HIT"
+    assert "content-length" not in first.headers and "content-length" not in hit.headers
+
+
+async def test_a_streamed_miss_sends_its_start_before_its_first_chunk(store: SpyStore) -> None:
+    """Events, long polls: the client sees the status and headers while the stream has nothing to say yet."""
+    first_chunk = anyio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        await first_chunk.wait()
+        yield b"data: 1\n\n"
+
+    @cache(ttl="5m")
+    async def events(request: Request) -> Response:
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    app = CacheMiddleware(Starlette(routes=[Route("/events", events)]), store=store)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/events", "raw_path": b"/events", "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"testserver")], "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app, scope, receive, send)
+        await eventually(lambda: _true(bool(sent)), what="the response start")
+        assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+        first_chunk.set()
+        await eventually(lambda: _true(any(not m.get("more_body", True) for m in sent[1:])),
+                         what="the end of the stream")
+        tg.cancel_scope.cancel()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_scope_without_headers_is_answered_by_the_app(store: SpyStore) -> None:
+    """ASGI servers always send headers; hand-made scopes (test suites) may not: no KeyError of ours."""
+    class Raw:
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await Response(b"raw")(scope, receive, send)
+
+    app = CacheMiddleware(Starlette(routes=[Route("/raw", cache(ttl="5m")(Raw()))]), store=store)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/raw", "root_path": "", "query_string": b"",
+             "scheme": "http", "server": ("testserver", 80)}
+    await app(scope, receive, send)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200

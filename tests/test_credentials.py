@@ -1,0 +1,95 @@
+"""Who a request is for: every credential it carries keys private entries and keeps it off shared ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cachemw import CacheMiddleware, ConfigError, Settings, cache, load_settings
+from tests.asgi import SpyStore, client
+
+pytestmark = pytest.mark.anyio
+
+
+def user_of(request: Request) -> str:
+    """What the app authenticates with: the bearer token or the X-Token header, never the session cookie."""
+    return request.headers.get("authorization") or request.headers.get("x-token") or "anonymous"
+
+
+@cache(ttl="5m", private=True)
+async def me(request: Request) -> Response:
+    return JSONResponse({"user": user_of(request)})
+
+
+@cache(ttl="5m")
+async def catalogue(request: Request) -> Response:
+    return JSONResponse({"for": user_of(request)})
+
+
+def make_app(store: SpyStore, settings: Settings | None = None) -> Starlette:
+    app = Starlette(routes=[Route("/users/me", me), Route("/catalogue", catalogue)])
+    app.add_middleware(CacheMiddleware, store=store, settings=settings or Settings())
+    return app
+
+
+async def test_a_private_entry_is_keyed_on_every_credential_not_the_session_cookie_alone(store: SpyStore) -> None:
+    # Two users whose browsers send the same session cookie (not their credential) and their own tokens.
+    async with client(make_app(store)) as http:
+        alice = await http.get("/users/me", headers={"cookie": "session=same", "authorization": "Bearer alice"})
+        bob = await http.get("/users/me", headers={"cookie": "session=same", "authorization": "Bearer bob"})
+        alice_again = await http.get("/users/me",
+                                     headers={"cookie": "session=same", "authorization": "Bearer alice"})
+    assert alice.json() == {"user": "Bearer alice"}
+    assert bob.json() == {"user": "Bearer bob"}
+    assert alice_again.json() == {"user": "Bearer alice"} and alice_again.headers["x-cache"] == "HIT"
+
+
+async def test_a_configured_credential_header_keeps_requests_off_shared_entries(store: SpyStore) -> None:
+    settings = Settings(credentials=("x-token",))
+    async with client(make_app(store, settings)) as http:
+        token = await http.get("/catalogue", headers={"x-token": "secret-a"})
+        anonymous = await http.get("/catalogue")
+        anonymous_again = await http.get("/catalogue")
+        other_token = await http.get("/catalogue", headers={"x-token": "secret-b"})
+    assert token.headers["x-cache"] == "BYPASS" and token.json() == {"for": "secret-a"}
+    assert anonymous.json() == anonymous_again.json() == {"for": "anonymous"}
+    assert anonymous_again.headers["x-cache"] == "HIT"
+    assert other_token.headers["x-cache"] == "BYPASS" and other_token.json() == {"for": "secret-b"}
+
+
+async def test_without_the_setting_an_unknown_credential_header_is_shared(store: SpyStore) -> None:
+    """What the setting is for: cachemw cannot know X-Token authenticates until told."""
+    async with client(make_app(store)) as http:
+        await http.get("/catalogue", headers={"x-token": "secret-a"})
+        replayed = await http.get("/catalogue")
+    assert replayed.headers["x-cache"] == "HIT"
+
+
+async def test_a_configured_credential_keys_private_entries(store: SpyStore) -> None:
+    settings = Settings(credentials=("x-token", "cookie:remember", "query:api_key"))
+    async with client(make_app(store, settings)) as http:
+        a = await http.get("/users/me", headers={"x-token": "a"})
+        b = await http.get("/users/me", headers={"x-token": "b"})
+        a_again = await http.get("/users/me", headers={"x-token": "a"})
+        by_cookie = await http.get("/users/me", headers={"cookie": "remember=r1"})
+        by_query = await http.get("/users/me?api_key=q1")
+        anonymous = await http.get("/users/me")
+    assert (a.json(), b.json()) == ({"user": "a"}, {"user": "b"})
+    assert a_again.headers["x-cache"] == "HIT" and a_again.json() == {"user": "a"}
+    assert by_cookie.headers["x-cache"] == by_query.headers["x-cache"] == "MISS"
+    assert anonymous.headers["x-cache"] == "BYPASS"
+
+
+def test_credentials_in_a_config_file(tmp_path: Path) -> None:
+    good = tmp_path / "cachemw.toml"
+    good.write_text('[cachemw]\ncredentials = ["X-Api-Key", "cookie:remember", "query:api_key"]\n')
+    assert load_settings(good).credentials == ("x-api-key", "cookie:remember", "query:api_key")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[cachemw]\ncredentials = ["path:x"]\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml.*'credentials'.*cookie:NAME"):
+        load_settings(bad)

@@ -1,0 +1,74 @@
+"""Fills in flight and invalidations: a request that starts after a write never gets an answer computed before it."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cachemw import CacheMiddleware, Settings, cache, invalidate
+from tests.asgi import SpyStore, client, eventually, lifespan
+
+pytestmark = pytest.mark.anyio
+
+
+class Database:
+    def __init__(self) -> None:
+        self.version = 1
+        self.reads = 0
+        self.gate = anyio.Event()
+
+
+def make_app(db: Database, store: SpyStore) -> Starlette:
+    @cache(ttl="5m", tags=["x"])
+    async def read(request: Request) -> Response:
+        version = db.version
+        db.reads += 1
+        if db.reads == 1:
+            await db.gate.wait()  # the first read is slow: still in the handler when the write lands
+        return JSONResponse({"version": version})
+
+    @cache("realtime", invalidates=["x"])
+    async def write(request: Request) -> Response:
+        db.version += 1
+        return JSONResponse({"version": db.version})
+
+    async def purge_all(request: Request) -> Response:
+        db.version += 1
+        return JSONResponse({"dropped": await invalidate(everything=True)})
+
+    app = Starlette(routes=[Route("/x", read, methods=["GET"]), Route("/x", write, methods=["POST"]),
+                            Route("/purge", purge_all, methods=["POST"])])
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=5.0, store_timeout=2.0))
+    return app
+
+
+@pytest.mark.parametrize("write", ["POST /x", "POST /purge"])
+async def test_a_get_after_a_write_does_not_join_the_fill_before_it(store: SpyStore, write: str) -> None:
+    db = Database()
+    app = make_app(db, store)
+    answers: list[dict[str, int]] = []
+    async with lifespan(app), client(app) as http, anyio.create_task_group() as tg:
+        async def slow_read() -> None:
+            answers.append((await http.get("/x")).json())
+
+        tg.start_soon(slow_read)
+        await eventually(lambda: _true(db.reads == 1), what="the first read in the handler")
+        method, path = write.split()
+        assert (await http.request(method, path)).status_code == 200
+        with anyio.fail_after(4):  # well under the lock timeout: it must not wait for the old fill
+            after = await http.get("/x")
+        assert after.json() == {"version": 2}
+        assert "collapsed" not in after.headers["cache-status"]
+        db.gate.set()
+    assert answers == [{"version": 1}]
+    async with client(app) as http:
+        again = await http.get("/x")
+    assert again.json() == {"version": 2}
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -1,0 +1,142 @@
+"""A herd of misses on one key calls the origin once, also when that one call fails."""
+
+from __future__ import annotations
+
+import collections
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from cachemw import CacheMiddleware, Settings, cache
+from tests.asgi import SpyStore, eventually, find_middleware, lifespan
+
+pytestmark = pytest.mark.anyio
+
+HERD = 60
+
+
+class Origin:
+    def __init__(self, failure: str) -> None:
+        self.failure = failure
+        self.calls = 0
+        self.gate = anyio.Event()
+
+
+def make_app(origin: Origin, store: SpyStore) -> Starlette:
+    @cache(ttl="5m")
+    async def hot(request: Request) -> Response:
+        origin.calls += 1
+        await origin.gate.wait()  # the herd gathers behind this first call
+        if origin.failure == "raise":
+            raise RuntimeError("the database went away")
+        return PlainTextResponse("the database went away", status_code=500)
+
+    app = Starlette(routes=[Route("/hot", hot)])
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=10.0, store_timeout=2.0))
+    return app
+
+
+@pytest.mark.parametrize("failure", ["raise", "500"])
+async def test_a_failing_leader_does_not_release_its_herd_onto_the_origin(store: SpyStore, failure: str) -> None:
+    origin = Origin(failure)
+    app = make_app(origin, store)
+    statuses: collections.Counter[int] = collections.Counter()
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://testserver") as http, \
+            anyio.create_task_group() as tg:
+        async def one() -> None:
+            statuses[(await http.get("/hot")).status_code] += 1
+
+        for _ in range(HERD):
+            tg.start_soon(one)
+        await eventually(lambda: _true(find_middleware(app).metrics.waiting_on_fills == HERD - 1),
+                         what="the herd waiting on the leader")
+        origin.gate.set()
+    assert statuses == {500: HERD}
+    assert origin.calls == 1
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str) -> None:
+    """Fills shed by a full queue are lost (and counted), but their locks are released at once."""
+    from cachemw import RedisStore, detach
+
+    release_worker = anyio.Event()
+
+    async def hold_the_worker() -> None:
+        await release_worker.wait()
+
+    async def busy(request: Request) -> Response:
+        detach(hold_the_worker)  # takes the only worker
+        detach(hold_the_worker)  # fills the queue of one
+        return PlainTextResponse("busy")
+
+    @cache(ttl="5m")
+    async def item(request: Request) -> Response:
+        return PlainTextResponse(f"item {request.path_params['n']}")
+
+    app = Starlette(routes=[Route("/busy", busy), Route("/items/{n}", item)])
+    store = RedisStore.from_url(redis_url, timeout=2.0)
+    app.add_middleware(CacheMiddleware, store=store,
+                       settings=Settings(queue_size=1, concurrency=1, lock_timeout=60.0, store_timeout=2.0))
+    raw = store.client
+    try:
+        async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                    base_url="http://testserver") as http:
+            assert (await http.get("/busy")).status_code == 200
+            fills = find_middleware(app).supervisor.counters_for("fill")
+            for n in range(20):
+                assert (await http.get(f"/items/{n}")).text == f"item {n}"
+            assert fills.shed >= 19  # the queue really was full
+
+            # Only the fill still queued holds its lock; the shed ones released theirs, well before lock_timeout.
+            async def only_the_queued_fill_locked() -> bool:
+                return len(await raw.keys("*:lock")) == fills.queued == 1
+
+            await eventually(only_the_queued_fill_locked, what="the shed fills' locks released")
+            release_worker.set()
+
+            async def no_locks() -> bool:
+                return not await raw.keys("*:lock")
+
+            await eventually(no_locks, what="every fill lock released")
+    finally:
+        await store.aclose()
+
+
+async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str) -> None:
+    from cachemw import RedisStore, StoreError
+
+    class LosingFills(SpyStore):
+        async def fill(self, *args: object) -> bool:
+            raise StoreError("NOSCRIPT, and the EVAL fallback timed out")
+
+    @cache(ttl="5m")
+    async def item(request: Request) -> Response:
+        return PlainTextResponse("item")
+
+    inner = RedisStore.from_url(redis_url, timeout=2.0)
+    app = Starlette(routes=[Route("/item", item)])
+    app.add_middleware(CacheMiddleware, store=LosingFills(inner),
+                       settings=Settings(lock_timeout=60.0, store_timeout=2.0))
+    try:
+        async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                    base_url="http://testserver") as http:
+            assert (await http.get("/item")).text == "item"
+            fills = find_middleware(app).supervisor.counters_for("fill")
+            await eventually(lambda: _true(fills.done == 1), what="the fill job ending")
+
+            async def no_locks() -> bool:
+                return not await inner.client.keys("*:lock")
+
+            await eventually(no_locks, what="the lost fill's lock released")
+    finally:
+        await inner.aclose()

@@ -1,0 +1,71 @@
+"""On the request path, any exception a store call raises is a store failure: the app answers."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from cachemw import CacheMiddleware, MemoryStore, Settings, cache
+from tests.asgi import SpyStore, client, eventually, lifespan
+
+pytestmark = pytest.mark.anyio
+
+
+class ForeignLoopStore(SpyStore):
+    """Fails as a driver bound to another event loop does: not with StoreError."""
+
+    async def get(self, key: str) -> bytes | None:
+        raise RuntimeError("Task got Future attached to a different loop")
+
+    async def lock(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Event loop is closed")
+
+    async def fill(self, *args: Any) -> bool:
+        raise RuntimeError("Event loop is closed")
+
+    async def invalidate(self, *args: Any) -> int:
+        raise RuntimeError("Event loop is closed")
+
+
+@cache(ttl="5m", invalidates=["page"], tags=["page"])
+async def page(request: Request) -> Response:
+    return PlainTextResponse(f"page {request.method}")
+
+
+async def test_a_store_raising_anything_fails_open() -> None:
+    store = ForeignLoopStore(MemoryStore())
+    app = Starlette(routes=[Route("/page", page, methods=["GET", "POST"])])
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(store_timeout=1.0))
+    async with lifespan(app), client(app) as http:
+        gets = [await http.get("/page") for _ in range(3)]
+        post = await http.post("/page")
+    assert [r.status_code for r in gets] == [200, 200, 200]
+    assert {r.text for r in gets} == {"page GET"}
+    assert post.status_code == 200 and post.text == "page POST"
+
+
+async def test_an_unreachable_store_is_named_once_at_startup(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = CacheMiddleware(Starlette(routes=[Route("/page", page)]),
+                          redis_url=f"redis://shop:hunter2@127.0.0.1:{port}/0")
+    with caplog.at_level(logging.WARNING, logger="cachemw"):
+        async with lifespan(app), client(app) as http:
+            await eventually(lambda: _true(app.store_problem is not None), what="the startup probe failing")
+            assert (await http.get("/page")).status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if "cannot reach the store" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"redis://shop:***@127.0.0.1:{port}/0" in warnings[0] and "hunter2" not in warnings[0]
+    assert "Connect" in warnings[0] or "refused" in warnings[0].lower()  # the cause, not just "failed"
+
+
+async def _true(value: bool) -> bool:
+    return value
