@@ -133,7 +133,10 @@ def run_one(python: str, suite: str, folder: Path, mode: str, out: Path, workers
     args = [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
             *SUITES[suite][1]]
     if workers > 1:
-        args += ["-n", str(workers)]
+        # A test that hangs past its timeout ends its worker (thread method), xdist reports it as failed
+        # and starts another: one hang (a test whose cleanup never runs once an assertion failed) cannot
+        # stall the run. The signal method cannot end a test stuck joining the loop's executor threads.
+        args += ["-n", str(workers), "--timeout-method=thread", "--max-worker-restart=1000"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEMW_", "PYTEST_"))}
     if plugin_mode is not None:
         args += ["-p", "cachemw_suites"]
@@ -312,7 +315,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--src", type=Path, default=HERE / "src", help="where the suites' sdists are unpacked")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "thirdparty.md")
     parser.add_argument("--raw", type=Path, default=HERE / "out", help="junit XML, logs and plugin events")
-    parser.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers per run")
+    parser.add_argument("-n", "--workers", type=int, default=2,
+                        help="pytest-xdist workers per run (1: no xdist, and a hung test stalls the run)")
     args = parser.parse_args(argv)
     suites = [s for s in args.suites.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
