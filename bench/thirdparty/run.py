@@ -123,15 +123,12 @@ def parse_junit(path: Path) -> dict[str, Outcome]:
     return results
 
 
-def run_one(python: str, suite: str, folder: Path, mode: str, out: Path, workers: int) -> Run:
+def plan(python: str, suite: str, folder: Path, mode: str, out: Path, workers: int
+         ) -> tuple[list[str], dict[str, str], str]:
+    """The pytest command of one run, its environment, and the command as the report shows it."""
     plugin_mode, policy = MODES[mode]
     junit = out / f"{suite}-{mode}.xml"
-    log = out / f"{suite}-{mode}.log"
-    events = out / f"{suite}-{mode}.events.jsonl"
-    for stale in (junit, log, events):
-        stale.unlink(missing_ok=True)
-    args = [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-            *SUITES[suite][1]]
+    args = [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *SUITES[suite][1]]
     if workers > 1:
         # A test that hangs past its timeout ends its worker (thread method), xdist reports it as failed
         # and starts another: one hang (a test whose cleanup never runs once an assertion failed) cannot
@@ -141,25 +138,48 @@ def run_one(python: str, suite: str, folder: Path, mode: str, out: Path, workers
     if plugin_mode is not None:
         args += ["-p", "cachemw_suites"]
         env.update(CACHEMW_SUITES_MODE=plugin_mode, CACHEMW_SUITES_POLICY=policy or "none",
-                   CACHEMW_SUITES_EVENTS=str(events),
+                   CACHEMW_SUITES_EVENTS=str(out / f"{suite}-{mode}.events.jsonl"),
                    CACHEMW_SUITES_SERVER_TUPLE="1" if mode.endswith("-tuple") else "0",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])))
     shown = " ".join(f"{k}={env[k]}" for k in ("CACHEMW_SUITES_MODE", "CACHEMW_SUITES_POLICY",
                                                  "CACHEMW_SUITES_SERVER_TUPLE") if env.get(k) not in (None, "0"))
     command = f"cd {folder.name} && {shown + ' ' if shown else ''}" + " ".join(
         shlex.quote(a) for a in [Path(python).name, *args[1:]] if not a.startswith("--junitxml"))
+    return args, env, command
+
+
+def run_one(python: str, suite: str, folder: Path, mode: str, out: Path, workers: int) -> Run:
+    args, env, command = plan(python, suite, folder, mode, out, workers)
+    for stale in (f"{suite}-{mode}.xml", f"{suite}-{mode}.log", f"{suite}-{mode}.events.jsonl",
+                  f"{suite}-{mode}.json"):
+        (out / stale).unlink(missing_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {suite} {mode}: {command}", flush=True)
     started = time.monotonic()
-    with log.open("w") as fh:
+    with (out / f"{suite}-{mode}.log").open("w") as fh:
         proc = subprocess.run(args, cwd=folder, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
     seconds = time.monotonic() - started
-    run = Run(suite, mode, command, seconds, proc.returncode, parse_junit(junit))
+    (out / f"{suite}-{mode}.json").write_text(json.dumps({"seconds": seconds, "exit_code": proc.returncode}))
+    run = load_run(suite, mode, command, out)
+    print(f"    {seconds:.0f}s exit {proc.returncode}: " + ", ".join(f"{n} {k}" for k, n in
+                                                                   sorted(run.counts().items())), flush=True)
+    return run
+
+
+def load_run(suite: str, mode: str, command: str, out: Path) -> Run:
+    """One run's results from its files in ``out`` (what --report-only reads)."""
+    junit = out / f"{suite}-{mode}.xml"
+    meta_file = out / f"{suite}-{mode}.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    seconds = meta.get("seconds")
+    if seconds is None and junit.exists():  # a run from before the .json: pytest's own figure
+        suite_node = ET.parse(junit).getroot()
+        suite_node = suite_node if suite_node.tag == "testsuite" else suite_node.find("testsuite")
+        seconds = float(suite_node.get("time", 0)) if suite_node is not None else 0.0
+    run = Run(suite, mode, command, seconds or 0.0, meta.get("exit_code", -1), parse_junit(junit))
+    events = out / f"{suite}-{mode}.events.jsonl"
     if events.exists():
         with events.open() as fh:
             run.events = [json.loads(line) for line in fh if line.strip()]
-    counts = run.counts()
-    print(f"    {seconds:.0f}s exit {proc.returncode}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
-          flush=True)
     return run
 
 
@@ -194,6 +214,7 @@ def event_summary(run: Run) -> list[str]:
     from_cachemw: dict[str, set[str]] = collections.defaultdict(set)
     logs = collections.Counter()
     across = collections.defaultdict(set)
+    across_detail: list[tuple[str, str, list[str]]] = []
     x_cache: collections.Counter[str] = collections.Counter()
     no_routes = 0
     for event in run.events:
@@ -207,6 +228,9 @@ def event_summary(run: Run) -> list[str]:
             logs[f"{event['level']} {event['logger']}: {str(event['message'])[:120]}"] += 1
         elif kind == "hit-across-requests":
             across[f"{event['method']} {event['path']}"].add(str(event["test"]))
+            fill, hit = dict(map(tuple, event["fill"]["headers"])), dict(map(tuple, event["hit"]["headers"]))
+            names = sorted(n for n in set(fill) | set(hit) if fill.get(n) != hit.get(n))
+            across_detail.append((str(event["test"]), f"{event['method']} {event['path']}", names))
         elif kind == "x-cache":
             x_cache.update(event["counts"])  # type: ignore[arg-type]
         elif kind == "no-routes":
@@ -224,9 +248,13 @@ def event_summary(run: Run) -> list[str]:
         lines.append("- cachemw log records (WARNING+): " + "; ".join(f"`{k}` x{n}" for k, n in logs.most_common(8)))
     if across:
         tests = set().union(*across.values())
-        lines.append(f"- hits served to a request differing from the fill's in a non-standard header or cookie "
-                     f"(possible cross-user): {sum(len(v) for v in across.values())} route(s) in {len(tests)} "
-                     "test(s); the failing ones are listed below")
+        lines.append(f"- hits served to a request that differs from the fill's in a header beyond the usual ones "
+                     f"(possible cross-user): {len(across_detail)} in {len(tests)} test(s):")
+        for test, what, names in across_detail[:30]:
+            lines.append(f"  - `{test}`: {what}, headers differing: {', '.join(names) or '(order only)'}")
+    else:
+        lines.append("- no hit was served to a request that differs from the fill's in any header beyond the usual "
+                     "ones (no response across users)")
     return lines
 
 
@@ -317,6 +345,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--raw", type=Path, default=HERE / "out", help="junit XML, logs and plugin events")
     parser.add_argument("-n", "--workers", type=int, default=2,
                         help="pytest-xdist workers per run (1: no xdist, and a hung test stalls the run)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from the files a previous run left in --raw")
     args = parser.parse_args(argv)
     suites = [s for s in args.suites.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
@@ -335,7 +365,11 @@ def main(argv: list[str]) -> int:
         dist = SUITES[suite][0]
         folder = suite_source(args.python, args.src, dist, versions[dist])
         for mode in modes:
-            runs.append(run_one(args.python, suite, folder, mode, args.raw, args.workers))
+            if args.report_only:
+                runs.append(load_run(suite, mode, plan(args.python, suite, folder, mode, args.raw, args.workers)[2],
+                                     args.raw))
+            else:
+                runs.append(run_one(args.python, suite, folder, mode, args.raw, args.workers))
     write_report(args.out, runs, versions, args.python, ["bench/thirdparty/run.py", *argv])
     return 0
 
