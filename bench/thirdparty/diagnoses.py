@@ -26,12 +26,20 @@ DIAGNOSES: list[tuple[str, str, str, str]] = [
      "new: on a cacheable route the response start is held until the first body chunk "
      "(cachemw/middleware.py:1016-1019 `_FillResponder.send` keeps it in `_held`, sent with the first body at "
      "1030-1036 to add an ETag); a stream whose first chunk waits shows the client no status/headers"),
+    ("starlette", "*-catchall*", "tests/middleware/test_base.py::test_do_not_block_on_background_tasks*",
+     "new (latency): two concurrent GET / run the handler once (single-flight, as declared), but the collapsed "
+     "one is answered only after the first response's BackgroundTask finished: the flight finishes when the "
+     "app call returns (cachemw/middleware.py `_miss`, `flight.finish` after `_forward`), which in Starlette "
+     "includes the background task; repro `collapsed_wait_for_background_task`"),
+    ("starlette", "*-catchall*", "tests/middleware/test_base.py::test_multiple_middlewares_stacked_client_disc*",
+     "as declared: the test compares the exact response-start headers; a cached route adds `X-Cache`, "
+     "`Cache-Status` and an `ETag`"),
     ("starlette", "*-catchall*", "tests/test_testclient.py::test_use_testclient_as_contextmanager*",
      "staleness as declared: two GET /loop_id outside `with client` expect 1 then 2 (a new loop per request); "
      "the second is the cached 1 within the 2 s ttl"),
     ("starlette", "wrap-catchall*", "tests/test_routing.py::test_lifespan_state_async_cm*",
-     "staleness as declared (the second GET / is a hit, so the handler appends to state.items once, "
-     "[1] != [1, 1]; the lifespan's AssertionError then comes out as an ExceptionGroup, #14 item 11)"),
+     "staleness as declared: the second GET / is a hit within the 2 s ttl, so the handler appends to "
+     "state.items once and the lifespan's check [1] == [1, 1] fails (the Router is cached only when wrapped)"),
     ("starlette", "wrap-*", "tests/test_routing.py::test_raise_on_startup*",
      "#14 item 11: a startup exception of the router's lifespan comes out as an ExceptionGroup (wrapped "
      "app; supervisor's task group, cachemw/middleware.py _lifespan)"),

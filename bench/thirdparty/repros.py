@@ -145,6 +145,52 @@ def scope_without_headers() -> str | None:
     return None
 
 
+@repro
+def collapsed_wait_for_background_task() -> str | None:
+    """New (latency): a request collapsed onto another's fill waits for that response's BackgroundTask too.
+
+    The leader's flight finishes when ``self.app(...)`` returns (cachemw/middleware.py ``_miss``,
+    ``flight.finish`` after ``_forward``), and Starlette runs a response's background task inside
+    that call, after the last body message. Past ``lock_timeout`` the waiters call the app themselves.
+    """
+    import time
+
+    import anyio
+    from starlette.background import BackgroundTask
+
+    async def slow_task() -> None:
+        await anyio.sleep(1.0)
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hi", background=BackgroundTask(slow_task))
+
+    app = Starlette(routes=[Route("/", hello)])
+    app.add_middleware(CacheMiddleware, settings=catch_all())
+    done: list[float] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            done.append(time.monotonic() - began)
+
+    scope = {"type": "http", "version": "1.1", "method": "GET", "path": "/", "headers": [(b"host", b"t")],
+             "query_string": b"", "server": ("t", 80), "scheme": "http", "root_path": ""}
+    began = time.monotonic()
+
+    async def both() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(app, dict(scope), receive, send)
+            group.start_soon(app, dict(scope), receive, send)
+
+    anyio.run(both)
+    if max(done) < 0.5:
+        return None
+    return (f"both responses complete at {', '.join(f'{t:.2f}' for t in sorted(done))} s: the collapsed one "
+            "waited for the first one's 1 s background task")
+
+
 def main(names: list[str]) -> int:
     chosen = names or list(REPROS)
     reproduced = 0
