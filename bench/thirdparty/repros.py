@@ -191,6 +191,32 @@ def collapsed_wait_for_background_task() -> str | None:
             "waited for the first one's 1 s background task")
 
 
+@repro
+def fastapi_api_key_replayed() -> str | None:
+    """#14 item 8: under a shared catch-all rule, a FastAPI APIKeyHeader route's 200 is replayed to anyone."""
+    from fastapi import Depends, FastAPI, Security
+    from fastapi.security import APIKeyHeader
+
+    api_key = APIKeyHeader(name="key")
+    app = FastAPI()
+
+    def current_user(key: str = Security(api_key)) -> dict[str, str]:
+        return {"username": key}
+
+    @app.get("/users/me")
+    def me(user: dict[str, str] = Depends(current_user)) -> dict[str, str]:  # noqa: B008 (FastAPI style)
+        return user
+
+    app.add_middleware(CacheMiddleware, settings=catch_all())
+    client = TestClient(app)
+    first = client.get("/users/me", headers={"key": "secret"})
+    second = client.get("/users/me")  # no key: FastAPI answers 401
+    third = client.get("/users/me", headers={"key": "other"})
+    leaks = [f"{label} got {r.status_code} {r.text} ({r.headers.get('x-cache')})"
+             for label, r in (("no key", second), ("key 'other'", third)) if r.text == first.text]
+    return "; ".join(leaks) or None
+
+
 def main(names: list[str]) -> int:
     chosen = names or list(REPROS)
     reproduced = 0
