@@ -217,6 +217,95 @@ def fastapi_api_key_replayed() -> str | None:
     return "; ".join(leaks) or None
 
 
+@repro
+def head_own_handler() -> str | None:
+    """#14 item 10: with @app.head routed to its own handler, HEAD is answered from the GET entry."""
+    from fastapi import FastAPI, Response
+
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    def get_item(item_id: str) -> dict[str, str]:
+        return {"id": item_id}
+
+    @app.head("/items/{item_id}")
+    def head_item(item_id: str, response: Response) -> None:
+        response.headers["x-fastapi-item-id"] = item_id
+
+    app.add_middleware(CacheMiddleware, settings=catch_all())
+    client = TestClient(app)
+    client.get("/items/foo")
+    head = client.head("/items/foo")
+    if head.headers.get("x-fastapi-item-id") == "foo":
+        return None
+    return f"HEAD /items/foo answered without the HEAD handler's header ({head.headers.get('x-cache')})"
+
+
+@repro
+def custom_matches_404_cached() -> str | None:
+    """#14 item 1: a route whose matches() Starlette calls but cachemw cannot reproduce; its 404 is cached."""
+    from fastapi import APIRouter, FastAPI
+    from fastapi.routing import APIRoute
+    from starlette.routing import Match
+
+    class HeaderRoute(APIRoute):
+        def matches(self, scope: Any) -> Any:
+            if dict(scope.get("headers", [])).get(b"x-match") != b"yes":
+                return Match.NONE, {}
+            return super().matches(scope)
+
+    router = APIRouter(route_class=HeaderRoute)
+
+    @router.get("/items")
+    def read_items() -> list[int]:
+        return [1]
+
+    app = FastAPI()
+    app.include_router(router, prefix="/api")
+    app.add_middleware(CacheMiddleware, settings=catch_all())
+    client = TestClient(app)
+    first = client.get("/api/items")
+    second = client.get("/api/items", headers={"x-match": "yes"})
+    if second.status_code == 200:
+        return None
+    return (f"GET /api/items without x-match: {first.status_code} {first.headers.get('x-cache')}; with x-match: "
+            f"{second.status_code} {second.headers.get('x-cache')} (the 404 replayed)")
+
+
+@repro
+def get_body_without_length() -> str | None:
+    """New (minor): a GET whose body has no Content-Length nor Transfer-Encoding is answered from cache.
+
+    Over HTTP/2 a request body needs neither; cachemw's ``http.has_body`` looks at headers only
+    (cachemw/http.py ``has_body``), so an entry filled from one body answers a request with another.
+    """
+    import anyio
+    import httpx
+    from starlette.requests import Request
+
+    async def echo(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(await request.body())
+
+    app = Starlette(routes=[Route("/", echo)])
+    app.add_middleware(CacheMiddleware, settings=catch_all())
+
+    class Body(httpx.AsyncByteStream):
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        async def __aiter__(self) -> Any:
+            yield self.data
+
+    async def two() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return [await client.send(httpx.Request("GET", "http://t/", stream=Body(data))) for data in (b"a", b"b")]
+
+    _first, second = anyio.run(two)
+    if second.text == "b":
+        return None
+    return f"GET / with body b'b' answered {second.text!r} ({second.headers.get('x-cache')}), the body of the first"
+
+
 def main(names: list[str]) -> int:
     chosen = names or list(REPROS)
     reproduced = 0

@@ -258,7 +258,21 @@ def event_summary(run: Run) -> list[str]:
     return lines
 
 
-def write_report(path: Path, runs: list[Run], versions: dict[str, str], python: str, argv: list[str]) -> None:
+def ran_at(runs: list[Run], raw: Path) -> str:
+    stamps = [(raw / f"{run.suite}-{run.mode}.xml").stat().st_mtime for run in runs
+              if (raw / f"{run.suite}-{run.mode}.xml").exists()]
+    if not stamps:
+        return "(no results)"
+    fmt = "%Y-%m-%d %H:%M UTC"
+    first, last = (datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(fmt)
+                   for t in (min(stamps), max(stamps)))
+    return first if first == last else f"between {first} and {last}"
+
+
+def write_report(path: Path, runs: list[Run], versions: dict[str, str], python: str, argv: list[str],
+                 raw: Path) -> None:
+    code = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M",
+                           "--", "cachemw"], capture_output=True, text=True).stdout.strip()
     revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "cachemw"], capture_output=True,
@@ -269,9 +283,12 @@ def write_report(path: Path, runs: list[Run], versions: dict[str, str], python: 
     out: list[str] = [
         "# Third-party test suites with CacheMiddleware in every app",
         "",
-        f"- command: `python3 {' '.join(shlex.quote(a) for a in argv)}` (from the repository root)",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- revision: cachemw {revision}{' with uncommitted changes in cachemw/' if dirty else ''}",
+        f"- command: `python3 {' '.join(shlex.quote(a) for a in argv if a != '--report-only')}` (from the "
+        "repository root)" + ("; this report was rewritten from its files with `--report-only`"
+                              if "--report-only" in argv else ""),
+        f"- date: the runs ended {ran_at(runs, raw)}",
+        f"- revision: branch at {revision}; cachemw/ as of {code} (its last commit)"
+        f"{', with uncommitted changes in cachemw/' if dirty else ''}",
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {pyver}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in {**versions, **others}.items()),
         "- plugin: `bench/thirdparty/cachemw_suites.py` (`-p cachemw_suites`, no edit to the suites). "
@@ -370,7 +387,7 @@ def main(argv: list[str]) -> int:
                                      args.raw))
             else:
                 runs.append(run_one(args.python, suite, folder, mode, args.raw, args.workers))
-    write_report(args.out, runs, versions, args.python, ["bench/thirdparty/run.py", *argv])
+    write_report(args.out, runs, versions, args.python, ["bench/thirdparty/run.py", *argv], args.raw)
     return 0
 
 
