@@ -101,6 +101,10 @@ class Supervisor:
     ``lanes`` gives kinds of work their own queue and workers (``{"refresh": 16}``),
     so slow jobs of one kind (a refresh waiting on a slow origin) never hold up
     the others (fills, lock releases, logging).
+
+    A failing service is restarted after ``retry_backoff`` seconds, doubling up to
+    30 s while it keeps failing; a run of at least ``healthy_run`` seconds ends the
+    streak, and its failure is restarted after ``retry_backoff`` again.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class Supervisor:
         grace_period: float = 10.0,
         retry_backoff: float = 0.1,
         lanes: dict[str, int] | None = None,
+        healthy_run: float = 10.0,
     ) -> None:
         if queue_size < 1 or concurrency < 1 or any(n < 1 for n in (lanes or {}).values()):
             raise ValueError("queue_size and concurrency (also of each lane) must be at least 1")
@@ -121,6 +126,7 @@ class Supervisor:
         self.job_timeout = job_timeout
         self.grace_period = grace_period
         self.retry_backoff = retry_backoff
+        self.healthy_run = healthy_run
         self.counters: dict[str, JobCounters] = {}
         self.service_restarts: dict[str, int] = {}
         self._services: list[tuple[str, ServiceFunction]] = []
@@ -259,11 +265,14 @@ class Supervisor:
         with scope:
             backoff = self.retry_backoff
             while True:
+                began = anyio.current_time()
                 try:
                     await function(task_status=once)
                     return
                 except Exception as exc:
                     once.started()  # a failing service must not hold up startup
+                    if anyio.current_time() - began >= self.healthy_run:
+                        backoff = self.retry_backoff  # it ran well: a new failure, not one more of a streak
                     logger.warning("cachemw: service %s failed (%r); restarting in %.2fs", name, exc, backoff,
                                    exc_info=True)
                     self.service_restarts[name] = self.service_restarts.get(name, 0) + 1

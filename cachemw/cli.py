@@ -157,20 +157,31 @@ def _cmd_routes(args: argparse.Namespace) -> int:
             "config": settings.source,
             "routes": [
                 {"route": rule.template, "methods": sorted(rule.methods or []), "name": rule.name,
-                 "source": rule.source, "policy": _policy_json(rule.policy)}
+                 "source": rule.source, "policy": _policy_json(rule.policy),
+                 "credentials": [{"in": location, "name": name} for location, name in rule.credentials]}
                 for rule in table.rules
             ],
+            "warnings": list(table.warnings),
         }, indent=2))
         return 0
     rows = [("ROUTE", "METHODS", "POLICY", "SOURCE")]
+    credentials: dict[int, str] = {}
     for rule in table.rules:
         methods = ",".join(sorted(m for m in (rule.methods or {"*"}) if m != "HEAD")) or "*"
         rows.append((rule.template, methods, describe_policy(rule.policy), rule.source))
+        if rule.credentials:
+            credentials[len(rows) - 1] = ", ".join(f"{location} {name}" for location, name in rule.credentials)
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
+    for index, row in enumerate(rows):
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+        if index in credentials:
+            # The route authenticates with these (its FastAPI security schemes): requests that carry one are
+            # a user's.
+            print(f"    credentials: {credentials[index]}")
     print(f"\nconfig: {settings.source or '(none: defaults)'}; store: "
           f"{'redis' if settings.redis_url else 'memory'}")
+    for warning in table.warnings:
+        print(f"warning: {warning}")
     return 0
 
 

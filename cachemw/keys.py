@@ -123,8 +123,11 @@ class KeyedRequest:
 
 def route_path(scope: Scope) -> str:
     """The path the router matches (Starlette's ``get_route_path``)."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
+    return strip_root_path(scope["path"], scope.get("root_path", ""))
+
+
+def strip_root_path(path: str, root_path: str) -> str:
+    """``path`` without ``root_path``, as Starlette's ``get_route_path`` does at each level of routes."""
     if not root_path or not path.startswith(root_path):
         return path
     if path == root_path:

@@ -38,7 +38,6 @@ from cachemw.keys import (
     RequestHeaders,
     SessionIdentity,
     path_tag,
-    route_path,
     route_tag,
     tag_keys,
 )
@@ -49,7 +48,7 @@ from cachemw.origin import OriginSlots
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template
 from cachemw.store import MemoryStore, Store, StoreError, store_from_url
-from cachemw.store.base import FillWaiter, LockResult
+from cachemw.store.base import FillWaiter, LockResult, unsupported_event_loop
 from cachemw.writebehind import WriteBehind
 
 __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
@@ -244,6 +243,8 @@ class CacheMiddleware:
         if routes is None:
             routes = getattr(self.app, "routes", [])
         table = build_rule_table(routes, settings)
+        for warning in table.warnings:  # routes the table cannot model: what may reach them is never cached
+            logger.warning("cachemw: %s", warning)
         if self.store is None:
             try:
                 self.store = store_from_url(settings.redis_url, timeout=settings.store_timeout,
@@ -311,7 +312,7 @@ class CacheMiddleware:
             supervisor.bind()
             _current.set(self)
             # A route without a policy goes straight to the app: no frame of ours in between.
-            match = table.match(route_path(scope), scope["method"])
+            match = table.match_scope(scope)
             if supervisor.running:
                 await (self.app(scope, receive, send) if match is None else self._http(scope, receive, send, match))
             else:
@@ -328,6 +329,9 @@ class CacheMiddleware:
         if first["type"] == "lifespan.startup":
             try:
                 self.prepare(scope.get("app"))
+                problem = unsupported_event_loop(self.store)  # the Redis store on trio
+                if problem is not None:
+                    raise ConfigError(problem)
             except ConfigError as exc:
                 # Reported as a failed startup: uvicorn would take an exception for
                 # "lifespan unsupported" and serve with the bad configuration.
@@ -1055,8 +1059,7 @@ def _freeze_startup_objects() -> None:
 
 def _credential_names(rule: RouteRule) -> tuple[str, ...]:
     """A route's credentials as the ``credentials`` setting names them ("x-api-key", "cookie:NAME")."""
-    pairs: tuple[tuple[str, str], ...] = getattr(rule, "credentials", ())
-    return tuple(name if where == "header" else f"{where}:{name}" for where, name in pairs)
+    return tuple(name if where == "header" else f"{where}:{name}" for where, name in rule.credentials)
 
 
 async def _quietly(closing: Any) -> None:

@@ -4,6 +4,12 @@ The decorator only annotates the endpoint. The table is built once, at startup,
 from the app's routes, because the middleware must decide before the router
 runs (the router sets ``scope["endpoint"]`` only inside itself). Precedence:
 decorator, then the first file rule that matches the route, then no caching.
+
+The table's matcher reproduces Starlette's (and FastAPI's) router exactly for the
+routes it knows (Route, APIRoute, Mount, included routers, WebSocket routes). A
+route it cannot reproduce (``Host``, a custom ``BaseRoute``, a ``matches()`` of its
+own, a mounted router that dispatches its own way) may take any request that
+reaches it: such requests get no policy, and ``RuleTable.warnings`` says so.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from starlette.routing import BaseRoute, Mount, WebSocketRoute
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, Host, Mount, Route, Router, WebSocketRoute
 
 from cachemw.config import FileRule, Settings, resolve_preset
+from cachemw.keys import strip_root_path
 from cachemw.policy import ConfigError, Policy, policy_from_fields
 
-__all__ = ["CacheSpec", "RouteMatch", "RouteRule", "RuleTable", "build_rule_table", "cache"]
+__all__ = ["UNKNOWN", "CacheSpec", "RouteMatch", "RouteRule", "RuleTable", "build_rule_table", "cache"]
 
 _SPEC_ATTRIBUTE = "__cachemw__"
 _PARAM = re.compile(r"{([^{}:]+)(?::[^{}]*)?}")
@@ -69,6 +77,10 @@ class RouteRule:
     policy: Policy | None
     source: str  # "decorator", "cachemw.toml rule 2", or "default"
     label: str  # the template as it appears in keys: braces would be Redis Cluster hash tags
+    # What the route authenticates with, from its FastAPI security dependencies: (location, name)
+    # pairs, location "header" (name lowercased), "cookie" or "query". A request that carries one
+    # is a user's request.
+    credentials: tuple[tuple[str, str], ...] = ()
 
 
 class RouteMatch:
@@ -92,61 +104,120 @@ class RouteMatch:
         return params
 
 
+_ROUTE, _MOUNT, _UNKNOWN = 0, 1, 2
+
+
 @dataclass(frozen=True, slots=True)
 class _Node:
-    regex: re.Pattern[str]
+    kind: int  # _ROUTE, _MOUNT, or _UNKNOWN: a route whose matching we cannot reproduce
+    regex: re.Pattern[str] | None
     convertors: Mapping[str, Any]
     methods: frozenset[str] | None
-    rule: RouteRule | None  # None for a mount and for routes we cannot cache
-    children: tuple[_Node, ...] | None  # a mount's routes
+    rule: RouteRule | None  # every _ROUTE has one, with or without a policy
+    children: tuple[_Node, ...] | None  # a mount's routes; None: a mounted app without routes of ours
+
+
+class _Unknown:
+    """What the router runs cannot be known here: an unmodellable route may take the request."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN = _Unknown()
+
+
+_Found = list[tuple[re.Match[str], Mapping[str, Any]]]
+
+
+def _walk(nodes: tuple[_Node, ...], path: str, root_path: str, method: str,
+          found: _Found) -> _Node | _Unknown | None:
+    """The route Starlette's router runs for this request: a node, None (404, 405, a redirect, a
+    mounted app of no routes of ours), or UNKNOWN (a route we cannot model may take it)."""
+    route_path = strip_root_path(path, root_path)
+    for node in nodes:
+        if node.kind == _UNKNOWN:
+            return UNKNOWN  # it may match: whatever comes after it is not known to run
+        assert node.regex is not None
+        match = node.regex.match(route_path)
+        if match is None:
+            continue
+        if node.kind == _MOUNT:
+            # A mount is a full match for Starlette's router: whatever its routes
+            # say is final, later siblings are never tried.
+            if node.children is None:
+                return None
+            remaining = "/" + match.group("path")
+            found.append((match, {k: v for k, v in node.convertors.items() if k != "path"}))
+            return _walk(node.children, path, root_path + route_path[: -len(remaining)], method, found)
+        if node.methods is not None and method not in node.methods:
+            # A partial match: a later full match wins, else the router answers 405 from it.
+            continue
+        found.append((match, node.convertors))
+        return node
+    return None
 
 
 class RuleTable:
-    """All routes in the router's order, and a matcher that mirrors Starlette's."""
+    """All routes in the router's order, and a matcher that mirrors Starlette's.
 
-    def __init__(self, rules: Sequence[RouteRule], nodes: tuple[_Node, ...]) -> None:
+    ``warnings`` names each route the table cannot model (``Host``, custom routes):
+    requests that may reach one get no policy, so they are never cached.
+    """
+
+    def __init__(self, rules: Sequence[RouteRule], nodes: tuple[_Node, ...],
+                 warnings: Sequence[str] = ()) -> None:
         self.rules = tuple(rules)
         self._nodes = nodes
+        self.warnings: tuple[str, ...] = tuple(warnings)
         self.has_policies = any(rule.policy is not None for rule in self.rules)
-        # Recent answers by (path, method): hot paths skip the walk over the routes. Bounded:
-        # emptied when full, so a scan of distinct paths costs no more than without it.
-        self._memo: dict[tuple[str, str], RouteMatch | None] = {}
+        # Recent answers by (path, method, root_path): hot paths skip the walk over the routes.
+        # Bounded: emptied when full, so a scan of distinct paths costs no more than without it.
+        self._memo: dict[tuple[str, str, str], RouteMatch | None] = {}
 
     def match(self, route_path: str, method: str) -> RouteMatch | None:
-        """The rule of the route the router will pick for this request, if it has a policy."""
+        """The rule of the route the router will pick for this request, if it has a policy.
+
+        ``route_path`` as Starlette's ``get_route_path`` gives it (``cachemw.keys.route_path``).
+        HEAD gets a rule only when the route that runs for HEAD is the one that runs for GET:
+        HEAD is answered from GET's entries.
+        """
+        return self._match(route_path, "", method)
+
+    def match_scope(self, scope: Mapping[str, Any]) -> RouteMatch | None:
+        """``match`` for an HTTP scope, exact also where ``path`` does not start with ``root_path``."""
+        return self._match(scope["path"], scope.get("root_path", ""), scope["method"])
+
+    def route_for(self, route_path: str, method: str, root_path: str = "") -> RouteRule | _Unknown | None:
+        """The rule of the route the router runs, policy or not; None where no route's handler runs
+        (404, 405, a redirect, a mounted app); ``UNKNOWN`` where a route we cannot model may take it."""
+        found = _walk(self._nodes, route_path, root_path, method, [])
+        return found if found is None or isinstance(found, _Unknown) else found.rule
+
+    def _match(self, path: str, root_path: str, method: str) -> RouteMatch | None:
         if not self.has_policies:
             return None
-        memo_key = (route_path, method)
+        memo_key = (path, method, root_path)
         try:
             return self._memo[memo_key]
         except KeyError:
             pass
-        found = _match(self._nodes, route_path, method, [])
+        found = self._find(path, root_path, method)
         if len(self._memo) >= 4096:
             self._memo.clear()
         self._memo[memo_key] = found
         return found
 
-
-def _match(
-    nodes: tuple[_Node, ...], path: str, method: str, found: list[tuple[re.Match[str], Mapping[str, Any]]]
-) -> RouteMatch | None:
-    for node in nodes:
-        match = node.regex.match(path)
-        if match is None:
-            continue
-        if node.children is not None:
-            # A mount is a full match for Starlette's router: whatever its routes
-            # say is final, later siblings are never tried.
-            found.append((match, {k: v for k, v in node.convertors.items() if k != "path"}))
-            return _match(node.children, "/" + match.group("path"), method, found)
-        if node.methods is not None and method not in node.methods:
-            continue  # a partial match: the router answers 405 or tries later routes
-        if node.rule is None or node.rule.policy is None:
+    def _find(self, path: str, root_path: str, method: str) -> RouteMatch | None:
+        matches: _Found = []
+        node = _walk(self._nodes, path, root_path, method, matches)
+        if not isinstance(node, _Node) or node.rule is None or node.rule.policy is None:
             return None
-        found.append((match, node.convertors))
-        return RouteMatch(node.rule, found)
-    return None
+        if method == "HEAD" and _walk(self._nodes, path, root_path, "GET", []) is not node:
+            return None  # HEAD runs its own handler: GET's entries are not its answers
+        return RouteMatch(node.rule, matches)
 
 
 def normalise_template(template: str) -> str:
@@ -177,31 +248,108 @@ def _policy_for(template: str, endpoint: object, settings: Settings) -> tuple[Po
     return None, "default"
 
 
-def _compile(routes: Iterable[BaseRoute], prefix: str, settings: Settings, used: set[int],
-             rules: list[RouteRule]) -> tuple[_Node, ...]:
+class _Build:
+    """What compiling the routes collects: every route's rule, the file rules used, the warnings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.used: set[int] = set()
+        self.rules: list[RouteRule] = []
+        self.warnings: list[str] = []
+        known = _known_matchers()
+        self.matchers: dict[Any, str] = known[0]
+        self.router_apps: frozenset[Any] = known[1]
+        self.app_calls: frozenset[Any] = known[2]
+        self.context_type: type | None = known[3]
+        self.api_route: type | None = known[4]
+
+
+def _known_matchers() -> tuple[dict[Any, str], frozenset[Any], frozenset[Any], type | None, type | None]:
+    """The ``matches`` methods whose behaviour the walk reproduces, and the routers it can follow."""
+    matchers: dict[Any, str] = {Route.matches: "route", Mount.matches: "mount", WebSocketRoute.matches: "websocket"}
+    router_apps: set[Any] = {Router.app}
+    app_calls: set[Any] = {Starlette.__call__}
+    try:
+        from fastapi import FastAPI
+        from fastapi import routing as fastapi_routing
+    except ImportError:  # FastAPI is optional
+        return matchers, frozenset(router_apps), frozenset(app_calls), None, None
+    matchers[fastapi_routing.APIRoute.matches] = "route"
+    matchers[fastapi_routing.APIWebSocketRoute.matches] = "websocket"
+    router_apps.add(fastapi_routing.APIRouter.app)  # Starlette's loop, then frontend routes on no match
+    app_calls.add(FastAPI.__call__)  # sets root_path when given one: checked at the mount
+    context_type = getattr(fastapi_routing, "_EffectiveRouteContext", None)
+    return matchers, frozenset(router_apps), frozenset(app_calls), context_type, fastapi_routing.APIRoute
+
+
+def _describe(route: Any) -> str:
+    original = getattr(route, "original_route", None)
+    if original is not None:
+        route = original
+    if isinstance(route, Host):
+        return f"Host({route.host!r})"
+    path = getattr(route, "path", None)
+    return f"{type(route).__name__}({path!r})" if isinstance(path, str) else type(route).__name__
+
+
+def _mounted_routes(route: Any, build: _Build) -> tuple[str, Sequence[BaseRoute] | None, str]:
+    """A mount's app: ("routes", its routes, ""), ("app", None, "") for an app without routes
+    (static files), or ("unknown", None, why) for a router whose dispatch we cannot follow."""
+    app = getattr(route, "_base_app", getattr(route, "app", None))
+    router: Any = app
+    if isinstance(app, Starlette):
+        if type(app).__call__ not in build.app_calls:
+            return "unknown", None, f"its app {type(app).__name__} routes in its own way"
+        root_path = getattr(app, "root_path", "")
+        if root_path:
+            return "unknown", None, f"its app sets root_path {root_path!r}"  # FastAPI(root_path=...)
+        router = app.router
+    if isinstance(router, Router):
+        if type(router).app not in build.router_apps:
+            return "unknown", None, f"its router {type(router).__name__} routes in its own way"
+        return "routes", router.routes, ""
+    if getattr(app, "routes", None):
+        return "unknown", None, f"its app {type(app).__name__} has routes but is no Starlette router"
+    return "app", None, ""
+
+
+def _compile(routes: Iterable[BaseRoute], prefix: str, build: _Build) -> tuple[_Node, ...]:
     nodes: list[_Node] = []
+    unknown: list[tuple[str, int]] = []  # (what, how many rules existed when it was met)
     for route in _expand_included(routes):
-        regex = getattr(route, "path_regex", None)
-        path = getattr(route, "path", None)
-        if regex is None or path is None:
-            continue  # Host and custom routes: the router may pick them, we never cache them
-        convertors = getattr(route, "param_convertors", {})
-        if isinstance(route, Mount):
-            children = _compile(route.routes, prefix + path, settings, used, rules)
-            nodes.append(_Node(regex, convertors, None, None, children))
+        kind, why = _kind_of(route, build)
+        if kind == "websocket":
+            continue  # never matches an HTTP request
+        if kind == "mount":
+            mounted, children_routes, why = _mounted_routes(route, build)
+            regex = route.path_regex
+            convertors = getattr(route, "param_convertors", {})
+            if mounted == "routes":
+                assert children_routes is not None
+                children = _compile(children_routes, prefix + route.path, build)
+                nodes.append(_Node(_MOUNT, regex, convertors, None, None, children))
+            elif mounted == "app":
+                nodes.append(_Node(_MOUNT, regex, convertors, None, None, None))
+            else:
+                # What the mounted router runs is unknown: a request the mount takes gets no policy.
+                inner = (_Node(_UNKNOWN, None, {}, None, None, None),)
+                nodes.append(_Node(_MOUNT, regex, convertors, None, None, inner))
+                build.warnings.append(
+                    f"Mount({route.path!r}){_under(prefix)}: {why}, so cachemw cannot tell which of its "
+                    f"routes runs; requests under {prefix + route.path}/ are never cached")
             continue
-        if not hasattr(route, "endpoint"):
-            continue  # a websocket-only or unknown route
-        if isinstance(route, WebSocketRoute):
-            continue  # FastAPI's APIWebSocketRoute too: never matches an HTTP request
-        template = prefix + path
+        if kind == "unknown":
+            unknown.append((f"{_describe(route)}{_under(prefix)}: {why}", len(build.rules)))
+            nodes.append(_Node(_UNKNOWN, None, {}, None, None, None))
+            continue
+        template = prefix + route.path
         methods = getattr(route, "methods", None)
         method_set = frozenset(m.upper() for m in methods) if methods else None
         # A rule outranked by a decorator or an earlier rule is not wrong: it matches a route.
-        for file_rule in settings.rules:
+        for file_rule in build.settings.rules:
             if _rule_matches(file_rule, template):
-                used.add(file_rule.index)
-        policy, source = _policy_for(template, route.endpoint, settings)
+                build.used.add(file_rule.index)
+        policy, source = _policy_for(template, route.endpoint, build.settings)
         rule = RouteRule(
             template=template,
             methods=method_set,
@@ -209,18 +357,55 @@ def _compile(routes: Iterable[BaseRoute], prefix: str, settings: Settings, used:
             policy=policy,
             source=source,
             label=route_label(template),
+            credentials=_credentials(route),
         )
-        rules.append(rule)
-        nodes.append(_Node(regex, convertors, method_set, rule, None))
+        build.rules.append(rule)
+        nodes.append(_Node(_ROUTE, route.path_regex, getattr(route, "param_convertors", {}), method_set, rule, None))
+    for what, mark in unknown:
+        scope = f"under {prefix}/" if prefix else "of the app"
+        behind = [rule.template for rule in build.rules[mark:] if rule.policy is not None]
+        also = f"; this includes every request for these cached routes after it: {', '.join(behind)}" if behind else ""
+        build.warnings.append(f"{what}: cachemw cannot tell which requests the router sends to it, so every "
+                              f"request {scope} that no route before it takes is never cached{also}")
     return tuple(nodes)
+
+
+def _under(prefix: str) -> str:
+    return f" under {prefix}" if prefix else ""
+
+
+def _kind_of(route: Any, build: _Build) -> tuple[str, str]:
+    """"route", "mount", "websocket" (never an HTTP request's), or "unknown" with why."""
+    if build.context_type is not None and isinstance(route, build.context_type):
+        # A FastAPI route of an included router: the router asks the original route, which asks this.
+        original: Any = getattr(route, "original_route", None)
+        if build.api_route is not None and isinstance(original, build.api_route):
+            if build.matchers.get(getattr(type(original), "matches", None)) != "route":
+                return "unknown", f"{type(original).__name__} has its own matches()"
+            if getattr(route, "path_regex", None) is None or not hasattr(route, "endpoint"):
+                return "unknown", "it has no path pattern"
+            return "route", ""
+        return "unknown", "it is a kind of route cachemw does not know"
+    if isinstance(route, Host):
+        return "unknown", "it matches on the Host header"
+    kind = build.matchers.get(getattr(type(route), "matches", None))
+    if kind is None:
+        return "unknown", (f"{type(route).__name__} has its own matches()" if isinstance(route, BaseRoute)
+                           else "it is a kind of route cachemw does not know")
+    if getattr(route, "path_regex", None) is None or not isinstance(getattr(route, "path", None), str):
+        return "unknown", "it has no path pattern"
+    if kind == "route" and not hasattr(route, "endpoint"):
+        return "unknown", "it has no endpoint"
+    return kind, ""
 
 
 def _expand_included(routes: Iterable[BaseRoute]) -> Iterator[Any]:
     """The routes as the router tries them, with FastAPI's included routers flattened.
 
     FastAPI's ``include_router`` (recent versions) adds one opaque route for the
-    whole router; it tries the router's routes, prefixed, in order, which is the
-    same as listing them in its place.
+    whole router; it tries the router's routes, prefixed, in order (a full match
+    first, else the first partial one), which is the same as listing them in its
+    place.
     """
     for route in routes:
         contexts = getattr(route, "effective_route_contexts", None)
@@ -231,20 +416,54 @@ def _expand_included(routes: Iterable[BaseRoute]) -> Iterator[Any]:
             yield route
 
 
+def _credentials(route: Any) -> tuple[tuple[str, str], ...]:
+    """The FastAPI security schemes among a route's dependencies, sub-dependencies and its routers'.
+
+    A scheme reads one credential: an API key from a header, cookie or query parameter,
+    or ``Authorization`` (HTTP Basic/Bearer/Digest, OAuth2, OpenID Connect). Plain
+    ``Header()`` and ``Cookie()`` parameters are not taken for credentials.
+    """
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return ()
+    try:
+        from fastapi.openapi import models
+        from fastapi.security.base import SecurityBase
+    except ImportError:
+        return ()
+    found: dict[tuple[str, str], None] = {}
+    seen: set[int] = set()
+    stack = [dependant]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        call = getattr(current, "call", None)
+        if isinstance(call, SecurityBase):
+            model = getattr(call, "model", None)
+            if isinstance(model, models.APIKey):
+                location = model.in_.value
+                found[(location, model.name.lower() if location == "header" else model.name)] = None
+            elif isinstance(model, (models.HTTPBase, models.OAuth2, models.OpenIdConnect)):
+                found[("header", "authorization")] = None
+        stack.extend(reversed(getattr(current, "dependencies", None) or ()))
+    return tuple(found)
+
+
 def build_rule_table(routes: Iterable[BaseRoute], settings: Settings) -> RuleTable:
     """Resolve every route's policy; a file rule that matches no route is a startup error."""
-    used: set[int] = set()
-    rules: list[RouteRule] = []
-    nodes = _compile(routes, "", settings, used, rules)
+    build = _Build(settings)
+    nodes = _compile(routes, "", build)
     for file_rule in settings.rules:
-        if file_rule.index not in used:
-            known = ", ".join(rule.template for rule in rules) or "(none)"
+        if file_rule.index not in build.used:
+            known = ", ".join(rule.template for rule in build.rules) or "(none)"
             file_name, _, number = file_rule.source.rpartition(" rule ")
             raise ConfigError(
                 f"{file_name}: rule {number} (route {file_rule.route!r}): "
                 f"field 'route': matches no route of the app; its routes are: {known}"
             )
-    return RuleTable(rules, nodes)
+    return RuleTable(build.rules, nodes, build.warnings)
 
 
 def iter_cached(table: RuleTable) -> Iterator[RouteRule]:

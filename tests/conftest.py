@@ -28,6 +28,22 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+# The request path, the stores and the fault tests run on uvloop too (what uvicorn[standard]
+# runs): its loop differs from asyncio's where it matters to us (``call_at`` for a deadline
+# already past returns a plain Handle, time has a 1 ms resolution).
+_ON_BOTH_LOOPS = frozenset({
+    "test_pipeline", "test_store_contract", "test_redis_faults", "test_middleware", "test_freshness",
+    "test_lookup_lock", "test_invalidation", "test_channel_input", "test_event_loops",
+})
+UVLOOP = ("asyncio", {"use_uvloop": True})
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if module in _ON_BOTH_LOOPS and "anyio_backend" in metafunc.fixturenames:
+        metafunc.parametrize("anyio_backend", ["asyncio", UVLOOP], ids=["asyncio", "uvloop"], scope="module")
+
+
 class FreezeCalls:
     count = 0
 

@@ -597,3 +597,29 @@ async def test_a_lane_of_slow_jobs_never_holds_up_the_other_work() -> None:
             await done.wait()  # the refresh lane is full and blocked; the fill ran anyway
         assert supervisor.counters_for("refresh").running == 2
         gate.set()
+
+
+@pytest.mark.anyio
+async def test_a_service_back_off_starts_over_after_a_healthy_run() -> None:
+    """#14 item 4: the restart delay doubled and never went back (up to 30 s), so a listener
+    that had run well for hours waited as long as one failing in a loop."""
+    supervisor = Supervisor(retry_backoff=0.02, healthy_run=0.3)
+    starts: list[float] = []
+
+    async def flaky(*, task_status: TaskStatus[None]) -> None:
+        starts.append(anyio.current_time())
+        task_status.started()
+        if len(starts) == 6:
+            await anyio.sleep(0.4)  # a healthy run (longer than healthy_run), then it fails again
+        if len(starts) <= 6:
+            raise ConnectionError("lost")
+        await anyio.sleep_forever()
+
+    supervisor.add_service("flaky", flaky)
+    with anyio.fail_after(10):
+        async with supervisor.run():
+            await until(lambda: len(starts) == 7, "seven runs", timeout=8)
+    streak = [starts[i + 1] - starts[i] for i in range(5)]
+    assert streak[-1] >= 0.16  # 0.02, 0.04, 0.08, 0.16, 0.32: doubling while it keeps failing
+    after_healthy = starts[6] - starts[5] - 0.4
+    assert after_healthy < 0.3, f"restarted {after_healthy:.2f}s after a healthy run (0.64 before the reset)"

@@ -180,6 +180,49 @@ def test_routes_with_another_config(tmp_path: Path) -> None:
     assert stats.rstrip().endswith("default")
 
 
+HOST_AND_KEYS_APP = """
+from fastapi import Depends, FastAPI
+from fastapi.security import APIKeyHeader, HTTPBearer
+from starlette.responses import PlainTextResponse
+from starlette.routing import Host, Mount, Route, Router
+
+from cachemw import cache
+
+async def api(request):
+    return PlainTextResponse("api")
+
+@cache(ttl="5m")
+async def page(request):
+    return PlainTextResponse("page")
+
+app = FastAPI()
+
+@app.get("/keyed", dependencies=[Depends(APIKeyHeader(name="X-API-Key")), Depends(HTTPBearer())])
+@cache(ttl="5m")
+async def keyed():
+    return "ok"
+
+app.router.routes.append(Mount("/h", routes=[Host("api.test", app=Router([Route("/secret", api)])),
+                                             Route("/{p:path}", page)]))
+"""
+
+
+def test_routes_shows_unmodellable_routes_and_route_credentials(tmp_path: Path) -> None:
+    (tmp_path / "host_and_keys.py").write_text(HOST_AND_KEYS_APP, encoding="utf-8")
+    result = run("routes", "host_and_keys:app", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    keyed = next(index for index, line in enumerate(lines) if line.startswith("/keyed "))
+    assert lines[keyed + 1].split() == ["credentials:", "header", "x-api-key,", "header", "authorization"]
+    [warning] = [line for line in lines if line.startswith("warning:")]
+    assert "Host('api.test') under /h" in warning and "never cached" in warning and "/h/{p:path}" in warning
+
+    data = json.loads(run("routes", "host_and_keys:app", "--json", cwd=tmp_path).stdout)
+    [route] = [route for route in data["routes"] if route["route"] == "/keyed"]
+    assert route["credentials"] == [{"in": "header", "name": "x-api-key"}, {"in": "header", "name": "authorization"}]
+    assert data["warnings"] == [warning.removeprefix("warning: ")]
+
+
 def test_routes_into_a_closed_pipe_is_not_a_traceback() -> None:
     # `cachemw routes app --json | head -1`: the reader leaves before the output is written.
     read_end, write_end = os.pipe()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fastapi import Depends, FastAPI
+from fastapi.security import APIKeyCookie, APIKeyHeader
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -93,3 +95,39 @@ def test_credentials_in_a_config_file(tmp_path: Path) -> None:
     bad.write_text('[cachemw]\ncredentials = ["path:x"]\n')
     with pytest.raises(ConfigError, match=r"bad\.toml.*'credentials'.*cookie:NAME"):
         load_settings(bad)
+
+
+def fastapi_app(store: SpyStore) -> FastAPI:
+    api = FastAPI()
+    api_key = APIKeyHeader(name="X-API-Key", auto_error=False)
+    token_cookie = APIKeyCookie(name="token", auto_error=False)
+
+    @api.get("/offers")
+    @cache(ttl="5m")
+    async def offers(key: str | None = Depends(api_key)) -> dict[str, str]:
+        return {"offers": "for " + (key or "everyone")}
+
+    @api.get("/account")
+    @cache(ttl="5m", private=True)
+    async def account(token: str | None = Depends(token_cookie)) -> dict[str, str]:
+        return {"account": token or "none"}
+
+    api.add_middleware(CacheMiddleware, store=store)
+    return api
+
+
+async def test_fastapi_security_schemes_are_credentials_of_their_routes(store: SpyStore) -> None:
+    async with client(fastapi_app(store)) as http:
+        keyed = await http.get("/offers", headers={"x-api-key": "partner-1"})
+        anonymous = await http.get("/offers")
+        anonymous_again = await http.get("/offers")
+        other_key = await http.get("/offers", headers={"x-api-key": "partner-2"})
+        alice = await http.get("/account", headers={"cookie": "token=alice"})
+        bob = await http.get("/account", headers={"cookie": "token=bob"})
+        alice_again = await http.get("/account", headers={"cookie": "token=alice"})
+    assert keyed.headers["x-cache"] == "BYPASS" and keyed.json() == {"offers": "for partner-1"}
+    assert anonymous_again.headers["x-cache"] == "HIT" and anonymous_again.json() == {"offers": "for everyone"}
+    assert other_key.headers["x-cache"] == "BYPASS" and other_key.json() == {"offers": "for partner-2"}
+    assert (alice.json(), bob.json()) == ({"account": "alice"}, {"account": "bob"})
+    assert alice_again.headers["x-cache"] == "HIT" and alice_again.json() == {"account": "alice"}
+    assert anonymous.status_code == 200

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import socket
 import threading
 from collections.abc import Iterator
@@ -13,14 +15,10 @@ import pytest
 from cachemw.store import RedisStore, StoreError
 from cachemw.store.base import StoreTimeout
 from cachemw.store.pipeline import PipelinedRedis, encode_command
+from tests.asgi import eventually
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # an asyncio Protocol: the Redis store is asyncio-only, as redis-py is
 
 
 def _connection(server: RedisServer, **options: object) -> PipelinedRedis:
@@ -291,3 +289,58 @@ async def test_tls_cluster_and_sentinel_urls_stay_on_redis_py() -> None:
             assert not store.bounded
         finally:
             await store.aclose()
+
+
+async def test_a_deadline_already_past_is_a_timeout_not_a_crash(redis_url: str, redis_server: RedisServer) -> None:
+    """#14 item 5: for a deadline already past, uvloop's ``call_at`` returns a plain Handle (no
+    ``when()``); a second command then crashed with AttributeError (an HTTP 500) instead of a timeout."""
+    client = _connection(redis_server, timeout=1.0)
+    try:
+        assert await client.get("warm") is None  # connected
+        client.timeout = 0.0  # every deadline is already due when its timer is armed (a busy CPU)
+        outcomes: list[object] = []
+
+        async def get(i: int) -> None:
+            try:
+                outcomes.append(await client.get(f"k{i}"))
+            except StoreError as exc:
+                outcomes.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(get, i)
+        assert len(outcomes) == 5
+        assert all(outcome is None or isinstance(outcome, StoreTimeout) for outcome in outcomes), outcomes
+        client.timeout = 1.0
+        assert await client.get("warm") is None  # and the connection still answers in order
+    finally:
+        await client.aclose()
+
+
+async def test_a_timed_out_command_nobody_awaits_logs_nothing(redis_url: str, redis_server: RedisServer) -> None:
+    """#14 item 5: a command whose caller is gone (cancelled in the loop iteration its timeout
+    fired) failed its future with nobody to read it: "Future exception was never retrieved"."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    client = _connection(redis_server, timeout=1.0, stuck_after=5)
+    try:
+        assert await client.get("warm") is None
+        connection = client._connection
+        assert connection is not None
+        # BLPOP on nothing holds the reply back for 0.3 s; the command's budget is 10 ms.
+        pending = [connection.send(encode_command(["BLPOP", "nothing-here", "0.3"]), loop.time() + 0.01)]
+        await eventually(lambda: _true(pending[0].done()), what="the command timed out")
+        pending.clear()  # never awaited: its exception is never read
+        gc.collect()
+        with anyio.fail_after(2):
+            assert await client.get("warm") is None  # the late reply is dropped, not taken for this one
+    finally:
+        await client.aclose()
+        loop.set_exception_handler(previous)
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
+
+
+async def _true(value: bool) -> bool:
+    return value

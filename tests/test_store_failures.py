@@ -6,6 +6,7 @@ import logging
 import socket
 from typing import Any
 
+import anyio
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -13,7 +14,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, MemoryStore, Settings, cache
-from tests.asgi import SpyStore, client, eventually, lifespan
+from tests.asgi import LifespanFailed, SpyStore, client, eventually, lifespan
 
 pytestmark = pytest.mark.anyio
 
@@ -69,3 +70,14 @@ async def test_an_unreachable_store_is_named_once_at_startup(caplog: pytest.LogC
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_on_trio_the_redis_store_is_refused_at_startup_with_a_clear_message(redis_url: str) -> None:
+    app = CacheMiddleware(Starlette(routes=[Route("/page", page)]), redis_url=redis_url)
+
+    async def start() -> None:
+        async with lifespan(app):
+            pass  # pragma: no cover
+
+    with pytest.raises(LifespanFailed, match=r"cachemw: .*needs an asyncio event loop.*trio"):
+        anyio.run(start, backend="trio")

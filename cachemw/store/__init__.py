@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from cachemw.store.base import Store, StoreError
+from cachemw.store.base import Store, StoreError, requires_asyncio, unsupported_event_loop
 from cachemw.store.memory import MemoryStore
 from cachemw.store.redis import RedisStore
 
-__all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "store_from_url"]
+__all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "requires_asyncio", "store_from_url",
+           "unsupported_event_loop"]
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
 

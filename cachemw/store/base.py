@@ -8,13 +8,25 @@ wake-up for those waiting on it). Every driver failure crosses this boundary as
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import anyio
 from anyio.abc import TaskStatus
 
-__all__ = ["FillWaiter", "LockResult", "Notifications", "Store", "StoreError", "StoreTimeout"]
+__all__ = ["MAX_FILL_MESSAGE", "MAX_INVALIDATION_MESSAGE", "FillWaiter", "LockResult", "Notifications", "Store",
+           "StoreError", "StoreTimeout", "decode_fill", "decode_invalidation", "requires_asyncio",
+           "unsupported_event_loop"]
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+MAX_INVALIDATION_MESSAGE = 1 << 20
+"""Longest invalidation announcement read (bytes): a JSON list of tags. Longer ones are dropped unread."""
+MAX_FILL_MESSAGE = 64 << 10
+"""Longest fill announcement read (bytes): one entry key."""
 
 
 class StoreError(Exception):
@@ -72,14 +84,79 @@ def wake(registry: dict[str, set[FillWaiter]], key: str) -> None:
         waiter.fire()
 
 
+def decode_invalidation(data: object) -> list[str] | None:
+    """The tags an invalidation announcement names, or None for anything else.
+
+    The channel is attacker-writable: the size is bounded before anything is parsed,
+    the bytes must be UTF-8, the JSON a flat list of strings. Never raises (deep
+    nesting is a ``RecursionError`` inside ``json.loads``: caught like the rest).
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_INVALIDATION_MESSAGE:
+        return None
+    try:
+        tags = json.loads(bytes(data).decode("utf-8"))
+        if not isinstance(tags, list) or not all(type(tag) is str for tag in tags):
+            return None
+        "".join(tags).encode("utf-8")  # no lone surrogates from "\ud800" escapes
+    except (ValueError, RecursionError, MemoryError):  # UnicodeError and JSONDecodeError are ValueErrors
+        return None
+    return tags
+
+
+def decode_fill(data: object) -> str | None:
+    """The entry key a fill announcement names, or None for anything else (bounded, UTF-8)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_FILL_MESSAGE:
+        return None
+    try:
+        return bytes(data).decode("utf-8")
+    except ValueError:
+        return None
+
+
 class Notifications:
-    """What a store hears from other processes (or its own): fills, invalidations, losing the line."""
+    """What a store hears from other processes (or its own): fills, invalidations, losing the line.
+
+    ``rejected`` counts announcements dropped because they did not decode (see
+    ``decode_invalidation``), and those whose handling failed: the channel is
+    untrusted input, and the subscription survives all of them.
+    """
 
     def __init__(self) -> None:
         self.waiters: dict[str, set[FillWaiter]] = {}
         self.on_invalidate: list[Callable[[Sequence[str]], None]] = []
         self.on_lost: list[Callable[[], None]] = []
         self.on_connected: list[Callable[[], None]] = []
+        self.rejected = 0
+        self._warned = False
+
+    def invalidation_message(self, data: object) -> None:
+        """An invalidation announcement as it arrived on the channel: decoded, checked, acted on."""
+        self._deliver(data, decode_invalidation, self.invalidated, "an invalidation announcement")
+
+    def fill_message(self, data: object) -> None:
+        """A fill announcement as it arrived on the channel."""
+        self._deliver(data, decode_fill, self.filled, "a fill announcement")
+
+    def _deliver(self, data: object, decode: Callable[[object], _T | None], handle: Callable[[_T], None],
+                 what: str) -> None:
+        value = decode(data)
+        if value is None:
+            self._reject(f"{what} that does not decode", data)
+            return
+        try:
+            handle(value)
+        except Exception:
+            self._reject(f"{what} whose handling failed", data, exc_info=True)
+
+    def _reject(self, what: str, data: object, *, exc_info: bool = False) -> None:
+        self.rejected += 1
+        if not self._warned:  # once: anyone who can publish could otherwise fill the log
+            self._warned = True
+            size = len(data) if isinstance(data, (bytes, bytearray, memoryview, str)) else None
+            logger.warning("cachemw: dropped %s (%s bytes; counted in notifications.rejected, logged once)",
+                           what, size, exc_info=exc_info)
 
     def waiter(self, key: str) -> FillWaiter:
         return FillWaiter(self.waiters, key)
@@ -98,6 +175,27 @@ class Notifications:
     def connected(self) -> None:
         for callback in self.on_connected:
             callback()
+
+
+def requires_asyncio(store: object) -> bool:
+    """True if ``store`` works only on an asyncio event loop (asyncio or uvloop): the Redis store."""
+    return bool(getattr(store, "requires_asyncio", False))
+
+
+def unsupported_event_loop(store: object) -> str | None:
+    """Why ``store`` cannot work in the async library running now (trio), or None if it can.
+
+    For a check at startup (the lifespan runs in the app's event loop): refuse the
+    configuration with this message instead of failing every store call.
+    """
+    if not requires_asyncio(store):
+        return None
+    from cachemw.store.loops import NEEDS_ASYNCIO, current_library
+
+    library = current_library()
+    if library in (None, "asyncio"):
+        return None
+    return f"{NEEDS_ASYNCIO}; this app runs on {library}: use the memory store (no redis_url) or run on asyncio"
 
 
 @runtime_checkable

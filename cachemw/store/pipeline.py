@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import sys
 import time
@@ -33,6 +34,7 @@ else:  # redis-py brings async-timeout on 3.10
     from async_timeout import timeout as _timeout  # type: ignore[import-not-found,unused-ignore]
 
 from cachemw.store.base import StoreError, StoreTimeout
+from cachemw.store.loops import LoopGuard, running_loop, running_or_none
 
 __all__ = ["PipelinedRedis", "encode_command"]
 
@@ -59,9 +61,13 @@ class _Connection(asyncio.Protocol):
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.outgoing: list[bytes] = []
         self.flush_scheduled = False
-        self.timer: asyncio.TimerHandle | None = None
+        # uvloop's ``call_at`` returns a plain ``Handle`` (no ``when()``) for a deadline
+        # already past (or within its 1 ms resolution): the time it is armed for is kept here.
+        self.timer: asyncio.Handle | None = None
+        self.timer_at = 0.0
         self.overdue = 0  # how many of the oldest in ``waiting`` are past their deadline (and failed)
         self.closed = False
+        self.guard: LoopGuard | None = None  # closes the socket when the loop ends first
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -88,7 +94,7 @@ class _Connection(asyncio.Protocol):
                 self.overdue -= 1
             if not future.done():  # else it timed out or its caller went away: the reply is dropped
                 if isinstance(reply, hiredis.ReplyError):
-                    future.set_exception(_reply_error(reply))
+                    _fail(future, _reply_error(reply))
                 else:
                     future.set_result(reply)
 
@@ -110,11 +116,15 @@ class _Connection(asyncio.Protocol):
             self.loop.call_soon(self._flush)
         timer = self.timer
         if timer is None:
-            self.timer = self.loop.call_at(deadline, self._expire)
-        elif timer.when() > deadline:  # armed for an overdue head's stuck check, later than this one
+            self._arm(deadline)
+        elif self.timer_at > deadline:  # armed for an overdue head's stuck check, later than this one
             timer.cancel()
-            self.timer = self.loop.call_at(deadline, self._expire)
+            self._arm(deadline)
         return future
+
+    def _arm(self, at: float) -> None:
+        self.timer = self.loop.call_at(at, self._expire)
+        self.timer_at = at
 
     def _flush(self) -> None:
         self.flush_scheduled = False
@@ -133,12 +143,12 @@ class _Connection(asyncio.Protocol):
                 break
             self.overdue += 1
             if not future.done():
-                future.set_exception(StoreTimeout("redis did not answer within the time budget"))
+                _fail(future, StoreTimeout("redis did not answer within the time budget"))
         if not waiting:
             return
         head = waiting[0][1]
         if not self.overdue:
-            self.timer = self.loop.call_at(head, self._expire)
+            self._arm(head)
             return
         if now - head >= self.stuck_after:
             self.close(StoreTimeout(f"redis has not answered for {now - head:.1f} s; connection closed"))
@@ -146,7 +156,7 @@ class _Connection(asyncio.Protocol):
         next_at = head + self.stuck_after
         if self.overdue < len(waiting):
             next_at = min(next_at, waiting[self.overdue][1])
-        self.timer = self.loop.call_at(next_at, self._expire)
+        self._arm(next_at)
 
     def close(self, error: StoreError) -> None:
         if self.closed:
@@ -158,10 +168,23 @@ class _Connection(asyncio.Protocol):
         waiting, self.waiting = self.waiting, collections.deque()
         for future, _ in waiting:
             if not future.done():
-                future.set_exception(error)
+                _fail(future, error)
         self.outgoing = []
         if self.transport is not None:
             self.transport.abort()
+        if self.guard is not None:
+            self.guard.release()
+
+    async def aclose(self) -> None:
+        self.close(StoreError("redis connection closed: its event loop ended"))
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fail a caller's future, marked as seen: its caller may be gone (cancelled in the same
+    loop iteration, or never awaiting it), and asyncio would then log "Future exception was
+    never retrieved" for a timeout nobody is waiting for. A caller still awaiting gets it."""
+    future.set_exception(error)
+    future.exception()
 
 
 def _reply_error(reply: hiredis.ReplyError) -> StoreError:
@@ -196,17 +219,18 @@ class PipelinedRedis:
         if db:
             self._hello.append(encode_command(["SELECT", db]))
         self._connection: _Connection | None = None
-        self._connect_lock: asyncio.Lock | None = None  # made on first use, inside the event loop
+        self._attempt: asyncio.Future[None] | None = None  # a connect under way: done when it ends
         self._closed = False  # by aclose: for good, even for a connect already under way
 
     async def execute(self, command: bytes) -> Any:
         """The reply to an encoded command (see ``encode_command``)."""
         connection = self._connection
-        if connection is None or connection.closed:
+        loop = running_loop()
+        if connection is None or connection.closed or connection.loop is not loop:
             if self._closed:
                 raise StoreError("redis connection closed")
-            connection = await self._connect()
-        return await connection.send(command, connection.loop.time() + self.timeout)
+            connection = await self._connect(loop)
+        return await connection.send(command, loop.time() + self.timeout)
 
     async def get(self, key: str) -> bytes | None:
         data = key.encode()
@@ -220,25 +244,40 @@ class PipelinedRedis:
         except NoScript:
             return await self.execute(encode_command(["EVAL", script, len(keys), *keys, *args]))
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         """Connect in the caller's own task and time budget; callers arriving meanwhile wait for that one.
 
         No task of its own: a caller that gives up abandons the attempt (its socket is
-        closed), and the next caller starts another.
+        closed), and one of those waiting starts another. The waiters all wake when
+        the attempt ends (not one by one behind a lock, which on a cold start with
+        hundreds of callers could take longer than the budget). A connection of another
+        event loop (one that has ended, or runs in another thread) is dropped without
+        touching that loop from this one, and a new one opened on this loop.
         """
-        if self._connect_lock is None:
-            self._connect_lock = asyncio.Lock()
+        old = self._connection
+        if old is not None and old.loop is not loop:
+            self._connection = None
+            _drop(old)
         try:
-            async with _timeout(self.timeout), self._connect_lock:
-                connection = self._connection
-                if connection is not None and not connection.closed:
-                    return connection  # connected by the caller this one waited behind
-                return await self._open()
+            async with _timeout(self.timeout):
+                while True:
+                    connection = self._connection
+                    if connection is not None and not connection.closed and connection.loop is loop:
+                        return connection  # connected by the caller this one waited for
+                    attempt = self._attempt
+                    if attempt is None or attempt.get_loop() is not loop:
+                        self._attempt = attempt = loop.create_future()
+                        try:
+                            return await self._open(loop)
+                        finally:
+                            if self._attempt is attempt:
+                                self._attempt = None
+                            attempt.set_result(None)
+                    await asyncio.shield(attempt)  # a waiter that gives up leaves the attempt to the others
         except asyncio.TimeoutError:
             raise StoreTimeout("connecting to redis took longer than the time budget") from None
 
-    async def _open(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         started = time.monotonic()
         connection: _Connection | None = None
         try:
@@ -260,11 +299,29 @@ class PipelinedRedis:
         if self._closed:  # closed while we connected: nobody would ever close this socket
             connection.close(StoreError("closed"))
             raise StoreError("redis connection closed")
+        # Without a lifespan nobody calls aclose: the socket is closed when its loop ends.
+        connection.guard = LoopGuard(loop, connection.aclose)
         self._connection = connection
         return connection
 
     async def aclose(self) -> None:
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Closed for good, from any loop or thread: the socket is closed on its own loop if that still runs."""
         self._closed = True
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close(StoreError("closed"))
+            _drop(connection)
+
+
+def _drop(connection: _Connection) -> None:
+    """Close a connection from whichever loop (or none) runs now, without using a loop that has ended."""
+    loop = connection.loop
+    if loop is running_or_none():
+        connection.close(StoreError("closed"))
+    elif not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(connection.close, StoreError("closed"))
+    # else: the loop ended without its runner cancelling its tasks (so the guard never
+    # ran); its sockets cannot be closed from here.

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import secrets
 import time
+import weakref
+from asyncio import _get_running_loop
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -51,6 +52,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from cachemw.store.base import LockResult, Notifications, StoreError
+from cachemw.store.loops import LoopGuard, running_loop
 from cachemw.store.pipeline import PipelinedRedis
 
 __all__ = ["DRIVER_ERRORS", "RedisClients", "RedisStore", "close_client", "redis_clients"]
@@ -308,41 +310,103 @@ def _sentinel_clients(url: str, timeout: float, max_connections: int) -> RedisCl
     return RedisClients(client(timeout), client, also_close=sentinel.sentinels)
 
 
+class _Bound:
+    """The clients of one event loop: redis-py's (and their scripts and gate) and the pipelined connection."""
+
+    __slots__ = ("also_close", "client", "dropped", "fill_all", "gate", "guard", "listener_client", "lock_all",
+                 "loop", "pipelined", "unlock_script")
+
+    def __init__(self, client: Redis | RedisCluster, pipelined: PipelinedRedis | None,
+                 listener_client: Callable[[], Redis | RedisCluster], also_close: Sequence[Any],
+                 max_connections: int) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None  # taken by the first call inside a loop
+        self.guard: LoopGuard | None = None
+        self.dropped = False  # closed by its guard (its loop ended): the next call makes new clients
+        self.client: Any = client
+        self.pipelined = pipelined if not isinstance(client, RedisCluster) else None
+        self.listener_client = listener_client
+        self.also_close = list(also_close)
+        # redis-py's cluster client raises at once when a node's pool is full; wait for a
+        # connection instead (within the caller's budget), as the single-server pool does.
+        self.gate: _Gate | None = _Gate(max_connections) if isinstance(client, RedisCluster) else None
+        self.unlock_script = client.register_script(_UNLOCK_SCRIPT)
+        self.lock_all = client.register_script(_LOCK_ALL_SCRIPT)
+        self.fill_all = client.register_script(_FILL_ALL_SCRIPT)
+
+    def gated(self) -> Any:
+        return self.gate if self.gate is not None else contextlib.nullcontext()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> LoopGuard:
+        self.loop = loop
+        self.guard = guard = LoopGuard(loop, self._loop_ended)  # without a lifespan nobody else closes these
+        return guard
+
+    async def _loop_ended(self) -> None:
+        self.dropped = True
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the clients (on their own loop); raises the driver's errors."""
+        if self.guard is not None:
+            self.guard.release()
+        try:
+            if self.pipelined is not None:
+                await self.pipelined.aclose()
+        finally:
+            await close_client(self.client)
+            for other in self.also_close:
+                await close_client(other)
+
+    def abandon(self) -> None:
+        """Another loop takes over: close these on their own loop if it still runs, else leave them be."""
+        if self.pipelined is not None:  # its socket is closed by its own guard, or now on its loop
+            self.pipelined.abandon()
+        if self.guard is not None:
+            self.guard.cancel()  # its loop, if it still runs, closes the rest
+
+
 class RedisStore:
-    """Store on one Redis server (cluster support comes later).
+    """Store on one Redis server, a Redis Cluster, or a Sentinel-named master.
 
     Values are stored as plain Redis strings with a millisecond expiry, so any Redis
     tool can inspect them. ``aclose()`` closes the client and its connection pool.
     Prefer ``from_url``: a client built with redis-py's defaults has none of the time
-    budget and pool settings described above.
+    budget and pool settings described above, and only a store from ``from_url``
+    reconnects when called on another event loop than before.
+
+    Connections belong to one asyncio loop (see ``cachemw.store.loops``): a call on
+    another loop drops them and opens new ones there; those of a loop that ends are
+    closed as it ends. Any exception of the driver reaches the caller as
+    ``StoreError``, and so does a call with no asyncio loop running (trio):
+    ``requires_asyncio`` says so up front.
     """
 
-    __slots__ = ("_also_close", "_client", "_fill_all", "_gate", "_listener_client", "_listening", "_lock_all",
-                 "_pipelined", "_unlock_script", "bounded", "channel",
-                 "cluster", "invalidation_channel", "lookup_locks", "notifications")
+    __slots__ = ("__weakref__", "_bound", "_clients", "_guards", "_listening", "_max_connections", "bounded",
+                 "channel", "cluster", "invalidation_channel", "lookup_locks", "notifications")
+
+    requires_asyncio = True
+    """The store's drivers (redis-py's asyncio client, an asyncio Protocol) need an asyncio event loop."""
 
     def __init__(self, client: Redis | RedisCluster, *, channel: str = DEFAULT_CHANNEL,
                  invalidation_channel: str = DEFAULT_INVALIDATION_CHANNEL,
                  listener_client: Callable[[], Redis | RedisCluster] | None = None,
-                 max_connections: int = 256, pipelined: PipelinedRedis | None = None) -> None:
-        self._client: Any = client
-        self._pipelined = pipelined if not isinstance(client, RedisCluster) else None
-        # The pipelined connection keeps the time budget itself: callers need no timeout of their own.
-        self.bounded = self._pipelined is not None
-        self._listener_client = listener_client or self._default_listener_client
+                 max_connections: int = 256, pipelined: PipelinedRedis | None = None,
+                 clients: Callable[[], RedisClients] | None = None) -> None:
+        self._max_connections = max_connections
+        self._clients = clients  # makes the clients of another event loop
+        listen_with = listener_client or (lambda: _blocking_twin(cast(Redis, client), None))
+        self._bound = _Bound(client, pipelined, listen_with, (), max_connections)
         self.cluster = isinstance(client, RedisCluster)
+        # The pipelined connection keeps the time budget itself: callers need no timeout of their own.
+        self.bounded = self._bound.pipelined is not None
         self.lookup_locks = not self.cluster  # get_or_lock is one round trip on one server
-        # redis-py's cluster client raises at once when a node's pool is full; wait for a
-        # connection instead (within the caller's budget), as the single-server pool does.
-        self._gate: _Gate | None = _Gate(max_connections) if self.cluster else None
-        self._also_close: list[Any] = []
         self.channel = channel
         self.invalidation_channel = invalidation_channel
         self.notifications = Notifications()
-        self._unlock_script = client.register_script(_UNLOCK_SCRIPT)
-        self._lock_all = client.register_script(_LOCK_ALL_SCRIPT)
-        self._fill_all = client.register_script(_FILL_ALL_SCRIPT)
         self._listening = False
+        # A store garbage-collected while its loop runs has its connections closed there and then.
+        self._guards: list[LoopGuard] = []
+        weakref.finalize(self, _cancel_guards, self._guards)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.05, max_connections: int = 256) -> RedisStore:
@@ -353,41 +417,70 @@ class RedisStore:
         reachable seed nodes); ``redis+sentinel://h1:p1,h2:p2/SERVICE[/DB]`` for the
         master a Sentinel group names. ``rediss+cluster``/``rediss+sentinel`` for TLS.
         """
-        clients = redis_clients(url, timeout=timeout, max_connections=max_connections)
+        def make() -> RedisClients:
+            return redis_clients(url, timeout=timeout, max_connections=max_connections)
+
+        clients = make()
         store = cls(clients.client, listener_client=lambda: clients.blocking_client(None),
-                    max_connections=max_connections, pipelined=clients.pipelined)
-        store._also_close = list(clients.also_close)
+                    max_connections=max_connections, pipelined=clients.pipelined, clients=make)
+        store._bound.also_close = list(clients.also_close)
         return store
 
-    def _default_listener_client(self) -> Redis:
-        # A subscriber blocks reading for as long as nothing is published: it needs its
-        # own connection without the request path's short socket timeout.
-        return _blocking_twin(self._client, None)
-
-    def _gated(self) -> Any:
-        return self._gate if self._gate is not None else contextlib.nullcontext()
+    def _on_loop(self) -> _Bound:
+        """The clients of the running loop: made (and the old ones dropped) when it is not theirs."""
+        bound = self._bound
+        loop = running_loop()
+        if bound.loop is loop and not bound.dropped:
+            return bound
+        if bound.loop is None:
+            self._guards[:] = [bound.bind(loop)]
+            return bound
+        if self._clients is None:
+            raise StoreError("this RedisStore's connections belong to another event loop; a store made with "
+                             "RedisStore.from_url reconnects on each loop")
+        bound.abandon()
+        clients = self._clients()
+        self._bound = bound = _Bound(clients.client, clients.pipelined,
+                                     lambda: clients.blocking_client(None), clients.also_close,
+                                     self._max_connections)
+        self._guards[:] = [bound.bind(loop)]
+        return bound
 
     def shard(self, key: str) -> str:
         """Which node serves ``key`` ("" on a single server): failures are counted per node."""
         if not self.cluster:
             return ""
         try:
-            return str(self._client.get_node_from_key(key).name)
+            return str(self._bound.client.get_node_from_key(key).name)
         except Exception:  # no slot map yet: count it with the cluster as a whole
             return ""
 
     @property
+    def _pipelined(self) -> PipelinedRedis | None:
+        """The request path's connection of the loop the store is on now (tests record what it sends)."""
+        return self._bound.pipelined
+
+    @property
     def client(self) -> Any:
-        """The underlying client (Redis or RedisCluster), for the parts of cachemw that need more than get/set."""
-        return self._client
+        """The underlying client (Redis or RedisCluster) of the running loop, for the parts of cachemw
+        that need more than get/set."""
+        if _get_running_loop() is None:
+            return self._bound.client
+        return self._on_loop().client
 
     async def get(self, key: str) -> bytes | None:
-        if self._pipelined is not None:
-            return await self._pipelined.get(key)
+        bound = self._bound
         try:
-            async with self._gated():
-                value = await self._client.get(key)
-        except DRIVER_ERRORS as exc:
+            loop = _get_running_loop()
+            if loop is None or bound.loop is not loop or bound.dropped:
+                bound = self._on_loop()
+            if bound.pipelined is not None:
+                return await bound.pipelined.get(key)
+            async with bound.gated():
+                value = await bound.client.get(key)
+        except StoreError:
+            raise
+        except Exception as exc:  # whatever the driver raises is a store failure to the caller
             raise StoreError(f"redis GET failed: {exc!r}") from exc
         return cast("bytes | None", value)
 
@@ -396,27 +489,33 @@ class RedisStore:
             await self.delete(key)
             return
         try:
-            async with self._gated():
+            bound = self._on_loop()
+            async with bound.gated():
                 if math.isinf(ttl):
-                    await self._client.set(key, value)
+                    await bound.client.set(key, value)
                 else:
-                    await self._client.set(key, value, px=_millis(ttl))  # PX 0 would be an error
-        except DRIVER_ERRORS as exc:
+                    await bound.client.set(key, value, px=_millis(ttl))  # PX 0 would be an error
+        except StoreError:
+            raise
+        except Exception as exc:
             raise StoreError(f"redis SET failed: {exc!r}") from exc
 
     async def delete(self, *keys: str) -> int:
         if not keys:
             return 0  # DEL without keys is a syntax error
         try:
-            return await self._delete_each(keys)
-        except DRIVER_ERRORS as exc:
+            return await self._delete_each(self._on_loop(), keys)
+        except StoreError:
+            raise
+        except Exception as exc:
             raise StoreError(f"redis DEL failed: {exc!r}") from exc
 
-    async def _delete_each(self, keys: Sequence[str | bytes]) -> int:
+    @staticmethod
+    async def _delete_each(bound: _Bound, keys: Sequence[str | bytes]) -> int:
         """One DEL per key, pipelined: a multi-key DEL would cross Redis Cluster slots."""
         dropped = 0
         for start in range(0, len(keys), 500):
-            async with self._gated(), self._client.pipeline(transaction=False) as pipe:
+            async with bound.gated(), bound.client.pipeline(transaction=False) as pipe:
                 for key in keys[start : start + 500]:
                     pipe.delete(key)
                 dropped += sum(int(n) for n in await pipe.execute())
@@ -425,23 +524,24 @@ class RedisStore:
     async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None
                    ) -> LockResult:
         token = token or secrets.token_hex(8)
-        if not self.cluster:
-            try:
-                taken, value, generations = await self._script(
-                    self._lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys], [token, _millis(ttl)])
-            except DRIVER_ERRORS as exc:
-                raise StoreError(f"redis lock failed: {exc!r}") from exc
-            return ((token if taken else None), value if isinstance(value, bytes) else None,
-                    tuple(_int(g) for g in generations))
         try:
-            async with self._gated(), self._client.pipeline(transaction=False) as pipe:
+            bound = self._on_loop()
+            if not self.cluster:
+                taken, value, generations = await self._script(
+                    bound, bound.lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys],
+                    [token, _millis(ttl)])
+                return ((token if taken else None), value if isinstance(value, bytes) else None,
+                        tuple(_int(g) for g in generations))
+            async with bound.gated(), bound.client.pipeline(transaction=False) as pipe:
                 # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
                 # Redis caches the compiled script by its text anyway.
                 pipe.eval(_LOCK_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), token, _millis(ttl))
                 for generation_key in generation_keys:
                     pipe.get(generation_key)
                 (taken, value, _), *generations = await pipe.execute()
-        except DRIVER_ERRORS as exc:
+        except StoreError:
+            raise
+        except Exception as exc:
             raise StoreError(f"redis lock failed: {exc!r}") from exc
         return (token if taken else None), value if isinstance(value, bytes) else None, tuple(
             _int(g) for g in generations)
@@ -456,14 +556,18 @@ class RedisStore:
             value = await self.get(key)
             return (None, value, ()) if value is not None else await self.lock(key, ttl, generation_keys, token)
         try:
+            bound = self._on_loop()
             reply = await self._script(
-                self._lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys], [token, _millis(ttl), "1"])
-        except DRIVER_ERRORS as exc:
+                bound, bound.lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys],
+                [token, _millis(ttl), "1"])
+            if reply[0] == 2:
+                return None, reply[1], ()
+            taken, _, generations = reply
+            return (token if taken else None), None, tuple(_int(g) for g in generations)
+        except StoreError:
+            raise
+        except Exception as exc:  # also a foreign reply shape (a script of someone else's under our name)
             raise StoreError(f"redis lookup failed: {exc!r}") from exc
-        if reply[0] == 2:
-            return None, reply[1], ()
-        taken, _, generations = reply
-        return (token if taken else None), None, tuple(_int(g) for g in generations)
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
                    generation_keys: Sequence[str], generations: Sequence[int]) -> bool:
@@ -472,18 +576,16 @@ class RedisStore:
         # bumped them after our read finds the entry in its tag set (it deletes it).
         now = time.time()
         expires = now + ttl
-        if not self.cluster:
-            try:
+        try:
+            bound = self._on_loop()
+            if not self.cluster:
                 stored = await self._script(
-                    self._fill_all, [key, _lock_key(key), _wait_key(key), *tag_sets, *generation_keys],
+                    bound, bound.fill_all, [key, _lock_key(key), _wait_key(key), *tag_sets, *generation_keys],
                     [value, _millis(ttl), token or "", self.channel, now, expires, _millis(ttl + 60),
                      len(tag_sets), *(str(g) for g in generations)])
-            except DRIVER_ERRORS as exc:
-                raise StoreError(f"redis fill failed: {exc!r}") from exc
-            return bool(stored)
-        try:
-            async with self._gated():
-                async with self._client.pipeline(transaction=False) as pipe:
+                return bool(stored)
+            async with bound.gated():
+                async with bound.client.pipeline(transaction=False) as pipe:
                     pipe.eval(_FILL_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, _millis(ttl),
                               token or "", self.channel, now, expires, _millis(ttl + 60), 0)
                     for tag_set in tag_sets:
@@ -493,63 +595,78 @@ class RedisStore:
                     replies = await pipe.execute()
                 current = tuple(_int(g) for g in replies[len(replies) - len(generation_keys):])
                 if current != tuple(generations):
-                    await self._client.delete(key)
+                    await bound.client.delete(key)
                     return False
-        except DRIVER_ERRORS as exc:
+        except StoreError:
+            raise
+        except Exception as exc:
             raise StoreError(f"redis fill failed: {exc!r}") from exc
         return True
 
     async def unlock(self, key: str, token: str) -> None:
         try:
+            bound = self._on_loop()
             # Waiters are woken too: they find no entry and call the app themselves at once.
-            await self._script(self._unlock_script, [_lock_key(key), _wait_key(key)], [token, self.channel, key])
-        except DRIVER_ERRORS as exc:
+            await self._script(bound, bound.unlock_script, [_lock_key(key), _wait_key(key)],
+                               [token, self.channel, key])
+        except StoreError:
+            raise
+        except Exception as exc:
             raise StoreError(f"redis unlock failed: {exc!r}") from exc
 
-    async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    @staticmethod
+    async def _script(bound: _Bound, script: Any, keys: list[str], args: list[Any]) -> Any:
         """A registered script, on the pipelined connection when there is one."""
-        pipelined = self._pipelined
+        pipelined = bound.pipelined
         if pipelined is None:
-            async with self._gated():
+            async with bound.gated():
                 return await script(keys=keys, args=args)
         return await pipelined.evalsha(script.sha, script.script, keys, args)
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
         try:
-            async with self._gated(), self._client.pipeline(transaction=False) as pipe:
+            bound = self._on_loop()
+            async with bound.gated(), bound.client.pipeline(transaction=False) as pipe:
                 for generation_key in generation_keys:
                     pipe.incr(generation_key)
                 for tag_set in tag_sets:
                     pipe.zrange(tag_set, 0, -1)
                 replies = await pipe.execute()
             keys = {member for members in replies[len(generation_keys):] for member in members}
-            dropped = await self._delete_each(list(keys))
-            await self._delete_each(list(tag_sets))
-            await self._client.publish(self.invalidation_channel, message)
-        except DRIVER_ERRORS as exc:
+            dropped = await self._delete_each(bound, list(keys))
+            await self._delete_each(bound, list(tag_sets))
+            await bound.client.publish(self.invalidation_channel, message)
+        except StoreError:
+            raise
+        except Exception as exc:
             raise StoreError(f"redis invalidate failed: {exc!r}") from exc
         return dropped
 
     async def purge(self, pattern: str, generation_key: str, message: str) -> int:
         try:
-            await self._client.incr(generation_key)
+            bound = self._on_loop()
+            await bound.client.incr(generation_key)
             dropped = 0
             batch: list[bytes] = []
-            async for found in self._client.scan_iter(match=pattern, count=1000):
+            async for found in bound.client.scan_iter(match=pattern, count=1000):
                 batch.append(found)
                 if len(batch) >= 500:
-                    dropped += await self._delete_each(batch)
+                    dropped += await self._delete_each(bound, batch)
                     batch = []
-            dropped += await self._delete_each(batch)
-            await self._client.publish(self.invalidation_channel, message)
-        except DRIVER_ERRORS as exc:
+            dropped += await self._delete_each(bound, batch)
+            await bound.client.publish(self.invalidation_channel, message)
+        except StoreError:
+            raise
+        except Exception as exc:
             raise StoreError(f"redis purge failed: {exc!r}") from exc
         return dropped
 
     async def publish_invalidation(self, message: str) -> None:
         try:
-            await self._client.publish(self.invalidation_channel, message)
-        except DRIVER_ERRORS as exc:
+            await self._on_loop().client.publish(self.invalidation_channel, message)
+        except StoreError:
+            raise
+        except Exception as exc:
             raise StoreError(f"redis publish failed: {exc!r}") from exc
 
     @property
@@ -558,13 +675,19 @@ class RedisStore:
         return self._listening
 
     async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Subscribe to fill and invalidation announcements; resubscribe after any loss, until cancelled."""
+        """Subscribe to fill and invalidation announcements; resubscribe after any loss, until cancelled.
+
+        What arrives on the channels is untrusted (anyone who can reach the Redis can
+        publish): a message that does not decode to a valid announcement is dropped and
+        counted in ``notifications.rejected``, and never ends the subscription.
+        """
+        bound = self._on_loop()
         if self.cluster:
             # Learn the slot map once, before traffic: concurrent first commands would each
             # start discovering it (redis-py then leaks the connections of the losers).
-            with contextlib.suppress(*DRIVER_ERRORS):
-                await self._client.initialize()
-        client = self._listener_client()
+            with contextlib.suppress(Exception):
+                await bound.client.initialize()
+        client = bound.listener_client()
         fills = self.channel.encode()
         started = False
         backoff = 0.05
@@ -584,12 +707,11 @@ class RedisStore:
                     async for message in pubsub.listen():
                         if message.get("type") != "message":
                             continue
-                        data = message["data"].decode("utf-8", "replace")
-                        if message["channel"] == fills:
-                            self.notifications.filled(data)
+                        if message.get("channel") == fills:
+                            self.notifications.fill_message(message.get("data"))
                         else:
-                            self._invalidated(data)
-                except DRIVER_ERRORS as exc:
+                            self.notifications.invalidation_message(message.get("data"))
+                except Exception as exc:  # the driver's, or anything else: resubscribe
                     logger.debug("cachemw: subscription lost (%r); resubscribing", exc)
                 finally:
                     if self._listening:
@@ -603,26 +725,23 @@ class RedisStore:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
         finally:
-            with anyio.CancelScope(shield=True), contextlib.suppress(*DRIVER_ERRORS):
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await close_client(client)
 
-    def _invalidated(self, data: str) -> None:
-        try:
-            tags = json.loads(data)
-        except ValueError:
-            return
-        if isinstance(tags, list) and all(isinstance(tag, str) for tag in tags):
-            self.notifications.invalidated(tags)
-
     async def aclose(self) -> None:
-        if self._pipelined is not None:
-            await self._pipelined.aclose()
+        bound = self._bound
         try:
-            await close_client(self._client)
-            for other in self._also_close:
-                await close_client(other)
-        except DRIVER_ERRORS as exc:
+            if bound.loop is None or bound.loop is _get_running_loop():
+                await bound.aclose()
+            else:  # opened on a loop that is not this one: closed there, if it still runs
+                bound.abandon()
+        except Exception as exc:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
+
+
+def _cancel_guards(guards: list[LoopGuard]) -> None:
+    for guard in guards:
+        guard.cancel(from_finalizer=True)
 
 
 async def close_client(client: Any) -> None:
@@ -634,5 +753,5 @@ async def close_client(client: Any) -> None:
 
 
 async def _quietly_close(pubsub: Any) -> None:
-    with contextlib.suppress(*DRIVER_ERRORS):
+    with contextlib.suppress(Exception):
         await pubsub.aclose()
