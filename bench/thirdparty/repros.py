@@ -273,6 +273,36 @@ def custom_matches_404_cached() -> str | None:
 
 
 @repro
+def custom_router_matches_404_cached() -> str | None:
+    """#14 item 1, the case left: an included APIRouter subclass with its own matches() (FastAPI asks it too)."""
+    from fastapi import APIRouter, FastAPI
+    from starlette.routing import Match
+
+    class HeaderRouter(APIRouter):
+        def matches(self, scope: Any) -> Any:
+            if dict(scope.get("headers", [])).get(b"x-router-match") != b"yes":
+                return Match.NONE, {}
+            return super().matches(scope)
+
+    router = HeaderRouter()
+
+    @router.get("/items")
+    def read_items() -> list[int]:
+        return [1]
+
+    app = FastAPI()
+    app.include_router(router, prefix="/api")
+    app.add_middleware(CacheMiddleware, settings=catch_all())
+    client = TestClient(app)
+    first = client.get("/api/items")
+    second = client.get("/api/items", headers={"x-router-match": "yes"})
+    if second.status_code == 200:
+        return None
+    return (f"GET /api/items without x-router-match: {first.status_code} {first.headers.get('x-cache')}; with it: "
+            f"{second.status_code} {second.headers.get('x-cache')} (the 404 replayed)")
+
+
+@repro
 def get_body_without_length() -> str | None:
     """New (minor): a GET whose body has no Content-Length nor Transfer-Encoding is answered from cache.
 
