@@ -93,7 +93,9 @@ DIAGNOSES: list[tuple[str, str, str, str]] = [
      "another (cachemw could derive `vary` from a FastAPI route's Header/Cookie params)"),
     ("fastapi", "*-catchall*", "tests/test_dependency_concurrency.py::*",
      "single-flight as declared: the test sends concurrent GETs of one URL and counts how many enter the "
-     "handler or wait on FastAPI's dependency semaphore; cachemw collapses them onto one fill per key"),
+     "handler or wait on FastAPI's dependency semaphore; cachemw collapses them onto one fill per key (a "
+     "`sync` variant may then hang: the failed assertion skips its `release.set()`, its threads wait forever, "
+     "and the timeout ends the xdist worker: reported as an error)"),
     ("fastapi", "*-catchall*", "tests/test_dependency_cache.py::*",
      "staleness as declared: a counter endpoint fetched twice; the second GET is the hit"),
     ("fastapi", "*-catchall*", "tests/test_query_optional_models.py::test_defaults_factories_and_validators",
