@@ -161,7 +161,7 @@ DIAGNOSES: list[tuple[str, str, str, str]] = [
     ("starlette", "wrap-*", "tests/test_routing.py::test_lifespan_state_unsupported*",
      "#14 item 11: Starlette's RuntimeError('The server does not support \"state\"') comes out as an "
      "ExceptionGroup (supervisor's task group, cachemw/middleware.py _lifespan)"),
-    ("starlette", "*-catchall*", "tests/middleware/test_base.py::*asyncio*",
+    ("starlette", "*", "tests/middleware/test_base.py::*asyncio*",
      "new: Starlette's blockbuster catches blocking file reads in the event loop: cachemw/rules.py:272-274 "
      "`_known_matchers` imports fastapi (and pydantic) at every rule-table build, i.e. at the first request "
      "or lifespan, inside the loop, in an app that never imported FastAPI; fix: use fastapi only if it is "
