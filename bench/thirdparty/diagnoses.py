@@ -176,3 +176,11 @@ RAISED_IN_CACHEMW: list[tuple[str, str, str, str]] = [
      "new (minor): an http scope without `headers` (the test's own hand-made scope) raises KeyError in "
      "`RequestHeaders.__init__` (cachemw/keys.py:35) on a cached route; the app alone never reads them"),
 ]
+
+# The last resort, by the failure's message: (suite, mode, message glob, diagnosis).
+FAILURE_MESSAGES: list[tuple[str, str, str, str]] = [
+    ("starlette", "*", "*BlockingError: Blocking call to io.TextIOWrapper.read*",
+     "new: Starlette's blockbuster catches blocking file reads in the event loop: cachemw/rules.py:272-274 "
+     "`_known_matchers` imports fastapi (and pydantic) at the first rule-table build, inside the loop, in an "
+     "app that never imported FastAPI (which test trips it depends on the xdist worker's order)"),
+]

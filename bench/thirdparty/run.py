@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from diagnoses import DIAGNOSES, RAISED_IN_CACHEMW  # noqa: E402
+from diagnoses import DIAGNOSES, FAILURE_MESSAGES, RAISED_IN_CACHEMW  # noqa: E402
 
 MODES = {
     # name: (CACHEMW_SUITES_MODE, CACHEMW_SUITES_POLICY)
@@ -183,7 +183,7 @@ def load_run(suite: str, mode: str, command: str, out: Path) -> Run:
     return run
 
 
-def diagnose(suite: str, mode: str, test_id: str, raised_in_cachemw: list[str] = ()) -> str | None:
+def diagnose(suite: str, mode: str, test_id: str, raised_in_cachemw: list[str] = (), message: str = "") -> str | None:
     """For an exception the test saw raised inside cachemw, its diagnosis; else the first whose globs match."""
     for message in raised_in_cachemw:  # a crash in cachemw comes first: it hides whatever else the test checks
         for suites, modes, pattern, text in RAISED_IN_CACHEMW:
@@ -194,6 +194,10 @@ def diagnose(suite: str, mode: str, test_id: str, raised_in_cachemw: list[str] =
         # junit names a test by module ("tests/test_x::name"); a diagnosis may write the file name.
         if fnmatch.fnmatchcase(suite, suites) and fnmatch.fnmatchcase(mode, modes) and \
                 fnmatch.fnmatchcase(test_id, pattern.replace(".py::", "::")):
+            return text
+    for suites, modes, pattern, text in FAILURE_MESSAGES:  # last: by what the test's failure says
+        if fnmatch.fnmatchcase(suite, suites) and fnmatch.fnmatchcase(mode, modes) and \
+                fnmatch.fnmatchcase(message, pattern):
             return text
     return None
 
@@ -333,7 +337,7 @@ def write_report(path: Path, runs: list[Run], versions: dict[str, str], python: 
         raised = raised_in_cachemw(run)
         by_cause: dict[str, list[str]] = collections.defaultdict(list)
         for test_id in tests:
-            text = diagnose(run.suite, run.mode, test_id, raised.get(test_id, []))
+            text = diagnose(run.suite, run.mode, test_id, raised.get(test_id, []), run.results[test_id].message)
             if text is None:
                 undiagnosed += 1
                 text = "undiagnosed: " + run.results[test_id].message
