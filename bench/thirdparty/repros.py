@@ -336,6 +336,35 @@ def get_body_without_length() -> str | None:
     return f"GET / with body b'b' answered {second.text!r} ({second.headers.get('x-cache')}), the body of the first"
 
 
+@repro
+def fastapi_imported_in_the_loop() -> str | None:
+    """New: the first request of a plain Starlette app imports FastAPI (and pydantic) inside the event loop.
+
+    cachemw/rules.py ``_known_matchers`` imports fastapi at every rule-table build; Starlette's own suite
+    runs blockbuster, which turns those file reads into BlockingError. Run in a fresh interpreter.
+    """
+    import subprocess
+
+    code = (
+        "import sys, time\n"
+        "from starlette.applications import Starlette\n"
+        "from starlette.responses import PlainTextResponse\n"
+        "from starlette.routing import Route\n"
+        "from starlette.testclient import TestClient\n"
+        "from cachemw import CacheMiddleware\n"
+        "app = Starlette(routes=[Route('/', lambda r: PlainTextResponse('hi'))])\n"
+        "app.add_middleware(CacheMiddleware)\n"
+        "before = 'fastapi' in sys.modules\n"
+        "t = time.perf_counter(); TestClient(app).get('/'); took = time.perf_counter() - t\n"
+        "print(before, 'fastapi' in sys.modules, round(took * 1000))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    before, after, took_ms = out[0] == "True", out[1] == "True", out[2]
+    if before or not after:
+        return None
+    return f"fastapi was imported by the first request (inside the event loop); that request took {took_ms} ms"
+
+
 def main(names: list[str]) -> int:
     chosen = names or list(REPROS)
     reproduced = 0
