@@ -253,8 +253,14 @@ def _rules(raw: object, presets: Mapping[str, Policy], source: str) -> tuple[Fil
             raise ConfigError(f"{here}: field 'route': {route!r} is not valid; expected a path template "
                               'such as "/products/{id}" or a glob such as "/stats/*"')
         here = f"{source}: rule {index} (route {route!r})"
+        named = "policy" in fields_
         base = resolve_preset(fields_.pop("policy", None), presets, here)
         policy = policy_from_fields(fields_, base=base, where=here)
+        if not named and "ttl" not in fields_ and "invalidates" not in fields_:
+            # As for @cache(): a rule that could never cache is a mistake, not a silent no-op.
+            raise ConfigError(f"{here}: neither a 'policy' nor a 'ttl': this rule would never cache. HINT: "
+                              'ttl = "5m", or policy = "minutes" (a preset); policy = "realtime" if the route '
+                              "must never be cached")
         rules.append(FileRule(index=index, route=route, policy=policy, source=f"{source} rule {index}"))
     return tuple(rules)
 

@@ -471,3 +471,13 @@ def test_open_store_is_startups_store_validation() -> None:
     message = str(info.value)
     assert message.startswith("shop.toml: field 'redis_url' 'redis://:***@host:6391:0': ")
     assert "pw@" not in message
+
+
+def test_a_rule_that_could_never_cache_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "cachemw.toml"
+    path.write_text('[cachemw]\n[[cachemw.rules]]\nroute = "/runs"\n')
+    with pytest.raises(ConfigError, match=r"cachemw\.toml: rule 1 \(route '/runs'\): neither a 'policy' nor a 'ttl'"):
+        load_settings(path)
+    path.write_text('[cachemw]\n[[cachemw.rules]]\nroute = "/runs"\npolicy = "realtime"\n'
+                    '[[cachemw.rules]]\nroute = "/orders"\ninvalidates = ["orders"]\n')
+    assert [rule.route for rule in load_settings(path).rules] == ["/runs", "/orders"]
