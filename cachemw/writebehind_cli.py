@@ -121,8 +121,9 @@ def _run(args: argparse.Namespace, action: Any) -> int:
 
     async def go() -> int:
         try:
-            if not declared and _never_used(await queue.status()):
-                others = await _queues_under(url, prefix)
+            others = await _queues_under(url, prefix) if not declared and _never_used(await queue.status()) else None
+            # A stream or group of its own (a flusher started, nothing written yet) is a trace too.
+            if others is not None and queue.name not in others:
                 print(f"cachemw: no write-behind queue {queue.name!r} under the key prefix {prefix!r} at "
                       f"{masked_url(url)}: Redis holds no trace of it (no writes, dead letters, counters or "
                       f"flusher). Queues there: {', '.join(others) or '(none)'}. HINT: check the name, and pass "

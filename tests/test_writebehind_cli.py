@@ -67,3 +67,14 @@ def test_writebehind_takes_the_apps_prefix_and_queues(redis_url: str, tmp_path: 
     result = run("status", "cart", "--redis-url", redis_url, cwd=tmp_path)
     assert result.returncode == 1
     assert "under the key prefix 'cachemw'" in result.stderr and "HINT" in result.stderr
+
+
+def test_a_queue_whose_flusher_runs_before_any_write_is_known(redis_url: str, tmp_path: Path) -> None:
+    """The app started its flusher (stream and group made) but nothing was written yet: not an unknown queue."""
+    import redis
+
+    with redis.Redis.from_url(redis_url) as raw:
+        raw.xgroup_create("wbfresh:wb:{cart}:stream", "flushers", id="$", mkstream=True)
+    result = run("status", "cart", "--redis-url", redis_url, "--prefix", "wbfresh", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["backlog"] == 0
