@@ -437,22 +437,24 @@ def _request_scope(url: str, extra_headers: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _identity_of(app: Any, settings: Settings) -> Callable[[RequestHeaders, dict[str, Any]], str | None]:
-    """Who a request is for, as the app's middleware decides it (its custom identity, if it has one)."""
+def _identity_of(app: Any, settings: Settings, rule: RouteRule, headers: RequestHeaders,
+                 scope: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The request's credentials and who it is for, as the app's middleware decides them (its custom
+    identity, if it has one): the session cookie, Authorization, the ``credentials`` setting and the
+    route's FastAPI security schemes."""
+    names = [name if where == "header" else f"{where}:{name}" for where, name in rule.credentials]
+    credentials = SessionIdentity(settings.session_cookie, (*settings.credentials, *names))(
+        headers, scope.get("query_string", b""))
     custom = _middleware_options(app).get("identity")
     if custom is None:
-        session = SessionIdentity(settings.session_cookie)
-        return lambda headers, scope: session(headers)
+        return credentials, credentials
     from starlette.requests import HTTPConnection
 
-    def identity(headers: RequestHeaders, scope: dict[str, Any]) -> str | None:
-        try:
-            value: str | None = custom(HTTPConnection(scope))
-        except Exception as exc:
-            raise CommandFailed(f"the app's identity function failed on this request: {_one_line(exc)}") from None
-        return value
-
-    return identity
+    try:
+        value: str | None = custom(HTTPConnection(scope))
+    except Exception as exc:
+        raise CommandFailed(f"the app's identity function failed on this request: {_one_line(exc)}") from None
+    return credentials, value
 
 
 def _entry_report(data: bytes | None, policy: Policy, now: float) -> dict[str, Any]:
@@ -494,16 +496,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         raise CommandFailed(f"no cache policy for {path}: its route {rule.template} is never cached "
                             f"(policy {policy.preset or 'with ttl 0'}, from {rule.source})", 1)
     headers = RequestHeaders(scope)
-    identity = _identity_of(app, settings)(headers, scope)
+    credentials, identity = _identity_of(app, settings, rule, headers, scope)
     # The middleware's own bypasses: such a request never reads or writes an entry.
     if policy.private and identity is None:
         raise CommandFailed(f"{path}: the route {rule.template} is private (one entry per user) and the request "
                             f"names nobody; pass the user's credentials, e.g. "
                             f"-H 'Cookie: {settings.session_cookie}=...' or -H 'Authorization: ...'", 1)
-    if not policy.private and (identity is not None or headers.get(b"authorization") is not None):
+    if not policy.private and (identity is not None or credentials is not None):
         raise CommandFailed(f"{path}: the route {rule.template} is shared and this request carries credentials "
-                            f"(the {settings.session_cookie!r} cookie or an Authorization header): the middleware "
-                            "never answers such a request from the cache; leave them out", 1)
+                            f"(the {settings.session_cookie!r} cookie, Authorization, or what the credentials "
+                            "setting or the route's security schemes name): the middleware never answers such a "
+                            "request from the cache; leave them out", 1)
     key = make_key(scope, headers, policy, rule.label, settings.key_prefix, identity).key
 
     async def get(store: Store) -> bytes | None:

@@ -1152,3 +1152,35 @@ def test_warm_shows_progress_on_a_terminal(served_fleet_app: str) -> None:
     assert b"] 1/5 " in shown and b"[##############################] 5/5 " in shown
     assert shown.endswith(b"\r\x1b[K")  # the bar is wiped before the report
     assert stdout.splitlines()[-1] == "warmed 5 of 5 URLs (5 MISS)"
+
+
+KEYED_APP = '''
+from fastapi import Depends, FastAPI
+from fastapi.security import APIKeyHeader
+
+from cachemw import CacheMiddleware, cache
+
+app = FastAPI()
+api_key = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+
+@app.get("/offers")
+@cache(ttl="5m")
+async def offers(key: str | None = Depends(api_key)) -> dict[str, str]:
+    return {"offers": key or "everyone"}
+
+
+app.add_middleware(CacheMiddleware)
+'''
+
+
+def test_inspect_refuses_a_routes_security_scheme_credential_as_the_middleware_does(
+        redis_url: str, tmp_path: Path) -> None:
+    (tmp_path / "keyed_app.py").write_text(KEYED_APP, encoding="utf-8")
+    url = BASE + "/offers"
+    keyed = run("inspect", url, "--app", "keyed_app:app", "--redis-url", redis_url, "-H", "X-API-Key: k",
+                cwd=tmp_path)
+    assert keyed.returncode == 1 and "carries credentials" in keyed.stderr, keyed.stderr
+    anonymous = run("inspect", url, "--app", "keyed_app:app", "--redis-url", redis_url, "--json", cwd=tmp_path)
+    assert anonymous.returncode == 0, anonymous.stderr
+    assert json.loads(anonymous.stdout)["state"] == "absent"
