@@ -18,7 +18,7 @@ import fnmatch
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
@@ -32,6 +32,7 @@ __all__ = ["UNKNOWN", "CacheSpec", "RouteMatch", "RouteRule", "RuleTable", "buil
 
 _SPEC_ATTRIBUTE = "__cachemw__"
 _PARAM = re.compile(r"{([^{}:]+)(?::[^{}]*)?}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header or cookie name that can be keyed
 _T = TypeVar("_T")
 
 
@@ -373,6 +374,8 @@ def _compile(routes: Iterable[BaseRoute], prefix: str, build: _Build) -> tuple[_
             if _rule_matches(file_rule, template):
                 build.used.add(file_rule.index)
         policy, source = _policy_for(template, route.endpoint, build.settings)
+        if policy is not None and policy.cacheable:
+            policy = _keyed_on_what_it_reads(policy, route)
         rule = RouteRule(
             template=template,
             methods=method_set,
@@ -462,6 +465,36 @@ def _matches_its_own_way(included: Any) -> bool:
     candidates = getattr(included, "effective_candidates", None)
     return callable(candidates) and any(
         hasattr(candidate, "original_router") and _matches_its_own_way(candidate) for candidate in candidates())
+
+
+def _keyed_on_what_it_reads(policy: Policy, route: Any) -> Policy:
+    """A FastAPI route's ``Header()`` and ``Cookie()`` parameters (its dependencies' too) join its ``vary``.
+
+    The handler reads them, so they change its answer: an entry filled for one
+    ``X-Token`` must not answer another. Nothing the app reads is left out of the key.
+    """
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return policy
+    reads: dict[str, None] = {}
+    seen: set[int] = set()
+    stack = [dependant]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for field in getattr(current, "header_params", None) or ():
+            alias = str(getattr(field, "alias", "") or getattr(field, "name", ""))
+            convert = getattr(getattr(field, "field_info", None), "convert_underscores", True)
+            if convert and alias == getattr(field, "name", None):
+                alias = alias.replace("_", "-")
+            reads[alias.lower()] = None
+        for field in getattr(current, "cookie_params", None) or ():
+            reads["cookie:" + str(getattr(field, "alias", "") or getattr(field, "name", ""))] = None
+        stack.extend(getattr(current, "dependencies", None) or ())
+    extra = tuple(name for name in reads if _TOKEN.fullmatch(name.removeprefix("cookie:")) and name not in policy.vary)
+    return replace(policy, vary=(*policy.vary, *extra)) if extra else policy
 
 
 def _credentials(route: Any) -> tuple[tuple[str, str], ...]:

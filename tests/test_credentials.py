@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Cookie, Depends, FastAPI, Header
 from fastapi.security import APIKeyCookie, APIKeyHeader
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -131,3 +131,27 @@ async def test_fastapi_security_schemes_are_credentials_of_their_routes(store: S
     assert (alice.json(), bob.json()) == ({"account": "alice"}, {"account": "bob"})
     assert alice_again.headers["x-cache"] == "HIT" and alice_again.json() == {"account": "alice"}
     assert anonymous.status_code == 200
+
+
+async def test_fastapi_header_and_cookie_parameters_are_part_of_the_key(store: SpyStore) -> None:
+    """What the handler (or a dependency) reads from a Header() or Cookie() changes its answer."""
+    api = FastAPI()
+
+    async def token_of(x_token: str = Header("none")) -> str:
+        return x_token
+
+    @api.get("/items")
+    @cache(ttl="5m")
+    async def items(token: str = Depends(token_of), theme: str = Cookie("light")) -> dict[str, str]:
+        return {"token": token, "theme": theme}
+
+    api.add_middleware(CacheMiddleware, store=store)
+    async with client(api) as http:
+        good = await http.get("/items", headers={"x-token": "good"})
+        bad = await http.get("/items", headers={"x-token": "bad"})
+        good_again = await http.get("/items", headers={"x-token": "good"})
+        dark = await http.get("/items", headers={"x-token": "good", "cookie": "theme=dark"})
+    assert good.json() == {"token": "good", "theme": "light"}
+    assert bad.json() == {"token": "bad", "theme": "light"}
+    assert good_again.headers["x-cache"] == "HIT" and good_again.json() == good.json()
+    assert dark.json() == {"token": "good", "theme": "dark"}
