@@ -218,7 +218,8 @@ class Stampede:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all cases (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds over all cases (default: %(default)s)")
     parser.add_argument("--duration", type=int, default=6,
                         help="seconds per load run, whole (wrk's unit) (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2,
@@ -656,10 +657,7 @@ def render(facts: dict[str, str], settings: dict[str, str], runs: list[Run], row
         "|---|---|---|---|---|",
     ]
     for t in targets:
-        if "cases" in t:
-            shown = _range(t["values"], ".2f")
-        else:
-            shown = ", ".join(str(v) for v in t["values"]) + " handler runs"
+        shown = _range(t["values"], ".2f") if "cases" in t else ", ".join(str(v) for v in t["values"]) + " handler runs"
         cost = "-"
         if t.get("cost_values"):
             cost = f"{_range(t['cost_values'], '.2f')} ({'met' if t['cost_met'] else 'missed'})"
@@ -727,8 +725,8 @@ def render(facts: dict[str, str], settings: dict[str, str], runs: list[Run], row
         sample_text = ", ".join(f"{k} {v}" for k, v in sorted(r.sample.items())) or "-"
         gc_text = f"{_gc_ms_per_s(r):.1f} ({'/'.join(str(int(c)) for c in r.gc['collections'])})" if r.gc else "-"
         lines.append(
-            f"| {r.round} | {r.case} | {r.load.rps:.0f} | {r.load.p50_ms:.2f} | {r.load.p99_ms:.2f} | {r.load.requests} "
-            f"| {r.handler_calls} | {sample_text} | {cpu_us(r):.0f} | {r.cpu.get('app', 0):.2f} "
+            f"| {r.round} | {r.case} | {r.load.rps:.0f} | {r.load.p50_ms:.2f} | {r.load.p99_ms:.2f} "
+            f"| {r.load.requests} | {r.handler_calls} | {sample_text} | {cpu_us(r):.0f} | {r.cpu.get('app', 0):.2f} "
             f"| {r.cpu.get('redis', 0):.2f} "
             f"| {r.cpu.get('loadgen', 0):.2f} | {r.cpu_others:.2f} | {gc_text} |")
     lines += ["", "## Sanity checks", ""]
