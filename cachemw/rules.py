@@ -467,23 +467,28 @@ def _matches_its_own_way(included: Any) -> bool:
         hasattr(candidate, "original_router") and _matches_its_own_way(candidate) for candidate in candidates())
 
 
+def _dependants(route: Any) -> Iterator[Any]:
+    """A FastAPI route's dependency tree, the route's own first, each dependant once."""
+    dependant = getattr(route, "dependant", None)
+    seen: set[int] = set()
+    stack = [] if dependant is None else [dependant]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack.extend(reversed(getattr(current, "dependencies", None) or ()))
+
+
 def _keyed_on_what_it_reads(policy: Policy, route: Any) -> Policy:
     """A FastAPI route's ``Header()`` and ``Cookie()`` parameters (its dependencies' too) join its ``vary``.
 
     The handler reads them, so they change its answer: an entry filled for one
     ``X-Token`` must not answer another. Nothing the app reads is left out of the key.
     """
-    dependant = getattr(route, "dependant", None)
-    if dependant is None:
-        return policy
     reads: dict[str, None] = {}
-    seen: set[int] = set()
-    stack = [dependant]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in _dependants(route):
         for field in getattr(current, "header_params", None) or ():
             alias = str(getattr(field, "alias", "") or getattr(field, "name", ""))
             convert = getattr(getattr(field, "field_info", None), "convert_underscores", True)
@@ -492,7 +497,6 @@ def _keyed_on_what_it_reads(policy: Policy, route: Any) -> Policy:
             reads[alias.lower()] = None
         for field in getattr(current, "cookie_params", None) or ():
             reads["cookie:" + str(getattr(field, "alias", "") or getattr(field, "name", ""))] = None
-        stack.extend(getattr(current, "dependencies", None) or ())
     extra = tuple(name for name in reads if _TOKEN.fullmatch(name.removeprefix("cookie:")) and name not in policy.vary)
     return replace(policy, vary=(*policy.vary, *extra)) if extra else policy
 
@@ -504,29 +508,20 @@ def _credentials(route: Any) -> tuple[tuple[str, str], ...]:
     or ``Authorization`` (HTTP Basic/Bearer/Digest, OAuth2, OpenID Connect). Plain
     ``Header()`` and ``Cookie()`` parameters are not taken for credentials.
     """
-    dependant = getattr(route, "dependant", None)
     models: Any = sys.modules.get("fastapi.openapi.models")
     security_base: Any = sys.modules.get("fastapi.security.base")
-    if dependant is None or models is None or security_base is None:  # loaded by any FastAPI app
+    if models is None or security_base is None:  # loaded by any FastAPI app
         return ()
-    SecurityBase = security_base.SecurityBase
     found: dict[tuple[str, str], None] = {}
-    seen: set[int] = set()
-    stack = [dependant]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in _dependants(route):
         call = getattr(current, "call", None)
-        if isinstance(call, SecurityBase):
+        if isinstance(call, security_base.SecurityBase):
             model = getattr(call, "model", None)
             if isinstance(model, models.APIKey):
                 location = model.in_.value
                 found[(location, model.name.lower() if location == "header" else model.name)] = None
             elif isinstance(model, (models.HTTPBase, models.OAuth2, models.OpenIdConnect)):
                 found[("header", "authorization")] = None
-        stack.extend(reversed(getattr(current, "dependencies", None) or ()))
     return tuple(found)
 
 
