@@ -1001,7 +1001,8 @@ class CacheMiddleware:
         self._releases_wanted = anyio.Event()
         task_status.started()
         while True:
-            await self._releases_wanted.wait()
+            if not self._pending_releases:  # some may have come before this (re)start: send them now
+                await self._releases_wanted.wait()
             self._releases_wanted = anyio.Event()
             pending, self._pending_releases = self._pending_releases, {}
             for key, token in pending.items():
