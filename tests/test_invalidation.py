@@ -32,7 +32,7 @@ class Database:
         self.gate.set()
 
 
-def make_app(db: Database, store: Any, *, sync: float = SYNC) -> Starlette:
+def make_app(db: Database, store: Any, *, sync: float = SYNC, lock_timeout: float = 2.0) -> Starlette:
     @cache(ttl="5m", sync=sync, tags=["product:{id}"])
     async def product(request: Request) -> Response:
         product_id = request.path_params["id"]
@@ -62,7 +62,7 @@ def make_app(db: Database, store: Any, *, sync: float = SYNC) -> Starlette:
         Route("/stats", stats),
         Route("/reset", reset, methods=["POST"]),
     ])
-    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=2.0, store_timeout=2.0))
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=lock_timeout, store_timeout=2.0))
     return app
 
 
@@ -71,12 +71,12 @@ def client(app: Any) -> httpx.AsyncClient:
 
 
 @asynccontextmanager
-async def servers(redis_url: str, count: int = 2, *, sync: float = SYNC
+async def servers(redis_url: str, count: int = 2, *, sync: float = SYNC, lock_timeout: float = 2.0
                   ) -> AsyncIterator[tuple[Database, list[Starlette], list[httpx.AsyncClient], list[SpyStore]]]:
     """``count`` app instances with their own Redis connections and lifespans, like separate servers."""
     db = Database()
     stores = [SpyStore(RedisStore.from_url(redis_url, timeout=1.0)) for _ in range(count)]
-    apps = [make_app(db, store, sync=sync) for store in stores]
+    apps = [make_app(db, store, sync=sync, lock_timeout=lock_timeout) for store in stores]
     try:
         async with AsyncExitStack() as stack:
             for app in apps:
@@ -227,3 +227,29 @@ async def test_handler_tags_are_stripped_and_purgeable_from_a_handler(store: Spy
         assert (await http.post("/reset")).json() == {"dropped": 1}
         assert (await http.get("/stats?x=1")).headers["x-cache"] == "MISS"
     assert db.reads == 2
+
+
+async def test_a_write_on_another_server_detaches_this_servers_fill_in_flight(shared_url: str) -> None:
+    """Two servers behind one Host: a GET on A that starts after B's write never joins A's older fill."""
+    # A long lock_timeout: a GET that joined the old fill would wait for it, far past the deadline below.
+    async with servers(shared_url, lock_timeout=60) as (db, apps, (a, b), _stores), anyio.create_task_group() as tg:
+        db.gate = anyio.Event()  # A's first read is still in the handler when B's write lands
+        heard = anyio.Event()
+        find_middleware(apps[0]).store.notifications.on_invalidate.append(lambda tags: heard.set())
+        old: list[httpx.Response] = []
+
+        async def slow_read() -> None:
+            old.append(await a.get("/products/1"))
+
+        tg.start_soon(slow_read)
+        await eventually(lambda: _true(db.reads == 1), what="A's first read in the handler")
+        assert (await b.post("/products/1")).status_code == 200
+        with anyio.fail_after(5):
+            await heard.wait()  # the broadcast reached A
+        first_read, db.gate = db.gate, anyio.Event()
+        db.gate.set()  # later reads do not wait; the first stays in its handler until after ours
+        with anyio.fail_after(15):
+            after = await a.get("/products/1")
+        first_read.set()
+        assert after.json()["version"] == 2 and "collapsed" not in after.headers["cache-status"]
+    assert old[0].json()["version"] == 1
