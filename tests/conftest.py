@@ -17,10 +17,18 @@ _REAL_FREEZE = cachemw.middleware._freeze_startup_objects
 
 try:  # tests/ is a package
     from tests.asgi import SpyStore
+    from tests.budgets import Budgets, current_budgets
     from tests.redis_server import RedisServer, find_redis_server, free_port, started
 except ImportError:  # tests/ as a plain directory (pytest's "prepend" import mode puts it on sys.path)
     from asgi import SpyStore  # type: ignore[no-redef]
+    from budgets import Budgets, current_budgets  # type: ignore[no-redef]
     from redis_server import RedisServer, find_redis_server, free_port, started  # type: ignore[no-redef]
+
+
+@pytest.fixture(scope="session")
+def budgets() -> Budgets:
+    """Every time budget a test waits on (see budgets.py): scaled together on a busy machine."""
+    return current_budgets()
 
 
 @pytest.fixture(scope="session")
