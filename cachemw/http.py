@@ -86,11 +86,12 @@ def not_storable_reason(
     return None
 
 
-def stored_headers(headers: RawHeaders, etag: bytes, body_length: int, status: int = 200
+def stored_headers(headers: RawHeaders, etag: bytes | None, body_length: int, status: int = 200
                    ) -> tuple[tuple[bytes, bytes], ...]:
     """The headers a hit replays: hop-by-hop and per-response ones dropped, length exact.
 
-    A 204 gets no Content-Length at all (RFC 9110 8.6 forbids it there).
+    A 204 gets no Content-Length at all (RFC 9110 8.6 forbids it there). ``etag``
+    None: none at all (an error answer replayed to waiters, never revalidated).
     """
     kept = [
         (key.lower(), value)
@@ -99,7 +100,8 @@ def stored_headers(headers: RawHeaders, etag: bytes, body_length: int, status: i
     ]
     if status != 204:
         kept.append((b"content-length", str(body_length).encode()))
-    kept.append((b"etag", etag))
+    if etag is not None:
+        kept.append((b"etag", etag))
     return tuple(kept)
 
 

@@ -225,7 +225,7 @@ class CacheMiddleware:
         self.store_problem: str | None = None  # why the startup probe could not reach the store
         self._origin = OriginSlots(0)
         self._origin_wait = 5.0
-        self._origin_busy = Entry(status=503, headers=(), body=b"", stored_at=0.0, etag=b"", tags=())
+        self._origin_busy = _origin_busy_answer(Settings().retry_after)
         self._pending_releases: dict[str, str] = {}  # lock releases a full queue shed: key -> token
         self._releases_wanted: anyio.Event | None = None
 
@@ -273,11 +273,7 @@ class CacheMiddleware:
             if rule.policy is not None:
                 self._origin.bound_route(rule.template, rule.policy.origin_concurrency)
         self._origin_wait = settings.origin_wait
-        body = b"The service is busy; try again shortly.\n"
-        self._origin_busy = Entry(status=503, headers=(
-            (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
-            (b"retry-after", b"%d" % settings.retry_after), (b"cache-control", b"no-store")),
-            body=body, stored_at=0.0, etag=b"", tags=())
+        self._origin_busy = _origin_busy_answer(settings.retry_after)
         self.supervisor.add_service("access-log", self.access_log.consume)
         self._prefix = settings.key_prefix
         self._lock_timeout = settings.lock_timeout
@@ -1070,6 +1066,15 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def _origin_busy_answer(retry_after: int) -> Entry:
+    """Our 503 past ``origin_concurrency``: made once at startup, replayed as is."""
+    body = b"The service is busy; try again shortly.\n"
+    return Entry(status=503, headers=(
+        (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
+        (b"retry-after", b"%d" % retry_after), (b"cache-control", b"no-store")),
+        body=body, stored_at=0.0, etag=b"", tags=())
+
+
 def _replaying(first: Message, receive: Receive) -> Receive:
     """``receive`` with ``first`` given back once, before what follows."""
     pending: list[Message] = [first]
@@ -1281,7 +1286,7 @@ class _FillResponder:
         if not self.complete or self._failure_chunks is None:
             return None
         body = b"".join(self._failure_chunks)
-        headers = tuple(h for h in http.stored_headers(self._headers, b"", len(body), self.status) if h[0] != b"etag")
+        headers = http.stored_headers(self._headers, None, len(body), self.status)
         return Entry(status=self.status, headers=headers, body=body, stored_at=self.stored_at, etag=b"", tags=())
 
     def entry(self, *, tags: tuple[str, ...]) -> Entry | None:
