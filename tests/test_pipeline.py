@@ -7,6 +7,7 @@ import contextlib
 import gc
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -344,3 +345,54 @@ async def test_a_timed_out_command_nobody_awaits_logs_nothing(redis_url: str, re
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.parametrize("stall", [0.15, 0.4], ids=["past the budget", "past stuck_after"])
+async def test_a_reply_that_arrived_during_a_stalled_io_callback_is_not_a_timeout(stall: float) -> None:
+    """uvloop (libuv) runs due timers after an iteration's I/O callbacks, before it polls again:
+    after a stall inside an I/O callback (another connection's ``data_received``: a TLS read, a
+    burst of requests), a reply already waiting in our socket lost to its own deadline, and a
+    stall past ``stuck_after`` closed a connection whose replies had all arrived. asyncio polls
+    before it runs the timers that came due meanwhile."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    client = PipelinedRedis(host="127.0.0.1", port=listener.getsockname()[1], timeout=0.05, stuck_after=0.3)
+    server_side: socket.socket | None = None
+    stalling, poke = socket.socketpair()
+    transport: asyncio.BaseTransport | None = None
+    try:
+        first = asyncio.ensure_future(client.get("warm"))
+        with anyio.fail_after(5):
+            server_side, _ = await loop.sock_accept(listener)
+            assert (await loop.sock_recv(server_side, 1024)).startswith(b"*2\r\n$3\r\nGET")
+        server_side.sendall(b"$-1\r\n")
+        assert await first is None
+        connection = client._connection
+        assert connection is not None
+
+        answer = server_side
+
+        class Stall(asyncio.Protocol):
+            """An I/O callback that answers our command, then keeps the loop busy."""
+
+            def data_received(self, data: bytes) -> None:
+                answer.sendall(b"$2\r\nok\r\n")  # in our socket from now on, unread until the next poll
+                time.sleep(stall)
+
+        transport, _ = await loop.create_unix_connection(Stall, sock=stalling)
+        pending = asyncio.ensure_future(client.get("k"))
+        with anyio.fail_after(5):
+            assert (await loop.sock_recv(server_side, 1024)).startswith(b"*2\r\n$3\r\nGET")  # in flight
+        poke.send(b"x")
+        with anyio.fail_after(5):
+            assert await pending == b"ok"
+        assert not connection.closed
+    finally:
+        if transport is not None:
+            transport.close()
+        poke.close()
+        await client.aclose()
+        if server_side is not None:
+            server_side.close()
+        listener.close()
