@@ -17,6 +17,7 @@ from cachemw.store import RedisStore, StoreError
 from cachemw.store.base import StoreTimeout
 from cachemw.store.pipeline import PipelinedRedis, encode_command
 from tests.asgi import eventually
+from tests.budgets import Budgets
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -348,7 +349,8 @@ async def _true(value: bool) -> bool:
 
 
 @pytest.mark.parametrize("stall", [0.15, 0.4], ids=["past the budget", "past stuck_after"])
-async def test_a_reply_that_arrived_during_a_stalled_io_callback_is_not_a_timeout(stall: float) -> None:
+async def test_a_reply_that_arrived_during_a_stalled_io_callback_is_not_a_timeout(stall: float, budgets: Budgets
+                                                                                  ) -> None:
     """uvloop (libuv) runs due timers after an iteration's I/O callbacks, before it polls again:
     after a stall inside an I/O callback (another connection's ``data_received``: a TLS read, a
     burst of requests), a reply already waiting in our socket lost to its own deadline, and a
@@ -357,35 +359,34 @@ async def test_a_reply_that_arrived_during_a_stalled_io_callback_is_not_a_timeou
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
-    client = PipelinedRedis(host="127.0.0.1", port=listener.getsockname()[1], timeout=0.05, stuck_after=0.3)
+    client = PipelinedRedis(host="127.0.0.1", port=listener.getsockname()[1], timeout=budgets.store_timeout)
     server_side: socket.socket | None = None
     stalling, poke = socket.socketpair()
     transport: asyncio.BaseTransport | None = None
     try:
         first = asyncio.ensure_future(client.get("warm"))
-        with anyio.fail_after(5):
+        with anyio.fail_after(budgets.condition):
             server_side, _ = await loop.sock_accept(listener)
             assert (await loop.sock_recv(server_side, 1024)).startswith(b"*2\r\n$3\r\nGET")
         server_side.sendall(b"$-1\r\n")
         assert await first is None
         connection = client._connection
         assert connection is not None
-
+        connection.stuck_after = 0.3
         answer = server_side
 
         class Stall(asyncio.Protocol):
-            """An I/O callback that answers our command, then keeps the loop busy."""
+            """An I/O callback that answers our command, then keeps the loop busy past its deadline."""
 
             def data_received(self, data: bytes) -> None:
                 answer.sendall(b"$2\r\nok\r\n")  # in our socket from now on, unread until the next poll
                 time.sleep(stall)
 
         transport, _ = await loop.create_unix_connection(Stall, sock=stalling)
-        pending = asyncio.ensure_future(client.get("k"))
-        with anyio.fail_after(5):
-            assert (await loop.sock_recv(server_side, 1024)).startswith(b"*2\r\n$3\r\nGET")  # in flight
-        poke.send(b"x")
-        with anyio.fail_after(5):
+        # Armed before the stall, whatever the machine's load: the deadline (50 ms) passes during it.
+        pending = connection.send(encode_command(["GET", "k"]), loop.time() + 0.05)
+        poke.send(b"x")  # the stalling callback runs at the loop's next poll
+        with anyio.fail_after(budgets.condition):
             assert await pending == b"ok"
         assert not connection.closed
     finally:
