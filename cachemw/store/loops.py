@@ -112,7 +112,9 @@ def _forget_closed_loops() -> None:
     such loop. Left to the garbage collector, the sockets are closed (with the ResourceWarning
     any transport left open gets); the pending guard is dropped without asyncio's "Task was
     destroyed but it is pending" (it never had anything to do but wait)."""
-    for task in [task for task in _GUARDS if task.get_loop().is_closed()]:
+    for task in _GUARDS.copy():  # a copy in one step: loops in other threads add and discard meanwhile
+        if not task.get_loop().is_closed():
+            continue
         _GUARDS.discard(task)
         with contextlib.suppress(AttributeError):  # asyncio's own flag (set by run_until_complete too)
             task._log_destroy_pending = False  # type: ignore[attr-defined]
