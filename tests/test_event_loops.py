@@ -248,6 +248,33 @@ async def test_connections_closed_under_a_loop_that_goes_on_are_opened_again(red
         await store.aclose()
 
 
+def test_loops_closed_by_hand_without_cancelling_their_tasks_are_not_kept_for_ever(
+        redis_url: str, redis_server: RedisServer) -> None:
+    """``loop.run_until_complete(...)`` then ``loop.close()``: the runner never cancels the guard,
+    and the set that keeps guards alive kept every such loop with its clients and sockets (two
+    Redis connections per loop, for the life of the process)."""
+    from cachemw.store import loops
+
+    before = connections(redis_server)
+    store = RedisStore.from_url(redis_url, timeout=1.0)
+
+    async def use() -> None:
+        await store.set("k", b"v", 60)
+        assert await store.get("k") == b"v"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the sockets left open are ResourceWarnings when collected
+        for _ in range(5):
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(use())
+            loop.close()  # the guard never ran
+        run(use, "asyncio")  # a loop whose runner cancels its tasks
+        assert all(not task.get_loop().is_closed() for task in loops._GUARDS)
+        gc.collect()
+    assert all(issubclass(w.category, ResourceWarning) for w in caught), [str(w.message) for w in caught]
+    await_connections(redis_server, before)
+
+
 # -- any exception of the driver is a StoreError ---------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -16,6 +17,7 @@ from cachemw.store import RedisStore, StoreError
 from cachemw.store.base import StoreTimeout
 from cachemw.store.pipeline import PipelinedRedis, encode_command
 from tests.asgi import eventually
+from tests.budgets import Budgets
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -29,10 +31,11 @@ def test_encode_command_is_resp() -> None:
     assert encode_command(["SET", b"k\r\n", 12, 0.5]) == b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n$3\r\n0.5\r\n"
 
 
-async def test_concurrent_commands_each_get_their_own_reply(redis_url: str, redis_server: RedisServer) -> None:
+async def test_concurrent_commands_each_get_their_own_reply(redis_url: str, redis_server: RedisServer,
+                                                             budgets: Budgets) -> None:
     with redis_server.client() as setup:
         setup.mset({f"k{i}": f"v{i}" for i in range(500)})
-    client = _connection(redis_server)
+    client = _connection(redis_server, timeout=budgets.store_timeout)
     try:
         replies: dict[int, bytes | None] = {}
 
@@ -47,13 +50,14 @@ async def test_concurrent_commands_each_get_their_own_reply(redis_url: str, redi
         await client.aclose()
 
 
-async def test_concurrent_first_commands_open_one_connection(redis_url: str, redis_server: RedisServer) -> None:
+async def test_concurrent_first_commands_open_one_connection(redis_url: str, redis_server: RedisServer,
+                                                             budgets: Budgets) -> None:
     def connections() -> int:
         with redis_server.client() as admin:
             return len(admin.client_list())
 
     before = connections()
-    client = _connection(redis_server)
+    client = _connection(redis_server, timeout=budgets.store_timeout)
     try:
         async with anyio.create_task_group() as tg:
             for i in range(50):
@@ -91,7 +95,7 @@ async def test_closing_while_the_first_command_connects_leaves_no_connection(
 
 
 async def test_a_frozen_server_times_out_in_budget_then_closes_and_reconnects(
-        redis_url: str, redis_server: RedisServer) -> None:
+        redis_url: str, redis_server: RedisServer, budgets: Budgets) -> None:
     with redis_server.client() as setup:
         setup.set("k1", "a")
         setup.set("k2", "b")
@@ -114,6 +118,7 @@ async def test_a_frozen_server_times_out_in_budget_then_closes_and_reconnects(
                     await anyio.sleep(0.01)
         finally:
             redis_server.resume()
+        client.timeout = budgets.store_timeout  # what follows must be answered, also on a busy machine
         # A new connection: the frozen one's late replies can't answer these.
         assert await client.get("k2") == b"b"
         assert await client.get("k1") == b"a"
@@ -121,7 +126,8 @@ async def test_a_frozen_server_times_out_in_budget_then_closes_and_reconnects(
         await client.aclose()
 
 
-async def test_late_replies_are_dropped_in_order(redis_url: str, redis_server: RedisServer) -> None:
+async def test_late_replies_are_dropped_in_order(redis_url: str, redis_server: RedisServer, budgets: Budgets
+                                                 ) -> None:
     with redis_server.client() as setup:
         setup.set("slow", "late")
         setup.set("next", "right")
@@ -137,6 +143,7 @@ async def test_late_replies_are_dropped_in_order(redis_url: str, redis_server: R
                 await client.get("slow")  # queued behind the sleep: overdue
         with redis_server.client() as other:
             await anyio.to_thread.run_sync(other.ping)  # answered once the sleep is over
+        client.timeout = budgets.store_timeout  # this one must be answered, also on a busy machine
         assert await client.get("next") == b"right"  # same connection, after the late reply to "slow"
     finally:
         await client.aclose()
@@ -147,11 +154,12 @@ async def _swallow(call: object) -> None:
         await call  # type: ignore[misc]
 
 
-async def test_a_cancelled_caller_does_not_shift_replies(redis_url: str, redis_server: RedisServer) -> None:
+async def test_a_cancelled_caller_does_not_shift_replies(redis_url: str, redis_server: RedisServer,
+                                                         budgets: Budgets) -> None:
     with redis_server.client() as setup:
         setup.set("a", "1")
         setup.set("b", "2")
-    client = _connection(redis_server)
+    client = _connection(redis_server, timeout=budgets.store_timeout)
     try:
         with anyio.move_on_after(0):  # cancelled before its reply arrives
             await client.get("a")
@@ -344,3 +352,54 @@ async def test_a_timed_out_command_nobody_awaits_logs_nothing(redis_url: str, re
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.parametrize("stall", [0.15, 0.4], ids=["past the budget", "past stuck_after"])
+async def test_a_reply_that_arrived_during_a_stalled_io_callback_is_not_a_timeout(stall: float, budgets: Budgets
+                                                                                  ) -> None:
+    """uvloop (libuv) runs due timers after an iteration's I/O callbacks, before it polls again:
+    after a stall inside an I/O callback (another connection's ``data_received``: a TLS read, a
+    burst of requests), a reply already waiting in our socket lost to its own deadline, and a
+    stall past ``stuck_after`` closed a connection whose replies had all arrived. asyncio polls
+    before it runs the timers that came due meanwhile."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    client = PipelinedRedis(host="127.0.0.1", port=listener.getsockname()[1], timeout=budgets.store_timeout)
+    server_side: socket.socket | None = None
+    stalling, poke = socket.socketpair()
+    transport: asyncio.BaseTransport | None = None
+    try:
+        first = asyncio.ensure_future(client.get("warm"))
+        with anyio.fail_after(budgets.condition):
+            server_side, _ = await loop.sock_accept(listener)
+            assert (await loop.sock_recv(server_side, 1024)).startswith(b"*2\r\n$3\r\nGET")
+        server_side.sendall(b"$-1\r\n")
+        assert await first is None
+        connection = client._connection
+        assert connection is not None
+        connection.stuck_after = 0.3
+        answer = server_side
+
+        class Stall(asyncio.Protocol):
+            """An I/O callback that answers our command, then keeps the loop busy past its deadline."""
+
+            def data_received(self, data: bytes) -> None:
+                answer.sendall(b"$2\r\nok\r\n")  # in our socket from now on, unread until the next poll
+                time.sleep(stall)
+
+        transport, _ = await loop.create_unix_connection(Stall, sock=stalling)
+        # Armed before the stall, whatever the machine's load: the deadline (50 ms) passes during it.
+        pending = connection.send(encode_command(["GET", "k"]), loop.time() + 0.05)
+        poke.send(b"x")  # the stalling callback runs at the loop's next poll
+        with anyio.fail_after(budgets.condition):
+            assert await pending == b"ok"
+        assert not connection.closed
+    finally:
+        if transport is not None:
+            transport.close()
+        poke.close()
+        await client.aclose()
+        if server_side is not None:
+            server_side.close()
+        listener.close()

@@ -67,6 +67,7 @@ class LoopGuard:
         self.released = False
         self._released: asyncio.Future[None] = loop.create_future()
         self._task = loop.create_task(self._watch(close), name="cachemw: close redis connections with the loop")
+        _forget_closed_loops()
         _GUARDS.add(self._task)
         self._task.add_done_callback(_GUARDS.discard)
 
@@ -102,6 +103,21 @@ class LoopGuard:
     def _set_released(self) -> None:
         if not self._released.done():
             self._released.set_result(None)
+
+
+def _forget_closed_loops() -> None:
+    """Let go of the guards of loops that were closed without cancelling their tasks first
+    (``loop.run_until_complete(...)`` then ``loop.close()`` by hand): nothing runs on those any
+    more, and held here they would keep their loop, clients and sockets for ever, one set per
+    such loop. Left to the garbage collector, the sockets are closed (with the ResourceWarning
+    any transport left open gets); the pending guard is dropped without asyncio's "Task was
+    destroyed but it is pending" (it never had anything to do but wait)."""
+    for task in _GUARDS.copy():  # a copy in one step: loops in other threads add and discard meanwhile
+        if not task.get_loop().is_closed():
+            continue
+        _GUARDS.discard(task)
+        with contextlib.suppress(AttributeError):  # asyncio's own flag (set by run_until_complete too)
+            task._log_destroy_pending = False  # type: ignore[attr-defined]
 
 
 def running_or_none() -> asyncio.AbstractEventLoop | None:

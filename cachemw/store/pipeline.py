@@ -134,6 +134,23 @@ class _Connection(asyncio.Protocol):
         self.transport.write(b"".join(outgoing))
 
     def _expire(self) -> None:
+        """The timer fired: look at the deadlines once the loop has polled for I/O again.
+
+        uvloop (libuv) runs the timers that came due after an iteration's I/O callbacks and
+        before it polls again, where asyncio polls first. After a stall inside an I/O
+        callback (another connection's ``data_received``: a TLS read, a burst of requests), a
+        reply already waiting in this socket would lose to its own deadline, and a stall past
+        ``stuck_after`` would close a connection whose replies had all arrived. Two hops
+        through the ready queue put one I/O poll in between, on uvloop (whose ready callbacks
+        run before it polls) as on asyncio; ``timer`` holds the pending hop, ``timer_at`` the
+        time that was armed (past now, so ``send`` does not re-arm meanwhile).
+        """
+        self.timer = self.loop.call_soon(self._after_poll)
+
+    def _after_poll(self) -> None:
+        self.timer = self.loop.call_soon(self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
         """Fail what is overdue; close the connection when the server has stopped answering."""
         self.timer = None
         now = self.loop.time()
