@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 
-from cachemw.config import REDIS_URL_ENV, Settings, load_settings, masked_url, open_store
+from cachemw.config import REDIS_URL_ENV, Settings, check_redis_url, load_settings, masked_url, open_store
 from cachemw.entry import EntryDecodeError, decode_entry
 from cachemw.invalidation import Invalidator
 from cachemw.keys import RequestHeaders, SessionIdentity, make_key, path_tag, route_path
@@ -98,20 +98,19 @@ def load_app(path: str) -> Any:
     """Import ``module:attribute`` (like uvicorn), from the current directory too."""
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
-        raise SystemExit(f"cachemw: {path!r} is not an app import path; expected MODULE:ATTRIBUTE, "
-                         "e.g. sample_app:app")
+        raise CommandFailed(f"{path!r} is not an app import path; expected MODULE:ATTRIBUTE, e.g. sample_app:app")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"cachemw: cannot import {module_name!r}: {exc}") from None
+        raise CommandFailed(f"cannot import {module_name!r}: {exc}") from None
     app = module
     for part in attribute.split("."):
         try:
             app = getattr(app, part)
         except AttributeError:
-            raise SystemExit(f"cachemw: module {module_name!r} has no attribute {attribute!r}") from None
+            raise CommandFailed(f"module {module_name!r} has no attribute {attribute!r}") from None
     return app
 
 
@@ -156,7 +155,7 @@ def _routes_of(app: Any) -> Any:
 
     routes = getattr(app.app if isinstance(app, CacheMiddleware) else app, "routes", None)
     if routes is None:
-        raise SystemExit("cachemw: the app has no routes (is it a Starlette or FastAPI app?)")
+        raise CommandFailed("the app has no routes (is it a Starlette or FastAPI app?)")
     return routes
 
 
@@ -262,6 +261,7 @@ def _open_store(settings: Settings, doing: str) -> Store:
         raise CommandFailed("no redis_url configured: the memory store lives inside the app process; "
                             f"nothing to {doing} from here")
     try:
+        check_redis_url(settings.redis_url)
         return store_from_url(settings.redis_url, timeout=OPERATOR_TIMEOUT,
                               memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
     except ValueError as exc:
@@ -736,6 +736,10 @@ def render_stats(data: dict[str, Any], prefix: str) -> str:
         f"{c['shed']} shed" + (f", {c['abandoned']} abandoned" if c["abandoned"] else "")
         for kind, c in data["supervisor"]["kinds"].items())
     lines.append(f"queue         {kinds_text or '-'}")
+    busy = sorted((row for row in data["routes"] if row.get("origin_busy")), key=lambda r: -r["origin_busy"])
+    if busy:  # past origin_concurrency: the database was spared these calls
+        lines.append(f"origin busy   {totals.get('origin_busy', 0)} answered stale or 503 past origin_concurrency ("
+                     + ", ".join(f"{row['route']} {row['origin_busy']}" for row in busy) + ")")
     l1 = data["l1"]
     lines.append(f"L1            {l1['entries']} entries, {l1['bytes_used']} bytes; {l1['hits']} hits "
                  f"({l1['hit_share'] * 100:.1f}% of HITs); {l1['dropped']} dropped")

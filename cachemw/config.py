@@ -26,7 +26,7 @@ else:  # pragma: no cover
 if TYPE_CHECKING:
     from cachemw.store import Store
 
-__all__ = ["FileRule", "Settings", "load_settings", "masked_url", "open_store"]
+__all__ = ["FileRule", "Settings", "check_redis_url", "load_settings", "masked_url", "open_store"]
 
 REDIS_URL_ENV = "CACHEMW_REDIS_URL"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -125,6 +125,8 @@ def _parse_file(path: Path) -> Settings:
         raise ConfigError(f"{name}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets the decoding error through
+        raise ConfigError(f"{name}: not valid TOML: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{name}: cannot be read: {exc}") from None
 
@@ -165,7 +167,9 @@ def _setting(key: str, raw: object, where: str) -> object:
 
     if key == "redis_url":
         if not isinstance(raw, str) or not raw.startswith(_URL_SCHEMES):
-            raise bad("a URL starting with " + ", ".join(_URL_SCHEMES))
+            shown = masked_url(raw) if isinstance(raw, str) else raw  # a mistyped scheme still carries a password
+            raise ConfigError(f"{where}: field {key!r}: {shown!r} is not valid; expected a URL starting with "
+                              + ", ".join(_URL_SCHEMES))
         return raw
     if key in _BOOL_SETTINGS:
         if not isinstance(raw, bool):
@@ -266,14 +270,42 @@ def _rules(raw: object, presets: Mapping[str, Policy], source: str) -> tuple[Fil
 
 
 def masked_url(url: str) -> str:
-    """The URL with its password replaced by ``***``: safe to log and print."""
-    split = urlsplit(url)
+    """The URL with its password replaced by ``***``: safe to log and print, whatever the URL is.
+
+    The user-info's password (``redis://user:***@host``) and any query parameter
+    named ``...password`` (redis-py takes ``?password=``, ``?ssl_password=``) are
+    masked. In a URL without a parsable password that still has an ``@`` before
+    its query (``redis:/:pw@host``, ``redis://pw@host``, ``redis://:p/w@host``),
+    everything between the scheme and the last such ``@`` is masked. Never raises.
+    """
     masked = url
-    if split.password is not None:
+    try:
+        split = urlsplit(url)
+        password, username = split.password, split.username
+    except ValueError:  # e.g. "Invalid IPv6 URL"
+        password = username = None
+    head = re.split(r"[?#]", url, maxsplit=1)[0]
+    if password is not None and "@" not in head[len(split.scheme) + 3 + len(split.netloc):]:
         user_info = split.netloc.rpartition("@")[0]
-        masked = masked.replace(user_info + "@", f"{split.username or ''}:***@", 1)
-    # redis-py also takes ?password=...
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", masked)
+        masked = url.replace(user_info + "@", f"{username or ''}:***@", 1)
+    elif "@" in head:
+        scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/*", head)
+        begin = scheme.end() if scheme else 0
+        masked = url[:begin] + "***" + url[head.rindex("@"):]
+    return re.sub(r"(?i)([?&][^=&#]*password=)[^&#]*", r"\1***", masked)
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse what redis-py would silently misread: ``redis://host:6379/O`` (not a database number) is db 0 there.
+
+    Raises ValueError with what is wrong; nothing is connected.
+    """
+    split = urlsplit(url)  # ValueError for a URL that cannot be parsed
+    if split.scheme.lower() in ("redis", "rediss"):
+        database = split.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError(f"the path names the database, a number (redis://host:6379/0), not {database!r}")
+        _ = split.port  # ValueError: "Port out of range 0-65535", "Port could not be cast to integer value"
 
 
 def open_store(settings: Settings, *, timeout: float | None = None) -> Store:
@@ -286,6 +318,8 @@ def open_store(settings: Settings, *, timeout: float | None = None) -> Store:
     from cachemw.store import store_from_url
 
     try:
+        if settings.redis_url is not None:
+            check_redis_url(settings.redis_url)
         return store_from_url(settings.redis_url, timeout=settings.store_timeout if timeout is None else timeout,
                               memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
     except ValueError as exc:

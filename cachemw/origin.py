@@ -70,12 +70,19 @@ class OriginSlots:
     async def take(self, route: str, wait: float) -> Slot | None:
         """A slot within ``wait`` seconds, or None."""
         taken: list[anyio.Semaphore] = []
-        with anyio.move_on_after(wait):
-            for pool in self._pools(route):
-                semaphore = pool.semaphore()
-                await semaphore.acquire()
-                taken.append(semaphore)
-            return Slot(tuple(taken))
+        try:
+            with anyio.move_on_after(wait):
+                for pool in self._pools(route):
+                    semaphore = pool.semaphore()
+                    await semaphore.acquire()
+                    taken.append(semaphore)
+                return Slot(tuple(taken))
+        except BaseException:
+            # Cancelled from outside (the request's task) while waiting for the global pool:
+            # the route's slot it already holds must not be lost for good.
+            for held in taken:
+                held.release()
+            raise
         for held in taken:
             held.release()
         self.rejected += 1

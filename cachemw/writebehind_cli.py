@@ -26,7 +26,7 @@ from typing import Any
 
 import anyio
 
-from cachemw.config import REDIS_URL_ENV, load_settings, masked_url
+from cachemw.config import REDIS_URL_ENV, check_redis_url, load_settings, masked_url
 from cachemw.policy import ConfigError
 from cachemw.store import StoreError
 from cachemw.writebehind import DeadLetter, WriteBehind, WriteBehindStatus
@@ -80,6 +80,11 @@ def _queue(args: argparse.Namespace) -> tuple[WriteBehind[Any], bool, str, str] 
               "(a memory-backed write-behind lives inside the app's process)", file=sys.stderr)
         return None
     prefix = args.prefix or settings.key_prefix
+    try:
+        check_redis_url(url)
+    except ValueError as exc:
+        print(f"cachemw: redis_url {masked_url(url)}: {exc}", file=sys.stderr)
+        return None
     try:
         queue: WriteBehind[Any] = WriteBehind(args.name, redis_url=url, key_prefix=prefix, timeout=5.0)
     except ValueError as exc:

@@ -247,7 +247,7 @@ def test_routes_into_a_closed_pipe_is_not_a_traceback() -> None:
 )
 def test_routes_of_a_bad_app_path_is_a_clear_error(target: str, message: str) -> None:
     result = run("routes", target)
-    assert result.returncode != 0
+    assert result.returncode == 2  # a usage error, as the README says
     assert_clean_failure(result)
     assert message in result.stderr
     assert result.stdout == ""
@@ -381,9 +381,38 @@ def test_check_does_not_connect_to_the_store(tmp_path: Path) -> None:
 
 def test_check_with_a_bad_app_path_is_a_clear_error() -> None:
     result = run("check", str(SAMPLE_CONFIG), "--app", "nosuchmodule:app")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert_clean_failure(result)
     assert "cannot import 'nosuchmodule'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [
+        (b"\xff\xfe[\x00c\x00", "not valid TOML: not UTF-8 text"),  # saved as UTF-16
+        (b'[cachemw]\nredis_url = "redis://:sekret@[::1:6379/0"\n', "'redis://***@[::1:6379/0': Invalid IPv6 URL"),
+        (b'[cachemw]\nredis_url = "redis:/:sekret@cache:6379/0"\n', "'redis:/***@cache:6379/0' is not valid"),
+        (b'[cachemw]\nredis_url = "redis://:sekret@cache:6379/O"\n', "the path names the database, a number"),
+    ],
+)
+def test_check_of_a_broken_file_or_url_exits_2_in_one_line_without_the_password(
+        tmp_path: Path, content: bytes, shown: str) -> None:
+    config = tmp_path / "cachemw.toml"
+    config.write_bytes(content)
+    result = run("check", str(config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert_clean_failure(result)
+    assert shown in result.stderr
+    assert "sekret" not in result.stderr + result.stdout
+    assert result.stderr.count("\n") == 1
+
+
+def test_operator_commands_refuse_a_misread_redis_url_without_the_password() -> None:
+    result = run("purge", "--all", "--redis-url", "redis://:sekret@127.0.0.1:1/cache")
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert "the path names the database" in result.stderr
+    assert "sekret" not in result.stderr
 
 
 # -- cachemw purge and cachemw inspect: entries the sample app stored in a private Redis -----------

@@ -278,6 +278,15 @@ def test_malformed_toml(tmp_path: Path, text: str) -> None:
     assert "line" in message  # tomllib's position, so the user can find it
 
 
+@pytest.mark.parametrize("data", [b"\xff\xfe[\x00c\x00", "[cachemw]\nkey_prefix = 'caf\u00e9'\n".encode("latin-1")])
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path, data: bytes) -> None:
+    # A UTF-16 or latin-1 file: tomllib lets the UnicodeDecodeError through.
+    path = tmp_path / "cachemw.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=r"cachemw\.toml: not valid TOML: not UTF-8 text"):
+        load_settings(path, environ=NO_ENV)
+
+
 @pytest.mark.parametrize("text", ["", "# only a comment\n"])
 def test_missing_cachemw_table(tmp_path: Path, text: str) -> None:
     message, file = load_error(tmp_path, text)
@@ -458,7 +467,74 @@ def test_masked_url_hides_passwords_only() -> None:
     assert masked_url("redis://user:sekret@h:1/0") == "redis://user:***@h:1/0"
     assert masked_url("rediss+sentinel://:pw@h:1,h2:2/svc") == "rediss+sentinel://:***@h:1,h2:2/svc"
     assert masked_url("unix:///tmp/r.sock?db=1&password=zz") == "unix:///tmp/r.sock?db=1&password=***"
+    assert masked_url("rediss://h/0?ssl_password=zz&db=1") == "rediss://h/0?ssl_password=***&db=1"
     assert masked_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert masked_url("unix:///run/redis.sock") == "unix:///run/redis.sock"
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis:/:sekret@h:6379", "redis:/***@h:6379"),  # one slash: urlsplit sees no user-info at all
+        ("redis://:sek/ret@h/0", "redis://***@h/0"),  # an unescaped "/" in the password
+        ("redis://:sekret@[::1:6379/0", "redis://***@[::1:6379/0"),  # urlsplit raises on it
+        ("redis://sekret@h/0", "redis://***@h/0"),  # a password written where the user name goes
+        ("redis://:sek@ret@h/0", "redis://:***@h/0"),
+        ("http://u:sekret@h/", "http://u:***@h/"),
+    ],
+)
+def test_masked_url_never_shows_a_password_of_a_broken_url(url: str, masked: str) -> None:
+    from cachemw.config import masked_url
+
+    assert masked_url(url) == masked
+    assert "sek" not in masked_url(url)
+
+
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_a_url_with_a_wrong_scheme_is_refused_without_its_password(tmp_path: Path, where: str) -> None:
+    url = "redis:/:sekret@cache.internal:6379/0"  # a slash short
+    with pytest.raises(ConfigError) as info:
+        if where == "file":
+            load_settings(write(tmp_path, f'[cachemw]\nredis_url = "{url}"\n'), environ=NO_ENV)
+        else:
+            load_settings(None, environ={"CACHEMW_REDIS_URL": url})
+    message = str(info.value)
+    assert "'redis:/***@cache.internal:6379/0' is not valid; expected a URL starting with redis://" in message
+    assert "sekret" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://:sekret@h:6379/O", "the path names the database, a number (redis://host:6379/0), not 'O'"),
+        ("rediss://h:6379/cache", "not 'cache'"),
+        ("redis://:sekret@h:6379:0", "Port could not be cast to integer value"),
+        ("redis://h:65536/0", "Port out of range"),
+        ("redis://:sekret@[::1:6379/0", "Invalid IPv6 URL"),
+    ],
+)
+def test_open_store_refuses_a_url_redis_py_would_misread(url: str, problem: str) -> None:
+    # redis-py takes redis://h:6379/O as database 0 without a word; startup and `cachemw check` refuse it.
+    from cachemw.config import open_store
+
+    with pytest.raises(ConfigError) as info:
+        open_store(Settings(redis_url=url, source="shop.toml"))
+    message = str(info.value)
+    assert message.startswith("shop.toml: field 'redis_url' '")
+    assert problem in message
+    assert "sekret" not in message
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0", "redis://h:6379/", "redis://h", "rediss://h:6380/15",
+                                 "unix:///run/redis.sock?db=3", "redis+cluster://h:1,h:2",
+                                 "redis+sentinel://h:26379/mymaster/2"])
+def test_open_store_takes_the_urls_it_documents(url: str) -> None:
+    import anyio
+
+    from cachemw.config import open_store
+
+    store = open_store(Settings(redis_url=url))
+    anyio.run(store.aclose)
 
 
 def test_open_store_is_startups_store_validation() -> None:

@@ -154,7 +154,7 @@ def route_of(data: dict[str, Any], template: str) -> dict[str, Any]:
 
 
 def counters(row: dict[str, Any]) -> dict[str, int]:
-    return {name: row[name] for name in COUNTERS if name not in ("stored_bytes",)}
+    return {name: row[name] for name in COUNTERS if name not in ("stored_bytes", "origin_busy")}
 
 
 async def scripted(app: Starlette, clock: Clock) -> CacheMiddleware:
@@ -333,6 +333,7 @@ async def test_prometheus_output_parses_and_matches_the_counts(app: Starlette, c
         assert found[("cachemw_refreshes_total", labels(**route, result="ok"))] == row["refresh_ok"]
         assert found[("cachemw_refreshes_total", labels(**route, result="failed"))] == row["refresh_failed"]
         assert found[("cachemw_stored_bytes_total", labels(**route))] == row["stored_bytes"]
+        assert found[("cachemw_origin_busy_total", labels(**route))] == row["origin_busy"] == 0
         assert found[("cachemw_origin_latency_seconds_count", labels(**route))] == row["origin_latency"]["count"]
         assert found[("cachemw_origin_latency_seconds_bucket", labels(**route, le="+Inf"))] == \
             row["origin_latency"]["count"]
@@ -348,6 +349,8 @@ async def test_prometheus_output_parses_and_matches_the_counts(app: Starlette, c
     assert found[("cachemw_store_errors_total", ())] == 0
     assert found[("cachemw_l1_entries", ())] == 0
     assert ("cachemw_store_up", ()) not in found  # no Redis to ping
+    assert found[("cachemw_store_rejected_messages_total", ())] == 0
+    assert found[("cachemw_waiting_on_fills", ())] == 0
 
 
 async def test_prometheus_openmetrics_and_a_collector_of_your_own(app: Starlette, clock: Clock) -> None:

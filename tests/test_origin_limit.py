@@ -64,6 +64,7 @@ async def test_past_the_bound_misses_wait_then_get_503_with_retry_after(store: S
         origin.gate.set()
     assert answers == {(503, "7"): 8, (200, None): 2}
     assert origin.most == 2
+    assert_counted_busy(app, "/items/{n}", 8)
 
 
 async def test_a_request_with_a_stale_if_error_entry_gets_it_instead_of_waiting(store: SpyStore) -> None:
@@ -84,6 +85,48 @@ async def test_a_request_with_a_stale_if_error_entry_gets_it_instead_of_waiting(
     assert stale.status_code == 200 and stale.text == "report 1"
     assert stale.headers["x-cache"] == "STALE"
     assert origin.most == 1
+    assert_counted_busy(app, "/reports/{n}", 1)
+
+
+async def test_a_wait_cancelled_from_outside_gives_back_the_route_slot_it_held() -> None:
+    from cachemw.origin import OriginSlots
+
+    slots = OriginSlots(1)
+    slots.bound_route("/r", 1)
+    other = slots.take_nowait("/other")  # the one global slot
+    assert other is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slots.take, "/r", 30.0)  # takes the route's one slot, then waits for the global one
+        await anyio.wait_all_tasks_blocked()
+        assert slots.take_nowait("/r") is None
+        tg.cancel_scope.cancel()  # e.g. the server cancels the request
+    other.release()
+    again = slots.take_nowait("/r")
+    assert again is not None, "the cancelled wait kept the route's slot"
+    again.release()
+    assert slots.rejected == 0  # cancelled, not turned away
+
+
+def assert_counted_busy(app: Starlette, route: str, busy: int) -> None:
+    """What the operator sees: the snapshot, Prometheus, the fleet view and ``cachemw stats``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cachemw.cli import render_stats
+    from cachemw.observe import aggregate, find_cache, snapshot
+    from cachemw.observe.prometheus import render
+
+    data = snapshot(find_cache(app))
+    [row] = [row for row in data["routes"] if row["route"] == route]
+    assert row["origin_busy"] == busy
+    assert data["totals"]["origin_busy"] == busy
+    body, _ = render(data)
+    [family] = [f for f in text_string_to_metric_families(body.decode()) if f.name == "cachemw_origin_busy"]
+    assert {s.labels["route"]: s.value for s in family.samples if s.name.endswith("_total")}[route] == busy
+    document = {**data, "process": {"host": "h", "pid": 1}, "time": 0.0}
+    fleet = aggregate([document, document], now=0.0)
+    assert fleet["totals"]["origin_busy"] == 2 * busy
+    assert f"origin busy   {2 * busy} answered stale or 503 past origin_concurrency ({route} {2 * busy})" in \
+        render_stats(fleet, "cachemw").splitlines()
 
 
 async def _true(value: bool) -> bool:

@@ -78,3 +78,14 @@ def test_a_queue_whose_flusher_runs_before_any_write_is_known(redis_url: str, tm
     result = run("status", "cart", "--redis-url", redis_url, "--prefix", "wbfresh", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["backlog"] == 0
+
+
+@pytest.mark.parametrize("app_given", [False, True])
+def test_a_url_redis_py_would_misread_is_refused_without_its_password(tmp_path: Path, app_given: bool) -> None:
+    (tmp_path / "wb_app_for_cli.py").write_text(APP, encoding="utf-8")
+    url = "redis://:sekret@127.0.0.1:1/cart"  # redis-py would take database 0
+    result = run("status", "orders", "--redis-url", url, *(("--app", "wb_app_for_cli:app") if app_given else ()),
+                 cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == ("cachemw: redis_url redis://:***@127.0.0.1:1/cart: the path names the database, a "
+                             "number (redis://host:6379/0), not 'cart'\n")

@@ -66,6 +66,9 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
                                     labels=[*_ROUTE, "result"])
     stored_bytes = CounterMetricFamily("cachemw_stored_bytes", "Bytes of entries stored.", labels=_ROUTE)
     stored_entries = CounterMetricFamily("cachemw_stored_entries", "Entries stored.", labels=_ROUTE)
+    origin_busy = CounterMetricFamily("cachemw_origin_busy", "Requests past origin_concurrency: answered from a "
+                                      "stale entry, or 503 with Retry-After, instead of calling the app.",
+                                      labels=_ROUTE)
     origin = HistogramMetricFamily("cachemw_origin_latency_seconds", "Time the app took on misses and bypasses.",
                                    labels=_ROUTE)
     hit = HistogramMetricFamily("cachemw_hit_latency_seconds", "Time to answer HIT and STALE from the cache.",
@@ -82,9 +85,10 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
         refreshes.add_metric([*labels, "failed"], row["refresh_failed"])
         stored_bytes.add_metric(labels, row["stored_bytes"])
         stored_entries.add_metric(labels, row["stored_entries"])
+        origin_busy.add_metric(labels, row.get("origin_busy", 0))
         origin.add_metric(labels, _buckets(row["origin_latency"]), row["origin_latency"]["sum"])
         hit.add_metric(labels, _buckets(row["hit_latency"]), row["hit_latency"]["sum"])
-    yield from (requests, stale_if_error, collapsed, refreshes, stored_bytes, stored_entries, origin, hit)
+    yield from (requests, stale_if_error, collapsed, refreshes, stored_bytes, stored_entries, origin_busy, origin, hit)
 
     supervisor = data["supervisor"]
     queued = GaugeMetricFamily("cachemw_jobs_queued", "Background jobs waiting, by kind.", labels=["kind"])
@@ -112,6 +116,10 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
     yield breaker
     yield GaugeMetricFamily("cachemw_store_listening", "1 while invalidations from other processes arrive.",
                             value=1.0 if store["listening"] else 0.0)
+    yield CounterMetricFamily("cachemw_store_rejected_messages", "Messages on cachemw's pub/sub channels that were "
+                              "not well-formed announcements: dropped.", value=store.get("rejected_messages", 0))
+    yield GaugeMetricFamily("cachemw_waiting_on_fills", "Requests waiting for another request's origin call.",
+                            value=store.get("waiting_on_fills", 0))
     ping = store.get("ping")
     if ping is not None:
         yield GaugeMetricFamily("cachemw_store_up", "1 if Redis answered a PING at scrape time.",
