@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -60,6 +61,69 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
 
 def client(app: ASGIApp) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+class _ThroughTestClient:
+    """Starlette's TestClient behind ``client``'s async interface: each request runs in a worker thread,
+    TestClient runs the app on its own loop in another (its scope differs from httpx's)."""
+
+    def __init__(self, test_client: Any) -> None:
+        self._client = test_client
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        return await anyio.to_thread.run_sync(functools.partial(self._client.request, method, url, **kwargs))
+
+    async def get(self, url: str, **kwargs: Any) -> Any:
+        return await self.request("GET", url, **kwargs)
+
+    async def head(self, url: str, **kwargs: Any) -> Any:
+        return await self.request("HEAD", url, **kwargs)
+
+    async def post(self, url: str, **kwargs: Any) -> Any:
+        return await self.request("POST", url, **kwargs)
+
+
+TRANSPORTS = ("asgi", "testclient")
+
+
+@asynccontextmanager
+async def requests_to(app: ASGIApp, transport: str, **options: Any) -> AsyncIterator[Any]:
+    """Requests to ``app`` through httpx's ASGITransport ("asgi", no lifespan) or Starlette's TestClient
+    ("testclient", lifespan included), behind one interface: get, head, post, request. ``options`` go to
+    TestClient (``root_path``); with "asgi", ``root_path`` is sent in the scope too."""
+    if transport == "asgi":
+        root_path = options.pop("root_path", "")
+        asgi = httpx.ASGITransport(app=app, root_path=root_path)
+        async with httpx.AsyncClient(transport=asgi, base_url="http://testserver", **options) as http:
+            yield http
+        return
+    from starlette.testclient import TestClient
+
+    test_client = TestClient(app, **options)
+    await anyio.to_thread.run_sync(test_client.__enter__)
+    try:
+        yield _ThroughTestClient(test_client)
+    finally:
+        await anyio.to_thread.run_sync(test_client.__exit__, None, None, None)
+
+
+async def credentials_stay_off_shared_entries(http: Any, path: str, first: dict[str, str], second: dict[str, str]
+                                              ) -> tuple[Any, Any, Any, Any]:
+    """A request with a credential, two without, one with another credential, to a shared route.
+
+    Neither credentialed request is answered from, nor stored into, the shared entry: both
+    bypass, and the second anonymous request is the first's HIT. The four responses are
+    returned for the caller's own checks (what each body says).
+    """
+    keyed = await http.get(path, headers=first)
+    anonymous = await http.get(path)
+    anonymous_again = await http.get(path)
+    other = await http.get(path, headers=second)
+    assert keyed.headers["x-cache"] == "BYPASS", keyed.headers
+    assert anonymous_again.headers["x-cache"] == "HIT", anonymous_again.headers
+    assert anonymous_again.content == anonymous.content
+    assert other.headers["x-cache"] == "BYPASS", other.headers
+    return keyed, anonymous, anonymous_again, other
 
 
 class SpyStore:
