@@ -311,12 +311,10 @@ async def test_a_post_invalidates_the_path_it_names_under_a_root_path(transport:
     """Behind a proxy's prefix (uvicorn --root-path /shop), or an app mounted in another, the path the
     rule names is the app's own: "/products/{id}" is "/shop/products/1" in the request."""
     app: Any = path_invalidating_app(MemoryStore())
-    options: dict[str, Any] = {}
-    if mounted == "root_path":
-        options["root_path"] = "/shop"
-    else:
+    root_path = "/shop" if mounted == "root_path" else ""
+    if mounted == "mount":
         app = Starlette(routes=[Mount("/shop", app=app)])
-    async with requests_to(app, transport, **options) as http:
+    async with requests_to(app, transport, root_path=root_path) as http:
         assert (await http.get("/shop/products/1")).json() == {"version": 0}
         assert (await http.post("/shop/products/1")).json() == {"version": 1}
         after = await http.get("/shop/products/1")
