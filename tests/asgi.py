@@ -118,8 +118,12 @@ async def requests_to(app: ASGIApp, transport: str, *, root_path: str = "") -> A
 
     test_client = TestClient(app, root_path=root_path)
     await anyio.to_thread.run_sync(test_client.__enter__)
+    through = _ThroughTestClient(test_client, app)
     try:
-        yield _ThroughTestClient(test_client, app)
+        # Started: its startup jobs done too (the store probe, which opens the store's connections on
+        # TestClient's loop), so that the first request's store calls are not also its connection's.
+        await eventually(through._settled, what="the startup jobs being done")
+        yield through
     finally:
         await anyio.to_thread.run_sync(test_client.__exit__, None, None, None)
 
