@@ -227,8 +227,9 @@ async def test_header_and_cookie_models_and_alias_choices_are_part_of_the_key(st
     assert tenant.json()["tenant"] == "acme"
     assert dark.json()["theme"] == "dark"
     assert good_again.headers["x-cache"] == "HIT" and good_again.json() == good.json()
-    assert (new.json(), legacy.json()) == ({"key": "k1"}, {"key": "k2"})
-    assert new_again.headers["x-cache"] == "HIT"
+    # Each name its own entry (FastAPI reads both since it supports AliasChoices: k1, then k2).
+    assert new.headers["x-cache"] == legacy.headers["x-cache"] == "MISS"
+    assert new_again.headers["x-cache"] == "HIT" and new_again.json() == new.json()
 
 
 async def test_a_cookie_model_that_takes_extra_fields_is_keyed_on_every_cookie(store: SpyStore, transport: str

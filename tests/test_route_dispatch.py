@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 import anyio
+import fastapi.routing
 import pytest
 from fastapi import APIRouter, FastAPI
 from hypothesis import HealthCheck, event, given, settings
@@ -34,6 +35,11 @@ from cachemw.config import Settings
 from cachemw.rules import RuleTable, build_rule_table
 from tests.asgi import client, find_middleware
 from tests.test_rules import handler
+
+# FastAPI's included routers are asked whether they take a request (matches) and handle it
+# (handle); older versions copy their routes into the including router instead.
+ROUTERS_ASKED = hasattr(fastapi.routing, "_IncludedRouter")
+
 
 # -- the issue's reproduction, over HTTP through the middleware ----------------------------------
 
@@ -112,7 +118,7 @@ class PrefixRoute(BaseRoute):
         return Match.NONE, {}
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await PlainTextResponse(self.name)(scope, receive, send)
+        await PlainTextResponse(self.name, headers={"x-route": self.name})(scope, receive, send)
 
 
 class PostOnlyOnWeekdaysRoute(Route):
@@ -188,7 +194,7 @@ CONVERTORS = ["", ":str", ":int", ":float", ":uuid", ":path"]
 
 def reporting(name: str, cached: bool) -> Any:
     async def run(request: Request) -> Response:
-        return PlainTextResponse(name)
+        return PlainTextResponse(name, headers={"x-route": name})
 
     run.__name__ = run.__qualname__ = name
     return cache(ttl="1m")(run) if cached else run
@@ -201,7 +207,7 @@ class Reporting:
         self.name = name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await PlainTextResponse(self.name)(scope, receive, send)
+        await PlainTextResponse(self.name, headers={"x-route": self.name})(scope, receive, send)
 
 
 @st.composite
@@ -312,12 +318,15 @@ def ran(app: Any, path: str, method: str, host: str, root_path: str = "") -> str
     if status != 200:
         assert status in (404, 405, 307), status
         return None
-    # The router records the route it runs in the scope, the innermost router last. Every
-    # endpoint answers its route's name (HEAD answers have no body).
-    name = getattr(scope.get("route"), "name", None)
+    # Every endpoint answers its route's name, in an x-route header (HEAD answers have no body);
+    # Starlette 1.x also records the route it runs in the scope.
+    body = b"".join(message.get("body", b"") for message in sent[1:]).decode()
+    name = dict(sent[0].get("headers", [])).get(b"x-route", b"").decode() or getattr(scope.get("route"), "name", None)
+    if name is None and method != "HEAD":
+        name = body
     assert isinstance(name, str)
     if method != "HEAD":
-        assert b"".join(message.get("body", b"") for message in sent[1:]).decode() == name
+        assert body == name
     return name
 
 
@@ -423,7 +432,7 @@ def test_head_follows_get_where_one_route_serves_both() -> None:
 
 def operation(name: str, cached: bool) -> Any:
     async def run(request: Request) -> Response:
-        return PlainTextResponse(name)
+        return PlainTextResponse(name, headers={"x-route": name})
 
     run.__name__ = run.__qualname__ = name
     return cache(ttl="1m")(run) if cached else run
@@ -484,6 +493,8 @@ def test_the_table_picks_the_route_fastapis_router_runs(built: tuple[FastAPI, li
             assert ran(app, path, "GET", "testserver") == dispatched
 
 
+@pytest.mark.skipif(not ROUTERS_ASKED, reason="FastAPI before included-router routes copies the router's routes "
+                    "into the app: the router's class is never asked")
 def test_an_included_router_with_its_own_matches_is_not_modelled() -> None:
     """FastAPI asks an included router as well as its routes: a router class that refuses requests
     by a header (or anything else) is not something the table can reproduce."""
@@ -532,6 +543,8 @@ def test_a_plain_starlette_app_does_not_import_fastapi_at_its_first_request() ->
     assert done.stdout.strip() == "False"
 
 
+@pytest.mark.skipif(not ROUTERS_ASKED, reason="FastAPI before included-router routes copies the router's routes "
+                    "into the app: the router's class is never asked")
 def test_an_included_router_with_its_own_handle_is_not_modelled() -> None:
     """FastAPI hands the request to the included router's handle(): one of its own may run anything."""
     class VersionedRouter(APIRouter):
