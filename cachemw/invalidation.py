@@ -65,12 +65,17 @@ class Invalidator:
         return await self.store.purge(entry_pattern(self.prefix), generation, json.dumps([ALL_TAG]))
 
 
-def targets_for_unsafe_request(invalidates: Iterable[str], params: Mapping[str, str]) -> list[str]:
+def targets_for_unsafe_request(invalidates: Iterable[str], params: Mapping[str, str],
+                               mounted_at: str = "") -> list[str]:
     """The tags a successful unsafe request invalidates, from a rule's ``invalidates`` templates.
 
     ``"/products/{id}"`` is a path: with every parameter known it names that path,
     otherwise the whole route. Anything else is a tag template (``"product:{id}"``);
     one naming a parameter the request lacks is skipped rather than guessed.
+
+    A path is written as the app's routes see it; ``mounted_at`` is what comes before it
+    in the request's path (``cachemw.keys.mounted_at``: the server's ``--root-path``, an
+    outer mount's prefix), as in the path the entries were tagged with.
     """
     tags: list[str] = []
     for template in invalidates:
@@ -78,7 +83,7 @@ def targets_for_unsafe_request(invalidates: Iterable[str], params: Mapping[str, 
         known = all(name in params for name in names)
         if template.startswith("/"):
             if known:
-                tags.append(path_tag(_fill(template, params)))
+                tags.append(path_tag(mounted_at + _fill(template, params)))
             else:
                 tags.append(route_tag(normalise_template(template)))
         elif known:

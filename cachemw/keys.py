@@ -19,7 +19,7 @@ from starlette.requests import cookie_parser
 
 from cachemw.policy import Policy
 
-__all__ = ["Identity", "KeyedRequest", "RequestHeaders", "SessionIdentity", "make_key", "route_path"]
+__all__ = ["Identity", "KeyedRequest", "RequestHeaders", "SessionIdentity", "make_key", "mounted_at", "route_path"]
 
 Scope = Mapping[str, Any]
 Identity = Callable[[Scope], "str | None"]
@@ -28,18 +28,22 @@ Identity = Callable[[Scope], "str | None"]
 class RequestHeaders:
     """The request headers cachemw reads, gathered in one pass over the scope."""
 
-    __slots__ = ("_cookies", "values")
+    __slots__ = ("_cookies", "_raw", "_several_cookie_headers", "values")
 
     def __init__(self, scope: Scope) -> None:
         values: dict[bytes, bytes] = {}
-        for name, value in scope.get("headers", ()):
+        several = False
+        self._raw = raw = scope.get("headers", ())
+        for name, value in raw:
             if name in values:
+                several = several or name == b"cookie"
                 separator = b"; " if name == b"cookie" else b", "
                 values[name] = values[name] + separator + value
             else:
                 values[name] = value
         self.values = values
         self._cookies: dict[str, str] | None = None
+        self._several_cookie_headers = several
 
     def get(self, name: bytes) -> bytes | None:
         return self.values.get(name)
@@ -51,6 +55,18 @@ class RequestHeaders:
         if self._cookies is None:
             self._cookies = cookie_parser(raw.decode("latin-1"))
         return self._cookies.get(name)
+
+    def cookie_values(self, name: str) -> list[str]:
+        """The cookie's value in each ``Cookie`` header that has it, in order.
+
+        Starlette reads the last one (older versions only the first header): an identity
+        keyed on all of them never takes the one the app reads for another.
+        """
+        if not self._several_cookie_headers:
+            value = self.cookie(name)
+            return [] if value is None else [value]
+        jars = (cookie_parser(value.decode("latin-1")) for key, value in self._raw if key == b"cookie")
+        return [jar[name] for jar in jars if name in jar]
 
 
 class SessionIdentity:
@@ -92,13 +108,15 @@ class SessionIdentity:
         return SessionIdentity(self.cookie_name, (*self.credentials, *credentials))
 
     def __call__(self, headers: RequestHeaders, query_string: bytes = b"") -> str | None:
+        """Every credential the request carries, in one string; None if it carries none."""
         found: list[str] = []
         raw_cookie = headers.get(b"cookie")
         if raw_cookie is not None:
             for name, needle in self._cookies:
                 if needle in raw_cookie:
-                    value = headers.cookie(name)
-                    if value:
+                    values = headers.cookie_values(name)
+                    if any(values):
+                        value = "\x00".join(values)
                         found.append("c:" + value if name == self.cookie_name else f"c:{name}={value}")
         for header in self._headers:
             value_bytes = headers.get(header)
@@ -106,7 +124,9 @@ class SessionIdentity:
                 value = value_bytes.decode("latin-1")
                 found.append("a:" + value if header == b"authorization" else f"h:{header.decode()}={value}")
         if self._query and query_string:
-            wanted = [name for name, needle in self._query if needle in query_string]
+            # A name may be percent-encoded ("api%5Fkey") or use "+": the app reads it decoded.
+            encoded = b"%" in query_string or b"+" in query_string
+            wanted = [name for name, needle in self._query if encoded or needle in query_string]
             if wanted:
                 pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
                 found.extend(f"q:{name}={value}" for name, value in pairs if name in wanted and value)
@@ -135,6 +155,13 @@ def strip_root_path(path: str, root_path: str) -> str:
     if path[len(root_path)] == "/":
         return path[len(root_path) :]
     return path
+
+
+def mounted_at(scope: Scope) -> str:
+    """The part of ``scope["path"]`` before the path the app's routes match: the ``root_path`` the
+    server or an outer mount gave, where ``path`` starts with it (as ASGI servers send it now)."""
+    path: str = scope["path"]
+    return path[: len(path) - len(route_path(scope))]
 
 
 def make_key(

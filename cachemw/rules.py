@@ -28,7 +28,8 @@ from cachemw.config import FileRule, Settings, resolve_preset
 from cachemw.keys import strip_root_path
 from cachemw.policy import ConfigError, Policy, policy_from_fields
 
-__all__ = ["UNKNOWN", "CacheSpec", "RouteMatch", "RouteRule", "RuleTable", "build_rule_table", "cache"]
+__all__ = ["UNKNOWN", "CacheSpec", "RouteMatch", "RouteRule", "RuleTable", "build_rule_table", "cache",
+           "routes_behind"]
 
 _SPEC_ATTRIBUTE = "__cachemw__"
 _PARAM = re.compile(r"{([^{}:]+)(?::[^{}]*)?}")
@@ -329,7 +330,7 @@ def _mounted_routes(route: Any, build: _Build) -> tuple[str, Sequence[BaseRoute]
             return "unknown", None, f"its app sets root_path {root_path!r}"  # FastAPI(root_path=...)
         router = app.router
     if isinstance(router, Router):
-        if type(router).app not in build.router_apps:
+        if type(router).app not in build.router_apps or type(router).__call__ is not Router.__call__:
             return "unknown", None, f"its router {type(router).__name__} routes in its own way"
         return "routes", router.routes, ""
     if getattr(app, "routes", None):
@@ -375,7 +376,13 @@ def _compile(routes: Iterable[BaseRoute], prefix: str, build: _Build) -> tuple[_
                 build.used.add(file_rule.index)
         policy, source = _policy_for(template, route.endpoint, build.settings)
         if policy is not None and policy.cacheable:
-            policy = _keyed_on_what_it_reads(policy, route)
+            keyed = _keyed_on_what_it_reads(policy, route)
+            if keyed is None:
+                build.warnings.append(
+                    f"{template}: a header model of this route takes extra fields, so its handler reads every "
+                    "request header and no key can cover them; it is never answered from the cache")
+                keyed = replace(policy, ttl=0.0)  # what it invalidates still holds
+            policy = keyed
         rule = RouteRule(
             template=template,
             methods=method_set,
@@ -403,7 +410,7 @@ def _under(prefix: str) -> str:
 def _kind_of(route: Any, build: _Build) -> tuple[str, str]:
     """"route", "mount", "websocket" (never an HTTP request's), or "unknown" with why."""
     if isinstance(route, _CustomRouter):
-        return "unknown", f"its router {type(route.router).__name__} has its own matches()"
+        return "unknown", f"its router {type(route.router).__name__} has its own matches() or handle()"
     if build.context_type is not None and isinstance(route, build.context_type):
         # A FastAPI route of an included router: the router asks the original route, which asks this.
         original: Any = getattr(route, "original_route", None)
@@ -447,7 +454,7 @@ def _expand_included(routes: Iterable[BaseRoute]) -> Iterator[Any]:
 
 
 class _CustomRouter:
-    """An included router (or one it includes) whose class has its own ``matches()``: not modelled."""
+    """An included router (or one it includes) whose class has its own ``matches()`` or ``handle()``: not modelled."""
 
     __slots__ = ("router",)
 
@@ -456,11 +463,12 @@ class _CustomRouter:
 
 
 def _matches_its_own_way(included: Any) -> bool:
-    """Whether an included router, or any router included in it, overrides FastAPI's ``matches``."""
-    fastapi_routing: Any = sys.modules.get("fastapi.routing")
-    stock = getattr(getattr(fastapi_routing, "APIRouter", None), "matches", None)
+    """Whether an included router, or any router included in it, overrides FastAPI's ``matches`` or
+    ``handle``: FastAPI asks the router whether it takes a request, then hands the request to it."""
+    api_router: Any = getattr(sys.modules.get("fastapi.routing"), "APIRouter", None)
     router = getattr(included, "original_router", None)
-    if router is not None and getattr(type(router), "matches", stock) is not stock:
+    if router is not None and any(getattr(type(router), method, None) is not getattr(api_router, method, None)
+                                  for method in ("matches", "handle")):
         return True
     candidates = getattr(included, "effective_candidates", None)
     return callable(candidates) and any(
@@ -481,24 +489,85 @@ def _dependants(route: Any) -> Iterator[Any]:
         stack.extend(reversed(getattr(current, "dependencies", None) or ()))
 
 
-def _keyed_on_what_it_reads(policy: Policy, route: Any) -> Policy:
+def _keyed_on_what_it_reads(policy: Policy, route: Any) -> Policy | None:
     """A FastAPI route's ``Header()`` and ``Cookie()`` parameters (its dependencies' too) join its ``vary``.
 
     The handler reads them, so they change its answer: an entry filled for one
-    ``X-Token`` must not answer another. Nothing the app reads is left out of the key.
+    ``X-Token`` must not answer another. Nothing the app reads is left out of the key:
+    every name a parameter may be read under is keyed (its alias, its name, each of its
+    ``AliasChoices``, with and without FastAPI's underscore conversion), and so is every
+    field of a header or cookie parameter model. A cookie model that takes extra fields
+    reads every cookie: the whole ``Cookie`` header is keyed. A header model that takes
+    extra fields reads every header, which no key can cover: None, the route is not cached.
     """
     reads: dict[str, None] = {}
     for current in _dependants(route):
         for field in getattr(current, "header_params", None) or ():
-            alias = str(getattr(field, "alias", "") or getattr(field, "name", ""))
-            convert = getattr(getattr(field, "field_info", None), "convert_underscores", True)
-            if convert and alias == getattr(field, "name", None):
-                alias = alias.replace("_", "-")
-            reads[alias.lower()] = None
+            names = _names_read(field, header=True)
+            if names is None:
+                return None
+            reads.update(dict.fromkeys(name.lower() for name in names if _TOKEN.fullmatch(name)))
         for field in getattr(current, "cookie_params", None) or ():
-            reads["cookie:" + str(getattr(field, "alias", "") or getattr(field, "name", ""))] = None
-    extra = tuple(name for name in reads if _TOKEN.fullmatch(name.removeprefix("cookie:")) and name not in policy.vary)
+            names = _names_read(field, header=False)
+            if names is None:
+                reads["cookie"] = None  # every cookie: the whole header
+                continue
+            reads.update(dict.fromkeys("cookie:" + name for name in names if _COOKIE_NAME.fullmatch(name)))
+    extra = tuple(name for name in reads if name not in policy.vary)
     return replace(policy, vary=(*policy.vary, *extra)) if extra else policy
+
+
+_COOKIE_NAME = re.compile(r"[^\x00-\x20;=\x7f]+")  # a name Starlette's cookie parser can give back
+
+
+def _names_read(field: Any, *, header: bool) -> list[str] | None:
+    """Every request name a ``Header()``/``Cookie()`` parameter may read; None: every one there is."""
+    info = getattr(field, "field_info", None)
+    names = _aliases(field, info)
+    models = _models_in(getattr(info, "annotation", None))
+    for model in models:
+        if (getattr(model, "model_config", None) or {}).get("extra") == "allow":
+            return None  # the model takes every other header or cookie too
+        for name, model_field in (getattr(model, "model_fields", None) or {}).items():
+            names.extend(_aliases(_Named(name, getattr(model_field, "alias", None)), model_field))
+    if header:  # FastAPI reads "x_token" as "x-token" unless told not to: key on both spellings
+        names.extend([name.replace("_", "-") for name in names])
+    return list(dict.fromkeys(name for name in names if name))
+
+
+class _Named:
+    __slots__ = ("alias", "name")
+
+    def __init__(self, name: str, alias: object) -> None:
+        self.name = name
+        self.alias = alias
+
+
+def _aliases(field: Any, info: Any) -> list[str]:
+    """A field's name, alias, validation alias and alias choices: the request names it may be read under."""
+    found = [getattr(field, "name", None), getattr(field, "alias", None), getattr(info, "alias", None)]
+    validation = getattr(info, "validation_alias", None)
+    found.append(validation)
+    for choice in getattr(validation, "choices", None) or ():
+        found.append(choice)
+        found.extend(getattr(choice, "path", None) or ())  # an AliasPath's first item is a request name
+    return [name for name in found if isinstance(name, str)]
+
+
+def _models_in(annotation: Any) -> list[type]:
+    """The pydantic models in a parameter's annotation (``Model``, ``Model | None``, ``Annotated[...]``)."""
+    base_model: Any = getattr(sys.modules.get("pydantic"), "BaseModel", None)
+    if base_model is None:
+        return []
+    found: list[type] = []
+    stack = [annotation]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, type) and issubclass(current, base_model):
+            found.append(current)
+        else:
+            stack.extend(getattr(current, "__args__", None) or ())
+    return found
 
 
 def _credentials(route: Any) -> tuple[tuple[str, str], ...]:
@@ -523,6 +592,40 @@ def _credentials(route: Any) -> tuple[tuple[str, str], ...]:
             elif isinstance(model, (models.HTTPBase, models.OAuth2, models.OpenIdConnect)):
                 found[("header", "authorization")] = None
     return tuple(found)
+
+
+def routes_behind(middleware: Any, scope_app: Any = None) -> tuple[Sequence[BaseRoute] | None, str]:
+    """The routes of the router that runs after ``middleware``; None, and why, where it cannot be found.
+
+    Followed down from ``middleware.app`` (each middleware keeps the next as ``.app``),
+    so a ``CacheMiddleware`` that wraps a mounted app reads that app's routes, not those
+    of the outer app that ``scope["app"]`` names there. Where that chain breaks, the app
+    in ``scope["app"]`` is taken only if its middleware stack leads to ``middleware``.
+    """
+    node = getattr(middleware, "app", None)
+    for _ in range(_MAX_LAYERS):
+        if isinstance(node, Starlette):
+            return node.routes, ""
+        if isinstance(node, Router):
+            return node.routes, ""
+        following = getattr(node, "app", None)
+        if following is None or following is node:
+            break
+        node = following
+    if scope_app is not None:
+        layer = getattr(scope_app, "middleware_stack", None)
+        for _ in range(_MAX_LAYERS):
+            if layer is None:
+                break
+            if layer is middleware:
+                return getattr(scope_app, "routes", None), ""
+            layer = getattr(layer, "app", None)
+    what = type(node).__name__ if node is not None else "an app"
+    return None, (f"the app behind it ({what}) keeps the next one in no attribute 'app', so cachemw cannot find "
+                  "the routes it runs; nothing is cached")
+
+
+_MAX_LAYERS = 64  # middleware layers followed, at most
 
 
 def build_rule_table(routes: Iterable[BaseRoute], settings: Settings) -> RuleTable:

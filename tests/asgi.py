@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -60,6 +61,94 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
 
 def client(app: ASGIApp) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+class _ThroughTestClient:
+    """Starlette's TestClient behind ``client``'s async interface. Each request runs in a worker thread;
+    TestClient runs the app, its lifespan included, on a loop of its own in another thread."""
+
+    def __init__(self, test_client: Any, app: Any) -> None:
+        self._client = test_client
+        self._app = app
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        response = await anyio.to_thread.run_sync(functools.partial(self._client.request, method, url, **kwargs))
+        await eventually(self._settled, what="the background jobs of the request (its fill) being done")
+        return response
+
+    async def _settled(self) -> bool:
+        layer = self._app
+        from cachemw import CacheMiddleware
+
+        for _ in range(64):  # the app's middleware stack, down to the cache
+            if isinstance(layer, CacheMiddleware):
+                return all(c.queued == c.running == 0 for c in list(layer.supervisor.counters.values()))
+            layer = getattr(layer, "middleware_stack", None) or getattr(layer, "app", None)
+        return True
+
+    async def get(self, url: str, **kwargs: Any) -> Any:
+        return await self.request("GET", url, **kwargs)
+
+    async def head(self, url: str, **kwargs: Any) -> Any:
+        return await self.request("HEAD", url, **kwargs)
+
+    async def post(self, url: str, **kwargs: Any) -> Any:
+        return await self.request("POST", url, **kwargs)
+
+
+TRANSPORTS = ("asgi", "testclient")
+
+
+@asynccontextmanager
+async def requests_to(app: ASGIApp, transport: str, *, root_path: str = "") -> AsyncIterator[Any]:
+    """Requests to ``app`` through httpx's ASGITransport ("asgi", no lifespan) or Starlette's TestClient
+    ("testclient", lifespan included), behind one interface: get, head, post, request.
+
+    Each request returns once what it left to do is done (a fill stored), so a HIT right after a
+    MISS is certain: without a lifespan the middleware does that before its call returns; through
+    TestClient, the request waits for the background jobs. ``root_path`` is the scope's, as a
+    server's ``--root-path`` gives it (the request's path includes it).
+    """
+    if transport == "asgi":
+        asgi = httpx.ASGITransport(app=app, root_path=root_path)
+        async with httpx.AsyncClient(transport=asgi, base_url="http://testserver") as http:
+            yield http
+        return
+    from starlette.testclient import TestClient
+
+    test_client = TestClient(app, root_path=root_path)
+    await anyio.to_thread.run_sync(test_client.__enter__)
+    through = _ThroughTestClient(test_client, app)
+    try:
+        # Started: its startup jobs done too (the store probe, which opens the store's connections on
+        # TestClient's loop), so that the first request's store calls are not also its connection's.
+        await eventually(through._settled, what="the startup jobs being done")
+        yield through
+    finally:
+        await anyio.to_thread.run_sync(test_client.__exit__, None, None, None)
+
+
+async def credentials_stay_off_shared_entries(http: Any, path: str, first: dict[str, str], second: dict[str, str],
+                                              stored: Callable[[], Awaitable[object]] | None = None
+                                              ) -> tuple[Any, Any, Any, Any]:
+    """A request with a credential, two without, one with another credential, to a shared route.
+
+    Neither credentialed request is answered from, nor stored into, the shared entry: both
+    bypass, and the second anonymous request is the first's HIT (``stored``, if given, is
+    awaited between them: until the first's fill is in the store). The four responses are
+    returned for the caller's own checks (what each body says).
+    """
+    keyed = await http.get(path, headers=first)
+    anonymous = await http.get(path)
+    if stored is not None:
+        await stored()
+    anonymous_again = await http.get(path)
+    other = await http.get(path, headers=second)
+    assert keyed.headers["x-cache"] == "BYPASS", keyed.headers
+    assert anonymous_again.headers["x-cache"] == "HIT", anonymous_again.headers
+    assert anonymous_again.content == anonymous.content
+    assert other.headers["x-cache"] == "BYPASS", other.headers
+    return keyed, anonymous, anonymous_again, other
 
 
 class SpyStore:
