@@ -37,6 +37,7 @@ from cachemw.keys import (
     KeyCache,
     RequestHeaders,
     SessionIdentity,
+    mounted_at,
     path_tag,
     route_tag,
     tag_keys,
@@ -46,7 +47,7 @@ from cachemw.metrics import Metrics, RouteMetrics
 from cachemw.observe import enable_fleet_metrics, enable_history
 from cachemw.origin import OriginSlots
 from cachemw.policy import ConfigError, Freshness, Policy, freshness
-from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template
+from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template, routes_behind
 from cachemw.store import MemoryStore, Store, StoreError
 from cachemw.store.base import FillWaiter, LockResult, unsupported_event_loop
 from cachemw.writebehind import WriteBehind
@@ -240,10 +241,10 @@ class CacheMiddleware:
             settings = replace(settings, redis_url=self._redis_url)
         if self._key_prefix is not None:
             settings = replace(settings, key_prefix=self._key_prefix)
-        routes = getattr(routes_owner, "routes", None)
+        routes, why = routes_behind(self, routes_owner)
         if routes is None:
-            routes = getattr(self.app, "routes", [])
-        table = build_rule_table(routes, settings)
+            logger.warning("cachemw: %s", why)
+        table = build_rule_table(routes or (), settings)
         for warning in table.warnings:  # routes the table cannot model: what may reach them is never cached
             logger.warning("cachemw: %s", warning)
         if self.store is None:
@@ -406,7 +407,7 @@ class CacheMiddleware:
         assert policy is not None
         method = scope["method"]
         if method not in _CACHED_METHODS:
-            if method in _UNSAFE_METHODS:
+            if method.upper() in _UNSAFE_METHODS:  # h11 passes a lowercase method through; apps upper it
                 await self._unsafe(scope, receive, send, match, policy)
             else:
                 await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_METHOD)
@@ -784,7 +785,7 @@ class CacheMiddleware:
             await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_METHOD)
             return
         invalidator = self.invalidator
-        tags = targets_for_unsafe_request(policy.invalidates, match.path_params)
+        tags = targets_for_unsafe_request(policy.invalidates, match.path_params, mounted_at(scope))
         marker = _Marker(send, _BYPASS, http.STATUS_BYPASS_METHOD)
 
         async def send_after_invalidating(message: Message) -> None:

@@ -303,8 +303,6 @@ async def test_a_post_invalidates_the_path_it_names(store: SpyStore, transport: 
     assert after.headers["x-cache"] == "MISS" and after.json() == {"version": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="cachemw/middleware.py _unsafe() must pass keys.mounted_at(scope) to "
-                   "targets_for_unsafe_request: entries are tagged with the whole path, root path included")
 @pytest.mark.parametrize("mounted", ["root_path", "mount"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_post_invalidates_the_path_it_names_under_a_root_path(transport: str, mounted: str) -> None:

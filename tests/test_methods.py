@@ -191,9 +191,6 @@ async def test_an_http2_get_with_an_unannounced_body_is_not_answered_from_the_ca
     assert (status, body, headers[b"x-cache"]) == (200, b"body was 12345", b"BYPASS")
 
 
-@pytest.mark.xfail(strict=True, reason="cachemw/middleware.py _http(): uvicorn's h11 passes a lowercase 'post' "
-                   "on, and apps that read the method as Werkzeug and Django do (upper-cased) run their write for it: "
-                   "the unsafe check must be `method.upper() in _UNSAFE_METHODS`")
 async def test_a_lowercase_post_that_runs_the_write_still_purges(store: SpyStore) -> None:
     """A WSGI app behind a route (Werkzeug) or Django reads ``"post"`` as POST: a write all the same.
     httpx sends every method in capitals: the request is made by hand, as uvicorn's h11 passes it on."""

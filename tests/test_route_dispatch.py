@@ -653,8 +653,6 @@ def cached_outer_plain_inner(calls: collections.Counter[str]) -> Starlette:
     return Starlette(routes=[Route("/x", outer_page), Mount("/sub", app=CacheMiddleware(inner, store=MemoryStore()))])
 
 
-@pytest.mark.xfail(strict=True, reason="cachemw/middleware.py prepare() reads scope['app'].routes, the outer app's "
-                   "here: it must take rules.routes_behind(self, scope.get('app'))")
 def test_a_cache_middleware_wrapping_a_mounted_app_matches_that_apps_routes() -> None:
     calls: collections.Counter[str] = collections.Counter()
     http = TestClient(cached_outer_plain_inner(calls))
