@@ -115,6 +115,7 @@ class _Plan:
     # and the waiter registered before it (so a fill announced meanwhile is not missed).
     looked_up: LockResult | None = None
     waiter: FillWaiter | None = None
+    filling: bool = False  # the lock went to a fill job, which releases it
 
 
 class CoalescedFailure(Exception):
@@ -548,8 +549,12 @@ class CacheMiddleware:
             try:
                 entry, failed, failure = await self._forward(scope, receive, send, headers, plan, fallback, started,
                                                              flight)
-            except Exception:
-                flight.finish(None, failed=True, raised=True)
+            except BaseException as exc:
+                # The app raised, or this request was cancelled (the client left, waiting for a slot or
+                # the app): the lock goes at once, not after lock_timeout, unless a fill job has it.
+                if not plan.filling:
+                    self._give_up_lock(plan)
+                flight.finish(None, failed=True, raised=isinstance(exc, Exception))
                 raise
             flight.finish(entry, failed, failure)
         finally:
@@ -628,7 +633,7 @@ class CacheMiddleware:
             if fallback is None:
                 slot = await self._origin.take(template, self._origin_wait)
             if slot is None:
-                self._release(plan.key, plan.token)
+                self._give_up_lock(plan)
                 self._route_metrics(plan).origin_busy += 1
                 if fallback is not None:
                     await self._serve_fallback(fallback, scope, headers, send, None, plan.match, plan.key, started)
@@ -672,21 +677,21 @@ class CacheMiddleware:
                     failure = "timeout"
         except Exception:
             if fallback is None or responder.started:
-                self._release(plan.key, plan.token)
-                raise
+                raise  # the lock is given up by _miss
             failure = "exception"
         origin_time = time.perf_counter() - origin_started
         if responder.failed_status:
             failure = "status"
         if failure is not None and fallback is not None:
-            self._release(plan.key, plan.token)
+            self._give_up_lock(plan)
             await self._serve_fallback(fallback, scope, headers, send, responder.failed_status, plan.match,
                                        plan.key, started)
             return None, True, None
         entry = responder.entry(tags=plan.tags)
-        if entry is None or plan.generations is None or not self.supervisor.submit(
-                "fill", self._fill, plan, entry, key=plan.key, timeout=self._store_job_timeout):
-            self._release(plan.key, plan.token)
+        plan.filling = entry is not None and plan.generations is not None and self.supervisor.submit(
+            "fill", self._fill, plan, entry, key=plan.key, timeout=self._store_job_timeout)
+        if not plan.filling:
+            self._give_up_lock(plan)
         self._log(plan.match, plan.key, "MISS", responder.status, origin_time, started, responder.size)
         failed = responder.status >= 500
         return entry, failed, responder.failure() if failed else None
@@ -981,6 +986,11 @@ class CacheMiddleware:
             await store.unlock(key, token)
         except Exception:
             self._store_failed(self._breaker(key))  # the lock expires by itself
+
+    def _give_up_lock(self, plan: _Plan) -> None:
+        """Release the plan's fill lock (once): this response will not be stored."""
+        token, plan.token = plan.token, None
+        self._release(plan.key, token)
 
     def _release(self, key: str, token: str | None) -> None:
         if token is None:

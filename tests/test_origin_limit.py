@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -13,6 +15,7 @@ from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
 from tests.asgi import SpyStore, client, eventually, lifespan
+from tests.budgets import Budgets
 from tests.test_freshness import age_entry
 
 pytestmark = pytest.mark.anyio
@@ -105,6 +108,53 @@ async def test_a_wait_cancelled_from_outside_gives_back_the_route_slot_it_held()
     assert again is not None, "the cancelled wait kept the route's slot"
     again.release()
     assert slots.rejected == 0  # cancelled, not turned away
+
+
+class LockSpy(SpyStore):
+    """Counts the fill locks taken, so a test knows a request holds one."""
+
+    def __init__(self, inner: SpyStore) -> None:
+        super().__init__(inner.inner)
+        self.locks_taken = 0
+
+    async def lock(self, *args: Any, **kwargs: Any) -> Any:
+        return self._count(await self.inner.lock(*args, **kwargs))
+
+    async def get_or_lock(self, *args: Any, **kwargs: Any) -> Any:
+        return self._count(await self.inner.get_or_lock(*args, **kwargs))  # type: ignore[attr-defined]
+
+    def _count(self, result: Any) -> Any:
+        self.locks_taken += result[0] is not None
+        return result
+
+
+async def test_a_miss_cancelled_while_waiting_for_a_slot_releases_its_fill_lock(store: SpyStore,
+                                                                              budgets: Budgets) -> None:
+    """Server A's request for a cold key takes its lock, then waits for an origin slot and is cancelled
+    (the client left): server B's request for that key must not wait the lock out."""
+    spy = LockSpy(store)
+    busy, idle = Origin(), Origin()
+    idle.gate.set()
+    settings = {"lock_timeout": budgets.lock_timeout, "origin_wait": budgets.lock_timeout}
+    server_a = make_app(busy, spy, origin_concurrency=1, **settings)
+    server_b = make_app(idle, spy, **settings)
+    async with lifespan(server_a), lifespan(server_b), client(server_a) as a, client(server_b) as b, \
+            anyio.create_task_group() as tg:
+        tg.start_soon(a.get, "/items/1")  # holds A's one origin slot
+        await eventually(lambda: _true(busy.running == 1), what="A calling its origin")
+        waiting = anyio.CancelScope()
+        tg.start_soon(_within, waiting, a.get, "/items/2")
+        await eventually(lambda: _true(spy.locks_taken == 2), what="A holding /items/2's lock")
+        waiting.cancel()
+        with anyio.fail_after(budgets.condition):  # far less than the lock's lifetime
+            response = await b.get("/items/2")
+        assert (response.status_code, response.text) == (200, "item 2")
+        busy.gate.set()
+
+
+async def _within(scope: anyio.CancelScope, call: Callable[[str], Awaitable[object]], path: str) -> None:
+    with scope:
+        await call(path)
 
 
 def assert_counted_busy(app: Starlette, route: str, busy: int) -> None:
