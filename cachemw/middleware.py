@@ -871,11 +871,14 @@ class CacheMiddleware:
         try:
             result: LockResult = await self._within_budget(
                 attempt(plan.key, self._lock_timeout, plan.generation_keys, token))
-        except Exception as exc:  # as in _get: any store failure sends the request to the app
-            self._store_failed(breaker, exc, began)
-            # Redis may have taken the lock after we stopped waiting: release it (if it is
-            # ours) rather than leave others waiting for a fill that never comes.
+        except BaseException as exc:
+            # Redis may have taken the lock after we stopped waiting (a timeout, or this request
+            # cancelled): release it (if it is ours) rather than leave others waiting for a fill
+            # that never comes.
             self._release(plan.key, token)
+            if not isinstance(exc, Exception):
+                raise
+            self._store_failed(breaker, exc, began)  # as in _get: any store failure sends the request to the app
             return None
         if lookup:
             self.metrics.store_latency.observe(time.perf_counter() - began)

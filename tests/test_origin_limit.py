@@ -1,4 +1,7 @@
-"""The bound on concurrent origin calls: past it, a stale entry answers, or a 503 with Retry-After."""
+"""The bound on concurrent origin calls: past it, a stale entry answers, or a 503 with Retry-After.
+
+And a miss cancelled midway (the client left) leaves no fill lock behind for other servers to wait out.
+"""
 
 from __future__ import annotations
 
@@ -150,6 +153,39 @@ async def test_a_miss_cancelled_while_waiting_for_a_slot_releases_its_fill_lock(
             response = await b.get("/items/2")
         assert (response.status_code, response.text) == (200, "item 2")
         busy.gate.set()
+
+
+class HangingLock(LockSpy):
+    """A store whose lock replies are late: the lock is taken in the store, the caller is still waiting."""
+
+    async def lock(self, *args: Any, **kwargs: Any) -> Any:
+        result = await super().lock(*args, **kwargs)
+        await anyio.sleep_forever()
+        return result  # pragma: no cover
+
+    async def get_or_lock(self, *args: Any, **kwargs: Any) -> Any:
+        result = await super().get_or_lock(*args, **kwargs)
+        await anyio.sleep_forever()
+        return result  # pragma: no cover
+
+
+async def test_a_miss_cancelled_while_its_lock_reply_is_on_the_way_releases_the_lock(store: SpyStore,
+                                                                                   budgets: Budgets) -> None:
+    hanging = HangingLock(store)
+    idle = Origin()
+    idle.gate.set()
+    settings = {"lock_timeout": budgets.lock_timeout}
+    server_a = make_app(Origin(), hanging, **settings)
+    server_b = make_app(idle, LockSpy(store), **settings)
+    async with lifespan(server_a), lifespan(server_b), client(server_a) as a, client(server_b) as b, \
+            anyio.create_task_group() as tg:
+        waiting = anyio.CancelScope()
+        tg.start_soon(_within, waiting, a.get, "/items/1")
+        await eventually(lambda: _true(hanging.locks_taken == 1), what="A's lock taken in the store")
+        waiting.cancel()
+        with anyio.fail_after(budgets.condition):  # far less than the lock's lifetime
+            response = await b.get("/items/1")
+        assert (response.status_code, response.text) == (200, "item 1")
 
 
 async def _within(scope: anyio.CancelScope, call: Callable[[str], Awaitable[object]], path: str) -> None:
