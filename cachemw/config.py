@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from cachemw.keys import CREDENTIAL_KINDS, credential_parts
 from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
 
 if sys.version_info >= (3, 11):
@@ -212,17 +213,17 @@ def _setting(key: str, raw: object, where: str) -> object:
 
 
 def _credentials(raw: object, bad: Callable[[str], ConfigError]) -> tuple[str, ...]:
-    expected = 'a list of header names ("x-api-key"), "cookie:NAME" and "query:NAME"'
+    expected = 'a list of header names ("x-api-key" or "header:x-api-key"), "cookie:NAME" and "query:NAME"'
     if not isinstance(raw, list):
         raise bad(expected)
     items: list[str] = []
     for item in raw:
         if not isinstance(item, str):
             raise bad(expected)
-        kind, _, name = item.partition(":") if ":" in item else ("", "", item)
-        if kind not in ("", "cookie", "query") or not _TOKEN.fullmatch(name):
+        kind, name = credential_parts(item)
+        if kind not in CREDENTIAL_KINDS or not _TOKEN.fullmatch(name):
             raise bad(expected)
-        items.append(f"{kind}:{name}" if kind else name.lower())
+        items.append(name.lower() if kind == "header" else item)
     return tuple(items)
 
 

@@ -69,6 +69,16 @@ class RequestHeaders:
         return [jar[name] for jar in jars if name in jar]
 
 
+CREDENTIAL_KINDS = ("header", "cookie", "query")
+
+
+def credential_parts(item: str) -> tuple[str, str]:
+    """``(kind, name)`` of a credential as the ``credentials`` setting names it: "x-api-key" is a
+    header, "cookie:NAME" a cookie, "query:NAME" a query parameter."""
+    kind, colon, name = item.partition(":")
+    return (kind, name) if colon else ("header", item)
+
+
 class SessionIdentity:
     """Default identity: every credential the request carries, together.
 
@@ -85,7 +95,7 @@ class SessionIdentity:
         self.cookie_name = cookie_name
         headers, cookies, query = [b"authorization"], [cookie_name], []
         for item in credentials:
-            kind, _, name = item.partition(":") if ":" in item else ("header", "", item)
+            kind, name = credential_parts(item)
             if kind == "cookie":
                 cookies.append(name)
             elif kind == "query":
