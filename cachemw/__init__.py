@@ -4,7 +4,7 @@ from cachemw.background import Supervisor, detach
 from cachemw.config import Settings, load_settings
 from cachemw.entry import Entry
 from cachemw.invalidation import Invalidator
-from cachemw.middleware import CacheMiddleware, invalidate
+from cachemw.middleware import CacheMiddleware, CoalescedFailure, invalidate
 from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration
 from cachemw.rules import RuleTable, build_rule_table, cache
 from cachemw.store import MemoryStore, RedisStore, Store, StoreError
@@ -13,6 +13,7 @@ from cachemw.writebehind import VersionConflict, Write, WriteBehind
 __all__ = [
     "PRESETS",
     "CacheMiddleware",
+    "CoalescedFailure",
     "ConfigError",
     "Entry",
     "Invalidator",
