@@ -93,9 +93,15 @@ def backing(request: pytest.FixtureRequest) -> Callable[..., dict[str, Any]]:
     return arguments
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """TestClient's own event loop: asyncio's, or uvloop's (what uvicorn[standard] runs)."""
+    return {"backend_options": {"use_uvloop": request.param == "uvloop"}}
+
+
 @pytest.mark.parametrize("failure", ["raise", "500"])
 def test_a_failing_leaders_herd_shares_its_failure_under_testclient(
-        backing: Callable[..., dict[str, Any]], budgets: Budgets, failure: str) -> None:
+        backing: Callable[..., dict[str, Any]], loop: dict[str, Any], budgets: Budgets, failure: str) -> None:
     gate, herd = Gate(), 20
 
     @cache(ttl="5m")
@@ -108,7 +114,7 @@ def test_a_failing_leaders_herd_shares_its_failure_under_testclient(
     app = Starlette(routes=[Route("/hot", hot)])
     app.add_middleware(CacheMiddleware, **backing(lock_timeout=budgets.lock_timeout,
                                                   store_timeout=budgets.store_timeout))
-    with TestClient(app, raise_server_exceptions=False) as http, ThreadPoolExecutor(herd) as pool, gate:
+    with TestClient(app, raise_server_exceptions=False, **loop) as http, ThreadPoolExecutor(herd) as pool, gate:
         answers = [pool.submit(http.get, "/hot") for _ in range(herd)]
         eventually_sync(lambda: find_middleware(app).metrics.waiting_on_fills == herd - 1,
                         timeout=budgets.condition, what="the herd waiting on the leader")
@@ -119,7 +125,7 @@ def test_a_failing_leaders_herd_shares_its_failure_under_testclient(
 
 
 def test_past_the_origin_bound_misses_get_503_with_retry_after_under_testclient(
-        backing: Callable[..., dict[str, Any]], budgets: Budgets) -> None:
+        backing: Callable[..., dict[str, Any]], loop: dict[str, Any], budgets: Budgets) -> None:
     gate = Gate()
 
     @cache(ttl="5m")
@@ -130,7 +136,7 @@ def test_past_the_origin_bound_misses_get_503_with_retry_after_under_testclient(
     app = Starlette(routes=[Route("/items/{n}", item)])
     app.add_middleware(CacheMiddleware, **backing(origin_concurrency=2, origin_wait=0.2, retry_after=7,
                                                   store_timeout=budgets.store_timeout))
-    with TestClient(app) as http, ThreadPoolExecutor(10) as pool, gate:
+    with TestClient(app, **loop) as http, ThreadPoolExecutor(10) as pool, gate:
         answers = [pool.submit(http.get, f"/items/{n}") for n in range(10)]
         eventually_sync(lambda: sum(answer.done() for answer in answers) == 8, timeout=budgets.condition,
                         what="eight requests turned away")
@@ -144,7 +150,7 @@ def test_past_the_origin_bound_misses_get_503_with_retry_after_under_testclient(
 
 @pytest.mark.parametrize("write", ["POST", "OPTIONS"])
 def test_a_write_detaches_the_fill_in_flight_and_a_preflight_does_not_under_testclient(
-        backing: Callable[..., dict[str, Any]], budgets: Budgets, write: str) -> None:
+        backing: Callable[..., dict[str, Any]], loop: dict[str, Any], budgets: Budgets, write: str) -> None:
     """After a POST the next GET is not the older fill's answer; a CORS preflight or OPTIONS changes nothing."""
     gate, version = Gate(), [1]
 
@@ -164,7 +170,7 @@ def test_a_write_detaches_the_fill_in_flight_and_a_preflight_does_not_under_test
     # A GET that joined the older fill would wait for it up to lock_timeout: far past the deadline below.
     app.add_middleware(CacheMiddleware, **backing(lock_timeout=budgets.lock_timeout,
                                                   store_timeout=budgets.store_timeout))
-    with TestClient(app) as http, ThreadPoolExecutor(2) as pool, gate:
+    with TestClient(app, **loop) as http, ThreadPoolExecutor(2) as pool, gate:
         slow = pool.submit(http.get, "/x")
         eventually_sync(lambda: gate.running == 1, timeout=budgets.condition, what="the first read in the handler")
         assert http.request(write, "/x").status_code == 200
