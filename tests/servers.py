@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @contextmanager
 def uvicorns(app: str, redis_url: str, *, count: int = 2, workers: int = 1, ready: str = "/ready",
-             start_timeout: float = 30.0, env: dict[str, str] | None = None) -> Iterator[list[str]]:
+             start_timeout: float = 30.0, env: dict[str, str] | None = None, loop: str = "auto"
+             ) -> Iterator[list[str]]:
     """``count`` uvicorn servers of ``app`` (``module:attribute``), each with ``workers``; yields their base URLs.
+
+    ``loop`` is uvicorn's ``--loop``: "auto" is uvloop when installed (as with uvicorn[standard]).
 
     Each answers ``ready`` with 200 before this yields; all get SIGTERM (then SIGKILL) after.
     """
@@ -29,7 +32,7 @@ def uvicorns(app: str, redis_url: str, *, count: int = 2, workers: int = 1, read
     ports = [free_port() for _ in range(count)]
     processes = [
         subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--port", str(port), "--workers", str(workers),
-                          "--log-level", "warning"], cwd=ROOT, env=environment)
+                          "--loop", loop, "--log-level", "warning"], cwd=ROOT, env=environment)
         for port in ports
     ]
     try:

@@ -19,10 +19,11 @@ pytestmark = pytest.mark.anyio
 HOST = {"host": "shop.example"}  # one public Host, as behind a load balancer: the key covers it
 
 
-@pytest.fixture
-def servers(redis_url: str, budgets: Budgets) -> Iterator[list[str]]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def servers(request: pytest.FixtureRequest, redis_url: str, budgets: Budgets) -> Iterator[list[str]]:
     env = {"TEST_LOCK_TIMEOUT": str(budgets.lock_timeout), "TEST_STORE_TIMEOUT": str(budgets.store_timeout)}
-    with uvicorns("tests.apps.gated_app:app", redis_url, start_timeout=budgets.process_start, env=env) as bases:
+    with uvicorns("tests.apps.gated_app:app", redis_url, start_timeout=budgets.process_start, env=env,
+                  loop=request.param) as bases:
         try:
             yield bases
         finally:
