@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +25,43 @@ async def eventually(condition: Callable[[], Awaitable[bool]], *, timeout: float
                 return
             await anyio.sleep(0.005)
     raise AssertionError(f"{what} did not hold within {timeout}s")
+
+
+class Gate:
+    """What a handler waits on until the test opens it; counts the calls, and how many wait at once.
+
+    Opened from the app's loop or from another thread (a TestClient test's), so a plain flag
+    polled briefly rather than an anyio Event, which belongs to one loop. As a context
+    manager it opens on the way out: a failing test leaves no handler waiting.
+    """
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self.calls = 0
+        self.running = 0
+        self.most = 0
+
+    def open(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    async def wait(self) -> None:
+        self.calls += 1
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            while not self._open.is_set():
+                await anyio.sleep(0.005)
+        finally:
+            self.running -= 1
+
+    def __enter__(self) -> Gate:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.open()
 
 
 class LifespanFailed(Exception):
@@ -188,3 +227,12 @@ def find_middleware(app: Any) -> Any:
     while not isinstance(layer, CacheMiddleware):
         layer = layer.app
     return layer
+
+
+def eventually_sync(condition: Callable[[], bool], *, timeout: float, what: str = "condition") -> None:
+    """``eventually`` for a test thread (Starlette's TestClient runs the app's loop in another thread)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout}s")
+        time.sleep(0.005)

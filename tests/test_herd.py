@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
 from tests.asgi import SpyStore, eventually, find_middleware, lifespan
+from tests.budgets import Budgets
 
 pytestmark = pytest.mark.anyio
 
@@ -27,7 +28,7 @@ class Origin:
         self.gate = anyio.Event()
 
 
-def make_app(origin: Origin, store: SpyStore) -> Starlette:
+def make_app(origin: Origin, store: SpyStore, lock_timeout: float) -> Starlette:
     @cache(ttl="5m")
     async def hot(request: Request) -> Response:
         origin.calls += 1
@@ -37,14 +38,16 @@ def make_app(origin: Origin, store: SpyStore) -> Starlette:
         return PlainTextResponse("the database went away", status_code=500)
 
     app = Starlette(routes=[Route("/hot", hot)])
-    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=10.0, store_timeout=2.0))
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=lock_timeout, store_timeout=2.0))
     return app
 
 
 @pytest.mark.parametrize("failure", ["raise", "500"])
-async def test_a_failing_leader_does_not_release_its_herd_onto_the_origin(store: SpyStore, failure: str) -> None:
+async def test_a_failing_leader_does_not_release_its_herd_onto_the_origin(store: SpyStore, budgets: Budgets,
+                                                                         failure: str) -> None:
     origin = Origin(failure)
-    app = make_app(origin, store)
+    # A waiter that gave up on the leader (after lock_timeout) would call the origin itself.
+    app = make_app(origin, store, budgets.lock_timeout)
     statuses: collections.Counter[int] = collections.Counter()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://testserver") as http, \
@@ -55,7 +58,7 @@ async def test_a_failing_leader_does_not_release_its_herd_onto_the_origin(store:
         for _ in range(HERD):
             tg.start_soon(one)
         await eventually(lambda: _true(find_middleware(app).metrics.waiting_on_fills == HERD - 1),
-                         what="the herd waiting on the leader")
+                         timeout=budgets.condition, what="the herd waiting on the leader")
         origin.gate.set()
     assert statuses == {500: HERD}
     assert origin.calls == 1
@@ -65,7 +68,7 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str) -> None:
+async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str, budgets: Budgets) -> None:
     """Fills shed by a full queue are lost (and counted), but their locks are released at once."""
     from cachemw import RedisStore, detach
 
@@ -86,7 +89,8 @@ async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str
     app = Starlette(routes=[Route("/busy", busy), Route("/items/{n}", item)])
     store = RedisStore.from_url(redis_url, timeout=2.0)
     app.add_middleware(CacheMiddleware, store=store,
-                       settings=Settings(queue_size=1, concurrency=1, lock_timeout=60.0, store_timeout=2.0))
+                       settings=Settings(queue_size=1, concurrency=1, lock_timeout=budgets.lock_timeout,
+                                         store_timeout=2.0))
     raw = store.client
     try:
         async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
@@ -101,18 +105,19 @@ async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str
             async def only_the_queued_fill_locked() -> bool:
                 return len(await raw.keys("*:lock")) == fills.queued == 1
 
-            await eventually(only_the_queued_fill_locked, what="the shed fills' locks released")
+            await eventually(only_the_queued_fill_locked, timeout=budgets.condition,
+                             what="the shed fills' locks released")
             release_worker.set()
 
             async def no_locks() -> bool:
                 return not await raw.keys("*:lock")
 
-            await eventually(no_locks, what="every fill lock released")
+            await eventually(no_locks, timeout=budgets.condition, what="every fill lock released")
     finally:
         await store.aclose()
 
 
-async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str) -> None:
+async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str, budgets: Budgets) -> None:
     from cachemw import RedisStore, StoreError
 
     class LosingFills(SpyStore):
@@ -126,24 +131,24 @@ async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str) 
     inner = RedisStore.from_url(redis_url, timeout=2.0)
     app = Starlette(routes=[Route("/item", item)])
     app.add_middleware(CacheMiddleware, store=LosingFills(inner),
-                       settings=Settings(lock_timeout=60.0, store_timeout=2.0))
+                       settings=Settings(lock_timeout=budgets.lock_timeout, store_timeout=2.0))
     try:
         async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                                     base_url="http://testserver") as http:
             assert (await http.get("/item")).text == "item"
             fills = find_middleware(app).supervisor.counters_for("fill")
-            await eventually(lambda: _true(fills.done == 1), what="the fill job ending")
+            await eventually(lambda: _true(fills.done == 1), timeout=budgets.condition, what="the fill job ending")
 
             async def no_locks() -> bool:
                 return not await inner.client.keys("*:lock")
 
-            await eventually(no_locks, what="the lost fill's lock released")
+            await eventually(no_locks, timeout=budgets.condition, what="the lost fill's lock released")
     finally:
         await inner.aclose()
 
 
 async def test_waiters_are_answered_when_the_response_is_complete_not_after_its_background_task(
-        store: SpyStore) -> None:
+        store: SpyStore, budgets: Budgets) -> None:
     from starlette.background import BackgroundTask
 
     handler_gate, task_gate, task_done = anyio.Event(), anyio.Event(), anyio.Event()
@@ -166,7 +171,7 @@ async def test_waiters_are_answered_when_the_response_is_complete_not_after_its_
                                                 base_url="http://testserver") as http, \
             anyio.create_task_group() as tg:
         tg.start_soon(http.get, "/page")
-        await eventually(lambda: _true(calls == 1), what="the leader in the handler")
+        await eventually(lambda: _true(calls == 1), timeout=budgets.condition, what="the leader in the handler")
         waiter: list[httpx.Response] = []
 
         async def wait_on_it() -> None:
@@ -174,9 +179,9 @@ async def test_waiters_are_answered_when_the_response_is_complete_not_after_its_
 
         tg.start_soon(wait_on_it)
         await eventually(lambda: _true(find_middleware(app).metrics.waiting_on_fills == 1),
-                         what="the second request waiting on the first")
+                         timeout=budgets.condition, what="the second request waiting on the first")
         handler_gate.set()
-        await eventually(lambda: _true(bool(waiter)), what="the waiter answered")
+        await eventually(lambda: _true(bool(waiter)), timeout=budgets.condition, what="the waiter answered")
         assert not task_done.is_set()  # answered while the leader's background task still runs
         task_gate.set()
     assert waiter[0].text == "page" and "collapsed" in waiter[0].headers["cache-status"]

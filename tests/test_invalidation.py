@@ -20,6 +20,7 @@ from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache, i
 from cachemw.invalidation import targets_for_unsafe_request
 from cachemw.keys import mounted_at
 from tests.asgi import TRANSPORTS, SpyStore, eventually, find_middleware, lifespan, requests_to
+from tests.budgets import Budgets
 
 pytestmark = pytest.mark.anyio
 
@@ -178,7 +179,7 @@ async def test_post_then_get_on_the_same_server_skips_its_l1(shared_url: str) ->
         assert await version(a) == ("MISS", 2)
 
 
-async def test_a_fill_that_began_before_an_invalidation_is_not_stored(store: SpyStore) -> None:
+async def test_a_fill_that_began_before_an_invalidation_is_not_stored(store: SpyStore, budgets: Budgets) -> None:
     db = Database()
     app = make_app(db, store)
     async with lifespan(app), client(app) as http:
@@ -190,14 +191,16 @@ async def test_a_fill_that_began_before_an_invalidation_is_not_stored(store: Spy
                 responses.append(await http.get("/products/1"))
 
             tg.start_soon(request)
-            await eventually(lambda: _true(db.reads == 1), what="the handler reading the old row")
+            await eventually(lambda: _true(db.reads == 1), timeout=budgets.condition,
+                             what="the handler reading the old row")
             db.versions[1] = 2
             await find_middleware(app).invalidator.tags("product:1")  # type: ignore[union-attr]
             db.gate.set()  # the handler answers with what it read before the change
         assert responses[0].json()["version"] == 1
         # The invalidation detached the fill: it is not stored, and its lock is released.
         unlocks = find_middleware(app).supervisor.counters_for("unlock")
-        await eventually(lambda: _true(unlocks.done == 1), what="the detached fill's lock being released")
+        await eventually(lambda: _true(unlocks.done == 1), timeout=budgets.condition,
+                         what="the detached fill's lock being released")
         after = await http.get("/products/1")
     assert after.headers["x-cache"] == "MISS" and after.json()["version"] == 2
 
@@ -231,10 +234,12 @@ async def test_handler_tags_are_stripped_and_purgeable_from_a_handler(store: Spy
     assert db.reads == 2
 
 
-async def test_a_write_on_another_server_detaches_this_servers_fill_in_flight(shared_url: str) -> None:
+async def test_a_write_on_another_server_detaches_this_servers_fill_in_flight(shared_url: str, budgets: Budgets
+                                                                              ) -> None:
     """Two servers behind one Host: a GET on A that starts after B's write never joins A's older fill."""
     # A long lock_timeout: a GET that joined the old fill would wait for it, far past the deadline below.
-    async with servers(shared_url, lock_timeout=60) as (db, apps, (a, b), _stores), anyio.create_task_group() as tg:
+    async with servers(shared_url, lock_timeout=budgets.lock_timeout) as (db, apps, (a, b), _stores), \
+            anyio.create_task_group() as tg:
         db.gate = anyio.Event()  # A's first read is still in the handler when B's write lands
         heard = anyio.Event()
         find_middleware(apps[0]).store.notifications.on_invalidate.append(lambda tags: heard.set())
@@ -244,13 +249,13 @@ async def test_a_write_on_another_server_detaches_this_servers_fill_in_flight(sh
             old.append(await a.get("/products/1"))
 
         tg.start_soon(slow_read)
-        await eventually(lambda: _true(db.reads == 1), what="A's first read in the handler")
+        await eventually(lambda: _true(db.reads == 1), timeout=budgets.condition, what="A's first read in the handler")
         assert (await b.post("/products/1")).status_code == 200
-        with anyio.fail_after(5):
+        with anyio.fail_after(budgets.condition):
             await heard.wait()  # the broadcast reached A
         first_read, db.gate = db.gate, anyio.Event()
         db.gate.set()  # later reads do not wait; the first stays in its handler until after ours
-        with anyio.fail_after(15):
+        with anyio.fail_after(budgets.condition):
             after = await a.get("/products/1")
         first_read.set()
         assert after.json()["version"] == 2 and "collapsed" not in after.headers["cache-status"]

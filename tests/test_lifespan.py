@@ -13,13 +13,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from starlette.types import Message
 
-from cachemw import CacheMiddleware, MemoryStore, cache
+import cachemw.middleware
+from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache
+from tests.budgets import Budgets
 from tests.test_sample_app import REPO_ROOT, STOP_DEADLINE, Server, _free_port, _wait_until_ready
 
 
@@ -116,3 +120,37 @@ def test_gc_freeze_runs_once_per_process_and_only_with_a_policy(tmp_path: Path) 
     assert first > 0 and last == first  # later startups' objects stay collectable
     assert run("no-policy") == (0, 0)
     gc.collect()
+
+
+@pytest.mark.anyio
+async def test_shutdown_complete_reaches_the_server_only_after_our_cleanup(
+        redis_url: str, budgets: Budgets, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that hears "complete" may end the loop at once (uvicorn on Ctrl-C): the store it
+    would leave open must be closed by then."""
+    closed: list[str] = []
+
+    class Watched(RedisStore):
+        async def aclose(self) -> None:
+            await anyio.sleep(0.05)  # a store's close awaits its connections: the loop turns meanwhile
+            await super().aclose()
+            closed.append("store")
+
+    monkeypatch.setattr(cachemw.middleware, "open_store",
+                        lambda settings: Watched.from_url(redis_url, timeout=settings.store_timeout))
+    middleware = CacheMiddleware(Starlette(routes=[Route("/page", cache(ttl="1m")(_page))]),
+                                 settings=Settings(redis_url=redis_url, store_timeout=budgets.store_timeout))
+    to_app, app_inbox = anyio.create_memory_object_stream[Message](4)
+    server_outbox, to_server = anyio.create_memory_object_stream[Message](4)
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    with anyio.fail_after(budgets.condition):
+        async with to_app, app_inbox, server_outbox, to_server, anyio.create_task_group() as tg:
+            tg.start_soon(middleware, scope, app_inbox.receive, server_outbox.send)
+            await to_app.send({"type": "lifespan.startup"})
+            assert (await to_server.receive())["type"] == "lifespan.startup.complete"
+            await to_app.send({"type": "lifespan.shutdown"})
+            assert (await to_server.receive())["type"] == "lifespan.shutdown.complete"
+            assert closed == ["store"]  # what a server that stops the loop now would have cut short
+
+
+async def _page(request: Any) -> PlainTextResponse:
+    return PlainTextResponse("page")

@@ -17,45 +17,31 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from tests.asgi import SpyStore, client, eventually, lifespan
+from tests.asgi import Gate, SpyStore, client, eventually, lifespan
 from tests.budgets import Budgets
 from tests.test_freshness import age_entry
 
 pytestmark = pytest.mark.anyio
 
 
-class Origin:
-    def __init__(self) -> None:
-        self.running = 0
-        self.most = 0
-        self.gate = anyio.Event()
-
-    async def call(self, answer: str) -> Response:
-        self.running += 1
-        self.most = max(self.most, self.running)
-        try:
-            await self.gate.wait()
-        finally:
-            self.running -= 1
-        return PlainTextResponse(answer)
-
-
-def make_app(origin: Origin, store: SpyStore, **settings: object) -> Starlette:
+def make_app(origin: Gate, store: SpyStore, **settings: object) -> Starlette:
     @cache(ttl="5m")
     async def item(request: Request) -> Response:
-        return await origin.call(f"item {request.path_params['n']}")
+        await origin.wait()
+        return PlainTextResponse(f"item {request.path_params['n']}")
 
     @cache(ttl="1m", stale_if_error="1h", origin_concurrency=1)
     async def report(request: Request) -> Response:
-        return await origin.call(f"report {request.path_params['n']}")
+        await origin.wait()
+        return PlainTextResponse(f"report {request.path_params['n']}")
 
     app = Starlette(routes=[Route("/items/{n}", item), Route("/reports/{n}", report)])
     app.add_middleware(CacheMiddleware, store=store, settings=Settings(store_timeout=2.0, **settings))  # type: ignore[arg-type]
     return app
 
 
-async def test_past_the_bound_misses_wait_then_get_503_with_retry_after(store: SpyStore) -> None:
-    origin = Origin()
+async def test_past_the_bound_misses_wait_then_get_503_with_retry_after(store: SpyStore, budgets: Budgets) -> None:
+    origin = Gate()
     app = make_app(origin, store, origin_concurrency=2, origin_wait=0.2, retry_after=7)
     answers: collections.Counter[tuple[int, str | None]] = collections.Counter()
     async with lifespan(app), client(app) as http, anyio.create_task_group() as tg:
@@ -65,29 +51,32 @@ async def test_past_the_bound_misses_wait_then_get_503_with_retry_after(store: S
 
         for n in range(10):
             tg.start_soon(one, n)
-        await eventually(lambda: _true(answers[(503, "7")] == 8), what="eight requests turned away")
+        await eventually(lambda: _true(answers[(503, "7")] == 8), timeout=budgets.condition,
+                         what="eight requests turned away")
         assert origin.running == 2
-        origin.gate.set()
+        origin.open()
     assert answers == {(503, "7"): 8, (200, None): 2}
     assert origin.most == 2
     assert_counted_busy(app, "/items/{n}", 8)
 
 
-async def test_a_request_with_a_stale_if_error_entry_gets_it_instead_of_waiting(store: SpyStore) -> None:
-    origin = Origin()
-    origin.gate.set()
-    app = make_app(origin, store)
+async def test_a_request_with_a_stale_if_error_entry_gets_it_instead_of_waiting(store: SpyStore, budgets: Budgets
+                                                                                 ) -> None:
+    origin = Gate()
+    origin.open()
+    # A request that waited for the slot would wait origin_wait: far past the deadline below.
+    app = make_app(origin, store, origin_wait=budgets.lock_timeout)
     async with lifespan(app), client(app) as http:
         assert (await http.get("/reports/1")).text == "report 1"
-        await eventually(lambda: _true(bool(store.keys_set)), what="the report stored")
+        await eventually(lambda: _true(bool(store.keys_set)), timeout=budgets.condition, what="the report stored")
         await age_entry(store, 120)  # past ttl: only usable if the origin fails (or is saturated)
-        origin.gate = anyio.Event()
+        origin.close()
         async with anyio.create_task_group() as tg:
             tg.start_soon(http.get, "/reports/2")  # takes the route's one slot and holds it
-            await eventually(lambda: _true(origin.running == 1), what="the slot taken")
-            with anyio.fail_after(2):
+            await eventually(lambda: _true(origin.running == 1), timeout=budgets.condition, what="the slot taken")
+            with anyio.fail_after(budgets.condition):
                 stale = await http.get("/reports/1")
-            origin.gate.set()
+            origin.open()
     assert stale.status_code == 200 and stale.text == "report 1"
     assert stale.headers["x-cache"] == "STALE"
     assert origin.most == 1
@@ -136,8 +125,8 @@ async def test_a_miss_cancelled_while_waiting_for_a_slot_releases_its_fill_lock(
     """Server A's request for a cold key takes its lock, then waits for an origin slot and is cancelled
     (the client left): server B's request for that key must not wait the lock out."""
     spy = LockSpy(store)
-    busy, idle = Origin(), Origin()
-    idle.gate.set()
+    busy, idle = Gate(), Gate()
+    idle.open()
     settings = {"lock_timeout": budgets.lock_timeout, "origin_wait": budgets.lock_timeout}
     server_a = make_app(busy, spy, origin_concurrency=1, **settings)
     server_b = make_app(idle, spy, **settings)
@@ -152,7 +141,7 @@ async def test_a_miss_cancelled_while_waiting_for_a_slot_releases_its_fill_lock(
         with anyio.fail_after(budgets.condition):  # far less than the lock's lifetime
             response = await b.get("/items/2")
         assert (response.status_code, response.text) == (200, "item 2")
-        busy.gate.set()
+        busy.open()
 
 
 class HangingLock(LockSpy):
@@ -172,10 +161,10 @@ class HangingLock(LockSpy):
 async def test_a_miss_cancelled_while_its_lock_reply_is_on_the_way_releases_the_lock(store: SpyStore,
                                                                                    budgets: Budgets) -> None:
     hanging = HangingLock(store)
-    idle = Origin()
-    idle.gate.set()
+    idle = Gate()
+    idle.open()
     settings = {"lock_timeout": budgets.lock_timeout}
-    server_a = make_app(Origin(), hanging, **settings)
+    server_a = make_app(Gate(), hanging, **settings)
     server_b = make_app(idle, LockSpy(store), **settings)
     async with lifespan(server_a), lifespan(server_b), client(server_a) as a, client(server_b) as b, \
             anyio.create_task_group() as tg:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
 from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from cachemw import CacheMiddleware, MemoryStore, cache
+from cachemw import CacheMiddleware, MemoryStore, Settings, cache
+from tests.asgi import Gate, eventually_sync, find_middleware
+from tests.budgets import Budgets
 
 
 def make_app() -> FastAPI:
@@ -63,3 +75,115 @@ def test_private_and_credentialed_requests_under_testclient() -> None:
         assert http.get("/offers").json() == {"for": None}
         assert http.get("/offers").headers["x-cache"] == "HIT"
         assert http.get("/offers", headers={"x-api-key": "bob"}).json() == {"for": "bob"}
+
+
+# The request-path promises once more through TestClient: its portal runs the app on one loop in
+# another thread, and the test's threads send concurrent requests into it, as a threaded test suite does.
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backing(request: pytest.FixtureRequest) -> Callable[..., dict[str, Any]]:
+    """The middleware's arguments for a store: in memory, or the private Redis (owned, closed by the lifespan)."""
+    def arguments(**settings: Any) -> dict[str, Any]:
+        if request.param == "memory":
+            return {"store": MemoryStore(), "settings": Settings(**settings)}
+        url = request.getfixturevalue("redis_url")
+        return {"settings": Settings(redis_url=url, **settings)}
+
+    return arguments
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """TestClient's own event loop: asyncio's, or uvloop's (what uvicorn[standard] runs)."""
+    return {"backend_options": {"use_uvloop": request.param == "uvloop"}}
+
+
+@pytest.mark.parametrize("failure", ["raise", "500"])
+def test_a_failing_leaders_herd_shares_its_failure_under_testclient(
+        backing: Callable[..., dict[str, Any]], loop: dict[str, Any], budgets: Budgets, failure: str) -> None:
+    gate, herd = Gate(), 20
+
+    @cache(ttl="5m")
+    async def hot(request: Request) -> Response:
+        await gate.wait()
+        if failure == "raise":
+            raise RuntimeError("the database went away")
+        return PlainTextResponse("the database went away", status_code=500)
+
+    app = Starlette(routes=[Route("/hot", hot)])
+    app.add_middleware(CacheMiddleware, **backing(lock_timeout=budgets.lock_timeout,
+                                                  store_timeout=budgets.store_timeout))
+    with TestClient(app, raise_server_exceptions=False, **loop) as http, ThreadPoolExecutor(herd) as pool, gate:
+        answers = [pool.submit(http.get, "/hot") for _ in range(herd)]
+        eventually_sync(lambda: find_middleware(app).metrics.waiting_on_fills == herd - 1,
+                        timeout=budgets.condition, what="the herd waiting on the leader")
+        gate.open()
+        statuses = collections.Counter(answer.result().status_code for answer in answers)
+    assert statuses == {500: herd}
+    assert gate.calls == 1
+
+
+def test_past_the_origin_bound_misses_get_503_with_retry_after_under_testclient(
+        backing: Callable[..., dict[str, Any]], loop: dict[str, Any], budgets: Budgets) -> None:
+    gate = Gate()
+
+    @cache(ttl="5m")
+    async def item(request: Request) -> Response:
+        await gate.wait()
+        return PlainTextResponse(f"item {request.path_params['n']}")
+
+    app = Starlette(routes=[Route("/items/{n}", item)])
+    app.add_middleware(CacheMiddleware, **backing(origin_concurrency=2, origin_wait=0.2, retry_after=7,
+                                                  store_timeout=budgets.store_timeout))
+    with TestClient(app, **loop) as http, ThreadPoolExecutor(10) as pool, gate:
+        answers = [pool.submit(http.get, f"/items/{n}") for n in range(10)]
+        eventually_sync(lambda: sum(answer.done() for answer in answers) == 8, timeout=budgets.condition,
+                        what="eight requests turned away")
+        assert gate.running == 2
+        gate.open()
+        seen = collections.Counter((r.status_code, r.headers.get("retry-after")) for r in
+                                   (answer.result() for answer in answers))
+    assert seen == {(503, "7"): 8, (200, None): 2}
+    assert gate.most == 2
+
+
+@pytest.mark.parametrize("write", ["POST", "OPTIONS"])
+def test_a_write_detaches_the_fill_in_flight_and_a_preflight_does_not_under_testclient(
+        backing: Callable[..., dict[str, Any]], loop: dict[str, Any], budgets: Budgets, write: str) -> None:
+    """After a POST the next GET is not the older fill's answer; a CORS preflight or OPTIONS changes nothing."""
+    gate, version = Gate(), [1]
+
+    @cache(ttl="5m", tags=["x"])
+    async def read(request: Request) -> Response:
+        seen = version[0]
+        if gate.calls == 0:
+            await gate.wait()  # the first read is slow: still in the handler when the write lands
+        return JSONResponse({"version": seen})
+
+    @cache("realtime", invalidates=["x"])
+    async def change(request: Request) -> Response:
+        version[0] += 1
+        return JSONResponse({"version": version[0]})
+
+    app = Starlette(routes=[Route("/x", read, methods=["GET"]), Route("/x", change, methods=["POST", "OPTIONS"])])
+    # A GET that joined the older fill would wait for it up to lock_timeout: far past the deadline below.
+    app.add_middleware(CacheMiddleware, **backing(lock_timeout=budgets.lock_timeout,
+                                                  store_timeout=budgets.store_timeout))
+    with TestClient(app, **loop) as http, ThreadPoolExecutor(2) as pool, gate:
+        slow = pool.submit(http.get, "/x")
+        eventually_sync(lambda: gate.running == 1, timeout=budgets.condition, what="the first read in the handler")
+        assert http.request(write, "/x").status_code == 200
+        after = pool.submit(http.get, "/x")
+        if write == "POST":
+            answer = after.result(timeout=budgets.condition)  # well under lock_timeout: not the older fill
+            assert answer.json() == {"version": 2} and "collapsed" not in answer.headers["cache-status"]
+            gate.open()
+        else:  # nothing was invalidated: the GET joins the fill in flight
+            eventually_sync(lambda: find_middleware(app).metrics.waiting_on_fills == 1,
+                            timeout=budgets.condition, what="the GET waiting on the fill")
+            gate.open()
+            answer = after.result(timeout=budgets.condition)
+            assert answer.json() == {"version": 1} and "collapsed" in answer.headers["cache-status"]
+        assert slow.result(timeout=budgets.condition).json() == {"version": 1}
+        assert http.get("/x").json() == {"version": 2 if write == "POST" else 1}

@@ -3,58 +3,26 @@ invalidation seen by every worker within the rule's sync bound."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 import redis
 
-from tests.redis_server import free_port
+from tests.budgets import Budgets
+from tests.servers import uvicorns
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
 SYNC = 0.2
 
 
 @pytest.fixture
-def servers(redis_url: str) -> Iterator[list[str]]:
-    env = {**os.environ, "CACHEMW_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
-    ports = [free_port(), free_port()]
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.apps.shared_app:app", "--port", str(port),
-                          "--workers", "2", "--log-level", "warning"], cwd=ROOT, env=env)
-        for port in ports
-    ]
-    try:
-        bases = [f"http://127.0.0.1:{port}" for port in ports]
-        deadline = time.monotonic() + 30
-        for base in bases:
-            while True:
-                try:
-                    if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.05)
+def servers(redis_url: str, budgets: Budgets) -> Iterator[list[str]]:
+    with uvicorns("tests.apps.shared_app:app", redis_url, workers=2, start_timeout=budgets.process_start) as bases:
         yield bases
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _counter(redis_url: str, name: str) -> int:

@@ -1,0 +1,60 @@
+"""Real uvicorn processes on the private Redis, as several servers behind one load balancer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def uvicorns(app: str, redis_url: str, *, count: int = 2, workers: int = 1, ready: str = "/ready",
+             start_timeout: float = 30.0, env: dict[str, str] | None = None, loop: str = "auto"
+             ) -> Iterator[list[str]]:
+    """``count`` uvicorn servers of ``app`` (``module:attribute``), each with ``workers``; yields their base URLs.
+
+    ``loop`` is uvicorn's ``--loop``: "auto" is uvloop when installed (as with uvicorn[standard]).
+
+    Each answers ``ready`` with 200 before this yields; all get SIGTERM (then SIGKILL) after.
+    """
+    environment = {**os.environ, "CACHEMW_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), **(env or {})}
+    ports = [free_port() for _ in range(count)]
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--port", str(port), "--workers", str(workers),
+                          "--loop", loop, "--log-level", "warning"], cwd=ROOT, env=environment)
+        for port in ports
+    ]
+    try:
+        bases = [f"http://127.0.0.1:{port}" for port in ports]
+        deadline = time.monotonic() + start_timeout
+        for base, process in zip(bases, processes, strict=True):
+            while True:
+                try:
+                    if httpx.get(base + ready, timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.poll() is None, f"uvicorn {app} exited with {process.returncode}"
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.05)
+        yield bases
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
