@@ -10,7 +10,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import httpx
 import pytest
+from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -125,22 +127,14 @@ async def test_a_miss_cancelled_while_waiting_for_a_slot_releases_its_fill_lock(
     """Server A's request for a cold key takes its lock, then waits for an origin slot and is cancelled
     (the client left): server B's request for that key must not wait the lock out."""
     spy = LockSpy(store)
-    busy, idle = Gate(), Gate()
-    idle.open()
-    settings = {"lock_timeout": budgets.lock_timeout, "origin_wait": budgets.lock_timeout}
-    server_a = make_app(busy, spy, origin_concurrency=1, **settings)
-    server_b = make_app(idle, spy, **settings)
-    async with lifespan(server_a), lifespan(server_b), client(server_a) as a, client(server_b) as b, \
-            anyio.create_task_group() as tg:
+    busy = Gate()
+    server_a = make_app(busy, spy, origin_concurrency=1, lock_timeout=budgets.lock_timeout,
+                        origin_wait=budgets.lock_timeout)
+    async with lifespan(server_a), client(server_a) as a, anyio.create_task_group() as tg:
         tg.start_soon(a.get, "/items/1")  # holds A's one origin slot
         await eventually(lambda: _true(busy.running == 1), what="A calling its origin")
-        waiting = anyio.CancelScope()
-        tg.start_soon(_within, waiting, a.get, "/items/2")
-        await eventually(lambda: _true(spy.locks_taken == 2), what="A holding /items/2's lock")
-        waiting.cancel()
-        with anyio.fail_after(budgets.condition):  # far less than the lock's lifetime
-            response = await b.get("/items/2")
-        assert (response.status_code, response.text) == (200, "item 2")
+        await _cancelled_once_locked(tg, a, "/items/2", spy, locks=2)
+        await _answered_by_another_server_at_once(spy, "/items/2", budgets)
         busy.open()
 
 
@@ -161,20 +155,30 @@ class HangingLock(LockSpy):
 async def test_a_miss_cancelled_while_its_lock_reply_is_on_the_way_releases_the_lock(store: SpyStore,
                                                                                    budgets: Budgets) -> None:
     hanging = HangingLock(store)
+    server_a = make_app(Gate(), hanging, lock_timeout=budgets.lock_timeout)
+    async with lifespan(server_a), client(server_a) as a, anyio.create_task_group() as tg:
+        await _cancelled_once_locked(tg, a, "/items/1", hanging, locks=1)
+        await _answered_by_another_server_at_once(store, "/items/1", budgets)
+
+
+async def _cancelled_once_locked(tg: TaskGroup, http: httpx.AsyncClient, path: str, spy: LockSpy, *,
+                                 locks: int) -> None:
+    """GET ``path``, and cancel it (as when the client leaves) once the store holds ``locks`` locks."""
+    waiting = anyio.CancelScope()
+    tg.start_soon(_within, waiting, http.get, path)
+    await eventually(lambda: _true(spy.locks_taken == locks), what=f"the lock of {path} taken")
+    waiting.cancel()
+
+
+async def _answered_by_another_server_at_once(store: SpyStore, path: str, budgets: Budgets) -> None:
+    """Server B, on the same store, answers ``path`` from its own origin without waiting out a lock."""
     idle = Gate()
     idle.open()
-    settings = {"lock_timeout": budgets.lock_timeout}
-    server_a = make_app(Gate(), hanging, **settings)
-    server_b = make_app(idle, LockSpy(store), **settings)
-    async with lifespan(server_a), lifespan(server_b), client(server_a) as a, client(server_b) as b, \
-            anyio.create_task_group() as tg:
-        waiting = anyio.CancelScope()
-        tg.start_soon(_within, waiting, a.get, "/items/1")
-        await eventually(lambda: _true(hanging.locks_taken == 1), what="A's lock taken in the store")
-        waiting.cancel()
+    server_b = make_app(idle, store, lock_timeout=budgets.lock_timeout)
+    async with lifespan(server_b), client(server_b) as b:
         with anyio.fail_after(budgets.condition):  # far less than the lock's lifetime
-            response = await b.get("/items/1")
-        assert (response.status_code, response.text) == (200, "item 1")
+            response = await b.get(path)
+    assert (response.status_code, response.text) == (200, f"item {path.rsplit('/', 1)[1]}")
 
 
 async def _within(scope: anyio.CancelScope, call: Callable[[str], Awaitable[object]], path: str) -> None:

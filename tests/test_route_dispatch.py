@@ -493,6 +493,19 @@ def test_the_table_picks_the_route_fastapis_router_runs(built: tuple[FastAPI, li
             assert ran(app, path, "GET", "testserver") == dispatched
 
 
+def _app_including(router: APIRouter) -> FastAPI:
+    """A FastAPI app behind the middleware with ``router`` included at /api, serving a cached /api/items."""
+    @router.get("/items")
+    @cache(ttl="1m")
+    def read_items() -> list[int]:
+        return [1]
+
+    app = FastAPI()
+    app.include_router(router, prefix="/api")
+    app.add_middleware(CacheMiddleware, store=MemoryStore())
+    return app
+
+
 @pytest.mark.skipif(not ROUTERS_ASKED, reason="FastAPI before included-router routes copies the router's routes "
                     "into the app: the router's class is never asked")
 def test_an_included_router_with_its_own_matches_is_not_modelled() -> None:
@@ -504,16 +517,7 @@ def test_an_included_router_with_its_own_matches_is_not_modelled() -> None:
                 return Match.NONE, {}
             return super().matches(scope)
 
-    router = HeaderRouter()
-
-    @router.get("/items")
-    @cache(ttl="1m")
-    def read_items() -> list[int]:
-        return [1]
-
-    app = FastAPI()
-    app.include_router(router, prefix="/api")
-    app.add_middleware(CacheMiddleware, store=MemoryStore())
+    app = _app_including(HeaderRouter())
     http = TestClient(app)
     refused = http.get("/api/items")
     taken = http.get("/api/items", headers={"x-router-match": "yes"})
@@ -555,16 +559,7 @@ def test_an_included_router_with_its_own_handle_is_not_modelled() -> None:
                 return
             await super().handle(scope, receive, send)
 
-    router = VersionedRouter()
-
-    @router.get("/items")
-    @cache(ttl="1m")
-    def read_items() -> list[int]:
-        return [1]
-
-    app = FastAPI()
-    app.include_router(router, prefix="/api")
-    app.add_middleware(CacheMiddleware, store=MemoryStore())
+    app = _app_including(VersionedRouter())
     http = TestClient(app)
     alice = http.get("/api/items", headers={"x-version": "2", "x-user": "alice"})
     bob = http.get("/api/items", headers={"x-version": "2", "x-user": "bob"})

@@ -7,13 +7,8 @@ public Host, as behind a load balancer (the key covers the Host header).
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +18,8 @@ import redis.asyncio
 
 from tests.asgi import credentials_stay_off_shared_entries, eventually
 from tests.budgets import Budgets
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer
+from tests.servers import uvicorns
 
 pytestmark = pytest.mark.anyio
 
@@ -33,39 +29,6 @@ HOST = {"host": "shop.example"}
 WRITES = ["POST", "PUT", "PATCH", "DELETE"]
 SAFE = ["GET", "HEAD", "OPTIONS", "TRACE", "PURGE"]
 Stored = Callable[[str, int], Awaitable[None]]
-
-
-@contextmanager
-def uvicorns(app: str, redis_url: str, *, count: int = 2, start_timeout: float = 30.0,
-             env: dict[str, str] | None = None) -> Iterator[list[str]]:
-    """``count`` uvicorn servers of ``app`` on the private Redis; yields their base URLs once each is ready."""
-    environment = {**os.environ, "CACHEMW_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), **(env or {})}
-    ports = [free_port() for _ in range(count)]
-    processes = [subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level",
-                                   "warning"], cwd=ROOT, env=environment) for port in ports]
-    try:
-        bases = [f"http://127.0.0.1:{port}" for port in ports]
-        deadline = time.monotonic() + start_timeout
-        for base, process in zip(bases, processes, strict=True):
-            while True:
-                try:
-                    if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.poll() is None, f"uvicorn {app} exited with {process.returncode}"
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.05)
-        yield bases
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture(autouse=True)
