@@ -358,15 +358,16 @@ class CacheMiddleware:
                 # the loop down at once (uvicorn on Ctrl-C), cancelling whatever we still await.
                 shutdown_reply = message
                 return
-            if kind == "lifespan.startup.complete" and self.settings is not None and self.settings.gc_freeze \
-                    and self.table is not None and self.table.has_policies:
-                _freeze_startup_objects()
+            if kind == "lifespan.startup.complete":
+                await self._probe_store()
+                if self.settings is not None and self.settings.gc_freeze and self.table is not None \
+                        and self.table.has_policies:
+                    _freeze_startup_objects()
             await send(message)
 
         app_error: Exception | None = None
         try:
             async with self.supervisor.run():
-                self.supervisor.submit("probe", self._probe_store, timeout=_PROBE_TIMEOUT)
                 try:
                     await self.app(scope, receive_with_drain, send_to_server)
                 except Exception as exc:
@@ -386,16 +387,20 @@ class CacheMiddleware:
             raise app_error
 
     async def _probe_store(self) -> None:
-        """Say once, at startup, when the store cannot be reached: which one (password masked) and why.
+        """Connect to the store at startup, within ``_PROBE_TIMEOUT``; say once when it cannot be reached.
 
-        Requests do not wait for this; they go to the app while the store fails.
+        The server hears that startup is complete only after this (at most those
+        seconds), so the first requests find the connection open, not each spending
+        the short request-path budget on connecting. Where the store cannot be reached
+        (which one, password masked, and why), requests go to the app until it answers.
         """
         store, settings = self.store, self.settings
         if store is None or settings is None or not self._remote:
             return
+        connect = getattr(store, "connect", None)
         try:
             with anyio.fail_after(_PROBE_TIMEOUT):
-                await store.get(f"{self._prefix}:probe")
+                await (store.get(f"{self._prefix}:probe") if connect is None else connect(_PROBE_TIMEOUT))
         except Exception as exc:
             self.store_problem = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             logger.warning("cachemw: cannot reach the store at %s (%s); requests go to the app until it answers",

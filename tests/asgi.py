@@ -159,8 +159,7 @@ async def requests_to(app: ASGIApp, transport: str, *, root_path: str = "") -> A
     await anyio.to_thread.run_sync(test_client.__enter__)
     through = _ThroughTestClient(test_client, app)
     try:
-        # Started: its startup jobs done too (the store probe, which opens the store's connections on
-        # TestClient's loop), so that the first request's store calls are not also its connection's.
+        # Started (startup connects the store on TestClient's loop), and its startup jobs done too.
         await eventually(through._settled, what="the startup jobs being done")
         yield through
     finally:

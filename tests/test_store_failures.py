@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -66,6 +67,22 @@ async def test_an_unreachable_store_is_named_once_at_startup(caplog: pytest.LogC
     assert len(warnings) == 1
     assert f"redis://shop:***@127.0.0.1:{port}/0" in warnings[0] and "hunter2" not in warnings[0]
     assert "Connect" in warnings[0] or "refused" in warnings[0].lower()  # the cause, not just "failed"
+
+
+async def test_startup_opens_the_store_connection_and_loads_its_scripts(redis_url: str) -> None:
+    """A fresh process's first burst must not spend its 50 ms budgets on connecting and on NOSCRIPT
+    replies (under load those expire, and every request of the burst goes to the app)."""
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    await admin.script_flush()
+    clients_before = len(await admin.client_list())
+    app = CacheMiddleware(Starlette(routes=[Route("/page", page)]), redis_url=redis_url)
+    try:
+        async with lifespan(app):  # no request yet: startup alone
+            assert (await admin.info("memory"))["number_of_cached_scripts"] >= 3
+            assert len(await admin.client_list()) > clients_before
+            assert app.store_problem is None
+    finally:
+        await admin.aclose()
 
 
 async def _true(value: bool) -> bool:

@@ -239,15 +239,16 @@ class PipelinedRedis:
         self._attempt: asyncio.Future[None] | None = None  # a connect under way: done when it ends
         self._closed = False  # by aclose: for good, even for a connect already under way
 
-    async def execute(self, command: bytes) -> Any:
-        """The reply to an encoded command (see ``encode_command``)."""
+    async def execute(self, command: bytes, timeout: float | None = None) -> Any:
+        """The reply to an encoded command (see ``encode_command``), within ``timeout`` (default: the budget)."""
         connection = self._connection
         loop = running_loop()
+        budget = self.timeout if timeout is None else timeout
         if connection is None or connection.closed or connection.loop is not loop:
             if self._closed:
                 raise StoreError("redis connection closed")
-            connection = await self._connect(loop)
-        return await connection.send(command, loop.time() + self.timeout)
+            connection = await self._connect(loop, budget)
+        return await connection.send(command, loop.time() + budget)
 
     async def get(self, key: str) -> bytes | None:
         data = key.encode()
@@ -261,7 +262,7 @@ class PipelinedRedis:
         except NoScript:
             return await self.execute(encode_command(["EVAL", script, len(keys), *keys, *args]))
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, budget: float) -> _Connection:
         """Connect in the caller's own task and time budget; callers arriving meanwhile wait for that one.
 
         No task of its own: a caller that gives up abandons the attempt (its socket is
@@ -276,7 +277,7 @@ class PipelinedRedis:
             self._connection = None
             _drop(old)
         try:
-            async with _timeout(self.timeout):
+            async with _timeout(budget):
                 while True:
                     connection = self._connection
                     if connection is not None and not connection.closed and connection.loop is loop:
@@ -285,7 +286,7 @@ class PipelinedRedis:
                     if attempt is None or attempt.get_loop() is not loop:
                         self._attempt = attempt = loop.create_future()
                         try:
-                            return await self._open(loop)
+                            return await self._open(loop, budget)
                         finally:
                             if self._attempt is attempt:
                                 self._attempt = None
@@ -294,7 +295,7 @@ class PipelinedRedis:
         except asyncio.TimeoutError:
             raise StoreTimeout("connecting to redis took longer than the time budget") from None
 
-    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+    async def _open(self, loop: asyncio.AbstractEventLoop, budget: float) -> _Connection:
         started = time.monotonic()
         connection: _Connection | None = None
         try:
@@ -305,7 +306,7 @@ class PipelinedRedis:
                 _, connection = await loop.create_connection(
                     lambda: _Connection(loop, self.stuck_after), self.host, self.port)
             for command in self._hello:
-                await connection.send(command, loop.time() + self.timeout)
+                await connection.send(command, loop.time() + budget)
         except BaseException as exc:
             if connection is not None:
                 connection.close(StoreError("connection setup failed"))

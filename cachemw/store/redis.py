@@ -53,7 +53,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from cachemw.store.base import LockResult, Notifications, StoreError
 from cachemw.store.loops import LoopGuard, running_loop
-from cachemw.store.pipeline import PipelinedRedis
+from cachemw.store.pipeline import PipelinedRedis, encode_command
 
 __all__ = ["DRIVER_ERRORS", "RedisClients", "RedisStore", "close_client", "redis_clients"]
 
@@ -483,6 +483,27 @@ class RedisStore:
         except Exception as exc:  # whatever the driver raises is a store failure to the caller
             raise StoreError(f"redis GET failed: {exc!r}") from exc
         return cast("bytes | None", value)
+
+    async def connect(self, timeout: float) -> None:
+        """Connect and load the request path's scripts now, within ``timeout``: for startup.
+
+        A fresh process's first burst of requests then finds the connection open and
+        the scripts known, instead of spending their short budgets on a connect and on
+        NOSCRIPT replies (and counting those against the breaker).
+        """
+        try:
+            bound = self._on_loop()
+            scripts = (bound.lock_all, bound.fill_all, bound.unlock_script)
+            if bound.pipelined is not None:
+                for script in scripts:
+                    await bound.pipelined.execute(encode_command(["SCRIPT", "LOAD", cast(str, script.script)]), timeout)
+                return
+            async with bound.gated():
+                await bound.client.ping()
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"redis connect failed: {exc!r}") from exc
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         if not ttl > 0:  # also NaN: the value would be expired at once
