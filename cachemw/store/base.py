@@ -165,8 +165,15 @@ class Notifications:
         wake(self.waiters, key)
 
     def invalidated(self, tags: Sequence[str]) -> None:
+        """Every callback hears it, even after one failed (the L1 dropping its copies, the fills detaching)."""
+        failed: Exception | None = None
         for callback in self.on_invalidate:
-            callback(tags)
+            try:
+                callback(tags)
+            except Exception as exc:
+                failed = exc
+        if failed is not None:
+            raise failed  # counted and logged once as a message whose handling failed
 
     def lost(self) -> None:
         for callback in self.on_lost:
