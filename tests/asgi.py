@@ -15,10 +15,17 @@ from starlette.types import ASGIApp, Message
 
 from cachemw.store import Store
 
+try:  # tests/ is a package
+    from tests.budgets import current_budgets
+except ImportError:  # tests/ as a plain directory (see conftest.py)
+    from budgets import current_budgets  # type: ignore[no-redef]
 
-async def eventually(condition: Callable[[], Awaitable[bool]], *, timeout: float = 5.0,
+
+async def eventually(condition: Callable[[], Awaitable[bool]], *, timeout: float | None = None,
                      what: str = "condition") -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` seconds."""
+    """Poll ``condition`` until true; fail after ``timeout`` seconds (default: the condition budget)."""
+    if timeout is None:
+        timeout = current_budgets().condition
     with anyio.move_on_after(timeout):
         while True:
             if await condition():

@@ -170,7 +170,7 @@ async def test_a_purge_after_garbage_reaches_the_other_servers_l1(redis_url: str
             return (await version(b)) == ("MISS", 3)
 
         # sync is 60 s: only the broadcast, heard after the garbage, makes B drop its L1 copy.
-        await eventually(b_sees_new, timeout=5, what="server B dropping its L1 copy")
+        await eventually(b_sees_new, what="server B dropping its L1 copy")
         middleware = find_middleware(apps[1])
         assert middleware.store.notifications.rejected >= len(GARBAGE)
         assert middleware.supervisor.service_restarts == {}

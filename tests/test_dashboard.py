@@ -148,7 +148,7 @@ async def test_the_state_has_the_snapshot_and_the_history(app: CacheMiddleware) 
             history = (await http.get("/_cachemw/api/state")).json()["history"]
         return bool(history) and history[-1]["hit"] == 2
 
-    await eventually(sampled, timeout=10, what="a history sample with both hits")
+    await eventually(sampled, what="a history sample with both hits")
 
 
 @pytest.mark.anyio

@@ -33,6 +33,7 @@ from cachemw.store import StoreError
 from cachemw.store.base import requires_asyncio, unsupported_event_loop
 from cachemw.store.pipeline import PipelinedRedis
 from tests.asgi import find_middleware
+from tests.budgets import current_budgets
 from tests.redis_server import RedisServer
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -159,7 +160,7 @@ def test_a_store_used_from_two_event_loops_in_turn(shared_url: str, loop: str) -
             assert await store.get(key) == b"body"
             async with anyio.create_task_group() as tg:
                 await tg.start(store.listen)
-                with anyio.fail_after(5):
+                with anyio.fail_after(current_budgets().condition):
                     while not store.listening:
                         await anyio.sleep(0.01)
                     await store.invalidate(["{t}:tag"], ["{t}:g"], json.dumps([f"round {round_}"]))
@@ -221,7 +222,7 @@ def test_a_store_dropped_while_its_loop_runs_is_closed_on_that_loop(redis_url: s
         assert await store.get("k") == b"v"
         del store
         gc.collect()
-        with anyio.fail_after(5):
+        with anyio.fail_after(current_budgets().condition):
             while connections(redis_server) != before:  # closed while the loop still runs
                 await anyio.sleep(0.01)
 
@@ -239,7 +240,7 @@ async def test_connections_closed_under_a_loop_that_goes_on_are_opened_again(red
         bound = store._bound
         assert bound.guard is not None
         bound.guard.cancel()
-        with anyio.fail_after(5):
+        with anyio.fail_after(current_budgets().condition):
             while not bound.dropped:
                 await anyio.sleep(0.01)
         assert await store.get("k") == b"v"

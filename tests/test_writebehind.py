@@ -44,6 +44,7 @@ from cachemw.writebehind import VersionConflict, Write, WriteBehind, WriteBehind
 from cachemw.writebehind_cli import main as cli
 from tests.asgi import client as asgi_client
 from tests.asgi import eventually, lifespan
+from tests.budgets import current_budgets
 from tests.redis_cluster import LocalCluster
 from tests.writebehind_worker import create_schema, rows, save
 
@@ -90,13 +91,14 @@ def direct(url: str) -> Any:
 
 
 async def until(predicate: Any, what: str, timeout: float = 20.0) -> None:
+    """Wait for ``predicate``; ``timeout`` is for an idle machine, scaled like every budget (budgets.py)."""
     async def check() -> bool:
         result = predicate()
         if hasattr(result, "__await__"):
             result = await result
         return bool(result)
 
-    await eventually(check, timeout=timeout, what=what)
+    await eventually(check, timeout=timeout * current_budgets().scale, what=what)
 
 
 async def drained(writes: WriteBehind[Any]) -> bool:
