@@ -458,6 +458,8 @@ def test_the_dashboard_renders_in_chromium(live: tuple[str, CacheMiddleware], tm
     assert "custom" in rows["/products/{id:int}"]["text"]
     assert "hours" in rows["/stats"]["text"]
     assert "realtime" in rows["/cart"]["text"]
+    busy = [e["text"] for e in dom.find("td", **{"class": "origin-busy"})]
+    assert len(busy) == 3 and all(text.isdigit() for text in busy), busy  # past origin_concurrency, per route
     ratios = [e["text"] for e in dom.find("td", **{"class": "hit-ratio"})]
     assert len(ratios) == 3
     assert any(re.match(r"\d+\.\d%", text) and text != "0.0%" for text in ratios), ratios

@@ -73,6 +73,7 @@
         el("td", { class: "bypass" }, r.bypass),
         el("td", { class: "stale-if-error" }, r.stale_if_error),
         el("td", { class: "collapsed" }, r.collapsed),
+        el("td", { class: "origin-busy" }, r.origin_busy),
         el("td", { class: "refresh" }, r.refresh_ok + " / " + r.refresh_failed),
         el("td", { class: "origin-p50" }, seconds(quantile(r.origin_latency, 0.5))),
         el("td", { class: "stored" }, bytes(r.stored_bytes)),
