@@ -523,29 +523,21 @@ _COOKIE_NAME = re.compile(r"[^\x00-\x20;=\x7f]+")  # a name Starlette's cookie p
 def _names_read(field: Any, *, header: bool) -> list[str] | None:
     """Every request name a ``Header()``/``Cookie()`` parameter may read; None: every one there is."""
     info = getattr(field, "field_info", None)
-    names = _aliases(field, info)
+    names = _aliases(info, getattr(field, "name", None), getattr(field, "alias", None))
     models = _models_in(getattr(info, "annotation", None))
     for model in models:
         if (getattr(model, "model_config", None) or {}).get("extra") == "allow":
             return None  # the model takes every other header or cookie too
         for name, model_field in (getattr(model, "model_fields", None) or {}).items():
-            names.extend(_aliases(_Named(name, getattr(model_field, "alias", None)), model_field))
+            names.extend(_aliases(model_field, name))
     if header:  # FastAPI reads "x_token" as "x-token" unless told not to: key on both spellings
         names.extend([name.replace("_", "-") for name in names])
     return list(dict.fromkeys(name for name in names if name))
 
 
-class _Named:
-    __slots__ = ("alias", "name")
-
-    def __init__(self, name: str, alias: object) -> None:
-        self.name = name
-        self.alias = alias
-
-
-def _aliases(field: Any, info: Any) -> list[str]:
-    """A field's name, alias, validation alias and alias choices: the request names it may be read under."""
-    found = [getattr(field, "name", None), getattr(field, "alias", None), getattr(info, "alias", None)]
+def _aliases(info: Any, *names: object) -> list[str]:
+    """``names`` and a field's alias, validation alias and alias choices: the request names it may be read under."""
+    found = [*names, getattr(info, "alias", None)]
     validation = getattr(info, "validation_alias", None)
     found.append(validation)
     for choice in getattr(validation, "choices", None) or ():
@@ -604,9 +596,7 @@ def routes_behind(middleware: Any, scope_app: Any = None) -> tuple[Sequence[Base
     """
     node = getattr(middleware, "app", None)
     for _ in range(_MAX_LAYERS):
-        if isinstance(node, Starlette):
-            return node.routes, ""
-        if isinstance(node, Router):
+        if isinstance(node, (Starlette, Router)):
             return node.routes, ""
         following = getattr(node, "app", None)
         if following is None or following is node:
