@@ -101,9 +101,10 @@ async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str
                 assert (await http.get(f"/items/{n}")).text == f"item {n}"
             assert fills.shed >= 19  # the queue really was full
 
-            # Only the fill still queued holds its lock; the shed ones released theirs, well before lock_timeout.
+            # Only a fill still queued (if the queue took one) holds its lock; the shed ones released
+            # theirs, well before lock_timeout.
             async def only_the_queued_fill_locked() -> bool:
-                return len(await raw.keys("*:lock")) == fills.queued == 1
+                return len(await raw.keys("*:lock")) == fills.queued <= 1
 
             await eventually(only_the_queued_fill_locked, timeout=budgets.condition,
                              what="the shed fills' locks released")
