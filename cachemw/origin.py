@@ -76,17 +76,15 @@ class OriginSlots:
                     semaphore = pool.semaphore()
                     await semaphore.acquire()
                     taken.append(semaphore)
-                return Slot(tuple(taken))
-        except BaseException:
-            # Cancelled from outside (the request's task) while waiting for the global pool:
-            # the route's slot it already holds must not be lost for good.
+                slot, taken = Slot(tuple(taken)), []  # the slot holds them now
+                return slot
+            self.rejected += 1
+            return None
+        finally:
+            # Timed out, or cancelled from outside (the request's task) while waiting for the
+            # global pool: the route's slot it already holds must not be lost for good.
             for held in taken:
                 held.release()
-            raise
-        for held in taken:
-            held.release()
-        self.rejected += 1
-        return None
 
     def _pools(self, route: str) -> tuple[_Pool, ...]:
         own = self._routes.get(route)
