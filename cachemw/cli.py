@@ -30,13 +30,13 @@ from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 
-from cachemw.config import REDIS_URL_ENV, Settings, check_redis_url, load_settings, masked_url, open_store
+from cachemw.config import REDIS_URL_ENV, Settings, load_settings, masked_url, open_store
 from cachemw.entry import EntryDecodeError, decode_entry
 from cachemw.invalidation import Invalidator
 from cachemw.keys import RequestHeaders, SessionIdentity, make_key, path_tag, route_path
 from cachemw.policy import ConfigError, Policy, freshness
 from cachemw.rules import RouteRule, RuleTable, build_rule_table, normalise_template
-from cachemw.store import Store, StoreError, store_from_url
+from cachemw.store import Store, StoreError
 
 __all__ = ["main"]
 
@@ -260,12 +260,7 @@ def _open_store(settings: Settings, doing: str) -> Store:
     if settings.redis_url is None:
         raise CommandFailed("no redis_url configured: the memory store lives inside the app process; "
                             f"nothing to {doing} from here")
-    try:
-        check_redis_url(settings.redis_url)
-        return store_from_url(settings.redis_url, timeout=OPERATOR_TIMEOUT,
-                              memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
-    except ValueError as exc:
-        raise CommandFailed(f"redis_url {masked_url(settings.redis_url)}: {_one_line(exc)}") from None
+    return open_store(settings, timeout=OPERATOR_TIMEOUT)  # as startup makes it; a bad URL is a ConfigError
 
 
 def _with_store(settings: Settings, doing: str, work: Callable[[Store], Any]) -> Any:
