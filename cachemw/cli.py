@@ -680,6 +680,16 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _by_route(routes: list[dict[str, Any]], totals: dict[str, Any], counter: str, label: str, meaning: str
+              ) -> list[str]:
+    """One line for a counter that should be zero, with the routes where it is not, most first; none if zero."""
+    rows = sorted((row for row in routes if row.get(counter)), key=lambda row: -row[counter])
+    if not rows:
+        return []
+    return [f"{label:<13} {totals.get(counter, 0)} {meaning} ("
+            + ", ".join(f"{row['route']} {row[counter]}" for row in rows) + ")"]
+
+
 def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -731,10 +741,11 @@ def render_stats(data: dict[str, Any], prefix: str) -> str:
         f"{c['shed']} shed" + (f", {c['abandoned']} abandoned" if c["abandoned"] else "")
         for kind, c in data["supervisor"]["kinds"].items())
     lines.append(f"queue         {kinds_text or '-'}")
-    busy = sorted((row for row in data["routes"] if row.get("origin_busy")), key=lambda r: -r["origin_busy"])
-    if busy:  # past origin_concurrency: the database was spared these calls
-        lines.append(f"origin busy   {totals.get('origin_busy', 0)} answered stale or 503 past origin_concurrency ("
-                     + ", ".join(f"{row['route']} {row['origin_busy']}" for row in busy) + ")")
+    # Past origin_concurrency the database was spared these calls; a full queue cost these entries.
+    lines += _by_route(data["routes"], totals, "origin_busy", "origin busy", "answered stale or 503 past "
+                       "origin_concurrency")
+    lines += _by_route(data["routes"], totals, "fills_shed", "fills shed", "answered but not stored: the "
+                       "background queue was full")
     l1 = data["l1"]
     lines.append(f"L1            {l1['entries']} entries, {l1['bytes_used']} bytes; {l1['hits']} hits "
                  f"({l1['hit_share'] * 100:.1f}% of HITs); {l1['dropped']} dropped")

@@ -59,6 +59,7 @@ class RouteMetrics:
     stored_bytes: int = 0
     stored_entries: int = 0
     origin_busy: int = 0  # past origin_concurrency: answered stale or 503 instead of calling the app
+    fills_shed: int = 0  # answered, but not stored: the background queue was full (its lock was still released)
     origin_latency: Histogram = field(default_factory=Histogram)
     hit_latency: Histogram = field(default_factory=Histogram)
 
@@ -77,7 +78,7 @@ class RouteMetrics:
             "stale": self.stale, "miss": self.miss, "bypass": self.bypass, "stale_if_error": self.stale_if_error,
             "collapsed": self.collapsed, "refresh_ok": self.refresh_ok, "refresh_failed": self.refresh_failed,
             "stored_bytes": self.stored_bytes, "stored_entries": self.stored_entries, "origin_busy": self.origin_busy,
-            "hit_ratio": round(self.hit_ratio, 4),
+            "fills_shed": self.fills_shed, "hit_ratio": round(self.hit_ratio, 4),
             "origin_latency": self.origin_latency.snapshot(), "hit_latency": self.hit_latency.snapshot(),
         }
 

@@ -697,9 +697,12 @@ class CacheMiddleware:
                                        plan.key, started)
             return None, True, None
         entry = responder.entry(tags=plan.tags)
-        plan.filling = entry is not None and plan.generations is not None and self.supervisor.submit(
+        storable = entry is not None and plan.generations is not None
+        plan.filling = storable and self.supervisor.submit(
             "fill", self._fill, plan, entry, key=plan.key, timeout=self._store_job_timeout)
         if not plan.filling:
+            if storable and self.supervisor.running:
+                self._route_metrics(plan).fills_shed += 1  # the queue was full
             self._give_up_lock(plan)
         self._log(plan.match, plan.key, "MISS", responder.status, origin_time, started, responder.size)
         failed = responder.status >= 500

@@ -242,3 +242,27 @@ def eventually_sync(condition: Callable[[], bool], *, timeout: float, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout}s")
         time.sleep(0.005)
+
+
+def assert_counted(app: Any, route: str, counter: str, count: int, stats_line: Callable[[int], str]) -> None:
+    """What the operator sees of a per-route counter: the snapshot, Prometheus, the fleet view, ``cachemw stats``.
+
+    ``stats_line(n)``: the line ``cachemw stats`` shows for ``n`` (the fleet view adds two processes' counts).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cachemw.cli import render_stats
+    from cachemw.observe import aggregate, find_cache, snapshot
+    from cachemw.observe.prometheus import render
+
+    data = snapshot(find_cache(app))
+    [row] = [row for row in data["routes"] if row["route"] == route]
+    assert row[counter] == count
+    assert data["totals"][counter] == count
+    body, _ = render(data)
+    [family] = [f for f in text_string_to_metric_families(body.decode()) if f.name == f"cachemw_{counter}"]
+    assert {s.labels["route"]: s.value for s in family.samples if s.name.endswith("_total")}[route] == count
+    document = {**data, "process": {"host": "h", "pid": 1}, "time": 0.0}
+    fleet = aggregate([document, document], now=0.0)
+    assert fleet["totals"][counter] == 2 * count
+    assert stats_line(2 * count) in render_stats(fleet, "cachemw").splitlines()

@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from tests.asgi import SpyStore, eventually, find_middleware, lifespan
+from tests.asgi import SpyStore, assert_counted, eventually, find_middleware, lifespan
 from tests.budgets import Budgets
 
 pytestmark = pytest.mark.anyio
@@ -100,6 +100,9 @@ async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str
             for n in range(20):
                 assert (await http.get(f"/items/{n}")).text == f"item {n}"
             assert fills.shed >= 19  # the queue really was full
+            # Per route, where the operator looks: the entries a full queue cost.
+            assert_counted(app, "/items/{n}", "fills_shed", fills.shed, lambda n: (
+                f"fills shed    {n} answered but not stored: the background queue was full (/items/{{n}} {n})"))
 
             # Only a fill still queued (if the queue took one) holds its lock; the shed ones released
             # theirs, well before lock_timeout.

@@ -154,7 +154,7 @@ def route_of(data: dict[str, Any], template: str) -> dict[str, Any]:
 
 
 def counters(row: dict[str, Any]) -> dict[str, int]:
-    return {name: row[name] for name in COUNTERS if name not in ("stored_bytes", "origin_busy")}
+    return {name: row[name] for name in COUNTERS if name not in ("stored_bytes", "origin_busy", "fills_shed")}
 
 
 async def scripted(app: Starlette, clock: Clock) -> CacheMiddleware:

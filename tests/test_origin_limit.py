@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from tests.asgi import Gate, SpyStore, client, eventually, lifespan
+from tests.asgi import Gate, SpyStore, assert_counted, client, eventually, lifespan
 from tests.budgets import Budgets
 from tests.test_freshness import age_entry
 
@@ -187,25 +187,8 @@ async def _within(scope: anyio.CancelScope, call: Callable[[str], Awaitable[obje
 
 
 def assert_counted_busy(app: Starlette, route: str, busy: int) -> None:
-    """What the operator sees: the snapshot, Prometheus, the fleet view and ``cachemw stats``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from cachemw.cli import render_stats
-    from cachemw.observe import aggregate, find_cache, snapshot
-    from cachemw.observe.prometheus import render
-
-    data = snapshot(find_cache(app))
-    [row] = [row for row in data["routes"] if row["route"] == route]
-    assert row["origin_busy"] == busy
-    assert data["totals"]["origin_busy"] == busy
-    body, _ = render(data)
-    [family] = [f for f in text_string_to_metric_families(body.decode()) if f.name == "cachemw_origin_busy"]
-    assert {s.labels["route"]: s.value for s in family.samples if s.name.endswith("_total")}[route] == busy
-    document = {**data, "process": {"host": "h", "pid": 1}, "time": 0.0}
-    fleet = aggregate([document, document], now=0.0)
-    assert fleet["totals"]["origin_busy"] == 2 * busy
-    assert f"origin busy   {2 * busy} answered stale or 503 past origin_concurrency ({route} {2 * busy})" in \
-        render_stats(fleet, "cachemw").splitlines()
+    assert_counted(app, route, "origin_busy", busy,
+                   lambda n: f"origin busy   {n} answered stale or 503 past origin_concurrency ({route} {n})")
 
 
 async def _true(value: bool) -> bool:

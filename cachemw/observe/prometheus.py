@@ -69,6 +69,8 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
     origin_busy = CounterMetricFamily("cachemw_origin_busy", "Requests past origin_concurrency: answered from a "
                                       "stale entry, or 503 with Retry-After, instead of calling the app.",
                                       labels=_ROUTE)
+    fills_shed = CounterMetricFamily("cachemw_fills_shed", "Misses answered but not stored: the background queue "
+                                     "was full.", labels=_ROUTE)
     origin = HistogramMetricFamily("cachemw_origin_latency_seconds", "Time the app took on misses and bypasses.",
                                    labels=_ROUTE)
     hit = HistogramMetricFamily("cachemw_hit_latency_seconds", "Time to answer HIT and STALE from the cache.",
@@ -86,9 +88,11 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
         stored_bytes.add_metric(labels, row["stored_bytes"])
         stored_entries.add_metric(labels, row["stored_entries"])
         origin_busy.add_metric(labels, row.get("origin_busy", 0))
+        fills_shed.add_metric(labels, row.get("fills_shed", 0))
         origin.add_metric(labels, _buckets(row["origin_latency"]), row["origin_latency"]["sum"])
         hit.add_metric(labels, _buckets(row["hit_latency"]), row["hit_latency"]["sum"])
-    yield from (requests, stale_if_error, collapsed, refreshes, stored_bytes, stored_entries, origin_busy, origin, hit)
+    yield from (requests, stale_if_error, collapsed, refreshes, stored_bytes, stored_entries, origin_busy,
+                fills_shed, origin, hit)
 
     supervisor = data["supervisor"]
     queued = GaugeMetricFamily("cachemw_jobs_queued", "Background jobs waiting, by kind.", labels=["kind"])

@@ -47,7 +47,8 @@ HOST = socket.gethostname()
 SNAPSHOT_VERSION = 1
 # The per-route counters that add up across processes (everything else is derived or a histogram).
 COUNTERS = ("requests", "hit", "stale", "miss", "bypass", "stale_if_error", "collapsed", "refresh_ok",
-            "refresh_failed", "stored_bytes", "stored_entries", "origin_busy")
+            "refresh_failed", "stored_bytes", "stored_entries", "origin_busy",
+            "fills_shed")
 JOB_FIELDS = ("queued", "running", "done", "failed", "shed", "abandoned")
 _STATUS_TIMEOUT = 1.0  # seconds for a PING or a write-behind status: a dashboard poll must not hang
 

@@ -359,8 +359,11 @@ class _Bound:
 
         Background work has its own pool with the longer socket timeout, made on first
         use: it neither waits behind the request path's pool nor fails at its budget.
+        Not on a cluster: a RedisCluster whose first command (its slot map) is cancelled
+        leaks its node connections, and a job may be cancelled at any point; there
+        background calls share the request path's client, each attempt within its budget.
         """
-        if timeout is None:
+        if timeout is None or self.gate is not None:
             return self.client, self.gated()
         background = self._background
         if background is None:
@@ -438,9 +441,7 @@ class RedisStore:
         listen_with = listener_client or (lambda: _blocking_twin(cast(Redis, client), None))
 
         def background_with() -> Redis | RedisCluster:
-            if isinstance(client, RedisCluster):
-                return client  # no way to make its twin: background calls share its pool and timeout
-            return _blocking_twin(client, background_timeout)
+            return _blocking_twin(cast(Redis, client), background_timeout)  # not on a cluster: see _Bound.lane
 
         self._bound = _Bound(client, pipelined, listen_with, (), max_connections, background_with, background_timeout)
         self.cluster = isinstance(client, RedisCluster)
