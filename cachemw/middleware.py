@@ -43,6 +43,7 @@ from cachemw.keys import (
     tag_keys,
 )
 from cachemw.l1 import L1
+from cachemw.looplag import LoopLag
 from cachemw.metrics import Metrics, RouteMetrics
 from cachemw.observe import enable_fleet_metrics, enable_history
 from cachemw.origin import OriginSlots
@@ -69,6 +70,7 @@ _BYPASS = b"BYPASS"
 
 
 _PROBE_TIMEOUT = 2.0  # the startup probe of the store: a background job, not a request's budget
+_LAG_LOG_INTERVAL = 60.0  # seconds: at most one loop-lag warning per interval
 _RELEASE_TIMEOUT = 2.0  # one shed lock release: past it the lock expires by itself
 
 _current: ContextVar[CacheMiddleware] = ContextVar("cachemw_cache")
@@ -225,7 +227,9 @@ class CacheMiddleware:
         self._background_budget = 2.0
         self._warned_corrupt = False
         self.store_errors = 0
-        self.loop_lag_timeouts = 0
+        self.loop_lag_timeouts = 0  # store timeouts that were this process's lateness, not the store's
+        self.loop_lag = LoopLag()
+        self._lag_logged_at = -math.inf
         self.store_problem: str | None = None  # why the startup probe could not reach the store
         self._origin = OriginSlots(0)
         self._origin_wait = 5.0
@@ -280,6 +284,7 @@ class CacheMiddleware:
         self._origin_wait = settings.origin_wait
         self._origin_busy = _origin_busy_answer(settings.retry_after)
         self.supervisor.add_service("access-log", self.access_log.consume)
+        self.supervisor.add_service("loop-lag", self.loop_lag.measure)
         self._prefix = settings.key_prefix
         self._lock_timeout = settings.lock_timeout
         self._budget = settings.store_timeout
@@ -929,12 +934,19 @@ class CacheMiddleware:
     def _store_failed(self, breaker: CircuitBreaker, error: Exception | None = None, began: float = 0.0) -> None:
         self.store_errors += 1
         self.metrics.store_errors += 1
-        if isinstance(error, TimeoutError) and time.perf_counter() - began > 2 * self._budget:
-            # The deadline fired far too late: this process's event loop was saturated, not
-            # the store slow. This request still goes to the app, but opening the breaker
-            # would send every other one there too, just when the process is overloaded.
-            self.loop_lag_timeouts += 1
-            return
+        if began and isinstance(error, TimeoutError):
+            now = time.perf_counter()
+            # How late our own loop ran: the deadline's own overshoot, or what the lag monitor saw lately.
+            lag = max(now - began - self._budget, self.loop_lag.recent)
+            if lag >= self._budget / 2:
+                # This process's event loop was saturated, not (or not only) the store slow. The
+                # request still goes to the app, but opening the breaker would send every other one
+                # there too, just when the process is overloaded.
+                self.loop_lag_timeouts += 1
+                if now - self._lag_logged_at >= _LAG_LOG_INTERVAL:
+                    self._lag_logged_at = now
+                    self.supervisor.submit("log", _log_loop_lag, lag, self.loop_lag_timeouts, self.store_errors)
+                return
         breaker.failure(time.monotonic())
 
     def _store_reconnected(self) -> None:
@@ -942,7 +954,7 @@ class CacheMiddleware:
             breaker.probe_now()
 
     def _breaker_moved(self, previous: str, state: str) -> None:
-        self.supervisor.submit("log", _log_breaker, previous, state, self.store_errors)
+        self.supervisor.submit("log", _log_breaker, previous, state, self.store_errors, self.loop_lag_timeouts)
 
     def _decode(self, key: str, data: bytes) -> Entry | None:
         entry = self._decoded.get(data)
@@ -1137,12 +1149,19 @@ async def _discard(message: Message) -> None:
     pass
 
 
-async def _log_breaker(previous: str, state: str, errors: int) -> None:
+async def _log_loop_lag(lag: float, lag_timeouts: int, errors: int) -> None:
+    logger.warning("cachemw: event loop lagging (%.0f ms late): a store timeout was this process's own lateness, "
+                   "not the store's; the circuit breaker does not count it (%d of %d store errors so far)",
+                   lag * 1000, lag_timeouts, errors)
+
+
+async def _log_breaker(previous: str, state: str, errors: int, lag_timeouts: int) -> None:
     if state == "closed":
-        logger.warning("cachemw: store is answering again; circuit closed (%d store errors so far)", errors)
+        logger.warning("cachemw: store is answering again; circuit closed (%d store errors so far, %d of them "
+                       "timeouts of our own loop lag)", errors, lag_timeouts)
     elif previous == "closed":
-        logger.warning("cachemw: store is failing; circuit open, requests go to the app (%d store errors so far)",
-                       errors)
+        logger.warning("cachemw: store is failing; circuit open, requests go to the app (%d store errors so far, "
+                       "%d of them timeouts of our own loop lag, not counted)", errors, lag_timeouts)
 
 
 async def _log_corrupt(key: str, reason: str) -> None:

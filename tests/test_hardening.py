@@ -316,3 +316,40 @@ async def test_only_a_slow_store_opens_the_breaker_not_a_saturated_loop(loop_sta
         cache_layer = find_middleware(app)
     assert statuses == [200] * 6  # every request went to the app either way
     assert cache_layer.breaker.state == ("closed" if loop_stalls else "open")
+
+
+async def test_timeouts_while_the_loop_lags_are_not_the_stores_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    """Deadlines that fire a little late (well under twice the budget) while the loop is busy: the lag
+    monitor tells, the breaker stays closed, and the log, the snapshot and ``cachemw stats`` say which."""
+    from cachemw import Settings
+    from cachemw.cli import render_stats
+    from cachemw.observe import aggregate, snapshot
+    from tests.asgi import find_middleware
+
+    app = Starlette(routes=[Route("/echo", echo)])
+    budget = 0.2
+    app.add_middleware(CacheMiddleware, store=_SlowStore(MemoryStore()), settings=Settings(store_timeout=budget))
+    busy = True
+
+    async def saturate() -> None:  # other requests' CPU work, in slices: timers fire up to 1.5 budgets late
+        while busy:
+            await anyio.sleep(0)
+            time.sleep(0.3 * budget)
+
+    async with lifespan(app), client(app) as http, anyio.create_task_group() as tg:
+        cache_layer = find_middleware(app)
+        tg.start_soon(saturate)
+        await eventually(lambda: _true(cache_layer.loop_lag.recent >= budget / 2), what="the lag monitor seeing it")
+        statuses = [(await http.get("/echo")).status_code for _ in range(8)]
+        busy = False
+        await eventually(lambda: _true("event loop lagging" in caplog.text), what="the loop-lag warning")
+    assert statuses == [200] * 8  # each went to the app
+    assert cache_layer.breaker.state == "closed"  # one slow store would have opened it after 5
+    lagged = cache_layer.loop_lag_timeouts
+    assert lagged == cache_layer.store_errors >= 8  # every timeout was the loop's (a lookup, then a lock, each)
+    store = snapshot(cache_layer)["store"]
+    assert store["loop_lag_timeouts"] == lagged and store["loop_lag"]["count"] > 0
+    document = {**snapshot(cache_layer), "process": {"host": "h", "pid": 1}, "time": 0.0}
+    [line] = [line for line in render_stats(aggregate([document], now=0.0), "cachemw").splitlines()
+              if line.startswith("loop lag")]
+    assert f"{lagged} of the store errors were timeouts of this lag" in line

@@ -205,7 +205,9 @@ def aggregate(documents: Iterable[dict[str, Any]], *, now: float | None = None) 
             "breaker": dict(Counter(str(s.get("breaker")) for s in stores)),
             "listening": sum(1 for s in stores if s.get("listening")),
             "errors": sum(int(s.get("errors", 0)) for s in stores),
+            "loop_lag_timeouts": sum(int(s.get("loop_lag_timeouts", 0)) for s in stores),
             "latency": _histogram(s["latency"] for s in stores if isinstance(s.get("latency"), dict)),
+            "loop_lag": _histogram(s["loop_lag"] for s in stores if isinstance(s.get("loop_lag"), dict)),
         },
         "l1": {
             **{name: sum(int(l1.get(name, 0)) for l1 in l1s) for name in _L1_FIELDS},

@@ -113,6 +113,13 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
     latency.add_metric([], _buckets(store["latency"]), store["latency"]["sum"])
     yield latency
     yield CounterMetricFamily("cachemw_store_errors", "Store calls that failed or timed out.", value=store["errors"])
+    yield CounterMetricFamily("cachemw_store_loop_lag_timeouts", "Store timeouts that were this process's own event "
+                              "loop lag, not the store's (the breaker does not count them).",
+                              value=store.get("loop_lag_timeouts", 0))
+    if "loop_lag" in store:
+        lag = HistogramMetricFamily("cachemw_loop_lag_seconds", "How late this process's event loop ran a timer.")
+        lag.add_metric([], _buckets(store["loop_lag"]), store["loop_lag"]["sum"])
+        yield lag
     breaker = GaugeMetricFamily("cachemw_store_breaker_state", "The store's circuit breaker: 1 for its state.",
                                 labels=["state"])
     for state in _BREAKER_STATES:

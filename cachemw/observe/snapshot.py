@@ -253,6 +253,9 @@ def _store(cache: CacheMiddleware) -> dict[str, Any]:
         "breaker": cache.breaker.state,
         "breaker_transitions": cache.breaker.transitions,
         "errors": cache.store_errors,
+        # Of those, timeouts that were this process's own lateness (not counted by the breaker).
+        "loop_lag_timeouts": cache.loop_lag_timeouts,
+        "loop_lag": cache.loop_lag.histogram.snapshot(),
         "latency": cache.metrics.store_latency.snapshot(),
         "problem": cache.store_problem,  # why the startup probe could not reach it, if it could not
         "rejected_messages": 0,

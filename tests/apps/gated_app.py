@@ -89,4 +89,4 @@ app = Starlette(routes=[
 app.add_middleware(CacheMiddleware, settings=Settings(
     redis_url=URL, lock_timeout=float(os.environ["TEST_LOCK_TIMEOUT"]),
     store_timeout=float(os.environ["TEST_STORE_TIMEOUT"]),
-    background_timeout=float(os.environ.get("TEST_BACKGROUND_TIMEOUT", Settings.background_timeout))))
+    background_timeout=float(os.environ.get("TEST_BACKGROUND_TIMEOUT", Settings().background_timeout))))
