@@ -94,6 +94,7 @@ class Run:
     cold_calls: int
     cold_max: int
     cold_keys_over_one: int
+    cold_over_one_same_server: int  # of those, keys one server alone called more than once (in-process coalescing)
     hot_calls: int
     stale_calls: int
     counters: dict[str, int] = field(default_factory=dict)  # cachemw's, both servers, moved during the run
@@ -101,6 +102,7 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)
     cpu_others: float = 0.0
     redis_ok: bool = True
+    others_before: float = math.nan  # other processes' CPU (cores) in the 2 s before a quiet run's load
 
     @property
     def ok_share(self) -> float:
@@ -341,8 +343,7 @@ def one_run(index: int, rnd: int, library: str, phase: str, servers: list[AppPro
     cold_base = (index + 1) * COLD_SPAN
     meter = CpuMeter({"app A": servers[0].proc.pid, "app B": servers[1].proc.pid,  # type: ignore[union-attr]
                       "redis": redis.pid or 0})
-    if phase == "quiet" and args.wait_quiet > 0:
-        wait_quiet(meter, args.wait_quiet)
+    others_before = wait_quiet(meter, args.wait_quiet) if phase == "quiet" and args.wait_quiet > 0 else math.nan
     before = [stats(s) for s in servers]
     opened_before = sum(log_count(s, BREAKER_OPENED) for s in servers)
     with hog(args.hog_procs, args.duration + 30, workdir, phase == "hog"):
@@ -355,7 +356,10 @@ def one_run(index: int, rnd: int, library: str, phase: str, servers: list[AppPro
     after = [stats(s) for s in servers]
     opened = sum(log_count(s, BREAKER_OPENED) for s in servers) - opened_before
     cold: dict[int, int] = {}
+    same_server: set[int] = set()  # cold ids one server called more than once
     for data in after:
+        same_server |= {int(k) for k, n in data["cold"].items()
+                        if n > 1 and cold_base - 1 <= int(k) < cold_base + COLD_SPAN - 1}
         for key, n in data["cold"].items():
             if cold_base - 1 <= int(key) < cold_base + COLD_SPAN - 1:
                 cold[int(key)] = cold.get(int(key), 0) + n
@@ -386,11 +390,12 @@ def one_run(index: int, rnd: int, library: str, phase: str, servers: list[AppPro
         retry_after=sum(o.retry_after for o in outs), x_cache=x_cache, p50_ms=merged_quantile(outs, 0.50),
         p99_ms=merged_quantile(outs, 0.99), cold_keys=len(cold), cold_calls=sum(cold.values()),
         cold_max=max(cold.values(), default=0), cold_keys_over_one=sum(1 for n in cold.values() if n > 1),
+        cold_over_one_same_server=len(same_server),
         hot_calls=sum(a["calls"]["hot"] - b["calls"]["hot"] for a, b in zip(after, before, strict=True)),
         stale_calls=sum(a["calls"]["stale"] - b["calls"]["stale"] for a, b in zip(after, before, strict=True)),
         counters=counters, breaker_end=[str((a.get("library") or {}).get("breaker", "-")) for a in after],
         cpu={k: round(v, 2) for k, v in usage.processes.items()}, cpu_others=round(usage.others, 2),
-        redis_ok=redis_ok)  # fmt: skip
+        redis_ok=redis_ok, others_before=others_before)  # fmt: skip
     return run, [out.command for out in outs]
 
 
@@ -449,8 +454,9 @@ def render(facts: dict[str, str], command: str, settings: dict[str, str], calibr
         lines.append(f"| {library} | {cal['rps']:.0f} | {cal['offered']:.0f} | {cal['offered'] / cal['rps']:.2f} |")
     lines += ["", "## Summary (min-max over rounds)", "",
               "| library | phase | origin calls / cold key | 2xx | 503 (+Retry-After) | other non-2xx + errors "
-              "| p50 ms | p99 ms | breaker openings | hot keys to origin | stale origin calls (ideal ~"
-              f"{ideal_stale}) | achieved req/s | offered | sends late | others' CPU (cores, hog included) |",
+              "| p50 ms | p99 ms | breaker openings | hot keys to origin | stale origin calls (one per key "
+              f"per ttl: ~{ideal_stale} at most) | achieved req/s | offered | sends late "
+              "| others' CPU (cores, hog included) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         runs_ = row["runs"]
@@ -472,10 +478,11 @@ def render(facts: dict[str, str], command: str, settings: dict[str, str], calibr
         lines.append(f"| {row['library']} | {row['phase']} | **{v['cold']}** (worst {worst.cold_ratio:.2f}, max "
                      f"{worst.cold_max} calls on one key) | **{v['ok']}** | **{v['breaker']}** |")
     lines += ["", "## Every run, in order", "",
-              "| # | round | library | phase | cold keys | origin calls (cold) | max / key | keys > 1 | hot origin "
+              "| # | round | library | phase | cold keys | origin calls (cold) | max / key | keys > 1 (by one server "
+              "alone) | hot origin "
               "calls | stale origin calls | statuses | X-Cache | p50 | p99 | req/s (A, B) | late | counters "
-              "(cachemw, moved) | CPU (A, B, redis, wrk, others incl. hog) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(cachemw, moved) | CPU (A, B, redis, wrk, others incl. hog) | others before the load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(runs, 1):
         counters = ", ".join(f"{k} {v}" for k, v in r.counters.items() if v) or "-"
         if r.library != "cachemw":
@@ -483,11 +490,11 @@ def render(facts: dict[str, str], command: str, settings: dict[str, str], calibr
         cpu = ", ".join(f"{r.cpu.get(k, 0):.2f}" for k in ("app A", "app B", "redis", "loadgen"))
         lines.append(
             f"| {i} | {r.round} | {r.library} | {r.phase} | {r.cold_keys} | {r.cold_calls} | {r.cold_max} | "
-            f"{r.cold_keys_over_one} | {r.hot_calls} | {r.stale_calls} | "
+            f"{r.cold_keys_over_one} ({r.cold_over_one_same_server}) | {r.hot_calls} | {r.stale_calls} | "
             f"{' '.join(f'{k}={v}' for k, v in sorted(r.statuses.items()))} | "
             f"{' '.join(f'{k}={v}' for k, v in sorted(r.x_cache.items()))} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
             f"{r.rps:.0f} ({', '.join(f'{x:.0f}' for x in r.per_server_rps)}) | {r.late_share:.0%} | {counters} | "
-            f"{cpu}, {r.cpu_others:.2f} |")
+            f"{cpu}, {r.cpu_others:.2f} | {'-' if math.isnan(r.others_before) else f'{r.others_before:.2f}'} |")
     lines += ["", "Redis answered PING after every run: " + ("yes" if all(r.redis_ok for r in runs) else "**no**"), ""]
     return "\n".join(lines) + "\n"
 
