@@ -441,6 +441,30 @@ def verdicts(row: dict[str, Any]) -> dict[str, str]:
     return {"cold": cold, "ok": ok, "breaker": breaker}
 
 
+def truly_quiet(run: Run) -> bool:
+    """A quiet-phase run during which (and just before which) other processes used < QUIET_CORES."""
+    return run.phase == "quiet" and run.others_before < QUIET_CORES and run.cpu_others < QUIET_CORES
+
+
+def quiet_lines(runs: list[Run]) -> list[str]:
+    """The quiet phase on a shared machine is quiet only when nobody else runs: those runs apart."""
+    lines = ["", f"Quiet-phase runs during which the machine really was quiet (other processes < {QUIET_CORES:g} "
+             "core before and during the load; `--wait-quiet` waits for that, then runs anyway):", ""]
+    for library in dict.fromkeys(r.library for r in runs):
+        mine = [r for r in runs if r.library == library and truly_quiet(r)]
+        quiet_all = [r for r in runs if r.library == library and r.phase == "quiet"]
+        if not mine:
+            lines.append(f"- {library}: none of {len(quiet_all)}")
+            continue
+        openings = _range([r.breaker_openings for r in mine], "d") if library == "cachemw" else "n/a"
+        lines.append(f"- {library}: {len(mine)} of {len(quiet_all)}: origin calls / cold key "
+                     f"{_range([r.cold_ratio for r in mine], '.2f')}, 2xx {_pct(min(r.ok_share for r in mine))}, "
+                     f"breaker openings {openings}, hot keys to origin {_range([r.hot_calls for r in mine], 'd')}, "
+                     f"p50 {_range([r.p50_ms for r in mine], '.1f')} ms, p99 {_range([r.p99_ms for r in mine], '.1f')} "
+                     f"ms, {_range([r.rps for r in mine], '.0f')} req/s")
+    return lines
+
+
 def render(facts: dict[str, str], command: str, settings: dict[str, str], calibration: dict[str, dict[str, Any]],
            runs: list[Run], rows: list[dict[str, Any]], commands: dict[str, str], ideal_stale: int) -> str:
     lines = common.results_preamble("Overload: two servers and one Redis past saturation (issue 15, item 6)",
@@ -477,6 +501,7 @@ def render(facts: dict[str, str], command: str, settings: dict[str, str], calibr
         worst = max(row["runs"], key=lambda r: r.cold_ratio)
         lines.append(f"| {row['library']} | {row['phase']} | **{v['cold']}** (worst {worst.cold_ratio:.2f}, max "
                      f"{worst.cold_max} calls on one key) | **{v['ok']}** | **{v['breaker']}** |")
+    lines += quiet_lines(runs)
     lines += ["", "## Every run, in order", "",
               "| # | round | library | phase | cold keys | origin calls (cold) | max / key | keys > 1 (by one server "
               "alone) | hot origin "
