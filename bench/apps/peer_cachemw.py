@@ -125,11 +125,4 @@ _FACTORIES = {
     "starlette_without": lambda: create_starlette("redis://unused", middleware=False),
 }
 
-
-def __getattr__(name: str) -> Any:
-    factory = _FACTORIES.get(name)
-    if factory is None:
-        raise AttributeError(name)
-    application = factory()
-    globals()[name] = application
-    return application
+__getattr__ = peer_common.lazy_apps(globals(), _FACTORIES)

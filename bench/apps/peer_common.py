@@ -21,6 +21,7 @@ import asyncio
 import gc
 import json
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 DB_SECONDS = 0.020
@@ -81,3 +82,18 @@ def freeze() -> dict[str, Any]:
 
 def calls_json() -> bytes:
     return json.dumps(calls_document()).encode()
+
+
+def lazy_apps(namespace: dict[str, Any], factories: Mapping[str, Callable[[], Any]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` building each app on first access (uvicorn's import), so importing the
+    module for its helpers builds nothing and needs no Redis URL."""
+
+    def build(name: str) -> Any:
+        factory = factories.get(name)
+        if factory is None:
+            raise AttributeError(name)
+        application = factory()
+        namespace[name] = application
+        return application
+
+    return build
