@@ -668,7 +668,7 @@ class CacheMiddleware:
         if flight is not None:
             # The waiters get the response as soon as it is complete, not when the app returns:
             # a Starlette BackgroundTask runs inside the app call, after the last body message.
-            responder.on_complete = lambda: flight.finish(responder.entry(tags=plan.tags))
+            responder.flight = flight
         origin_started = time.perf_counter()
         failure: str | None = None
         try:
@@ -1211,7 +1211,7 @@ class _FillResponder:
     """
 
     __slots__ = ("_chunks", "_entry", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy",
-                 "_send", "cache_status", "complete", "deadline", "failed_status", "on_complete", "response_tags",
+                 "_send", "cache_status", "complete", "deadline", "failed_status", "flight", "response_tags",
                  "size", "started", "status", "storable", "stored_at")
 
     def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes, hold_errors: bool) -> None:
@@ -1223,7 +1223,9 @@ class _FillResponder:
         self._chunks: list[bytes] = []
         self._failure_chunks: list[bytes] | None = None  # a copy of a 5xx answer, for the waiters to share
         self._entry: Entry | None = None
-        self.on_complete: Callable[[], None] | None = None  # called once the whole response went out
+        # Finished with the entry once the whole response went out. Not a callback: a closure over the
+        # responder would make a reference cycle of every miss, left to the garbage collector to free.
+        self.flight: _Flight | None = None
         self._held: dict[str, Any] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self.size = 0
@@ -1290,8 +1292,8 @@ class _FillResponder:
             await self._send(message)
             if not more:
                 self.complete = True
-                if self.on_complete is not None and self.storable:
-                    self.on_complete()
+                if self.flight is not None and self.storable:
+                    self.flight.finish(self.entry(tags=self.flight.plan.tags))
             return
         # Trailers, pathsend, anything new: not ours to copy.
         self.storable = False
