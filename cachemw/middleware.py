@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from random import getrandbits
 from typing import Any, TypeVar
 
 import anyio
@@ -210,6 +211,9 @@ class CacheMiddleware:
         self._refreshing: set[str] = set()
         # Routes whose last lookup missed: their next lookup also tries the lock (one round trip).
         self._missing: set[str] = set()
+        # Per route template, once: its route tag and that tag's generation key, and the generation
+        # key of everything (ALL_TAG). A miss adds only its path's tag (and the rule's own tags).
+        self._route_tags: dict[str, tuple[str, str, str]] = {}
         self._lookup_locks = False
         self.l1 = L1()
         self.invalidator: Invalidator | None = None
@@ -502,10 +506,20 @@ class CacheMiddleware:
         return self._route_credentials.get(id(match.rule), self._credentials)
 
     def _plan(self, key: str, policy: Policy, match: RouteMatch, scope: Scope) -> _Plan:
-        tags = (*format_tags(policy.tags, match.path_params), route_tag(normalise_template(match.rule.template)),
-                path_tag(scope["path"]))
-        generation_keys = tuple(tag_keys(self._prefix, tag)[1] for tag in (*tags, ALL_TAG))
-        return _Plan(key, policy, match, tags, generation_keys)
+        prefix = self._prefix
+        template = match.rule.template
+        fixed = self._route_tags.get(template)
+        if fixed is None:
+            route = route_tag(normalise_template(template))
+            fixed = self._route_tags[template] = (route, tag_keys(prefix, route)[1], tag_keys(prefix, ALL_TAG)[1])
+        route, route_generation, all_generation = fixed
+        path = path_tag(scope["path"])
+        path_generation = tag_keys(prefix, path)[1]
+        if not policy.tags:
+            return _Plan(key, policy, match, (route, path), (route_generation, path_generation, all_generation))
+        own = format_tags(policy.tags, match.path_params)
+        return _Plan(key, policy, match, (*own, route, path),
+                     (*(tag_keys(prefix, tag)[1] for tag in own), route_generation, path_generation, all_generation))
 
     # -- misses: one fill per key, in this process and across processes ---------------------------
 
@@ -825,7 +839,7 @@ class CacheMiddleware:
             return None, True
         began = time.perf_counter()
         try:
-            value = await self._within_budget(store.get(key))
+            value = await store.get(key) if self._bounded else await self._within_budget(store.get(key))
         except Exception as exc:  # whatever the driver raises (another loop, trio, a bug): the app answers
             self._store_failed(breaker, exc, began)
             return None, True
@@ -866,16 +880,16 @@ class CacheMiddleware:
         if store is None:
             return None
         if not self._remote:
-            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys, os.urandom(8).hex())
+            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys, _token())
         breaker = self._breaker(plan.key)
         if not breaker.allow(time.monotonic()):
             return None
-        token = os.urandom(8).hex()
+        token = _token()
         attempt = store.get_or_lock if lookup else store.lock  # type: ignore[attr-defined]
         began = time.perf_counter()
         try:
-            result: LockResult = await self._within_budget(
-                attempt(plan.key, self._lock_timeout, plan.generation_keys, token))
+            call = attempt(plan.key, self._lock_timeout, plan.generation_keys, token)
+            result: LockResult = await call if self._bounded else await self._within_budget(call)
         except BaseException as exc:
             # Redis may have taken the lock after we stopped waiting (a timeout, or this request
             # cancelled): release it (if it is ours) rather than leave others waiting for a fill
@@ -1085,6 +1099,11 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def _token() -> str:
+    """A lock token: 64 random bits, without a system call (``random`` reseeds in a forked child)."""
+    return f"{getrandbits(64):016x}"
+
+
 def _origin_busy_answer(retry_after: int) -> Entry:
     """Our 503 past ``origin_concurrency``: made once at startup, replayed as is."""
     body = b"The service is busy; try again shortly.\n"
@@ -1210,8 +1229,8 @@ class _FillResponder:
     ``hold_errors`` a 5xx is swallowed, so a stale entry can answer instead.
     """
 
-    __slots__ = ("_chunks", "_entry", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy",
-                 "_send", "cache_status", "complete", "deadline", "failed_status", "flight", "response_tags",
+    __slots__ = ("_chunks", "_entry", "_etag", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors",
+                 "_policy", "_send", "cache_status", "complete", "deadline", "failed_status", "flight", "response_tags",
                  "size", "started", "status", "storable", "stored_at")
 
     def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes, hold_errors: bool) -> None:
@@ -1223,6 +1242,7 @@ class _FillResponder:
         self._chunks: list[bytes] = []
         self._failure_chunks: list[bytes] | None = None  # a copy of a 5xx answer, for the waiters to share
         self._entry: Entry | None = None
+        self._etag: bytes | None = None
         # Finished with the entry once the whole response went out. Not a callback: a closure over the
         # responder would make a reference cycle of every miss, left to the garbage collector to free.
         self.flight: _Flight | None = None
@@ -1287,7 +1307,8 @@ class _FillResponder:
             if self._held is not None:
                 held, self._held = self._held, None
                 if not more and self.storable and http.response_etag(self._headers) is None:
-                    held["headers"].append((b"etag", http.make_etag(body)))
+                    self._etag = http.make_etag(body)  # the entry's too: the body is this one chunk
+                    held["headers"].append((b"etag", self._etag))
                 await self._send(held)
             await self._send(message)
             if not more:
@@ -1317,7 +1338,7 @@ class _FillResponder:
         if self._entry is not None:
             return self._entry
         body = b"".join(self._chunks)
-        etag = http.response_etag(self._headers) or http.make_etag(body)
+        etag = self._etag or http.response_etag(self._headers) or http.make_etag(body)
         self._entry = Entry(
             status=self.status,
             headers=http.stored_headers(self._headers, etag, len(body), self.status),

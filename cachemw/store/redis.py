@@ -176,6 +176,11 @@ def _int(value: object) -> int:
         return 0  # a foreign value under a generation key counts as none
 
 
+def _score(seconds: float, rounding: Callable[[float], int]) -> str:
+    """A tag index score in whole milliseconds: Redis parses a float of 17 digits with strtod's slow path."""
+    return f"{rounding(seconds * 1000) / 1000:.3f}"
+
+
 def _millis(seconds: float) -> int:
     """Redis milliseconds: rounded up, and at least 1 (PX 0 is an error; a tiny ttl should still store)."""
     return max(1, math.ceil(seconds * 1000))
@@ -613,8 +618,8 @@ class RedisStore:
             if not self.cluster:
                 stored = await self._script(
                     bound, bound.fill_all, [key, _lock_key(key), _wait_key(key), *tag_sets, *generation_keys],
-                    [value, _millis(ttl), token or "", self.channel, now, expires, _millis(ttl + 60),
-                     len(tag_sets), *(str(g) for g in generations)])
+                    [value, _millis(ttl), token or "", self.channel, _score(now, math.floor),
+                     _score(expires, math.ceil), _millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)])
                 return bool(stored)
             async with bound.gated():
                 async with bound.client.pipeline(transaction=False) as pipe:
