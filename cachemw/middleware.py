@@ -609,6 +609,14 @@ class CacheMiddleware:
         store = self.store
         if store is None:
             return None
+        locked = plan.looked_up
+        if locked is not None and locked[0] is not None and locked[1] is None:
+            # The lookup took the lock (a miss's usual case): nothing to wait for or look at.
+            if plan.waiter is not None:
+                plan.waiter.close()
+            plan.looked_up = plan.waiter = None
+            plan.token, _, plan.generations = locked
+            return None
         locked, waiter = plan.looked_up, plan.waiter or store.notifications.waiter(plan.key)
         plan.looked_up = plan.waiter = None
         deadline = time.monotonic() + self._lock_timeout

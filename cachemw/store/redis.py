@@ -37,7 +37,7 @@ import secrets
 import time
 import weakref
 from asyncio import _get_running_loop
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -652,13 +652,12 @@ class RedisStore:
             raise StoreError(f"redis unlock failed: {exc!r}") from exc
 
     @staticmethod
-    async def _script(bound: _Bound, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """A registered script, on the pipelined connection when there is one."""
+    def _script(bound: _Bound, script: Any, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        """A registered script, on the pipelined connection when there is one (no coroutine around it)."""
         pipelined = bound.pipelined
         if pipelined is None:
-            async with bound.gated():
-                return await script(keys=keys, args=args)
-        return await pipelined.evalsha(script.sha, script.script, keys, args)
+            return _gated_script(bound, script, keys, args)
+        return pipelined.evalsha(script.sha, script.script, keys, args)
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
         try:
@@ -774,6 +773,11 @@ class RedisStore:
                 bound.abandon()
         except Exception as exc:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
+
+
+async def _gated_script(bound: _Bound, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async with bound.gated():
+        return await script(keys=keys, args=args)
 
 
 def _cancel_guards(guards: list[LoopGuard]) -> None:
