@@ -180,6 +180,9 @@ def _walk(nodes: tuple[_Node, ...], path: str, root_path: str, method: str,
     return None
 
 
+_UNSEEN = object()
+
+
 class RuleTable:
     """All routes in the router's order, and a matcher that mirrors Starlette's.
 
@@ -224,10 +227,9 @@ class RuleTable:
         if not self.has_policies:
             return None
         memo_key = (path, method, root_path)
-        try:
-            return self._memo[memo_key]
-        except KeyError:
-            pass
+        remembered = self._memo.get(memo_key, _UNSEEN)  # not a KeyError raised and caught for each new path
+        if remembered is not _UNSEEN:
+            return remembered  # type: ignore[return-value]
         found = self._find(path, root_path, method)
         seen = self._seen
         if memo_key not in seen:

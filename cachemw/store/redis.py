@@ -170,6 +170,8 @@ def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
 
 
 def _int(value: object) -> int:
+    if value is None:  # a tag never invalidated (the usual case): no exception raised and caught
+        return 0
     try:
         return int(value)  # type: ignore[call-overload,no-any-return]
     except (TypeError, ValueError):
