@@ -361,7 +361,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     async def purge(store: Store) -> int | None:
         if not await prefix_in_use(store, settings.key_prefix):
             return None
-        invalidator = Invalidator(store, settings.key_prefix)
+        invalidator = Invalidator(store, settings.key_prefix, timeout=settings.background_timeout)
         if args.all:
             return await invalidator.everything()
         if args.route:

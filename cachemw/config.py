@@ -56,6 +56,8 @@ class Settings:
     redis_url: str | None = None
     key_prefix: str = "cachemw"
     store_timeout: float = 0.05
+    # Store calls after the response (fills, lock releases, refreshes, purges): retried within this deadline.
+    background_timeout: float = 2.0
     memory_max_bytes: int = 64 * 1024 * 1024
     l1_max_bytes: int = 32 * 1024 * 1024  # the per-process L1 in front of Redis (rules with sync > 0)
     session_cookie: str = "session"
@@ -83,8 +85,8 @@ class Settings:
 
 
 # Bounded durations and counts: (lowest, highest) allowed.
-_DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "lock_timeout": (0.0, 300.0), "grace_period": (0.0, 3600.0),
-                      "origin_wait": (0.0, 300.0)}
+_DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "background_timeout": (0.0, 300.0), "lock_timeout": (0.0, 300.0),
+                      "grace_period": (0.0, 3600.0), "origin_wait": (0.0, 300.0)}
 _OPTIONAL_DURATION_SETTINGS = {"metrics_interval": (0.0, 3600.0)}  # 0 switches it off
 _COUNT_SETTINGS = {
     "memory_max_bytes": (1024, 2**40),
@@ -322,7 +324,8 @@ def open_store(settings: Settings, *, timeout: float | None = None) -> Store:
         if settings.redis_url is not None:
             check_redis_url(settings.redis_url)
         return store_from_url(settings.redis_url, timeout=settings.store_timeout if timeout is None else timeout,
-                              memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix)
+                              memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix,
+                              background_timeout=settings.background_timeout)
     except ValueError as exc:
         url = f" {masked_url(settings.redis_url)!r}" if settings.redis_url else ""
         raise ConfigError(f"{settings.source or 'settings'}: field 'redis_url'{url}: {exc}") from None

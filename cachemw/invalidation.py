@@ -17,6 +17,7 @@ from cachemw.keys import ALL_TAG, entry_pattern, path_tag, route_tag, tag_keys
 from cachemw.l1 import L1
 from cachemw.rules import normalise_template
 from cachemw.store import Store
+from cachemw.store.retrying import within_deadline
 
 __all__ = ["Invalidator", "targets_for_unsafe_request"]
 
@@ -27,10 +28,12 @@ class Invalidator:
     """Purges entries in the shared store and this process's L1; other processes hear it by pub/sub."""
 
     def __init__(self, store: Store, prefix: str, l1: L1 | None = None,
-                 on_local: Callable[[Sequence[str]], None] | None = None) -> None:
+                 on_local: Callable[[Sequence[str]], None] | None = None, *, timeout: float = 2.0) -> None:
         self.store = store
         self.prefix = prefix
         self.l1 = l1
+        # Not the request path's budget: a purge lost to a blip leaves stale entries on every server.
+        self.timeout = timeout
         # What else this process drops at once (the middleware's fills in flight), before the store call.
         self._on_local = on_local
 
@@ -44,7 +47,9 @@ class Invalidator:
         if self._on_local is not None:
             self._on_local(wanted)
         pairs = [tag_keys(self.prefix, tag) for tag in wanted]
-        return await self.store.invalidate([p[0] for p in pairs], [p[1] for p in pairs], json.dumps(wanted))
+        tag_sets, generations, message = [p[0] for p in pairs], [p[1] for p in pairs], json.dumps(wanted)
+        return await within_deadline(
+            lambda left: self.store.invalidate(tag_sets, generations, message, timeout=left), self.timeout)
 
     async def routes(self, *templates: str) -> int:
         """Every entry of these routes (``"/products/{id}"`` as the app declares it)."""
@@ -62,7 +67,9 @@ class Invalidator:
         if self._on_local is not None:
             self._on_local([ALL_TAG])
         _, generation = tag_keys(self.prefix, ALL_TAG)
-        return await self.store.purge(entry_pattern(self.prefix), generation, json.dumps([ALL_TAG]))
+        pattern, message = entry_pattern(self.prefix), json.dumps([ALL_TAG])
+        return await within_deadline(
+            lambda left: self.store.purge(pattern, generation, message, timeout=left), self.timeout)
 
 
 def targets_for_unsafe_request(invalidates: Iterable[str], params: Mapping[str, str],

@@ -51,6 +51,7 @@ from cachemw.policy import ConfigError, Freshness, Policy, freshness
 from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template, routes_behind
 from cachemw.store import MemoryStore, Store, StoreError
 from cachemw.store.base import FillWaiter, LockResult, unsupported_event_loop
+from cachemw.store.retrying import within_deadline
 from cachemw.writebehind import WriteBehind
 
 __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
@@ -224,7 +225,8 @@ class CacheMiddleware:
         self._budget = 0.05
         self._remote = False  # only a remote store needs a time budget and a breaker
         self._bounded = False  # the store keeps the time budget itself: no deadline of ours around its calls
-        self._store_job_timeout: float | None = None
+        self._store_job_timeout = math.inf
+        self._background_budget = 2.0
         self._warned_corrupt = False
         self.store_errors = 0
         self.loop_lag_timeouts = 0
@@ -273,7 +275,8 @@ class CacheMiddleware:
         self.store.notifications.on_lost.append(self.l1.lost_sync)
         self.store.notifications.on_connected.append(self._store_reconnected)
         self.store.notifications.on_invalidate.append(self._detach_flights)
-        self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1, on_local=self._detach_flights)
+        self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1, on_local=self._detach_flights,
+                                       timeout=settings.background_timeout)
         self._origin = OriginSlots(settings.origin_concurrency)
         for rule in table.rules:
             if rule.policy is not None:
@@ -287,8 +290,9 @@ class CacheMiddleware:
         self._remote = not isinstance(self.store, MemoryStore)
         self._bounded = bool(getattr(self.store, "bounded", False))
         self._lookup_locks = bool(getattr(self.store, "lookup_locks", False))
-        # Fills and lock releases are store calls: a store that keeps its own budget needs no job timeout.
-        self._store_job_timeout = math.inf if self._bounded or not self._remote else None
+        # Fills and lock releases keep their own deadline (_in_background): no job timeout around them.
+        self._store_job_timeout = math.inf
+        self._background_budget = settings.background_timeout
         self._shard = self.store.shard if getattr(self.store, "cluster", False) else None  # type: ignore[attr-defined]
         self._credentials = SessionIdentity(settings.session_cookie, settings.credentials)
         # A route's FastAPI security schemes (APIKeyHeader, APIKeyCookie, ...) are its credentials too.
@@ -748,7 +752,7 @@ class CacheMiddleware:
         try:
             if store is None or slot is None:
                 return
-            locked = await self._lock(plan)
+            locked = await self._lock(plan, background=True)
             if locked is None:
                 return
             token, current, generations = locked
@@ -879,10 +883,11 @@ class CacheMiddleware:
             plan.waiter.close()
             plan.waiter = None
 
-    async def _lock(self, plan: _Plan, *, lookup: bool = False) -> LockResult | None:
+    async def _lock(self, plan: _Plan, *, lookup: bool = False, background: bool = False) -> LockResult | None:
         """The lock attempt of a miss, under the same budget and breaker as a lookup; None if it failed.
 
         ``lookup``: the store's ``get_or_lock``, which answers the value instead when there is one.
+        ``background``: a refresh's, under the deadline of work after the response instead.
         """
         store = self.store
         if store is None:
@@ -896,8 +901,13 @@ class CacheMiddleware:
         attempt = store.get_or_lock if lookup else store.lock  # type: ignore[attr-defined]
         began = time.perf_counter()
         try:
-            call = attempt(plan.key, self._lock_timeout, plan.generation_keys, token)
-            result: LockResult = await call if self._bounded else await self._within_budget(call)
+            result: LockResult
+            if background:
+                result = await self._in_background(lambda left: store.lock(
+                    plan.key, self._lock_timeout, plan.generation_keys, token, timeout=left))
+            else:
+                call = attempt(plan.key, self._lock_timeout, plan.generation_keys, token)
+                result = await call if self._bounded else await self._within_budget(call)
         except BaseException as exc:
             # Redis may have taken the lock after we stopped waiting (a timeout, or this request
             # cancelled): release it (if it is ours) rather than leave others waiting for a fill
@@ -911,6 +921,12 @@ class CacheMiddleware:
             self.metrics.store_latency.observe(time.perf_counter() - began)
         breaker.success()
         return result
+
+    async def _in_background(self, call: Callable[[float | None], Awaitable[T]]) -> T:
+        """A store call after the response: its own deadline, retried within it on a blip."""
+        if not self._remote:
+            return await call(None)
+        return await within_deadline(call, self._background_budget, scoped=not self._bounded)
 
     async def _within_budget(self, call: Awaitable[T]) -> T:
         """A request-path store call, failing with TimeoutError after the budget whatever the driver does."""
@@ -993,9 +1009,10 @@ class CacheMiddleware:
             if plan.token is not None:
                 await self._unlock(plan.key, plan.token)
             return
+        generations, token, ttl = plan.generations, plan.token, plan.policy.usable_for
         try:
-            stored = await store.fill(plan.key, data, plan.policy.usable_for, plan.token, tag_sets,
-                                      plan.generation_keys, plan.generations)
+            stored = await self._in_background(lambda left: store.fill(
+                plan.key, data, ttl, token, tag_sets, plan.generation_keys, generations, timeout=left))
         except Exception:
             self._store_failed(self._breaker(plan.key))  # this fill is lost; the next miss refills
             if plan.token is not None:
@@ -1013,7 +1030,7 @@ class CacheMiddleware:
         if store is None:
             return
         try:
-            await store.unlock(key, token)
+            await self._in_background(lambda left: store.unlock(key, token, timeout=left))
         except Exception:
             self._store_failed(self._breaker(key))  # the lock expires by itself
 

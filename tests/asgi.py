@@ -216,9 +216,9 @@ class SpyStore:
     async def aclose(self) -> None:
         await self.inner.aclose()
 
-    async def fill(self, key: str, value: bytes, ttl: float, token: str | None, *args: Any) -> bool:
-        self.keys_set.append(key)
-        stored: bool = await self.inner.fill(key, value, ttl, token, *args)
+    async def fill(self, key: str, value: bytes, ttl: float, token: str | None, *args: Any, **kwargs: Any) -> bool:
+        stored: bool = await self.inner.fill(key, value, ttl, token, *args, **kwargs)
+        self.keys_set.append(key)  # once done: a test that waits for it then finds the entry
         return stored
 
     def __getattr__(self, name: str) -> Any:

@@ -289,7 +289,7 @@ class _SlowStore(SpyStore):
         await anyio.sleep(10)
         return None
 
-    async def lock(self, *args: Any) -> Any:
+    async def lock(self, *args: Any, **kwargs: Any) -> Any:
         await anyio.sleep(10)
 
 

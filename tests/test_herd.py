@@ -122,7 +122,7 @@ async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str, 
     from cachemw import RedisStore, StoreError
 
     class LosingFills(SpyStore):
-        async def fill(self, *args: object) -> bool:
+        async def fill(self, *args: object, **kwargs: object) -> bool:
             raise StoreError("NOSCRIPT, and the EVAL fallback timed out")
 
     @cache(ttl="5m")

@@ -74,9 +74,9 @@ def record_commands(store: RedisStore, origin: Origin, monkeypatch: pytest.Monke
     assert isinstance(pipelined, PipelinedRedis)
     execute = pipelined.execute
 
-    async def recording(command: bytes) -> Any:
+    async def recording(command: bytes, timeout: float | None = None) -> Any:
         origin.sent.append(command.split(b"\r\n")[2])  # the command's name
-        return await execute(command)
+        return await execute(command, timeout)
 
     monkeypatch.setattr(pipelined, "execute", recording)
 

@@ -29,10 +29,10 @@ class ForeignLoopStore(SpyStore):
     async def lock(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("Event loop is closed")
 
-    async def fill(self, *args: Any) -> bool:
+    async def fill(self, *args: Any, **kwargs: Any) -> bool:
         raise RuntimeError("Event loop is closed")
 
-    async def invalidate(self, *args: Any) -> int:
+    async def invalidate(self, *args: Any, **kwargs: Any) -> int:
         raise RuntimeError("Event loop is closed")
 
 

@@ -14,14 +14,15 @@ __all__ = ["MemoryStore", "RedisStore", "Store", "StoreError", "requires_asyncio
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
 
 
-def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int, prefix: str = "cachemw") -> Store:
+def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int, prefix: str = "cachemw",
+                   background_timeout: float = 2.0) -> Store:
     """The store a configuration names: no URL means the in-process memory store."""
     if url is None:
         return MemoryStore(max_bytes=memory_max_bytes)
     scheme = urlsplit(url).scheme.lower()
     if scheme in _REDIS_SCHEMES:
         # Announcements under the prefix: apps sharing a Redis don't hear each other.
-        store = RedisStore.from_url(url, timeout=timeout)
+        store = RedisStore.from_url(url, timeout=timeout, background_timeout=background_timeout)
         store.channel = f"{prefix}:fills"
         store.invalidation_channel = f"{prefix}:invalidations"
         return store

@@ -218,12 +218,18 @@ class Store(Protocol):
 
     notifications: Notifications
 
-    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None
-                   ) -> LockResult:
-        """Try to take ``key``'s fill lock for ``ttl`` seconds; also read the key and the generations."""
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None, *,
+                   timeout: float | None = None) -> LockResult:
+        """Try to take ``key``'s fill lock for ``ttl`` seconds; also read the key and the generations.
+
+        ``timeout`` (here and below): the call's own time budget, for work after the
+        response (a refresh, a fill, a release, a purge), which may wait longer than a
+        request may; None: the store's request-path budget. A store without one ignores it.
+        """
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
-                   generation_keys: Sequence[str], generations: Sequence[int]) -> bool:
+                   generation_keys: Sequence[str], generations: Sequence[int], *, timeout: float | None = None
+                   ) -> bool:
         """Store a fill, index it under ``tag_sets``, release the lock ``token``, wake waiters.
 
         If a generation moved since ``generations`` were read (an invalidation ran
@@ -231,16 +237,17 @@ class Store(Protocol):
         an invalidated entry never comes back.
         """
 
-    async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
+    async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str, *,
+                         timeout: float | None = None) -> int:
         """Bump the generations, delete every entry indexed under the tag sets, publish ``message``."""
 
-    async def purge(self, pattern: str, generation_key: str, message: str) -> int:
+    async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None) -> int:
         """Bump ``generation_key``, delete every entry whose key matches ``pattern``, publish ``message``."""
 
     async def publish_invalidation(self, message: str) -> None:
         """Tell other processes (their L1) what was invalidated."""
 
-    async def unlock(self, key: str, token: str) -> None:
+    async def unlock(self, key: str, token: str, *, timeout: float | None = None) -> None:
         """Release the fill lock without a fill (the response could not be stored)."""
 
     @property

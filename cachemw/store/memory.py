@@ -128,8 +128,8 @@ class MemoryStore:
                 existed += 1
         return existed
 
-    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None
-                   ) -> LockResult:
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None, *,
+                   timeout: float | None = None) -> LockResult:
         value = await self.get(key)
         generations = tuple(self._generations.get(g, 0) for g in generation_keys)
         held = self._locks.get(key)
@@ -146,7 +146,8 @@ class MemoryStore:
         return token, value, generations
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
-                   generation_keys: Sequence[str], generations: Sequence[int]) -> bool:
+                   generation_keys: Sequence[str], generations: Sequence[int], *, timeout: float | None = None
+                   ) -> bool:
         current = tuple(self._generations.get(g, 0) for g in generation_keys)
         stored = current == tuple(generations)
         if stored:
@@ -170,13 +171,14 @@ class MemoryStore:
         self.notifications.filled(key)
         return stored
 
-    async def unlock(self, key: str, token: str) -> None:
+    async def unlock(self, key: str, token: str, *, timeout: float | None = None) -> None:
         held = self._locks.get(key)
         if held is not None and held[0] == token:
             del self._locks[key]
             self.notifications.filled(key)  # waiters find no entry and call the app themselves
 
-    async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
+    async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str, *,
+                         timeout: float | None = None) -> int:
         for generation_key in generation_keys:
             self._generations[generation_key] = self._generations.get(generation_key, 0) + 1
         keys: set[str] = set()
@@ -186,7 +188,7 @@ class MemoryStore:
         await self.publish_invalidation(message)
         return dropped
 
-    async def purge(self, pattern: str, generation_key: str, message: str) -> int:
+    async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None) -> int:
         self._generations[generation_key] = self._generations.get(generation_key, 0) + 1
         dropped = await self.delete(*[key for key in list(self._data) if fnmatch.fnmatchcase(key, pattern)])
         await self.publish_invalidation(message)

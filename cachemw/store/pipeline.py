@@ -240,11 +240,25 @@ class PipelinedRedis:
         self._attempt: asyncio.Future[None] | None = None  # a connect under way: done when it ends
         self._closed = False  # by aclose: for good, even for a connect already under way
 
+    def twin(self, timeout: float) -> PipelinedRedis:
+        """Another connection to the same server with another budget (background work).
+
+        Not this one with a longer deadline per call: replies come in order, and a
+        command with a short deadline behind one with a long deadline must still fail
+        on time.
+        """
+        twin = PipelinedRedis(host=self.host, port=self.port, path=self.path, timeout=timeout,
+                              stuck_after=max(self.stuck_after, timeout))
+        twin._hello = list(self._hello)
+        return twin
+
     def execute(self, command: bytes, timeout: float | None = None) -> Awaitable[Any]:
         """The reply to an encoded command (see ``encode_command``), within ``timeout`` (default: the budget).
 
-        On an open connection of this loop, the connection's future itself: no coroutine of
-        ours around it (a miss sends two commands, a hit one).
+        A ``timeout`` longer than the budget holds up the deadlines of the commands sent
+        after it on this connection: give such calls a ``twin``. On an open connection of
+        this loop, the connection's future itself: no coroutine of ours around it (a miss
+        sends two commands, a hit one).
         """
         connection = self._connection
         loop = _get_running_loop()
@@ -264,13 +278,21 @@ class PipelinedRedis:
         data = key.encode()
         return await self.execute(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(data), data))  # type: ignore[no-any-return]
 
-    async def evalsha(self, sha: str, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]
-                      ) -> Any:
-        """Run a script by its digest; sent once in full when the server does not know it."""
+    async def evalsha(self, sha: str, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float],
+                      timeout: float | None = None) -> Any:
+        """Run a script by its digest; sent once in full when the server does not know it.
+
+        Both within ``timeout`` (default: the budget), which the first reply's wait uses up.
+        """
+        budget = self.timeout if timeout is None else timeout
+        began = time.monotonic()
         try:
-            return await self.execute(encode_command(["EVALSHA", sha, len(keys), *keys, *args]))
+            return await self.execute(encode_command(["EVALSHA", sha, len(keys), *keys, *args]), budget)
         except NoScript:
-            return await self.execute(encode_command(["EVAL", script, len(keys), *keys, *args]))
+            left = budget - (time.monotonic() - began)
+            if left <= 0:
+                raise StoreTimeout("the script was unknown and its time budget spent") from None
+            return await self.execute(encode_command(["EVAL", script, len(keys), *keys, *args]), left)
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, budget: float) -> _Connection:
         """Connect in the caller's own task and time budget; callers arriving meanwhile wait for that one.

@@ -85,12 +85,16 @@ return 1
 # once, and only its absence takes the lock, so a miss costs one round trip, not two.
 # Every redis.call costs Redis about a microsecond on top of the command itself, and a
 # miss runs both scripts: reads are one MGET, and a lock and its flag go in one DEL.
+# A lock already held under the caller's own token is taken: a retried attempt whose
+# first try took it (the reply lost to a timeout) must not mistake itself for another
+# filler and leave the lock to expire.
 _LOCK_ALL_SCRIPT = """
 local found = redis.call('MGET', KEYS[1], unpack(KEYS, 4))
 local value = found[1]
 if value and ARGV[3] == '1' then return {2, value} end
 local taken = 0
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then taken = 1
+elseif redis.call('GET', KEYS[2]) == ARGV[1] then taken = 1
 else redis.call('SET', KEYS[3], '1', 'PX', ARGV[2]) end
 table.remove(found, 1)
 return {taken, value or false, found}
@@ -275,8 +279,16 @@ def _blocking_twin(client: Redis, socket_timeout: float | None) -> Redis:
     """A client on ``client``'s server with its own unbounded pool and another socket timeout."""
     kwargs = dict(client.connection_pool.connection_kwargs)
     kwargs.update(socket_timeout=socket_timeout, socket_keepalive=True)
+    kwargs["socket_connect_timeout"] = _connect_timeout(kwargs.get("socket_connect_timeout"), socket_timeout)
     pool = ConnectionPool(connection_class=client.connection_pool.connection_class, **kwargs)
     return Redis(connection_pool=pool)
+
+
+def _connect_timeout(budget: float | None, socket_timeout: float | None) -> float | None:
+    """A twin with longer reads (background work) may take as long to connect; one that blocks for ever may not."""
+    if socket_timeout is None or budget is None:
+        return budget
+    return max(budget, socket_timeout)
 
 
 def _cluster_clients(url: str, timeout: float, max_connections: int) -> RedisClients:
@@ -290,7 +302,7 @@ def _cluster_clients(url: str, timeout: float, max_connections: int) -> RedisCli
             password=unquote(parts.password) if parts.password else None,
             ssl=parts.scheme.lower().startswith("rediss"),
             socket_timeout=socket_timeout,
-            socket_connect_timeout=timeout,
+            socket_connect_timeout=_connect_timeout(timeout, socket_timeout),
             max_connections=max_connections,
             # A node down must fail only its own slots: the others keep answering.
             require_full_coverage=False,
@@ -318,7 +330,8 @@ def _sentinel_clients(url: str, timeout: float, max_connections: int) -> RedisCl
 
     def client(socket_timeout: float | None) -> Redis:
         master: Redis = sentinel.master_for(
-            service, db=db, socket_timeout=socket_timeout, socket_connect_timeout=timeout,
+            service, db=db, socket_timeout=socket_timeout,
+            socket_connect_timeout=_connect_timeout(timeout, socket_timeout),
             retry=Retry(NoBackoff(), 0), max_connections=max_connections, protocol=2,
             ssl=parts.scheme.lower().startswith("rediss"), username=username, password=password,
         )
@@ -331,18 +344,23 @@ def _sentinel_clients(url: str, timeout: float, max_connections: int) -> RedisCl
 class _Bound:
     """The clients of one event loop: redis-py's (and their scripts and gate) and the pipelined connection."""
 
-    __slots__ = ("also_close", "client", "dropped", "fill_all", "gate", "guard", "listener_client", "lock_all",
-                 "loop", "pipelined", "unlock_script")
+    __slots__ = ("_background", "_background_client", "also_close", "background_pipelined", "client", "dropped",
+                 "fill_all", "gate", "guard", "listener_client", "lock_all", "loop", "pipelined", "unlock_script")
 
     def __init__(self, client: Redis | RedisCluster, pipelined: PipelinedRedis | None,
                  listener_client: Callable[[], Redis | RedisCluster], also_close: Sequence[Any],
-                 max_connections: int) -> None:
+                 max_connections: int, background_client: Callable[[], Redis | RedisCluster],
+                 background_timeout: float) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None  # taken by the first call inside a loop
         self.guard: LoopGuard | None = None
         self.dropped = False  # closed by its guard (its loop ended): the next call makes new clients
         self.client: Any = client
         self.pipelined = pipelined if not isinstance(client, RedisCluster) else None
+        # Connects on first use, like the request path's.
+        self.background_pipelined = self.pipelined.twin(background_timeout) if self.pipelined is not None else None
         self.listener_client = listener_client
+        self._background_client = background_client
+        self._background: Redis | RedisCluster | None = None
         self.also_close = list(also_close)
         # redis-py's cluster client raises at once when a node's pool is full; wait for a
         # connection instead (within the caller's budget), as the single-server pool does.
@@ -353,6 +371,19 @@ class _Bound:
 
     def gated(self) -> Any:
         return self.gate if self.gate is not None else contextlib.nullcontext()
+
+    def lane(self, timeout: float | None) -> tuple[Any, Any]:
+        """The client for a call with a ``timeout`` of its own (background work), and the gate to pass.
+
+        Background work has its own pool with the longer socket timeout, made on first
+        use: it neither waits behind the request path's pool nor fails at its budget.
+        """
+        if timeout is None:
+            return self.client, self.gated()
+        background = self._background
+        if background is None:
+            background = self._background = self._background_client()
+        return background, contextlib.nullcontext()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> LoopGuard:
         self.loop = loop
@@ -370,8 +401,13 @@ class _Bound:
         try:
             if self.pipelined is not None:
                 await self.pipelined.aclose()
+            if self.background_pipelined is not None:
+                await self.background_pipelined.aclose()
         finally:
             await close_client(self.client)
+            background, self._background = self._background, None
+            if background is not None and background is not self.client:
+                await close_client(background)
             for other in self.also_close:
                 await close_client(other)
 
@@ -379,6 +415,8 @@ class _Bound:
         """Another loop takes over: close these on their own loop if it still runs, else leave them be."""
         if self.pipelined is not None:  # its socket is closed by its own guard, or now on its loop
             self.pipelined.abandon()
+        if self.background_pipelined is not None:
+            self.background_pipelined.abandon()
         if self.guard is not None:
             self.guard.cancel()  # its loop, if it still runs, closes the rest
 
@@ -399,8 +437,9 @@ class RedisStore:
     ``requires_asyncio`` says so up front.
     """
 
-    __slots__ = ("__weakref__", "_bound", "_clients", "_guards", "_listening", "_max_connections", "bounded",
-                 "channel", "cluster", "invalidation_channel", "lookup_locks", "notifications")
+    __slots__ = ("__weakref__", "_bound", "_clients", "_guards", "_listening", "_max_connections",
+                 "background_timeout", "bounded", "channel", "cluster", "invalidation_channel", "lookup_locks",
+                 "notifications")
 
     requires_asyncio = True
     """The store's drivers (redis-py's asyncio client, an asyncio Protocol) need an asyncio event loop."""
@@ -409,11 +448,19 @@ class RedisStore:
                  invalidation_channel: str = DEFAULT_INVALIDATION_CHANNEL,
                  listener_client: Callable[[], Redis | RedisCluster] | None = None,
                  max_connections: int = 256, pipelined: PipelinedRedis | None = None,
-                 clients: Callable[[], RedisClients] | None = None) -> None:
+                 clients: Callable[[], RedisClients] | None = None, background_timeout: float = 2.0) -> None:
         self._max_connections = max_connections
         self._clients = clients  # makes the clients of another event loop
+        self.background_timeout = background_timeout
+        """How long a background call's socket reads may wait (its caller's ``timeout`` bounds the call)."""
         listen_with = listener_client or (lambda: _blocking_twin(cast(Redis, client), None))
-        self._bound = _Bound(client, pipelined, listen_with, (), max_connections)
+
+        def background_with() -> Redis | RedisCluster:
+            if isinstance(client, RedisCluster):
+                return client  # no way to make its twin: background calls share its pool and timeout
+            return _blocking_twin(client, background_timeout)
+
+        self._bound = _Bound(client, pipelined, listen_with, (), max_connections, background_with, background_timeout)
         self.cluster = isinstance(client, RedisCluster)
         # The pipelined connection keeps the time budget itself: callers need no timeout of their own.
         self.bounded = self._bound.pipelined is not None
@@ -427,8 +474,13 @@ class RedisStore:
         weakref.finalize(self, _cancel_guards, self._guards)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout: float = 0.05, max_connections: int = 256) -> RedisStore:
+    def from_url(cls, url: str, *, timeout: float = 0.05, max_connections: int = 256,
+                 background_timeout: float = 2.0) -> RedisStore:
         """A store with its own bounded pool and time budget.
+
+        ``timeout`` is the request path's budget; calls given a ``timeout`` of their own
+        (fills, releases, refreshes and purges after the response) run on a pool whose
+        reads may wait ``background_timeout``.
 
         ``redis://``, ``rediss://``, ``unix://`` (redis-py's query-string options win
         over these settings); ``redis+cluster://h1:p1,h2:p2`` for Redis Cluster (any
@@ -439,10 +491,15 @@ class RedisStore:
             return redis_clients(url, timeout=timeout, max_connections=max_connections)
 
         clients = make()
-        store = cls(clients.client, listener_client=lambda: clients.blocking_client(None),
-                    max_connections=max_connections, pipelined=clients.pipelined, clients=make)
-        store._bound.also_close = list(clients.also_close)
+        store = cls(clients.client, max_connections=max_connections, pipelined=clients.pipelined, clients=make,
+                    background_timeout=background_timeout)
+        store._bound = store._bound_to(clients)  # with the URL's own twins for listening and background work
         return store
+
+    def _bound_to(self, clients: RedisClients) -> _Bound:
+        background_timeout = self.background_timeout
+        return _Bound(clients.client, clients.pipelined, lambda: clients.blocking_client(None), clients.also_close,
+                      self._max_connections, lambda: clients.blocking_client(background_timeout), background_timeout)
 
     def _on_loop(self) -> _Bound:
         """The clients of the running loop: made (and the old ones dropped) when it is not theirs."""
@@ -457,10 +514,7 @@ class RedisStore:
             raise StoreError("this RedisStore's connections belong to another event loop; a store made with "
                              "RedisStore.from_url reconnects on each loop")
         bound.abandon()
-        clients = self._clients()
-        self._bound = bound = _Bound(clients.client, clients.pipelined,
-                                     lambda: clients.blocking_client(None), clients.also_close,
-                                     self._max_connections)
+        self._bound = bound = self._bound_to(self._clients())
         self._guards[:] = [bound.bind(loop)]
         return bound
 
@@ -550,28 +604,30 @@ class RedisStore:
             raise StoreError(f"redis DEL failed: {exc!r}") from exc
 
     @staticmethod
-    async def _delete_each(bound: _Bound, keys: Sequence[str | bytes]) -> int:
+    async def _delete_each(bound: _Bound, keys: Sequence[str | bytes], timeout: float | None = None) -> int:
         """One DEL per key, pipelined: a multi-key DEL would cross Redis Cluster slots."""
         dropped = 0
+        client, gate = bound.lane(timeout)
         for start in range(0, len(keys), 500):
-            async with bound.gated(), bound.client.pipeline(transaction=False) as pipe:
+            async with gate, client.pipeline(transaction=False) as pipe:
                 for key in keys[start : start + 500]:
                     pipe.delete(key)
                 dropped += sum(int(n) for n in await pipe.execute())
         return dropped
 
-    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None
-                   ) -> LockResult:
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None, *,
+                   timeout: float | None = None) -> LockResult:
         token = token or secrets.token_hex(8)
         try:
             bound = self._on_loop()
             if not self.cluster:
                 taken, value, generations = await self._script(
                     bound, bound.lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys],
-                    [token, _millis(ttl)])
+                    [token, _millis(ttl)], timeout)
                 return ((token if taken else None), value if isinstance(value, bytes) else None,
                         tuple(_int(g) for g in generations))
-            async with bound.gated(), bound.client.pipeline(transaction=False) as pipe:
+            client, gate = bound.lane(timeout)
+            async with gate, client.pipeline(transaction=False) as pipe:
                 # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
                 # Redis caches the compiled script by its text anyway.
                 pipe.eval(_LOCK_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), token, _millis(ttl))
@@ -609,7 +665,8 @@ class RedisStore:
             raise StoreError(f"redis lookup failed: {exc!r}") from exc
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
-                   generation_keys: Sequence[str], generations: Sequence[int]) -> bool:
+                   generation_keys: Sequence[str], generations: Sequence[int], *, timeout: float | None = None
+                   ) -> bool:
         # Store and index first, then read the generations: an invalidation that bumped
         # them before our read is seen here (we delete the entry again), and one that
         # bumped them after our read finds the entry in its tag set (it deletes it).
@@ -621,10 +678,12 @@ class RedisStore:
                 stored = await self._script(
                     bound, bound.fill_all, [key, _lock_key(key), _wait_key(key), *tag_sets, *generation_keys],
                     [value, _millis(ttl), token or "", self.channel, _score(now, math.floor),
-                     _score(expires, math.ceil), _millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)])
+                     _score(expires, math.ceil), _millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)],
+                    timeout)
                 return bool(stored)
-            async with bound.gated():
-                async with bound.client.pipeline(transaction=False) as pipe:
+            client, gate = bound.lane(timeout)
+            async with gate:
+                async with client.pipeline(transaction=False) as pipe:
                     pipe.eval(_FILL_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, _millis(ttl),
                               token or "", self.channel, now, expires, _millis(ttl + 60), 0)
                     for tag_set in tag_sets:
@@ -634,7 +693,7 @@ class RedisStore:
                     replies = await pipe.execute()
                 current = tuple(_int(g) for g in replies[len(replies) - len(generation_keys):])
                 if current != tuple(generations):
-                    await bound.client.delete(key)
+                    await client.delete(key)
                     return False
         except StoreError:
             raise
@@ -642,57 +701,62 @@ class RedisStore:
             raise StoreError(f"redis fill failed: {exc!r}") from exc
         return True
 
-    async def unlock(self, key: str, token: str) -> None:
+    async def unlock(self, key: str, token: str, *, timeout: float | None = None) -> None:
         try:
             bound = self._on_loop()
             # Waiters are woken too: they find no entry and call the app themselves at once.
             await self._script(bound, bound.unlock_script, [_lock_key(key), _wait_key(key)],
-                               [token, self.channel, key])
+                               [token, self.channel, key], timeout)
         except StoreError:
             raise
         except Exception as exc:
             raise StoreError(f"redis unlock failed: {exc!r}") from exc
 
     @staticmethod
-    def _script(bound: _Bound, script: Any, keys: list[str], args: list[Any]) -> Awaitable[Any]:
-        """A registered script, on the pipelined connection when there is one (no coroutine around it)."""
-        pipelined = bound.pipelined
+    def _script(bound: _Bound, script: Any, keys: list[str], args: list[Any], timeout: float | None = None
+                ) -> Awaitable[Any]:
+        """A registered script, on the pipelined connection when there is one (no coroutine around it);
+        ``timeout``: see ``Store``."""
+        pipelined = bound.pipelined if timeout is None else bound.background_pipelined
         if pipelined is None:
-            return _gated_script(bound, script, keys, args)
-        return pipelined.evalsha(script.sha, script.script, keys, args)
+            return _gated_script(bound, script, keys, args, timeout)
+        return pipelined.evalsha(script.sha, script.script, keys, args, timeout)
 
-    async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str) -> int:
+    async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str, *,
+                         timeout: float | None = None) -> int:
         try:
             bound = self._on_loop()
-            async with bound.gated(), bound.client.pipeline(transaction=False) as pipe:
+            client, gate = bound.lane(timeout)
+            async with gate, client.pipeline(transaction=False) as pipe:
                 for generation_key in generation_keys:
                     pipe.incr(generation_key)
                 for tag_set in tag_sets:
                     pipe.zrange(tag_set, 0, -1)
                 replies = await pipe.execute()
             keys = {member for members in replies[len(generation_keys):] for member in members}
-            dropped = await self._delete_each(bound, list(keys))
-            await self._delete_each(bound, list(tag_sets))
-            await bound.client.publish(self.invalidation_channel, message)
+            dropped = await self._delete_each(bound, list(keys), timeout)
+            await self._delete_each(bound, list(tag_sets), timeout)
+            await client.publish(self.invalidation_channel, message)
         except StoreError:
             raise
         except Exception as exc:
             raise StoreError(f"redis invalidate failed: {exc!r}") from exc
         return dropped
 
-    async def purge(self, pattern: str, generation_key: str, message: str) -> int:
+    async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None) -> int:
         try:
             bound = self._on_loop()
-            await bound.client.incr(generation_key)
+            client, _ = bound.lane(timeout)
+            await client.incr(generation_key)
             dropped = 0
             batch: list[bytes] = []
-            async for found in bound.client.scan_iter(match=pattern, count=1000):
+            async for found in client.scan_iter(match=pattern, count=1000):
                 batch.append(found)
                 if len(batch) >= 500:
-                    dropped += await self._delete_each(bound, batch)
+                    dropped += await self._delete_each(bound, batch, timeout)
                     batch = []
-            dropped += await self._delete_each(bound, batch)
-            await bound.client.publish(self.invalidation_channel, message)
+            dropped += await self._delete_each(bound, batch, timeout)
+            await client.publish(self.invalidation_channel, message)
         except StoreError:
             raise
         except Exception as exc:
@@ -777,9 +841,11 @@ class RedisStore:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
 
 
-async def _gated_script(bound: _Bound, script: Any, keys: list[str], args: list[Any]) -> Any:
-    async with bound.gated():
-        return await script(keys=keys, args=args)
+async def _gated_script(bound: _Bound, script: Any, keys: list[str], args: list[Any], timeout: float | None
+                        ) -> Any:
+    client, gate = bound.lane(timeout)
+    async with gate:
+        return await script(keys=keys, args=args, client=client)
 
 
 def _cancel_guards(guards: list[LoopGuard]) -> None:

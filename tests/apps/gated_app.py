@@ -52,6 +52,14 @@ async def failing(request: Request) -> Response:
     return PlainTextResponse("the database went away", status_code=500)
 
 
+@cache(ttl="5m")
+async def burst(request: Request) -> Response:
+    """A read that takes a while, as a database's does, and counts itself: a herd must make one."""
+    calls = await _db.incr(f"test:calls:burst:{request.path_params['id']}")
+    await anyio.sleep(0.02)
+    return JSONResponse({"id": request.path_params["id"], "call": calls})
+
+
 async def ready(request: Request) -> Response:
     notifications = current_cache().store.notifications
     if _heard.append not in notifications.on_invalidate:  # the store exists once the first request prepared it
@@ -71,6 +79,7 @@ app = Starlette(routes=[
     Route("/items/{id:int}", item, methods=["GET"]),
     Route("/items/{id:int}", update, methods=["POST"]),
     Route("/failing", failing),
+    Route("/burst/{id:int}", burst),
     Route("/ready", ready),
     Route("/heard", heard),
     Route("/waiting", waiting),
@@ -79,4 +88,5 @@ app = Starlette(routes=[
 # wait far past the test's deadline instead of being answered by a fill of its own.
 app.add_middleware(CacheMiddleware, settings=Settings(
     redis_url=URL, lock_timeout=float(os.environ["TEST_LOCK_TIMEOUT"]),
-    store_timeout=float(os.environ["TEST_STORE_TIMEOUT"])))
+    store_timeout=float(os.environ["TEST_STORE_TIMEOUT"]),
+    background_timeout=float(os.environ.get("TEST_BACKGROUND_TIMEOUT", Settings.background_timeout))))
