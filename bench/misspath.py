@@ -117,13 +117,38 @@ async def _count(case: str, redis_url: str, requests: int, concurrency: int, bas
             profile.disable()
 
 
+async def _store_calls(redis_url: str, requests: int) -> None:
+    """What the cached app asks Redis for on ``requests`` misses (the lookup-or-lock, then the fill),
+    one after another: for counting redis-server's instructions (run it under callgrind)."""
+    from cachemw.keys import tag_keys
+    from cachemw.store.redis import RedisStore
+
+    store = RedisStore.from_url(redis_url, timeout=30.0)
+    await store.connect(30.0)
+    route_set, route_generation = tag_keys("cachemw", "route:/item/{id}")
+    every_generation = tag_keys("cachemw", "*")[1]
+    value = peer_common.payload_bytes(1) + b"x" * 160  # about an encoded entry's size
+    try:
+        for i in range(requests):
+            key = f"cachemw:e:/item/<id>:{{{i:032x}}}"
+            path_set, path_generation = tag_keys("cachemw", f"path:/item/{i}")
+            generation_keys = (route_generation, path_generation, every_generation)
+            token, current, generations = await store.get_or_lock(key, 5.0, generation_keys, f"t{i}")
+            if token is None or current is not None:
+                raise SystemExit(f"{key}: expected a free lock on an empty key, got {(token, current)}")
+            await store.fill(key, value, 3600.0, token, [route_set, path_set], generation_keys, generations)
+    finally:
+        await store.aclose()
+
+
 async def _discard(message: Any) -> None:
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("cpu", "cprofile", "count"), default="cpu")
+    parser.add_argument("--mode", choices=("cpu", "cprofile", "count", "store"), default="cpu",
+                        help="store: only the store calls of --requests misses, against --redis-url")
     parser.add_argument("--case", choices=CASES, default="miss", help="for cprofile and count")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -136,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     peer_common.database.__defaults__ = (args.db_ms / 1000,)
     base = 10_000_000_000 + int(time.time() * 1000) % 10_000_000 * 1000
+    if args.mode == "store":
+        if not args.redis_url:
+            parser.error("--mode store needs --redis-url (the redis-server to count, e.g. under callgrind)")
+        uvloop.run(_store_calls(args.redis_url, args.requests))
+        return 0
     if args.mode == "count" and args.redis_url:
         uvloop.run(_count(args.case, args.redis_url, args.requests, args.concurrency, base,
                           store_timeout=args.store_timeout))
