@@ -27,7 +27,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,18 @@ class _Lifespan:
         await self.sent.get()
         assert self.task is not None
         await self.task
+
+
+@contextlib.contextmanager
+def pinned_redis(name: str) -> Iterator[common.RedisProcess]:
+    """A private redis-server, and this process, on the server's CPU (where uvicorn runs in peers.py)."""
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cachemw-{name}-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    cpu_app, _ = common.default_cpus()
+    with common.RedisProcess(workdir, cpu=cpu_app) as redis:
+        if cpu_app is not None:
+            os.sched_setaffinity(0, {int(cpu_app)})
+        yield redis
 
 
 def _redis_cpu(pid: int | None) -> float:
@@ -171,17 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in args.cases.split(",") if c]
     peer_common.database.__defaults__ = (0.0,)  # a miss costs what the cache costs, not the sleep
     results: dict[str, list[dict[str, float]]] = {case: [] for case in cases}
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cachemw-hitpath-{os.getpid()}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    cpu_app, _ = common.default_cpus()
-    with common.RedisProcess(workdir, cpu=cpu_app) as redis:
-        if cpu_app is not None:
-            os.sched_setaffinity(0, {int(cpu_app)})
+    with pinned_redis("hitpath") as redis:
         for round_no in range(args.rounds):
             for case in cases:
                 redis.flushall()
                 redis_pid = redis.proc.pid if redis.proc else None
-                result = uvloop.run(_measure(case, redis.url + "/0", redis_pid, args.seconds, args.concurrency,
+                result = uvloop.run(_measure(case, redis.url, redis_pid, args.seconds, args.concurrency,
                                              args.ids))
                 results[case].append(result)
                 print(f"round {round_no + 1} {case:11s} {result['app_us']:7.1f} µs app + {result['redis_us']:5.1f}"

@@ -62,6 +62,7 @@ class AppSpec:
     redis: bool  # gets BENCH_REDIS_URL
     header: str | None  # the response header naming the cache state, if the library sets one
     title: str = ""
+    source: Path | None = None  # another checkout of cachemw to run the app from (--baseline)
 
 
 APPS: dict[str, AppSpec] = {
@@ -216,6 +217,24 @@ class Stampede:
     seconds: float
 
 
+def add_baseline(source: Path) -> None:
+    """The FastAPI Redis app of another checkout (its own bench/apps and cachemw), and its miss case."""
+    if not (source / "cachemw" / "__init__.py").is_file() or not (source / "bench" / "apps").is_dir():
+        raise SystemExit(f"--baseline {source}: not a cachemw checkout (no cachemw/ and bench/apps/)")
+    done = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    revision = done.stdout.strip() or "?"
+    APPS["cachemw-fa-base"] = AppSpec("peer_cachemw:fastapi_redis", True, "x-cache", source=source,
+                                      title=f"FastAPI + cachemw on Redis at {revision} ({source})")
+    case = Case("cachemw-fastapi-miss-base", "cachemw-fa-base", "/item/", "miss", "item",
+                f"cachemw miss on Redis (FastAPI, new id per request) **at {revision}, the baseline**", "MISS")
+    CASES.append(case)
+    CASE[case.name] = case
+    INFO_RATIOS.extend([
+        (f"cachemw misses vs the uncached app, at {revision}", "cachemw-fastapi-miss-base", "uncached-miss"),
+        (f"cachemw misses, this revision vs {revision}", "cachemw-fastapi-miss", "cachemw-fastapi-miss-base"),
+    ])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5,
@@ -245,11 +264,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Markdown results file; a .json with the raw runs goes next to it "
                              "(default: bench/results/peers.md)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep logs and redis files after the run")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="a checkout of another cachemw revision (git worktree add /tmp/base REV): its FastAPI "
+                             "Redis app runs too, for the case cachemw-fastapi-miss-base, in the same rounds")
     parser.add_argument("--profile", nargs="?", const="auto", default=None, metavar="CASES",
                         help="after the rounds, one more run per case under py-spy; CASES: comma-separated, or "
                              "'auto' (default when given without a value): the cachemw cases of missed targets. "
                              "Collapsed stacks go next to the output as <name>.profile-<case>.txt")
     args = parser.parse_args(argv)
+    if args.baseline is not None:
+        add_baseline(args.baseline.resolve())
     if args.warmup < 0:
         parser.error("warmup must not be negative")
     if args.rounds < 1 or args.duration <= 0 or args.connections < 1 or args.threads < 1 or args.ids < 1:
@@ -792,8 +816,13 @@ def run(args: argparse.Namespace) -> int:
                     stack.enter_context(redis)
                     redises[key] = redis
                     env["BENCH_REDIS_URL"] = redis.url
+                if spec.source is not None:
+                    # --app-dir goes first on sys.path, before the repository root (the cwd of ``-m``):
+                    # the checkout's own cachemw is imported, its bench/apps from PYTHONPATH.
+                    env["PYTHONPATH"] = str(spec.source / "bench" / "apps")
                 app = AppProcess(spec.target, workdir=workdir / key, env=env, cpu=server_cpu, ready_path="/_calls",
-                                 python=str(VENV_PYTHON), unset_env=("CACHEMW_REDIS_URL",))
+                                 python=str(VENV_PYTHON), unset_env=("CACHEMW_REDIS_URL", "PYTHONPATH"),
+                                 app_dir=spec.source or common.APPS_DIR)
                 stack.enter_context(app)
                 apps[key] = app
                 print(f"app {key}: {app.display_command()}", flush=True)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 __all__ = ["JobCounters", "Supervisor", "current_supervisor", "detach"]
 
@@ -63,8 +63,7 @@ class JobCounters:
     abandoned: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _Job:
+class _Job(NamedTuple):  # a tuple: made once per fill, so its construction must cost little
     kind: str
     key: str
     function: JobFunction
@@ -73,9 +72,62 @@ class _Job:
     retries: int
 
 
+class _Lane:
+    """A bounded queue and the workers that take from it.
+
+    Cheaper per job than an anyio memory stream (which makes an Event and a
+    receiver record and passes a checkpoint for every item): a job is a deque
+    append, and only a worker that found the queue empty parks on an Event.
+    """
+
+    __slots__ = ("buffer", "closed", "idle", "size", "woken")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buffer: deque[_Job] = deque()
+        self.idle: list[anyio.Event] = []  # parked workers, the last one parked first to be woken
+        self.woken = 0  # workers woken for a job they have not taken yet: like a memory stream, a job
+        # handed to a waiting worker does not count against the queue's size
+        self.closed = False
+
+    def put(self, job: _Job) -> bool:
+        buffer = self.buffer
+        if len(buffer) - self.woken >= self.size:
+            return False
+        buffer.append(job)
+        if len(buffer) > self.woken and self.idle:
+            self.woken += 1
+            self.idle.pop().set()
+        return True
+
+    def close(self) -> None:
+        """Take no more jobs; the workers leave once the queue is empty."""
+        self.closed = True
+        idle, self.idle = self.idle, []
+        for event in idle:
+            event.set()
+
+    async def take(self) -> _Job | None:
+        """The next job, waiting for one; None once the lane is closed and empty."""
+        while True:
+            if self.buffer:
+                return self.buffer.popleft()
+            if self.closed:
+                return None
+            event = anyio.Event()
+            self.idle.append(event)
+            try:
+                await event.wait()
+            finally:
+                if event in self.idle:  # cancelled while parked
+                    self.idle.remove(event)
+                elif self.woken and not self.closed:
+                    self.woken -= 1
+
+
 @dataclass(slots=True)
 class _State:
-    sends: dict[str, MemoryObjectSendStream[_Job]]  # lane -> its queue; "" is the shared lane
+    lanes: dict[str, _Lane]  # lane -> its queue; "" is the shared lane
     task_group: TaskGroup
     workers_left: int
     idle: anyio.Event = field(default_factory=anyio.Event)
@@ -180,10 +232,9 @@ class Supervisor:
                 counters.queued += 1
                 return True
             return False
-        job = _Job(kind, key, function, args, self.job_timeout if timeout is None else timeout, retries)
-        try:
-            state.sends.get(kind, state.sends[""]).send_nowait(job)
-        except anyio.WouldBlock:
+        lanes = state.lanes
+        lane = lanes.get(kind) or lanes[""]
+        if not lane.put(_Job(kind, key, function, args, self.job_timeout if timeout is None else timeout, retries)):
             counters.shed += 1
             return False
         counters.queued += 1
@@ -218,14 +269,13 @@ class Supervisor:
         if self._state is not None:
             raise RuntimeError("this supervisor is already running")
         sizes = {"": self.concurrency, **self.lanes}
-        streams = {lane: anyio.create_memory_object_stream[_Job](self.queue_size) for lane in sizes}
+        lanes = {name: _Lane(self.queue_size) for name in sizes}
         async with anyio.create_task_group() as task_group:
-            self._state = _State({lane: send for lane, (send, _) in streams.items()}, task_group, sum(sizes.values()))
+            self._state = _State(lanes, task_group, sum(sizes.values()))
             self._draining = False
-            for lane, (_, receive) in streams.items():
-                async with receive:
-                    for _ in range(sizes[lane]):
-                        await task_group.start(self._worker, receive.clone())
+            for name, lane in lanes.items():
+                for _ in range(sizes[name]):
+                    await task_group.start(self._worker, lane)
             services = [anyio.CancelScope() for _ in self._services]
             for (name, function), scope in zip(self._services, services, strict=True):
                 await task_group.start(self._service, name, function, scope)
@@ -244,8 +294,8 @@ class Supervisor:
         if state is None or self._draining:
             return
         self._draining = True
-        for send in state.sends.values():
-            send.close()
+        for lane in state.lanes.values():
+            lane.close()
         with anyio.move_on_after(self.grace_period):
             await state.idle.wait()
         if not state.idle.is_set():
@@ -279,16 +329,13 @@ class Supervisor:
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
 
-    async def _worker(
-        self, receive: MemoryObjectReceiveStream[_Job], *, task_status: TaskStatus[None]
-    ) -> None:
+    async def _worker(self, lane: _Lane, *, task_status: TaskStatus[None]) -> None:
         state = self._state
         assert state is not None
         task_status.started()
         try:
-            async with receive:
-                async for job in receive:
-                    await self._run(job)
+            while (job := await lane.take()) is not None:
+                await self._run(job)
         finally:
             state.workers_left -= 1
             if state.workers_left == 0:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from random import getrandbits
 from typing import Any, TypeVar
 
 import anyio
@@ -213,6 +214,9 @@ class CacheMiddleware:
         self._refreshing: set[str] = set()
         # Routes whose last lookup missed: their next lookup also tries the lock (one round trip).
         self._missing: set[str] = set()
+        # Per route template, once: its route tag and that tag's generation key, and the generation
+        # key of everything (ALL_TAG). A miss adds only its path's tag (and the rule's own tags).
+        self._route_tags: dict[str, tuple[str, str, str]] = {}
         self._lookup_locks = False
         self.l1 = L1()
         self.invalidator: Invalidator | None = None
@@ -511,10 +515,20 @@ class CacheMiddleware:
         return self._route_credentials.get(id(match.rule), self._credentials)
 
     def _plan(self, key: str, policy: Policy, match: RouteMatch, scope: Scope) -> _Plan:
-        tags = (*format_tags(policy.tags, match.path_params), route_tag(normalise_template(match.rule.template)),
-                path_tag(scope["path"]))
-        generation_keys = tuple(tag_keys(self._prefix, tag)[1] for tag in (*tags, ALL_TAG))
-        return _Plan(key, policy, match, tags, generation_keys)
+        prefix = self._prefix
+        template = match.rule.template
+        fixed = self._route_tags.get(template)
+        if fixed is None:
+            route = route_tag(normalise_template(template))
+            fixed = self._route_tags[template] = (route, tag_keys(prefix, route)[1], tag_keys(prefix, ALL_TAG)[1])
+        route, route_generation, all_generation = fixed
+        path = path_tag(scope["path"])
+        path_generation = tag_keys(prefix, path)[1]
+        if not policy.tags:
+            return _Plan(key, policy, match, (route, path), (route_generation, path_generation, all_generation))
+        own = format_tags(policy.tags, match.path_params)
+        return _Plan(key, policy, match, (*own, route, path),
+                     (*(tag_keys(prefix, tag)[1] for tag in own), route_generation, path_generation, all_generation))
 
     # -- misses: one fill per key, in this process and across processes ---------------------------
 
@@ -604,6 +618,14 @@ class CacheMiddleware:
         store = self.store
         if store is None:
             return None
+        locked = plan.looked_up
+        if locked is not None and locked[0] is not None and locked[1] is None:
+            # The lookup took the lock (a miss's usual case): nothing to wait for or look at.
+            if plan.waiter is not None:
+                plan.waiter.close()
+            plan.looked_up = plan.waiter = None
+            plan.token, _, plan.generations = locked
+            return None
         locked, waiter = plan.looked_up, plan.waiter or store.notifications.waiter(plan.key)
         plan.looked_up = plan.waiter = None
         deadline = time.monotonic() + self._lock_timeout
@@ -677,7 +699,7 @@ class CacheMiddleware:
         if flight is not None:
             # The waiters get the response as soon as it is complete, not when the app returns:
             # a Starlette BackgroundTask runs inside the app call, after the last body message.
-            responder.on_complete = lambda: flight.finish(responder.entry(tags=plan.tags))
+            responder.flight = flight
         origin_started = time.perf_counter()
         failure: str | None = None
         try:
@@ -837,7 +859,7 @@ class CacheMiddleware:
             return None, True
         began = time.perf_counter()
         try:
-            value = await self._within_budget(store.get(key))
+            value = await store.get(key) if self._bounded else await self._within_budget(store.get(key))
         except Exception as exc:  # whatever the driver raises (another loop, trio, a bug): the app answers
             self._store_failed(breaker, exc, began)
             return None, True
@@ -879,11 +901,11 @@ class CacheMiddleware:
         if store is None:
             return None
         if not self._remote:
-            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys, os.urandom(8).hex())
+            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys, _token())
         breaker = self._breaker(plan.key)
         if not breaker.allow(time.monotonic()):
             return None
-        token = os.urandom(8).hex()
+        token = _token()
         attempt = store.get_or_lock if lookup else store.lock  # type: ignore[attr-defined]
         began = time.perf_counter()
         try:
@@ -892,7 +914,8 @@ class CacheMiddleware:
                 result = await self._in_background(lambda left: store.lock(
                     plan.key, self._lock_timeout, plan.generation_keys, token, timeout=left))
             else:
-                result = await self._within_budget(attempt(plan.key, self._lock_timeout, plan.generation_keys, token))
+                call = attempt(plan.key, self._lock_timeout, plan.generation_keys, token)
+                result = await call if self._bounded else await self._within_budget(call)
         except BaseException as exc:
             # Redis may have taken the lock after we stopped waiting (a timeout, or this request
             # cancelled): release it (if it is ours) rather than leave others waiting for a fill
@@ -1116,6 +1139,11 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def _token() -> str:
+    """A lock token: 64 random bits, without a system call (``random`` reseeds in a forked child)."""
+    return f"{getrandbits(64):016x}"
+
+
 def _origin_busy_answer(retry_after: int) -> Entry:
     """Our 503 past ``origin_concurrency``: made once at startup, replayed as is."""
     body = b"The service is busy; try again shortly.\n"
@@ -1248,8 +1276,8 @@ class _FillResponder:
     ``hold_errors`` a 5xx is swallowed, so a stale entry can answer instead.
     """
 
-    __slots__ = ("_chunks", "_entry", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors", "_policy",
-                 "_send", "cache_status", "complete", "deadline", "failed_status", "on_complete", "response_tags",
+    __slots__ = ("_chunks", "_entry", "_etag", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors",
+                 "_policy", "_send", "cache_status", "complete", "deadline", "failed_status", "flight", "response_tags",
                  "size", "started", "status", "storable", "stored_at")
 
     def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes, hold_errors: bool) -> None:
@@ -1261,7 +1289,10 @@ class _FillResponder:
         self._chunks: list[bytes] = []
         self._failure_chunks: list[bytes] | None = None  # a copy of a 5xx answer, for the waiters to share
         self._entry: Entry | None = None
-        self.on_complete: Callable[[], None] | None = None  # called once the whole response went out
+        self._etag: bytes | None = None
+        # Finished with the entry once the whole response went out. Not a callback: a closure over the
+        # responder would make a reference cycle of every miss, left to the garbage collector to free.
+        self.flight: _Flight | None = None
         self._held: dict[str, Any] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self.size = 0
@@ -1323,13 +1354,14 @@ class _FillResponder:
             if self._held is not None:
                 held, self._held = self._held, None
                 if not more and self.storable and http.response_etag(self._headers) is None:
-                    held["headers"].append((b"etag", http.make_etag(body)))
+                    self._etag = http.make_etag(body)  # the entry's too: the body is this one chunk
+                    held["headers"].append((b"etag", self._etag))
                 await self._send(held)
             await self._send(message)
             if not more:
                 self.complete = True
-                if self.on_complete is not None and self.storable:
-                    self.on_complete()
+                if self.flight is not None and self.storable:
+                    self.flight.finish(self.entry(tags=self.flight.plan.tags))
             return
         # Trailers, pathsend, anything new: not ours to copy.
         self.storable = False
@@ -1353,7 +1385,7 @@ class _FillResponder:
         if self._entry is not None:
             return self._entry
         body = b"".join(self._chunks)
-        etag = http.response_etag(self._headers) or http.make_etag(body)
+        etag = self._etag or http.response_etag(self._headers) or http.make_etag(body)
         self._entry = Entry(
             status=self.status,
             headers=http.stored_headers(self._headers, etag, len(body), self.status),

@@ -180,6 +180,9 @@ def _walk(nodes: tuple[_Node, ...], path: str, root_path: str, method: str,
     return None
 
 
+_UNSEEN = object()
+
+
 class RuleTable:
     """All routes in the router's order, and a matcher that mirrors Starlette's.
 
@@ -195,7 +198,11 @@ class RuleTable:
         self.has_policies = any(rule.policy is not None for rule in self.rules)
         # Recent answers by (path, method, root_path): hot paths skip the walk over the routes.
         # Bounded: emptied when full, so a scan of distinct paths costs no more than without it.
+        # A path is remembered the second time it comes: a run of misses on new paths (each
+        # answer a few objects the garbage collector would carry to its oldest generation)
+        # leaves only their keys in ``_seen``, plain tuples of strings it does not track.
         self._memo: dict[tuple[str, str, str], RouteMatch | None] = {}
+        self._seen: set[tuple[str, str, str]] = set()
 
     def match(self, route_path: str, method: str) -> RouteMatch | None:
         """The rule of the route the router will pick for this request, if it has a policy.
@@ -220,11 +227,16 @@ class RuleTable:
         if not self.has_policies:
             return None
         memo_key = (path, method, root_path)
-        try:
-            return self._memo[memo_key]
-        except KeyError:
-            pass
+        remembered = self._memo.get(memo_key, _UNSEEN)  # not a KeyError raised and caught for each new path
+        if remembered is not _UNSEEN:
+            return remembered  # type: ignore[return-value]
         found = self._find(path, root_path, method)
+        seen = self._seen
+        if memo_key not in seen:
+            if len(seen) >= 4096:
+                seen.clear()
+            seen.add(memo_key)
+            return found
         if len(self._memo) >= 4096:
             self._memo.clear()
         self._memo[memo_key] = found

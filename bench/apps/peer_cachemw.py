@@ -53,9 +53,10 @@ def _redis_url() -> str:
     return url
 
 
-def create_fastapi_redis(redis_url: str) -> FastAPI:
+def create_fastapi_redis(redis_url: str, settings: Settings | None = None) -> FastAPI:
+    """``settings``: for bench/misspath.py under valgrind, whose store budget must allow for its slowness."""
     app = FastAPI()
-    app.add_middleware(CacheMiddleware, redis_url=redis_url)
+    app.add_middleware(CacheMiddleware, redis_url=redis_url, settings=settings)
 
     @app.get("/item/{id}")
     @cache(ttl="1h")

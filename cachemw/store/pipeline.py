@@ -23,7 +23,8 @@ import contextlib
 import itertools
 import sys
 import time
-from collections.abc import Sequence
+from asyncio import _get_running_loop
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import hiredis
@@ -251,19 +252,26 @@ class PipelinedRedis:
         twin._hello = list(self._hello)
         return twin
 
-    async def execute(self, command: bytes, timeout: float | None = None) -> Any:
+    def execute(self, command: bytes, timeout: float | None = None) -> Awaitable[Any]:
         """The reply to an encoded command (see ``encode_command``), within ``timeout`` (default: the budget).
 
         A ``timeout`` longer than the budget holds up the deadlines of the commands sent
-        after it on this connection: give such calls a ``twin``.
+        after it on this connection: give such calls a ``twin``. On an open connection of
+        this loop, the connection's future itself: no coroutine of ours around it (a miss
+        sends two commands, a hit one).
         """
         connection = self._connection
-        loop = running_loop()
+        loop = _get_running_loop()
         budget = self.timeout if timeout is None else timeout
-        if connection is None or connection.closed or connection.loop is not loop:
-            if self._closed:
-                raise StoreError("redis connection closed")
-            connection = await self._connect(loop, budget)
+        if connection is None or connection.closed or connection.loop is not loop or loop is None:
+            return self._connect_and_send(command, budget)
+        return connection.send(command, loop.time() + budget)
+
+    async def _connect_and_send(self, command: bytes, budget: float) -> Any:
+        loop = running_loop()
+        if self._closed:
+            raise StoreError("redis connection closed")
+        connection = await self._connect(loop, budget)
         return await connection.send(command, loop.time() + budget)
 
     async def get(self, key: str) -> bytes | None:

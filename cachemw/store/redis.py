@@ -37,7 +37,7 @@ import secrets
 import time
 import weakref
 from asyncio import _get_running_loop
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -83,43 +83,54 @@ return 1
 # only the entry's three keys, and pipelines next to them do the rest.
 # ARGV[3] = '1' (a lookup of a route that has been missing): a value is returned at
 # once, and only its absence takes the lock, so a miss costs one round trip, not two.
+# Every redis.call costs Redis about a microsecond on top of the command itself, and a
+# miss runs both scripts: reads are one MGET, and a lock and its flag go in one DEL.
 # A lock already held under the caller's own token is taken: a retried attempt whose
 # first try took it (the reply lost to a timeout) must not mistake itself for another
 # filler and leave the lock to expire.
 _LOCK_ALL_SCRIPT = """
-local value = redis.call('GET', KEYS[1])
+local found = redis.call('MGET', KEYS[1], unpack(KEYS, 4))
+local value = found[1]
 if value and ARGV[3] == '1' then return {2, value} end
 local taken = 0
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then taken = 1
 elseif redis.call('GET', KEYS[2]) == ARGV[1] then taken = 1
 else redis.call('SET', KEYS[3], '1', 'PX', ARGV[2]) end
-local generations = {}
-for i = 4, #KEYS do generations[#generations + 1] = redis.call('GET', KEYS[i]) or '0' end
-return {taken, value or false, generations}
+table.remove(found, 1)
+return {taken, value or false, found}
 """
+# A tag's index is extended only when it would otherwise expire within 30 s of its
+# longest-lived member (ARGV[7] is that member's ttl + 60 s), not on every fill; a new
+# index has no expired members to drop.
 _FILL_ALL_SCRIPT = """
 local tags = tonumber(ARGV[8])
 local current = 1
-for i = 1, #KEYS - 3 - tags do
-  if (redis.call('GET', KEYS[3 + tags + i]) or '0') ~= ARGV[8 + i] then current = 0 break end
+if #KEYS > 3 + tags then
+  local found = redis.call('MGET', unpack(KEYS, 4 + tags))
+  for i = 1, #found do
+    if (found[i] or '0') ~= ARGV[8 + i] then current = 0 break end
+  end
 end
 if current == 1 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  local keep = tonumber(ARGV[7])
   for i = 1, tags do
     local index = KEYS[3 + i]
+    local left = redis.call('PTTL', index)
     redis.call('ZADD', index, ARGV[6], KEYS[1])
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[5])
-    if redis.call('PTTL', index) < tonumber(ARGV[7]) then redis.call('PEXPIRE', index, ARGV[7]) end
+    if left ~= -2 then redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[5]) end
+    if left < keep - 30000 then redis.call('PEXPIRE', index, keep) end
   end
 end
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
+local woken
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then woken = redis.call('DEL', KEYS[2], KEYS[3]) == 2
+else woken = redis.call('DEL', KEYS[3]) == 1 end
+if woken then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
 return current
 """
 _UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+  if redis.call('DEL', KEYS[1], KEYS[2]) == 2 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
   return 1
 end
 return 0
@@ -163,10 +174,17 @@ def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
 
 
 def _int(value: object) -> int:
+    if value is None:  # a tag never invalidated (the usual case): no exception raised and caught
+        return 0
     try:
         return int(value)  # type: ignore[call-overload,no-any-return]
     except (TypeError, ValueError):
         return 0  # a foreign value under a generation key counts as none
+
+
+def _score(seconds: float, rounding: Callable[[float], int]) -> str:
+    """A tag index score in whole milliseconds: Redis parses a float of 17 digits with strtod's slow path."""
+    return f"{rounding(seconds * 1000) / 1000:.3f}"
 
 
 def _millis(seconds: float) -> int:
@@ -660,8 +678,9 @@ class RedisStore:
             if not self.cluster:
                 stored = await self._script(
                     bound, bound.fill_all, [key, _lock_key(key), _wait_key(key), *tag_sets, *generation_keys],
-                    [value, _millis(ttl), token or "", self.channel, now, expires, _millis(ttl + 60),
-                     len(tag_sets), *(str(g) for g in generations)], timeout)
+                    [value, _millis(ttl), token or "", self.channel, _score(now, math.floor),
+                     _score(expires, math.ceil), _millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)],
+                    timeout)
                 return bool(stored)
             client, gate = bound.lane(timeout)
             async with gate:
@@ -695,15 +714,14 @@ class RedisStore:
             raise StoreError(f"redis unlock failed: {exc!r}") from exc
 
     @staticmethod
-    async def _script(bound: _Bound, script: Any, keys: list[str], args: list[Any], timeout: float | None = None
-                      ) -> Any:
-        """A registered script, on the pipelined connection when there is one; ``timeout``: see ``Store``."""
+    def _script(bound: _Bound, script: Any, keys: list[str], args: list[Any], timeout: float | None = None
+                ) -> Awaitable[Any]:
+        """A registered script, on the pipelined connection when there is one (no coroutine around it);
+        ``timeout``: see ``Store``."""
         pipelined = bound.pipelined if timeout is None else bound.background_pipelined
         if pipelined is None:
-            client, gate = bound.lane(timeout)
-            async with gate:
-                return await script(keys=keys, args=args, client=client)
-        return await pipelined.evalsha(script.sha, script.script, keys, args, timeout)
+            return _gated_script(bound, script, keys, args, timeout)
+        return pipelined.evalsha(script.sha, script.script, keys, args, timeout)
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str, *,
                          timeout: float | None = None) -> int:
@@ -822,6 +840,13 @@ class RedisStore:
                 bound.abandon()
         except Exception as exc:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
+
+
+async def _gated_script(bound: _Bound, script: Any, keys: list[str], args: list[Any], timeout: float | None
+                        ) -> Any:
+    client, gate = bound.lane(timeout)
+    async with gate:
+        return await script(keys=keys, args=args, client=client)
 
 
 def _cancel_guards(guards: list[LoopGuard]) -> None:
