@@ -65,7 +65,7 @@ class Settings:
     credentials: tuple[str, ...] = ()
     lock_timeout: float = 5.0  # how long one fill may hold a key's lock, and others wait for it
     queue_size: int = 10_000  # background jobs waiting at most; more are shed and counted
-    queue_max_bytes: int = 8 * 1024 * 1024  # what queued and running fills hold (their entries); more are shed
+    queue_max_bytes: int = 8 * 1024 * 1024  # what queued and running jobs hold (a fill: its entry); more are shed
     concurrency: int = 32  # background jobs running at once
     refresh_concurrency: int = 16  # refreshes running at once, in a lane of their own
     grace_period: float = 10.0  # on shutdown, how long queued jobs may take to finish

@@ -119,7 +119,7 @@ async def test_full_queue_sheds_and_counts_without_blocking() -> None:
 
 
 @pytest.mark.anyio
-async def test_fills_past_the_queued_bytes_are_shed_and_a_release_still_queues() -> None:
+async def test_fills_past_the_queued_bytes_are_shed_and_a_small_job_still_queues() -> None:
     """A fill holds its entry until done: the queue bounds those bytes, not only the number of jobs."""
     supervisor = Supervisor(queue_size=100, concurrency=1, queue_max_bytes=10 * JOB_BYTES + 3 * 10_000)
     gate = Gate()
@@ -131,7 +131,7 @@ async def test_fills_past_the_queued_bytes_are_shed_and_a_release_still_queues()
         assert [supervisor.submit("fill", gate.job, i, size=10_000) for i in range(1, 5)] == [True, True, False,
                                                                                            False]
         assert fills.shed == 2 and supervisor.queued_bytes <= supervisor.queue_max_bytes
-        assert supervisor.submit("unlock", gate.job, "release")  # carries no entry: bounded by queue_size only
+        assert supervisor.submit("unlock", gate.job, "release")  # holds no entry: JOB_BYTES fit
         gate.release.set()
         await until(lambda: fills.done == 3, "accepted fills done")
         await until(lambda: supervisor.queued_bytes == 0, "their bytes given back")
