@@ -287,7 +287,7 @@ def _heap_breakdown(case: str, mw: Any) -> list[dict[str, Any]]:
         members = sum(len(m) for m in l1._by_tag.values())
         row("L1: entries and tag index", len(l1._slots), l1.bytes_used, [l1._slots, l1._by_tag],
             f"{members:,} members in {len(l1._by_tag):,} tag sets; all inside l1_max_bytes")
-    row("CacheMiddleware._decoded (decode memo)", len(mw._decoded), mw._decoded.bytes_used, [mw._decoded],
+    row("CacheMiddleware._decoded (decode memo)", len(mw._decoded), mw._decoded.bytes_used, [mw._decoded.entries],
         f"emptied when {mw._decoded.max_bytes / MIB:.0f} MiB would be passed")
     row("CacheMiddleware._keys (key memo)", len(mw._keys._memo), None, [mw._keys._memo],
         f"emptied at {mw._keys.size:,}; outside the bounds")

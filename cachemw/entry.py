@@ -56,35 +56,36 @@ def entry_cost(entry: Entry) -> int:
     return size
 
 
-class DecodedMemo(dict[bytes, Entry]):
+class DecodedMemo:
     """Recently decoded entries by their stored bytes, so a hot entry is decoded once, not per hit.
 
     Bounded in bytes as the process holds them (the stored bytes as key, and the decoded
     entry, whose body is a copy): emptied when the next entry would not fit. A hit is
-    one ``dict.get``.
+    ``entries.get(data)`` on a plain dict (which stays the same object), so a caller may
+    keep ``entries`` at hand.
     """
 
-    __slots__ = ("bytes_used", "max_bytes", "max_entry_bytes")
+    __slots__ = ("bytes_used", "entries", "max_bytes", "max_entry_bytes")
 
     def __init__(self, max_bytes: int = 4 * 1024 * 1024, max_entry_bytes: int = 64 * 1024) -> None:
-        super().__init__()
+        self.entries: dict[bytes, Entry] = {}
         self.max_bytes = max_bytes
         self.max_entry_bytes = max_entry_bytes  # larger stored values are decoded on every hit
         self.bytes_used = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
     def put(self, data: bytes, entry: Entry) -> None:
         if len(data) > self.max_entry_bytes:
             return
         size = DICT_SLOT + bytes_cost(data) + entry_cost(entry)
         if self.bytes_used + size > self.max_bytes:
-            self.clear()
+            self.entries.clear()
+            self.bytes_used = 0
         if size <= self.max_bytes:
-            self[data] = entry
+            self.entries[data] = entry
             self.bytes_used += size
-
-    def clear(self) -> None:
-        super().clear()
-        self.bytes_used = 0
 
 
 def encode_entry(entry: Entry) -> bytes:

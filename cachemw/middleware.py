@@ -211,6 +211,7 @@ class CacheMiddleware:
         self._flights: dict[str, _Flight] = {}
         self._keys = KeyCache()
         self._decoded = DecodedMemo()
+        self._decoded_entries = self._decoded.entries  # the hit path's one dict lookup
         self._refreshing: set[str] = set()
         # Routes whose last lookup missed: their next lookup also tries the lock (one round trip).
         self._missing: set[str] = set()
@@ -933,7 +934,7 @@ class CacheMiddleware:
         self.supervisor.submit("log", _log_breaker, previous, state, self.store_errors)
 
     def _decode(self, key: str, data: bytes) -> Entry | None:
-        entry = self._decoded.get(data)
+        entry = self._decoded_entries.get(data)
         if entry is not None:
             return entry
         try:

@@ -182,4 +182,4 @@ def test_the_decode_memo_holds_at_most_its_bytes() -> None:
             assert memo.bytes_used <= memo.max_bytes
     assert 0 < len(memo) < 2000
     assert held[0] <= memo.bytes_used
-    assert memo.get(data) is not None  # the latest is found with one lookup
+    assert memo.entries.get(data) is not None  # the latest is found with one lookup
