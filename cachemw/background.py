@@ -4,8 +4,9 @@ One supervisor owns one anyio task group for the app's lifetime. Request code
 hands it jobs with ``submit`` and returns at once; a bounded queue feeds a fixed
 pool of workers. Every job runs under a timeout and an exception barrier (one
 uncaught error would otherwise cancel the whole group). A full queue (in jobs, or
-in the bytes the jobs hold) sheds the job and counts it; it never blocks a response. On shutdown the queue is drained
-within a grace period and what is left is cancelled, counted and logged.
+in the bytes the jobs hold) sheds the job and counts it; it never blocks a
+response. On shutdown the queue is drained within a grace period and what is
+left is cancelled, counted and logged.
 """
 
 from __future__ import annotations

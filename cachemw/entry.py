@@ -41,6 +41,7 @@ class Entry:
 
 
 _ENTRY = alloc(sys.getsizeof(Entry(200, (), b"", 0.0, b""))) + 32  # the record and its stored_at float
+_PAIR = tuple_cost(2)  # a (name, value) header
 
 
 def entry_cost(entry: Entry) -> int:
@@ -48,9 +49,10 @@ def entry_cost(entry: Entry) -> int:
 
     Computed when an entry is kept (L1, decode memo, fill queue), never on a hit.
     """
-    size = _ENTRY + bytes_cost(entry.body) + bytes_cost(entry.etag) + tuple_cost(len(entry.headers))
-    for name, value in entry.headers:
-        size += tuple_cost(2) + bytes_cost(name) + bytes_cost(value)
+    headers = entry.headers
+    size = _ENTRY + bytes_cost(entry.body) + bytes_cost(entry.etag) + tuple_cost(len(headers)) + _PAIR * len(headers)
+    for name, value in headers:
+        size += bytes_cost(name) + bytes_cost(value)
     if entry.tags:
         size += tuple_cost(len(entry.tags)) + sum(str_cost(tag) for tag in entry.tags)
     return size

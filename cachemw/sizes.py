@@ -38,11 +38,13 @@ def alloc(requested: int) -> int:
 
 
 def bytes_cost(value: bytes) -> int:
-    return alloc(sys.getsizeof(value))
+    return alloc(33 + len(value))  # sys.getsizeof(b"") == 33, without its call
 
 
 def str_cost(value: str) -> int:
-    return alloc(sys.getsizeof(value))  # 49 B + one byte a character for ASCII; more for other text
+    if value.isascii():
+        return alloc(49 + len(value))  # sys.getsizeof("") == 49, one byte a character
+    return alloc(sys.getsizeof(value))
 
 
 def tuple_cost(length: int) -> int:
