@@ -67,6 +67,7 @@ class Settings:
     credentials: tuple[str, ...] = ()
     lock_timeout: float = 5.0  # how long one fill may hold a key's lock, and others wait for it
     queue_size: int = 10_000  # background jobs waiting at most; more are shed and counted
+    queue_max_bytes: int = 8 * 1024 * 1024  # what queued and running jobs hold (a fill: its entry); more are shed
     concurrency: int = 32  # background jobs running at once
     refresh_concurrency: int = 16  # refreshes running at once, in a lane of their own
     grace_period: float = 10.0  # on shutdown, how long queued jobs may take to finish
@@ -92,6 +93,7 @@ _COUNT_SETTINGS = {
     "memory_max_bytes": (1024, 2**40),
     "l1_max_bytes": (1024, 2**40),
     "queue_size": (1, 10_000_000),
+    "queue_max_bytes": (1024, 2**40),
     "concurrency": (1, 10_000),
     "refresh_concurrency": (1, 10_000),
     "origin_concurrency": (0, 1_000_000),

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from dataclasses import dataclass
 
-__all__ = ["Entry", "EntryDecodeError", "decode_entry", "encode_entry"]
+from cachemw.sizes import DICT_SLOT, alloc, bytes_cost, str_cost, tuple_cost
+
+__all__ = ["DecodedMemo", "Entry", "EntryDecodeError", "decode_entry", "encode_entry", "entry_cost"]
 
 _MAGIC = b"CMW"
 VERSION = 1
@@ -35,6 +38,56 @@ class Entry:
     stored_at: float
     etag: bytes
     tags: tuple[str, ...] = ()
+
+
+_ENTRY = alloc(sys.getsizeof(Entry(200, (), b"", 0.0, b""))) + 32  # the record and its stored_at float
+_PAIR = tuple_cost(2)  # a (name, value) header
+
+
+def entry_cost(entry: Entry) -> int:
+    """Bytes a decoded entry holds in this process: its record, header tuples, bytes and tag strings.
+
+    Computed when an entry is kept (L1, decode memo, fill queue), never on a hit.
+    """
+    headers = entry.headers
+    size = _ENTRY + bytes_cost(entry.body) + bytes_cost(entry.etag) + tuple_cost(len(headers)) + _PAIR * len(headers)
+    for name, value in headers:
+        size += bytes_cost(name) + bytes_cost(value)
+    if entry.tags:
+        size += tuple_cost(len(entry.tags)) + sum(str_cost(tag) for tag in entry.tags)
+    return size
+
+
+class DecodedMemo:
+    """Recently decoded entries by their stored bytes, so a hot entry is decoded once, not per hit.
+
+    Bounded in bytes as the process holds them (the stored bytes as key, and the decoded
+    entry, whose body is a copy): emptied when the next entry would not fit. A hit is
+    ``entries.get(data)`` on a plain dict (which stays the same object), so a caller may
+    keep ``entries`` at hand.
+    """
+
+    __slots__ = ("bytes_used", "entries", "max_bytes", "max_entry_bytes")
+
+    def __init__(self, max_bytes: int = 4 * 1024 * 1024, max_entry_bytes: int = 64 * 1024) -> None:
+        self.entries: dict[bytes, Entry] = {}
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes  # larger stored values are decoded on every hit
+        self.bytes_used = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def put(self, data: bytes, entry: Entry) -> None:
+        if len(data) > self.max_entry_bytes:
+            return
+        size = DICT_SLOT + bytes_cost(data) + entry_cost(entry)
+        if self.bytes_used + size > self.max_bytes:
+            self.entries.clear()
+            self.bytes_used = 0
+        if size <= self.max_bytes:
+            self.entries[data] = entry
+            self.bytes_used += size
 
 
 def encode_entry(entry: Entry) -> bytes:

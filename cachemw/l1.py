@@ -9,13 +9,15 @@ store fails, it may answer within the rule's ``stale_if_error`` window.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cachemw.entry import Entry
+from cachemw.entry import Entry, entry_cost
 from cachemw.keys import ALL_TAG
+from cachemw.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, str_cost
 
 __all__ = ["L1"]
 
@@ -28,8 +30,17 @@ class _Slot:
     size: int
 
 
+# A slot record, its float and int (28 B), and its place in the LRU; a tag set, its name and its dict slot.
+_SLOT = alloc(sys.getsizeof(_Slot(Entry(200, (), b"", 0.0, b""), 0.0, 0, 0))) + FLOAT + alloc(28) + LRU_SLOT
+_TAG_SET = SET + DICT_SLOT
+
+
 class L1:
-    """An LRU of decoded entries, bounded in bytes, indexed by tag for invalidation."""
+    """An LRU of decoded entries, bounded in bytes as the process holds them, indexed by tag for invalidation.
+
+    An entry counts its key, its decoded objects, its slot and its tag-index
+    memberships (``cachemw.sizes``); a tag set counts itself while it exists.
+    """
 
     def __init__(self, max_bytes: int = 32 * 1024 * 1024, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
@@ -62,16 +73,20 @@ class L1:
 
     def put(self, key: str, entry: Entry, sync: float) -> None:
         self._remove(key)
-        size = len(key) + len(entry.body) + sum(len(n) + len(v) for n, v in entry.headers)
+        size = _SLOT + str_cost(key) + entry_cost(entry) + SET_MEMBER * len(entry.tags)
         if size > self.max_bytes:
             return
-        while self._slots and self.bytes_used + size > self.max_bytes:
-            old_key = next(iter(self._slots))
-            self._remove(old_key)
         self._slots[key] = _Slot(entry, self._clock() + sync, self._epoch, size)
         self.bytes_used += size
         for tag in entry.tags:
-            self._by_tag.setdefault(tag, set()).add(key)
+            keys = self._by_tag.get(tag)
+            if keys is None:
+                keys = self._by_tag[tag] = set()
+                self.bytes_used += _TAG_SET + str_cost(tag)
+            keys.add(key)
+        # The oldest go first; the new entry last, if the tag sets it opened leave no room for it.
+        while self._slots and self.bytes_used > self.max_bytes:
+            self._remove(next(iter(self._slots)))
 
     def drop_tags(self, tags: Sequence[str]) -> None:
         """An invalidation was announced: no entry carrying one of these tags answers again."""
@@ -79,8 +94,8 @@ class L1:
             self.clear()
             return
         for tag in tags:
-            for key in self._by_tag.pop(tag, ()):
-                self._remove(key)
+            for key in list(self._by_tag.get(tag, ())):
+                self._remove(key)  # the emptied tag set goes with its last entry
                 self.dropped += 1
 
     def lost_sync(self) -> None:
@@ -104,3 +119,4 @@ class L1:
                 keys.discard(key)
                 if not keys:
                     del self._by_tag[tag]
+                    self.bytes_used -= _TAG_SET + str_cost(tag)

@@ -14,7 +14,7 @@ import anyio
 import pytest
 from anyio.abc import TaskStatus
 
-from cachemw.background import JobCounters, Supervisor, current_supervisor, detach
+from cachemw.background import JOB_BYTES, JobCounters, Supervisor, current_supervisor, detach
 from tests.asgi import eventually
 
 LOGGER = "cachemw.background"
@@ -116,6 +116,27 @@ async def test_full_queue_sheds_and_counts_without_blocking() -> None:
         await until(lambda: counters.done == 3, "accepted jobs done")
     assert gate.finished == [0, 1, 2]
     assert snapshot(counters) == {"queued": 0, "running": 0, "done": 3, "failed": 0, "shed": 3, "abandoned": 0}
+
+
+@pytest.mark.anyio
+async def test_fills_past_the_queued_bytes_are_shed_and_a_small_job_still_queues() -> None:
+    """A fill holds its entry until done: the queue bounds those bytes, not only the number of jobs."""
+    supervisor = Supervisor(queue_size=100, concurrency=1, queue_max_bytes=10 * JOB_BYTES + 3 * 10_000)
+    gate = Gate()
+    async with supervisor.run():
+        fills = supervisor.counters_for("fill")
+        assert supervisor.submit("fill", gate.job, 0, size=10_000)
+        await until(lambda: fills.running == 1, "first fill running")
+        # Running or queued, three 10 kB fills fit; the rest are shed though the queue has room for 100 jobs.
+        assert [supervisor.submit("fill", gate.job, i, size=10_000) for i in range(1, 5)] == [True, True, False,
+                                                                                           False]
+        assert fills.shed == 2 and supervisor.queued_bytes <= supervisor.queue_max_bytes
+        assert supervisor.submit("unlock", gate.job, "release")  # holds no entry: JOB_BYTES fit
+        gate.release.set()
+        await until(lambda: fills.done == 3, "accepted fills done")
+        await until(lambda: supervisor.queued_bytes == 0, "their bytes given back")
+        assert supervisor.submit("fill", gate.job, 5, size=10_000)
+    assert gate.finished == [0, 1, 2, "release", 5]
 
 
 @pytest.mark.anyio

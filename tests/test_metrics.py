@@ -214,7 +214,7 @@ async def test_counters_match_a_scripted_sequence(app: Starlette, clock: Clock) 
     assert products["hit_latency"]["count"] == 3
     store = cache_.store
     assert isinstance(store, MemoryStore)
-    assert products["stored_bytes"] == sum(len(value) for key, (value, _) in store._data.items()
+    assert products["stored_bytes"] == sum(len(value) for key, (value, *_) in store._data.items()
                                            if ":e:/products/<id>:" in key)
 
     assert counters(route_of(data, "/cart")) == {**dict.fromkeys(counters(products), 0), "requests": 2, "bypass": 2}

@@ -169,27 +169,40 @@ async def test_aclose(harness: Harness) -> None:
 # --- MemoryStore ----------------------------------------------------------------
 
 
+async def cost_of(key: str, value: bytes) -> int:
+    """What one entry counts against the bound (its objects as the process holds them, not len(key + value))."""
+    store = MemoryStore()
+    await store.set(key, value, 60)
+    return store.bytes_used
+
+
 async def test_memory_lru_eviction_by_bytes() -> None:
-    store = MemoryStore(max_bytes=30)
+    one = await cost_of("a", b"x" * 9)
+    assert one > 10  # the key's and value's objects, not their 10 bytes
+    store = MemoryStore(max_bytes=3 * one)
     for key in "abc":
-        await store.set(key, b"x" * 9, 60)  # 1 + 9 bytes each: exactly full
+        await store.set(key, b"x" * 9, 60)  # exactly full
     assert len(store) == 3
-    assert store.bytes_used == 30
+    assert store.bytes_used == 3 * one
     await store.set("d", b"x" * 9, 60)
     assert await store.get("a") is None
     assert [await store.get(k) for k in "bcd"] == [b"x" * 9] * 3
     assert store.evictions == 1
-    assert store.bytes_used == 30
-    # A bigger value evicts as many as needed.
-    await store.set("e", b"x" * 19, 60)
+    assert store.bytes_used == 3 * one
+    # A bigger value (more than one entry, at most two) evicts as many as needed.
+    big = b"x" * 9
+    while await cost_of("e", big) <= one:
+        big += b"x" * 16
+    assert await cost_of("e", big) <= 2 * one
+    await store.set("e", big, 60)
     assert await store.get("d") == b"x" * 9  # b and c made room, d stays
     assert store.stats.evictions == 3
     assert len(store) == 2
-    assert store.bytes_used == 30
+    assert store.bytes_used == one + await cost_of("e", big)
 
 
 async def test_memory_get_refreshes_recency() -> None:
-    store = MemoryStore(max_bytes=30)
+    store = MemoryStore(max_bytes=3 * await cost_of("a", b"x" * 9))
     for key in "abc":
         await store.set(key, b"x" * 9, 60)
     assert await store.get("a") == b"x" * 9
@@ -199,9 +212,9 @@ async def test_memory_get_refreshes_recency() -> None:
 
 
 async def test_memory_oversized_value_is_not_stored() -> None:
-    store = MemoryStore(max_bytes=20)
+    store = MemoryStore(max_bytes=await cost_of("small", b"x" * 5) + 100)
     await store.set("small", b"x" * 5, 60)
-    await store.set("big", b"x" * 20, 60)  # 3 + 20 > 20
+    await store.set("big", b"x" * store.max_bytes, 60)  # alone more than the bound
     assert await store.get("big") is None
     assert await store.get("small") == b"x" * 5  # the cache was not flushed for it
     assert store.rejected == 1
@@ -209,9 +222,10 @@ async def test_memory_oversized_value_is_not_stored() -> None:
 
 
 async def test_memory_oversized_replacement_drops_old_value() -> None:
-    store = MemoryStore(max_bytes=20)
+    store = MemoryStore(max_bytes=await cost_of("k", b"old") + 16)
     await store.set("k", b"old", 60)
-    await store.set("k", b"x" * 20, 60)
+    assert await store.get("k") == b"old"
+    await store.set("k", b"x" * 200, 60)
     assert await store.get("k") is None
     assert store.bytes_used == 0
 
@@ -220,7 +234,7 @@ async def test_memory_overwrite_accounts_bytes() -> None:
     store = MemoryStore()
     await store.set("k", b"x" * 100, 60)
     await store.set("k", b"x" * 10, 60)
-    assert store.bytes_used == 11
+    assert store.bytes_used == await cost_of("k", b"x" * 10)
     assert len(store) == 1
     await store.delete("k")
     assert store.bytes_used == 0

@@ -19,6 +19,7 @@ from typing import TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
+from cachemw.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, bytes_cost, str_cost, tuple_cost
 from cachemw.store.base import LockResult, Notifications
 
 __all__ = ["MemoryStore", "MemoryStoreStats"]
@@ -39,10 +40,12 @@ class MemoryStoreStats:
 
 
 class MemoryStore:
-    """LRU store bounded by ``max_bytes`` (key length + value length per entry).
+    """LRU store bounded by ``max_bytes`` of what its entries, tag index and locks cost the process.
 
-    Expired entries are dropped when touched, and otherwise age out through the LRU:
-    the byte bound holds either way. ``clock`` is injectable so tests control time.
+    An entry counts its key and value objects, its record and its slots in the LRU
+    and the tag index (``cachemw.sizes``), computed once when stored. Expired
+    entries are dropped when touched, and otherwise age out through the LRU: the
+    byte bound holds either way. ``clock`` is injectable so tests control time.
     """
 
     __slots__ = ("_clock", "_data", "_generations", "_locks", "_tag_sets", "bytes_used", "evictions", "expirations",
@@ -57,16 +60,17 @@ class MemoryStore:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self._clock = clock
-        # key -> (value, expires_at on ``clock``); order = recency, oldest first.
-        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # key -> (value, expires_at on ``clock``, accounted size, tag sets); order = recency, oldest first.
+        self._data: OrderedDict[str, _Item] = OrderedDict()
         self.bytes_used = 0
         self.evictions = 0
         self.expirations = 0
         self.rejected = 0
         # Fill locks, tag index and generations: apps sharing this store in one process
-        # coordinate through it exactly as processes do through Redis.
+        # coordinate through it exactly as processes do through Redis. The tag index
+        # holds live entries only (kept as entries come and go), and counts in the bound.
         self._locks: _SweptDict[tuple[str, float]] = _SweptDict()
-        self._tag_sets: _SweptDict[_SweptDict[float]] = _SweptDict()
+        self._tag_sets: dict[str, set[str]] = {}
         self._generations: dict[str, int] = {}
         self.notifications = Notifications()
 
@@ -94,30 +98,14 @@ class MemoryStore:
         if entry is None:
             return None
         if entry[1] <= self._clock():
-            del self._data[key]
-            self.bytes_used -= len(key) + len(entry[0])
+            self._discard(key)
             self.expirations += 1
             return None
         self._data.move_to_end(key)
         return entry[0]
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        # Any earlier value is replaced, even when the new one is not kept: a
-        # failed replacement must not leave the older value readable.
-        self._discard(key)
-        if not ttl > 0:  # also catches NaN
-            return
-        size = len(key) + len(value)
-        if size > self.max_bytes:
-            self.rejected += 1
-            return
-        data = self._data
-        while data and self.bytes_used + size > self.max_bytes:
-            old_key, (old_value, _) = data.popitem(last=False)
-            self.bytes_used -= len(old_key) + len(old_value)
-            self.evictions += 1
-        data[key] = (bytes(value), self._clock() + ttl)
-        self.bytes_used += size
+        self._put(key, value, ttl, ())
 
     async def delete(self, *keys: str) -> int:
         now = self._clock()
@@ -137,12 +125,13 @@ class MemoryStore:
         if held is not None and held[1] > now:
             return None, value, generations
         token = token or secrets.token_hex(8)
+        if held is not None:
+            self.bytes_used -= _lock_cost(key, held[0])
         self._locks[key] = (token, now + ttl)
+        self.bytes_used += _lock_cost(key, token)
         if self._locks.due():
-            # Locks whose release never came (a shed job, a cancelled request) go once expired.
-            for stale in [k for k, (_, until) in self._locks.items() if until <= now]:
-                del self._locks[stale]
-            self._locks.swept()
+            self._sweep_locks(now)
+        self._shrink()
         return token, value, generations
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
@@ -151,21 +140,7 @@ class MemoryStore:
         current = tuple(self._generations.get(g, 0) for g in generation_keys)
         stored = current == tuple(generations)
         if stored:
-            await self.set(key, value, ttl)
-            now = self._clock()
-            for tag_set in tag_sets:
-                members = self._tag_sets.get(tag_set)
-                if members is None:
-                    if self._tag_sets.due():
-                        # Most tag sets name one URL (``path:`` tags): drop those whose entries are all gone.
-                        for name in [n for n, m in self._tag_sets.items() if not self._prune(m, now)]:
-                            del self._tag_sets[name]
-                        self._tag_sets.swept()
-                    members = self._tag_sets[tag_set] = _SweptDict()
-                members[key] = now + ttl
-                if members.due():
-                    self._prune(members, now)
-                    members.swept()
+            self._put(key, value, ttl, tuple(tag_sets))
         if token is not None:
             await self.unlock(key, token)
         self.notifications.filled(key)
@@ -175,6 +150,7 @@ class MemoryStore:
         held = self._locks.get(key)
         if held is not None and held[0] == token:
             del self._locks[key]
+            self.bytes_used -= _lock_cost(key, token)
             self.notifications.filled(key)  # waiters find no entry and call the app themselves
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str, *,
@@ -183,7 +159,7 @@ class MemoryStore:
             self._generations[generation_key] = self._generations.get(generation_key, 0) + 1
         keys: set[str] = set()
         for tag_set in tag_sets:
-            keys.update(self._tag_sets.pop(tag_set, {}))
+            keys.update(self._tag_sets.get(tag_set, ()))
         dropped = await self.delete(*keys)
         await self.publish_invalidation(message)
         return dropped
@@ -210,17 +186,79 @@ class MemoryStore:
         self._tag_sets.clear()
         self.bytes_used = 0
 
-    def _prune(self, members: dict[str, float], now: float) -> int:
-        """Forget expired or evicted members of a tag set; how many are left."""
-        for member in [m for m, expires in members.items() if expires <= now or m not in self._data]:
-            del members[member]
-        return len(members)
+    def _put(self, key: str, value: bytes, ttl: float, tag_sets: tuple[str, ...]) -> None:
+        # Any earlier value is replaced, even when the new one is not kept: a
+        # failed replacement must not leave the older value readable.
+        self._discard(key)
+        if not ttl > 0:  # also catches NaN
+            return
+        value = bytes(value)
+        size = _entry_cost(key, value, tag_sets)
+        if size > self.max_bytes:
+            self.rejected += 1
+            return
+        self._data[key] = (value, self._clock() + ttl, size, tag_sets)
+        self.bytes_used += size
+        for name in tag_sets:
+            members = self._tag_sets.get(name)
+            if members is None:
+                members = self._tag_sets[name] = set()
+                self.bytes_used += _tag_set_cost(name)
+            members.add(key)
+        self._shrink()
 
-    def _discard(self, key: str) -> tuple[bytes, float] | None:
+    def _shrink(self) -> None:
+        """Evict least recently used entries, then expired and oldest locks, until within the bound."""
+        data = self._data
+        while self.bytes_used > self.max_bytes and data:
+            self._discard(next(iter(data)))
+            self.evictions += 1
+        if self.bytes_used > self.max_bytes:
+            self._sweep_locks(self._clock())
+        while self.bytes_used > self.max_bytes and self._locks:
+            # Only locks are left: the oldest goes (its fill still stores; it just no longer excludes others).
+            key = next(iter(self._locks))
+            self.bytes_used -= _lock_cost(key, self._locks.pop(key)[0])
+
+    def _sweep_locks(self, now: float) -> None:
+        """Locks whose release never came (a shed job, a cancelled request) go once expired."""
+        for stale in [k for k, (_, until) in self._locks.items() if until <= now]:
+            self.bytes_used -= _lock_cost(stale, self._locks.pop(stale)[0])
+        self._locks.swept()
+
+    def _discard(self, key: str) -> _Item | None:
         entry = self._data.pop(key, None)
-        if entry is not None:
-            self.bytes_used -= len(key) + len(entry[0])
+        if entry is None:
+            return None
+        self.bytes_used -= entry[2]
+        for name in entry[3]:
+            members = self._tag_sets.get(name)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._tag_sets[name]
+                    self.bytes_used -= _tag_set_cost(name)
         return entry
+
+
+# value, expires_at, accounted size, tag sets
+_Item = tuple[bytes, float, int, tuple[str, ...]]
+_ITEM = tuple_cost(4) + FLOAT + alloc(28) + LRU_SLOT  # the record, its float and int (28 B), its LRU slot
+
+
+def _entry_cost(key: str, value: bytes, tag_sets: tuple[str, ...]) -> int:
+    size = _ITEM + str_cost(key) + bytes_cost(value)
+    if tag_sets:
+        size += tuple_cost(len(tag_sets)) + sum(str_cost(name) + SET_MEMBER for name in tag_sets)
+    return size
+
+
+def _tag_set_cost(name: str) -> int:
+    return SET + DICT_SLOT + str_cost(name)
+
+
+def _lock_cost(key: str, token: str) -> int:
+    return DICT_SLOT + tuple_cost(2) + FLOAT + str_cost(key) + str_cost(token)
 
 
 class _SweptDict(dict[str, V]):
