@@ -72,6 +72,7 @@ _BYPASS = b"BYPASS"
 
 _PROBE_TIMEOUT = 2.0  # the startup probe of the store: a background job, not a request's budget
 _LAG_LOG_INTERVAL = 60.0  # seconds: at most one loop-lag warning per interval
+_RELEASES_AT_ONCE = 64  # shed lock releases sent concurrently by the release service
 _RELEASE_TIMEOUT = 2.0  # one shed lock release: past it the lock expires by itself
 
 _current: ContextVar[CacheMiddleware] = ContextVar("cachemw_cache")
@@ -1078,9 +1079,17 @@ class CacheMiddleware:
                 await self._releases_wanted.wait()
             self._releases_wanted = anyio.Event()
             pending, self._pending_releases = self._pending_releases, {}
-            for key, token in pending.items():
-                with anyio.move_on_after(_RELEASE_TIMEOUT):
-                    await self._unlock(key, token)
+            # Many at once (one round trip each, pipelined): a backlog of thousands drains in
+            # moments, not one round trip after another, and holds little memory meanwhile.
+            items = list(pending.items())
+            for start in range(0, len(items), _RELEASES_AT_ONCE):
+                async with anyio.create_task_group() as releases:
+                    for key, token in items[start : start + _RELEASES_AT_ONCE]:
+                        releases.start_soon(self._release_now, key, token)
+
+    async def _release_now(self, key: str, token: str) -> None:
+        with anyio.move_on_after(_RELEASE_TIMEOUT):
+            await self._unlock(key, token)
 
     # -- bypass and logging ----------------------------------------------------------------------
 
