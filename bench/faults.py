@@ -679,7 +679,7 @@ def _trace_cachemw_waits(out: IO[str]) -> None:
     filldropped - 0`` (a fill given up while the breaker was open, its lock left to expire).
     """
     try:
-        from cachemw import middleware as mw
+        from cachemw.asgi import middleware as mw
         from cachemw.store import base as store_base
 
         flight_cls: Any = mw._Flight
@@ -902,7 +902,7 @@ def run_wrk(port: int, paths: Sequence[str], *, connections: int, seconds: float
 
 
 def run(args: argparse.Namespace) -> int:
-    from cachemw.config import load_settings
+    from cachemw.core.settings import load_settings
 
     settings = load_settings(SAMPLE_CONFIG)
     budget_ms = settings.store_timeout * 1000

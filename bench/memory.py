@@ -293,7 +293,7 @@ def _heap_breakdown(case: str, mw: Any) -> list[dict[str, Any]]:
         f"emptied at {mw._keys.size:,}; outside the bounds")
     row("RuleTable._memo (route matches)", len(mw.table._memo), None, [mw.table._memo],
         "emptied at 4,096; outside the bounds")
-    from cachemw.keys import tag_keys
+    from cachemw.core.keys import tag_keys
     info = tag_keys.cache_info()
     row("keys.tag_keys lru_cache", info.currsize, None, [],
         f"~{info.currsize:,} x (tuple of 2 key strings + cache node); maxsize {info.maxsize:,}; outside the bounds; "
@@ -315,7 +315,7 @@ async def _request(app: Any, item_id: int) -> str:
 
 def _held(case: str, mw: Any, item_id: int) -> bool:
     """Is the id's entry in the bounded structure now? (Its key as the middleware computes it.)"""
-    from cachemw.keys import RequestHeaders, route_path
+    from cachemw.core.keys import RequestHeaders, route_path
 
     scope = _scope(f"/item/{item_id}")
     match = mw.table.match(route_path(scope), "GET")
@@ -476,7 +476,7 @@ def child_main(args: argparse.Namespace) -> int:
 
 def _redis_side(redis: common.RedisProcess) -> dict[str, Any]:
     """What Redis holds after the l1 case: every entry (Redis is not bounded here), and its memory."""
-    from cachemw.keys import entry_pattern
+    from cachemw.core.keys import entry_pattern
 
     info = redis.command("INFO", "memory").decode()
     used = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("used_memory:")),

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import redis
 
-import cachemw.middleware
+import cachemw.asgi.middleware
 from cachemw import MemoryStore, RedisStore
 
-_REAL_FREEZE = cachemw.middleware._freeze_startup_objects
+_REAL_FREEZE = cachemw.asgi.middleware._freeze_startup_objects
 
 try:  # tests/ is a package
     from tests.asgi import SpyStore
@@ -72,7 +72,7 @@ def gc_freezes(monkeypatch: pytest.MonkeyPatch) -> FreezeCalls:
     def count() -> None:
         calls.count += 1
 
-    monkeypatch.setattr(cachemw.middleware, "_freeze_startup_objects", count)
+    monkeypatch.setattr(cachemw.asgi.middleware, "_freeze_startup_objects", count)
     return calls
 
 

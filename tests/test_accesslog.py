@@ -10,8 +10,8 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
-from cachemw.accesslog import AccessEvent, AccessLog
-from cachemw.background import Supervisor
+from cachemw.runtime.accesslog import AccessEvent, AccessLog
+from cachemw.runtime.supervisor import Supervisor
 from tests.asgi import eventually
 
 LOGGER = "cachemw.access"

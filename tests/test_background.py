@@ -14,10 +14,10 @@ import anyio
 import pytest
 from anyio.abc import TaskStatus
 
-from cachemw.background import JOB_BYTES, JobCounters, Supervisor, current_supervisor, detach
+from cachemw.runtime.supervisor import JOB_BYTES, JobCounters, Supervisor, current_supervisor, detach
 from tests.asgi import eventually
 
-LOGGER = "cachemw.background"
+LOGGER = "cachemw.runtime.supervisor"
 
 
 async def until(predicate: Callable[[], bool], what: str = "condition", timeout: float = 5.0) -> None:

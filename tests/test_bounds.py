@@ -16,8 +16,8 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from cachemw import CacheMiddleware, MemoryStore, cache
-from cachemw.entry import DecodedMemo, Entry, decode_entry, encode_entry
-from cachemw.l1 import L1
+from cachemw.core.entry import DecodedMemo, Entry, decode_entry, encode_entry
+from cachemw.store.l1 import L1
 
 pytestmark = pytest.mark.anyio
 

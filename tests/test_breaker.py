@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cachemw.breaker import CircuitBreaker
+from cachemw.core.breaker import CircuitBreaker
 
 
 def test_it_opens_after_consecutive_failures_only() -> None:

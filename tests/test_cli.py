@@ -16,7 +16,7 @@ import anyio
 import pytest
 import redis
 
-from cachemw.entry import decode_entry, encode_entry
+from cachemw.core.entry import decode_entry, encode_entry
 from tests.asgi import client, lifespan
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cachemw.config import FileRule, Settings, load_settings
-from cachemw.policy import PRESETS, ConfigError, Policy
+from cachemw.core.policy import PRESETS, ConfigError, Policy
+from cachemw.core.settings import FileRule, Settings, load_settings
 
 NO_ENV: dict[str, str] = {}
 
@@ -462,7 +462,7 @@ def test_file_rule_knows_a_glob(route: str, is_glob: bool) -> None:
 
 
 def test_masked_url_hides_passwords_only() -> None:
-    from cachemw.config import masked_url
+    from cachemw.core.settings import masked_url
 
     assert masked_url("redis://user:sekret@h:1/0") == "redis://user:***@h:1/0"
     assert masked_url("rediss+sentinel://:pw@h:1,h2:2/svc") == "rediss+sentinel://:***@h:1,h2:2/svc"
@@ -484,7 +484,7 @@ def test_masked_url_hides_passwords_only() -> None:
     ],
 )
 def test_masked_url_never_shows_a_password_of_a_broken_url(url: str, masked: str) -> None:
-    from cachemw.config import masked_url
+    from cachemw.core.settings import masked_url
 
     assert masked_url(url) == masked
     assert "sek" not in masked_url(url)
@@ -515,7 +515,7 @@ def test_a_url_with_a_wrong_scheme_is_refused_without_its_password(tmp_path: Pat
 )
 def test_open_store_refuses_a_url_redis_py_would_misread(url: str, problem: str) -> None:
     # redis-py takes redis://h:6379/O as database 0 without a word; startup and `cachemw check` refuse it.
-    from cachemw.config import open_store
+    from cachemw.store.opening import open_store
 
     with pytest.raises(ConfigError) as info:
         open_store(Settings(redis_url=url, source="shop.toml"))
@@ -531,15 +531,15 @@ def test_open_store_refuses_a_url_redis_py_would_misread(url: str, problem: str)
 def test_open_store_takes_the_urls_it_documents(url: str) -> None:
     import anyio
 
-    from cachemw.config import open_store
+    from cachemw.store.opening import open_store
 
     store = open_store(Settings(redis_url=url))
     anyio.run(store.aclose)
 
 
 def test_open_store_is_startups_store_validation() -> None:
-    from cachemw.config import open_store
     from cachemw.store import MemoryStore
+    from cachemw.store.opening import open_store
 
     assert isinstance(open_store(Settings()), MemoryStore)
     with pytest.raises(ConfigError) as info:

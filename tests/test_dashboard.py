@@ -33,8 +33,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from cachemw import CacheMiddleware, MemoryStore, cache
-from cachemw.dashboard import dashboard_app, loopback_only
 from cachemw.observe import enable_history, history
+from cachemw.observe.dashboard import dashboard_app, loopback_only
 from tests.asgi import eventually, lifespan
 
 CHROMIUM_ENV = "CACHEMW_CHROMIUM"

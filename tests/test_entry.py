@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from cachemw.entry import MAX_HEADERS, Entry, EntryDecodeError, decode_entry, encode_entry
+from cachemw.core.entry import MAX_HEADERS, Entry, EntryDecodeError, decode_entry, encode_entry
 
 MAGIC = b"CMW"
 VERSION = 1

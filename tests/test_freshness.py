@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache, detach
-from cachemw.entry import decode_entry, encode_entry
+from cachemw.core.entry import decode_entry, encode_entry
 from tests.asgi import SpyStore, eventually, find_middleware, lifespan
 from tests.budgets import Budgets
 

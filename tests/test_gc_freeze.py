@@ -10,8 +10,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from cachemw.config import settings_from_table
-from cachemw.policy import ConfigError
+from cachemw.core.policy import ConfigError
+from cachemw.core.settings import settings_from_table
 from tests.asgi import lifespan
 from tests.conftest import FreezeCalls, real_gc_freeze
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cachemw.http import (
+from cachemw.core.http import (
     CACHE_STATUS,
     X_CACHE,
     cache_status_hit,
@@ -18,7 +18,7 @@ from cachemw.http import (
     not_storable_reason,
     stored_headers,
 )
-from cachemw.policy import Policy, policy_from_fields
+from cachemw.core.policy import Policy, policy_from_fields
 
 POLICY = Policy(ttl=60.0)
 JSON = [(b"content-type", b"application/json"), (b"content-length", b"2")]

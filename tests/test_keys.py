@@ -6,11 +6,13 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette._utils import get_route_path
 from starlette.requests import Request
 
-from cachemw.keys import KeyedRequest, RequestHeaders, SessionIdentity, make_key, route_path
-from cachemw.policy import Policy, policy_from_fields
+from cachemw.core.keys import KeyedRequest, RequestHeaders, SessionIdentity, make_key, route_path
+from cachemw.core.policy import Policy, policy_from_fields
 
 PREFIX = "cachemw"
 LABEL = "/products/<id>"
@@ -411,7 +413,7 @@ _VARYING = policy_from_fields({"ttl": 60, "vary": ["accept-language", "cookie:la
     scope(host=None),
 ])
 def test_the_key_memo_always_answers_what_make_key_would(variant: dict[str, Any]) -> None:
-    from cachemw.keys import KeyCache
+    from cachemw.core.keys import KeyCache
 
     memo = KeyCache(size=4)
     for policy in (Policy(ttl=60), _VARYING):
@@ -419,3 +421,12 @@ def test_the_key_memo_always_answers_what_make_key_would(variant: dict[str, Any]
             expected = make_key(variant, RequestHeaders(variant), policy, "/products/<id>", "p", identity)
             for _ in range(2):  # the second answer comes from the memo
                 assert memo.key(variant, RequestHeaders(variant), policy, "/products/<id>", "p", identity) == expected
+
+
+@given(st.lists(st.sampled_from([*'ab=;" \\\t,', "\\042", "é"]), max_size=20).map("".join))
+def test_the_cores_cookie_parser_reads_a_cookie_header_as_starlette_does(header: str) -> None:
+    from starlette.requests import cookie_parser as starlettes
+
+    from cachemw.core.keys import cookie_parser
+
+    assert cookie_parser(header) == starlettes(header)

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-import cachemw.middleware
+import cachemw.asgi.middleware
 from cachemw import CacheMiddleware, MemoryStore, Settings, cache
 from cachemw.observe import (
     aggregate,
@@ -68,7 +68,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(cachemw.middleware, "time", fake)
+    monkeypatch.setattr(cachemw.asgi.middleware, "time", fake)
     return fake
 
 

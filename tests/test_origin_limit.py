@@ -86,7 +86,7 @@ async def test_a_request_with_a_stale_if_error_entry_gets_it_instead_of_waiting(
 
 
 async def test_a_wait_cancelled_from_outside_gives_back_the_route_slot_it_held() -> None:
-    from cachemw.origin import OriginSlots
+    from cachemw.runtime.origin import OriginSlots
 
     slots = OriginSlots(1)
     slots.bound_route("/r", 1)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cachemw.policy import (
+from cachemw.core.policy import (
     DEFAULT_STATUSES,
     PRESETS,
     ConfigError,

@@ -21,8 +21,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import cache
-from cachemw.config import Settings
-from cachemw.rules import RuleTable, build_rule_table
+from cachemw.asgi.routes import build_rule_table
+from cachemw.core.rules import RuleTable
+from cachemw.core.settings import Settings
 
 
 def credentials_of(table: RuleTable, template: str) -> tuple[tuple[str, str], ...]:
@@ -119,8 +120,9 @@ sys.modules["fastapi"] = None  # as if not installed: every import of it fails
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Host, Mount, Route, Router
-from cachemw.config import Settings
-from cachemw.rules import build_rule_table, cache
+from cachemw.core.settings import Settings
+from cachemw.core.rules import cache
+from cachemw.asgi.routes import build_rule_table
 
 @cache(ttl="1m")
 async def page(request: Request) -> PlainTextResponse:

@@ -30,9 +30,11 @@ from starlette.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from cachemw import CacheMiddleware, MemoryStore, cache, rules
-from cachemw.config import Settings
-from cachemw.rules import RuleTable, build_rule_table
+from cachemw import CacheMiddleware, MemoryStore, cache
+from cachemw.asgi.routes import build_rule_table, routes_behind
+from cachemw.core import rules
+from cachemw.core.rules import RuleTable
+from cachemw.core.settings import Settings
 from tests.asgi import client, find_middleware
 from tests.test_rules import handler
 
@@ -607,10 +609,10 @@ class Hiding:
 def test_the_routes_behind_a_middleware_that_wraps_a_mounted_app_are_that_apps() -> None:
     inner = Starlette(routes=[Route("/x", handler("inner"))])
     outer = Starlette(routes=[Route("/x", handler("outer"))])
-    assert rules.routes_behind(CacheMiddleware(inner), outer) == (inner.routes, "")
-    assert rules.routes_behind(CacheMiddleware(Passing(inner)), outer) == (inner.routes, "")
+    assert routes_behind(CacheMiddleware(inner), outer) == (inner.routes, "")
+    assert routes_behind(CacheMiddleware(Passing(inner)), outer) == (inner.routes, "")
     plain = Router([Route("/y", handler("y"))])
-    assert rules.routes_behind(CacheMiddleware(plain), None) == (plain.routes, "")
+    assert routes_behind(CacheMiddleware(plain), None) == (plain.routes, "")
 
 
 def test_the_routes_behind_a_middleware_in_an_apps_stack_are_the_apps() -> None:
@@ -619,8 +621,8 @@ def test_the_routes_behind_a_middleware_in_an_apps_stack_are_the_apps() -> None:
         app.add_middleware(CacheMiddleware, store=MemoryStore())
         app.middleware_stack = app.build_middleware_stack()
         middleware = find_middleware(app)
-        assert rules.routes_behind(middleware, app) == (app.routes, "")
-        assert rules.routes_behind(middleware, None) == (app.routes, "")  # followed down the stack
+        assert routes_behind(middleware, app) == (app.routes, "")
+        assert routes_behind(middleware, None) == (app.routes, "")  # followed down the stack
 
 
 def test_where_the_chain_breaks_scope_app_counts_only_if_its_stack_leads_to_the_middleware() -> None:
@@ -628,9 +630,9 @@ def test_where_the_chain_breaks_scope_app_counts_only_if_its_stack_leads_to_the_
     app.add_middleware(Hiding)
     app.add_middleware(CacheMiddleware, store=MemoryStore())
     app.middleware_stack = app.build_middleware_stack()
-    assert rules.routes_behind(find_middleware(app), app) == (app.routes, "")
+    assert routes_behind(find_middleware(app), app) == (app.routes, "")
     mounted = CacheMiddleware(Hiding(Starlette(routes=[Route("/x", handler("inner"))])))
-    routes, why = rules.routes_behind(mounted, app)  # app's stack never reaches this middleware
+    routes, why = routes_behind(mounted, app)  # app's stack never reaches this middleware
     assert routes is None and "Hiding" in why and "nothing is cached" in why
 
 

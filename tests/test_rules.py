@@ -19,9 +19,10 @@ from starlette.routing import BaseRoute, Match, Mount, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from cachemw.config import Settings, load_settings
-from cachemw.policy import PRESETS, ConfigError, Policy
-from cachemw.rules import RouteRule, RuleTable, build_rule_table, cache
+from cachemw.asgi.routes import build_rule_table
+from cachemw.core.policy import PRESETS, ConfigError, Policy
+from cachemw.core.rules import RouteRule, RuleTable, cache
+from cachemw.core.settings import Settings, load_settings
 
 
 def settings_from(directory: Path, rules: str, *, extra: str = "") -> Settings:

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
-from cachemw.metrics import BUCKETS
 from cachemw.observe.snapshot import COUNTERS, HOST, JOB_FIELDS, by_policy, full_snapshot, observed, totals
+from cachemw.runtime.metrics import BUCKETS
 from cachemw.store.redis import DRIVER_ERRORS as _DRIVER_ERRORS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from cachemw.middleware import CacheMiddleware
+    from cachemw.asgi.middleware import CacheMiddleware
 
 __all__ = ["aggregate", "enable_fleet_metrics", "fleet_key", "flush_fleet_metrics", "read_fleet"]
 

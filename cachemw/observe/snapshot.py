@@ -1,7 +1,7 @@
 """One process's view of its cache as plain data: what the dashboard, Prometheus and the fleet view read.
 
 Nothing here runs on the request path: a snapshot reads the counters the
-middleware keeps (``cachemw.metrics``, the supervisor's, the L1's, the
+middleware keeps (``cachemw.runtime.metrics``, the supervisor's, the L1's, the
 breaker's) when someone asks. ``snapshot`` is synchronous and reads only
 process memory; ``full_snapshot`` also asks Redis (a PING) and each
 write-behind queue for its status, each under a short timeout.
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Union
 import anyio
 from anyio.abc import TaskStatus
 
-from cachemw.metrics import BUCKETS, RouteMetrics
-from cachemw.rules import RouteRule
+from cachemw.core.rules import RouteRule
+from cachemw.runtime.metrics import BUCKETS, RouteMetrics
 
 if TYPE_CHECKING:
-    from cachemw.middleware import CacheMiddleware
+    from cachemw.asgi.middleware import CacheMiddleware
 
 __all__ = [
     "COUNTERS",
@@ -93,7 +93,7 @@ def find_cache(app: Any) -> CacheMiddleware:
     middleware's ``.app``. The stack is built at the app's first request or
     lifespan; before that there is no instance to find.
     """
-    from cachemw.middleware import CacheMiddleware
+    from cachemw.asgi.middleware import CacheMiddleware
 
     seen: set[int] = set()
     node: Any = app
@@ -116,7 +116,7 @@ def find_cache(app: Any) -> CacheMiddleware:
 
 def resolve_cache(source: CacheSource, scope: Any = None) -> CacheMiddleware:
     """The middleware ``source`` names; None means the one handling this request, else the scope's app's."""
-    from cachemw.middleware import CacheMiddleware, current_cache
+    from cachemw.asgi.middleware import CacheMiddleware, current_cache
 
     if isinstance(source, CacheMiddleware):
         return source

@@ -19,7 +19,7 @@ from typing import TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
-from cachemw.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, bytes_cost, str_cost, tuple_cost
+from cachemw.core.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, bytes_cost, str_cost, tuple_cost
 from cachemw.store.base import LockResult, Notifications
 
 __all__ = ["MemoryStore", "MemoryStoreStats"]
@@ -43,7 +43,7 @@ class MemoryStore:
     """LRU store bounded by ``max_bytes`` of what its entries, tag index and locks cost the process.
 
     An entry counts its key and value objects, its record and its slots in the LRU
-    and the tag index (``cachemw.sizes``), computed once when stored. Expired
+    and the tag index (``cachemw.core.sizes``), computed once when stored. Expired
     entries are dropped when touched, and otherwise age out through the LRU: the
     byte bound holds either way. ``clock`` is injectable so tests control time.
     """

@@ -15,9 +15,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cachemw.entry import Entry, entry_cost
-from cachemw.keys import ALL_TAG
-from cachemw.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, str_cost
+from cachemw.core.entry import Entry, entry_cost
+from cachemw.core.keys import ALL_TAG
+from cachemw.core.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, str_cost
 
 __all__ = ["L1"]
 
@@ -39,7 +39,7 @@ class L1:
     """An LRU of decoded entries, bounded in bytes as the process holds them, indexed by tag for invalidation.
 
     An entry counts its key, its decoded objects, its slot and its tag-index
-    memberships (``cachemw.sizes``); a tag set counts itself while it exists.
+    memberships (``cachemw.core.sizes``); a tag set counts itself while it exists.
     """
 
     def __init__(self, max_bytes: int = 32 * 1024 * 1024, clock: Callable[[], float] = time.monotonic) -> None:

@@ -11,16 +11,33 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
+from http.cookies import _unquote as _unquote_cookie
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode
 
-from starlette.requests import cookie_parser
-
-from cachemw.policy import Policy
+from cachemw.core.policy import Policy
 
 __all__ = ["Identity", "KeyedRequest", "RequestHeaders", "SessionIdentity", "make_key", "mounted_at", "route_path"]
 
 Scope = Mapping[str, Any]
+
+
+def cookie_parser(cookie_string: str) -> dict[str, str]:
+    """A ``Cookie`` header as browsers send it, read as Starlette reads it (so keys agree with what the app sees).
+
+    Lenient like browsers and Starlette: ``;``-separated, a chunk without ``=`` is a
+    value of the empty name, quoted values are unquoted. Here, not imported, because
+    the core knows nothing of a web framework and the WSGI shell must key alike.
+    """
+    cookies: dict[str, str] = {}
+    for chunk in cookie_string.split(";"):
+        name, equals, value = chunk.partition("=")
+        if not equals:
+            name, value = "", chunk
+        name, value = name.strip(), value.strip()
+        if name or value:
+            cookies[name] = _unquote_cookie(value)
+    return cookies
 Identity = Callable[[Scope], "str | None"]
 
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import anyio
 
-from cachemw.config import REDIS_URL_ENV, check_redis_url, load_settings, masked_url
-from cachemw.policy import ConfigError
+from cachemw.core.policy import ConfigError
+from cachemw.core.settings import REDIS_URL_ENV, check_redis_url, load_settings, masked_url
 from cachemw.store import StoreError
 from cachemw.writebehind import DeadLetter, WriteBehind, WriteBehindStatus
 

@@ -30,13 +30,15 @@ from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 
-from cachemw.config import REDIS_URL_ENV, Settings, load_settings, masked_url, open_store
-from cachemw.entry import EntryDecodeError, decode_entry
-from cachemw.invalidation import Invalidator
-from cachemw.keys import RequestHeaders, SessionIdentity, make_key, path_tag, route_path
-from cachemw.policy import ConfigError, Policy, freshness
-from cachemw.rules import RouteRule, RuleTable, build_rule_table, normalise_template
+from cachemw.asgi.routes import build_rule_table
+from cachemw.core.entry import EntryDecodeError, decode_entry
+from cachemw.core.keys import RequestHeaders, SessionIdentity, make_key, path_tag, route_path
+from cachemw.core.policy import ConfigError, Policy, freshness
+from cachemw.core.rules import RouteRule, RuleTable, normalise_template
+from cachemw.core.settings import REDIS_URL_ENV, Settings, load_settings, masked_url
+from cachemw.runtime.invalidation import Invalidator
 from cachemw.store import Store, StoreError
+from cachemw.store.opening import open_store
 
 __all__ = ["main"]
 
@@ -116,7 +118,7 @@ def load_app(path: str) -> Any:
 
 def _middleware_options(app: Any) -> dict[str, Any]:
     """The keyword arguments the app's CacheMiddleware was given (empty if it has none)."""
-    from cachemw.middleware import CacheMiddleware
+    from cachemw.asgi.middleware import CacheMiddleware
 
     if isinstance(app, CacheMiddleware):
         return {"config": app._config, "settings": app._given_settings, "key_prefix": app._key_prefix,
@@ -129,7 +131,7 @@ def _middleware_options(app: Any) -> dict[str, Any]:
 
 def app_write_behinds(app: Any) -> list[str]:
     """The names of the write-behind queues the app's CacheMiddleware runs."""
-    from cachemw.middleware import CacheMiddleware
+    from cachemw.asgi.middleware import CacheMiddleware
 
     if isinstance(app, CacheMiddleware):
         queues: Any = app.write_behinds
@@ -151,7 +153,7 @@ def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
 
 
 def _routes_of(app: Any) -> Any:
-    from cachemw.middleware import CacheMiddleware
+    from cachemw.asgi.middleware import CacheMiddleware
 
     routes = getattr(app.app if isinstance(app, CacheMiddleware) else app, "routes", None)
     if routes is None:
@@ -585,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=_cmd_inspect)
     _add_observe_commands(commands, store_help)
-    from cachemw import writebehind_cli
+    from cachemw.writebehind import cli as writebehind_cli
 
     writebehind_cli.add_commands(commands)
     return parser

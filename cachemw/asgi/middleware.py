@@ -26,14 +26,11 @@ from anyio.abc import TaskStatus
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cachemw import http
-from cachemw.accesslog import AccessLog
-from cachemw.background import Supervisor
-from cachemw.breaker import CircuitBreaker
-from cachemw.config import Settings, load_settings, masked_url, open_store
-from cachemw.entry import DecodedMemo, Entry, EntryDecodeError, decode_entry, encode_entry, entry_cost
-from cachemw.invalidation import Invalidator, format_tags, targets_for_unsafe_request
-from cachemw.keys import (
+from cachemw.asgi.routes import build_rule_table, routes_behind
+from cachemw.core import http
+from cachemw.core.breaker import CircuitBreaker
+from cachemw.core.entry import DecodedMemo, Entry, EntryDecodeError, decode_entry, encode_entry, entry_cost
+from cachemw.core.keys import (
     ALL_TAG,
     KeyCache,
     RequestHeaders,
@@ -43,15 +40,20 @@ from cachemw.keys import (
     route_tag,
     tag_keys,
 )
-from cachemw.l1 import L1
-from cachemw.looplag import LoopLag
-from cachemw.metrics import Metrics, RouteMetrics
+from cachemw.core.policy import ConfigError, Freshness, Policy, freshness
+from cachemw.core.rules import RouteMatch, RouteRule, RuleTable, normalise_template
+from cachemw.core.settings import Settings, load_settings, masked_url
 from cachemw.observe import enable_fleet_metrics, enable_history
-from cachemw.origin import OriginSlots
-from cachemw.policy import ConfigError, Freshness, Policy, freshness
-from cachemw.rules import RouteMatch, RouteRule, RuleTable, build_rule_table, normalise_template, routes_behind
+from cachemw.runtime.accesslog import AccessLog
+from cachemw.runtime.invalidation import Invalidator, format_tags, targets_for_unsafe_request
+from cachemw.runtime.looplag import LoopLag
+from cachemw.runtime.metrics import Metrics, RouteMetrics
+from cachemw.runtime.origin import OriginSlots
+from cachemw.runtime.supervisor import Supervisor
 from cachemw.store import MemoryStore, Store, StoreError
 from cachemw.store.base import FillWaiter, LockResult, unsupported_event_loop
+from cachemw.store.l1 import L1
+from cachemw.store.opening import open_store
 from cachemw.store.retrying import within_deadline
 from cachemw.writebehind import WriteBehind
 

@@ -13,21 +13,19 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from cachemw.keys import CREDENTIAL_KINDS, credential_parts
-from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
+from cachemw.core.keys import CREDENTIAL_KINDS, credential_parts
+from cachemw.core.policy import PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
 
-if TYPE_CHECKING:
-    from cachemw.store import Store
 
-__all__ = ["FileRule", "Settings", "check_redis_url", "load_settings", "masked_url", "open_store"]
+__all__ = ["FileRule", "Settings", "check_redis_url", "load_settings", "masked_url"]
 
 REDIS_URL_ENV = "CACHEMW_REDIS_URL"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -311,26 +309,6 @@ def check_redis_url(url: str) -> None:
         if database and not database.isdigit():
             raise ValueError(f"the path names the database, a number (redis://host:6379/0), not {database!r}")
         _ = split.port  # ValueError: "Port out of range 0-65535", "Port could not be cast to integer value"
-
-
-def open_store(settings: Settings, *, timeout: float | None = None) -> Store:
-    """The store ``settings`` name, as startup makes it: validated, nothing connected yet.
-
-    A URL the store cannot use (``redis://host:6391:0``) is a ConfigError naming the
-    settings' file, the field and the URL (password masked). ``timeout`` defaults to
-    ``store_timeout``. ``cachemw check`` runs exactly this.
-    """
-    from cachemw.store import store_from_url
-
-    try:
-        if settings.redis_url is not None:
-            check_redis_url(settings.redis_url)
-        return store_from_url(settings.redis_url, timeout=settings.store_timeout if timeout is None else timeout,
-                              memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix,
-                              background_timeout=settings.background_timeout)
-    except ValueError as exc:
-        url = f" {masked_url(settings.redis_url)!r}" if settings.redis_url else ""
-        raise ConfigError(f"{settings.source or 'settings'}: field 'redis_url'{url}: {exc}") from None
 
 
 def resolve_preset(name: object, presets: Mapping[str, Policy], where: str) -> Policy:

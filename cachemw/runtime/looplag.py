@@ -15,7 +15,7 @@ import time
 import anyio
 from anyio.abc import TaskStatus
 
-from cachemw.metrics import Histogram
+from cachemw.runtime.metrics import Histogram
 
 __all__ = ["LoopLag"]
 

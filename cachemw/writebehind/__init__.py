@@ -97,7 +97,7 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
-from cachemw.background import Supervisor
+from cachemw.runtime.supervisor import Supervisor
 from cachemw.store.base import StoreError
 from cachemw.store.redis import DRIVER_ERRORS as _DRIVER_ERRORS
 from cachemw.store.redis import _Gate, _millis, close_client, redis_clients

@@ -12,7 +12,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from cachemw.sizes import DICT_SLOT, alloc, bytes_cost, str_cost, tuple_cost
+from cachemw.core.sizes import DICT_SLOT, alloc, bytes_cost, str_cost, tuple_cost
 
 __all__ = ["DecodedMemo", "Entry", "EntryDecodeError", "decode_entry", "encode_entry", "entry_cost"]
 

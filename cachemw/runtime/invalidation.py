@@ -13,10 +13,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
-from cachemw.keys import ALL_TAG, entry_pattern, path_tag, route_tag, tag_keys
-from cachemw.l1 import L1
-from cachemw.rules import normalise_template
+from cachemw.core.keys import ALL_TAG, entry_pattern, path_tag, route_tag, tag_keys
+from cachemw.core.rules import normalise_template
 from cachemw.store import Store
+from cachemw.store.l1 import L1
 from cachemw.store.retrying import within_deadline
 
 __all__ = ["Invalidator", "targets_for_unsafe_request"]
@@ -81,7 +81,7 @@ def targets_for_unsafe_request(invalidates: Iterable[str], params: Mapping[str, 
     one naming a parameter the request lacks is skipped rather than guessed.
 
     A path is written as the app's routes see it; ``mounted_at`` is what comes before it
-    in the request's path (``cachemw.keys.mounted_at``: the server's ``--root-path``, an
+    in the request's path (``cachemw.core.keys.mounted_at``: the server's ``--root-path``, an
     outer mount's prefix), as in the path the entries were tagged with.
     """
     tags: list[str] = []

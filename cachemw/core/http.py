@@ -10,7 +10,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 
-from cachemw.policy import Policy
+from cachemw.core.policy import Policy
 
 __all__ = [
     "RawHeaders",
