@@ -27,8 +27,9 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachemw.asgi.routes import build_rule_table, routes_behind
-from cachemw.core import http
+from cachemw.core import decide, http
 from cachemw.core.breaker import CircuitBreaker
+from cachemw.core.decide import Step
 from cachemw.core.entry import DecodedMemo, Entry, EntryDecodeError, decode_entry, encode_entry, entry_cost
 from cachemw.core.keys import (
     ALL_TAG,
@@ -40,7 +41,7 @@ from cachemw.core.keys import (
     route_tag,
     tag_keys,
 )
-from cachemw.core.policy import ConfigError, Freshness, Policy, freshness
+from cachemw.core.policy import ConfigError, Policy
 from cachemw.core.rules import RouteMatch, RouteRule, RuleTable, normalise_template
 from cachemw.core.settings import Settings, load_settings, masked_url
 from cachemw.observe import enable_fleet_metrics, enable_history
@@ -61,10 +62,6 @@ __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
 
 logger = logging.getLogger(__name__)
 
-_CACHED_METHODS = frozenset({"GET", "HEAD"})
-# Only these may invalidate: OPTIONS (a CORS preflight anyone can send), TRACE and
-# unknown methods are passed through untouched, never cached and never purging.
-_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _BODY_NEEDS_HEADERS = frozenset({"1.0", "1.1"})  # where a request body must announce itself in its headers
 _HIT = b"HIT"
 _STALE = b"STALE"
@@ -433,30 +430,19 @@ class CacheMiddleware:
     async def _http(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch) -> None:
         policy = match.rule.policy
         assert policy is not None
-        method = scope["method"]
-        if method not in _CACHED_METHODS:
-            if method.upper() in _UNSAFE_METHODS:  # h11 passes a lowercase method through; apps upper it
+        step, reason = decide.for_method(scope["method"], policy)
+        if step is not Step.LOOK_UP:
+            if step is Step.INVALIDATE:
                 await self._unsafe(scope, receive, send, match, policy)
             else:
-                await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_METHOD)
-            return
-        if not policy.cacheable:
-            await self._bypass(scope, receive, send, match, http.STATUS_BYPASS)
+                await self._bypass(scope, receive, send, match, reason)
             return
         headers = RequestHeaders(scope)
         credentials = self._credentials_of(match)(headers, scope.get("query_string", b""))
         identity = credentials if self._identity is None else self._identity(headers, scope)
-        if policy.private:
-            if identity is None:  # nobody to key on: nothing may be shared
-                await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
-                return
-        elif identity is not None or credentials is not None:
-            # Credentials on a shared route: never answered from, nor stored into, a shared entry.
-            await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
-            return
-        if http.has_body(headers.values):
-            # A body the app may read but the key cannot cover: not ours to answer or store.
-            await self._bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
+        bypass = decide.for_request(policy, identity, credentials, http.has_body(headers.values))
+        if bypass is not None:
+            await self._bypass(scope, receive, send, match, bypass)
             return
         if scope.get("http_version", "1.1") not in _BODY_NEEDS_HEADERS:
             # HTTP/2 and 3 frame a body without announcing it: look at the first message (given to the
@@ -476,7 +462,7 @@ class CacheMiddleware:
             entry = self.l1.get(key)
             if entry is not None:
                 now = time.time()
-                if freshness(entry.stored_at, policy, now) is Freshness.FRESH:
+                if decide.for_entry(entry.stored_at, policy, now) is Step.SERVE:
                     status = await _serve(entry, scope, headers, send, now, _HIT,
                                           http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
                     self._log(match, key, "HIT", status, None, started, len(entry.body))
@@ -493,28 +479,26 @@ class CacheMiddleware:
         entry = None if data is None else self._decode(key, data)
         if failed and policy.sync > 0 and self._remote:
             entry = self.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
-        fallback: Entry | None = None
-        if entry is not None:
-            now = time.time()
-            state = freshness(entry.stored_at, policy, now)
-            if failed and state is not Freshness.EXPIRED:
-                await self._serve_fallback(entry, scope, headers, send, None, match, key, started)
-                return
-            if state is Freshness.FRESH:
+        now = time.time()
+        step = decide.for_stored(None if entry is None else entry.stored_at, policy, now, failed)
+        if step is Step.SERVE_FALLBACK:
+            assert entry is not None
+            await self._serve_fallback(entry, scope, headers, send, None, match, key, started)
+            return
+        if step is Step.SERVE or step is Step.SERVE_STALE:
+            assert entry is not None
+            cache_status = http.cache_status_hit(policy.ttl - (now - entry.stored_at))
+            if step is Step.SERVE:
                 if policy.sync > 0 and self._remote:
                     self.l1.put(key, entry, policy.sync)
-                status = await _serve(entry, scope, headers, send, now, _HIT,
-                                      http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
+                status = await _serve(entry, scope, headers, send, now, _HIT, cache_status)
                 self._log(match, key, "HIT", status, None, started, len(entry.body))
-                return
-            if state is Freshness.STALE:
-                status = await _serve(entry, scope, headers, send, now, _STALE,
-                                      http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
+            else:
+                status = await _serve(entry, scope, headers, send, now, _STALE, cache_status)
                 self._refresh_later(key, policy, match, scope)
                 self._log(match, key, "STALE", status, None, started, len(entry.body))
-                return
-            if state is Freshness.STALE_IF_ERROR:
-                fallback = entry
+            return
+        fallback = entry if step is Step.FILL_WITH_FALLBACK else None
         if self._lookup_locks:
             self._missing.add(template)
         await self._miss(scope, receive, send, plan or self._plan(key, policy, match, scope), headers, fallback,
@@ -555,24 +539,25 @@ class CacheMiddleware:
                 done = await flight.wait(self._lock_timeout)
             finally:
                 self.metrics.waiting_on_fills -= 1
-            if done:
-                if flight.entry is not None:
-                    status = await _serve(flight.entry, scope, headers, send, time.time(), _MISS,
-                                          http.STATUS_COLLAPSED)
-                    self._log(plan.match, key, "MISS", status, None, started, len(flight.entry.body), "collapsed")
-                    return
-                if flight.failed:
-                    if fallback is not None:
-                        await self._serve_fallback(fallback, scope, headers, send, None, plan.match, key, started)
-                        return
-                    if flight.failure is not None:
-                        status = await _replay_failure(flight.failure, scope, send)  # its Cache-Status: collapsed
-                        self._log(plan.match, key, "MISS", status, None, started, len(flight.failure.body),
-                                  "collapsed")
-                        return
-                    if flight.raised:
-                        raise CoalescedFailure(f"the request for {scope['path']!r} this one waited on failed; "
-                                               "the app was not called again for it")
+            step = decide.after_wait(done, flight.entry is not None, flight.failed, fallback is not None,
+                                     flight.failure is not None, flight.raised)
+            if step is Step.SHARE:
+                assert flight.entry is not None
+                status = await _serve(flight.entry, scope, headers, send, time.time(), _MISS, http.STATUS_COLLAPSED)
+                self._log(plan.match, key, "MISS", status, None, started, len(flight.entry.body), "collapsed")
+                return
+            if step is Step.SERVE_FALLBACK:
+                assert fallback is not None
+                await self._serve_fallback(fallback, scope, headers, send, None, plan.match, key, started)
+                return
+            if step is Step.REPLAY_FAILURE:
+                assert flight.failure is not None
+                status = await _replay_failure(flight.failure, scope, send)  # its Cache-Status: collapsed
+                self._log(plan.match, key, "MISS", status, None, started, len(flight.failure.body), "collapsed")
+                return
+            if step is Step.FAIL:
+                raise CoalescedFailure(f"the request for {scope['path']!r} this one waited on failed; "
+                                       "the app was not called again for it")
             await self._forward(scope, receive, send, headers, plan, fallback, started)  # unknown generations
             return
         flight = self._flights[key] = _Flight(plan)
@@ -727,7 +712,8 @@ class CacheMiddleware:
         origin_time = time.perf_counter() - origin_started
         if responder.failed_status:
             failure = "status"
-        if failure is not None and fallback is not None:
+        if decide.after_origin(failure, fallback is not None) is Step.SERVE_FALLBACK:
+            assert fallback is not None
             self._give_up_lock(plan)
             await self._serve_fallback(fallback, scope, headers, send, responder.failed_status, plan.match,
                                        plan.key, started)
@@ -1010,7 +996,7 @@ class CacheMiddleware:
             entry = decode_entry(data)
         except EntryDecodeError:
             return None
-        if freshness(entry.stored_at, policy, time.time()) is Freshness.FRESH:
+        if decide.for_entry(entry.stored_at, policy, time.time()) is Step.SERVE:
             return entry
         return None
 
