@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -14,6 +15,7 @@ import httpx
 from starlette.types import ASGIApp, Message
 
 from cachemw.store import Store
+from cachemw.store.base import StoreCapabilities
 
 try:  # tests/ is a package
     from tests.budgets import current_budgets
@@ -220,6 +222,11 @@ class SpyStore:
         stored: bool = await self.inner.fill(key, value, ttl, token, *args, **kwargs)
         self.keys_set.append(key)  # once done: a test that waits for it then finds the entry
         return stored
+
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        """The inner store's, but remote: a wrapper stands for a store across a network (budget, breaker)."""
+        return replace(self.inner.capabilities, remote=True)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)  # lock, unlock, waiter, listen

@@ -100,6 +100,24 @@ async def test_is_a_store(harness: Harness) -> None:
     assert isinstance(harness.store, Store)
 
 
+async def test_get_or_lock_answers_the_value_or_takes_the_lock(harness: Harness) -> None:
+    store = harness.store
+    token, value, generations = await store.get_or_lock("k", 5, ["g"], "mine")
+    assert (token, value, generations) == ("mine", None, (0,))  # nothing there: the lock is ours
+    assert (await store.get_or_lock("k", 5, ["g"], "theirs"))[:2] == (None, None)  # held: not taken twice
+    await store.fill("k", b"v", 60, "mine", [], ["g"], generations)
+    assert (await store.get_or_lock("k", 5, ["g"], "later"))[:2] == (None, b"v")  # a value: no lock attempted
+
+
+async def test_capabilities_say_what_the_runtime_may_rely_on(harness: Harness) -> None:
+    store = harness.store
+    capabilities = store.capabilities
+    assert capabilities.remote is isinstance(store, RedisStore)
+    assert capabilities.sharded is False and store.shard("k") == ""  # one server: one breaker
+    await store.connect(1.0)  # the startup probe: nothing to open for memory, a connection for Redis
+    assert await store.get("k") is None
+
+
 async def test_get_missing_is_none(harness: Harness) -> None:
     assert await harness.store.get("missing") is None
 

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from random import getrandbits
@@ -41,6 +41,7 @@ from cachemw.core.keys import (
     route_tag,
     tag_keys,
 )
+from cachemw.core.metrics import Metrics, RouteMetrics
 from cachemw.core.policy import ConfigError, Policy
 from cachemw.core.rules import RouteMatch, RouteRule, RuleTable, normalise_template
 from cachemw.core.settings import Settings, load_settings, masked_url
@@ -48,14 +49,13 @@ from cachemw.observe import enable_fleet_metrics, enable_history
 from cachemw.runtime.accesslog import AccessLog
 from cachemw.runtime.invalidation import Invalidator, format_tags, targets_for_unsafe_request
 from cachemw.runtime.looplag import LoopLag
-from cachemw.runtime.metrics import Metrics, RouteMetrics
 from cachemw.runtime.origin import OriginSlots
 from cachemw.runtime.supervisor import Supervisor
-from cachemw.store import MemoryStore, Store, StoreError
+from cachemw.store import Store, StoreError
 from cachemw.store.base import FillWaiter, LockResult, unsupported_event_loop
+from cachemw.store.guarded import GuardedStore
 from cachemw.store.l1 import L1
 from cachemw.store.opening import open_store
-from cachemw.store.retrying import within_deadline
 from cachemw.writebehind import WriteBehind
 
 __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
@@ -73,6 +73,8 @@ _PROBE_TIMEOUT = 2.0  # the startup probe of the store: a background job, not a 
 _LAG_LOG_INTERVAL = 60.0  # seconds: at most one loop-lag warning per interval
 _RELEASES_AT_ONCE = 64  # shed lock releases sent concurrently by the release service
 _RELEASE_TIMEOUT = 2.0  # one shed lock release: past it the lock expires by itself
+
+_NO_BREAKER = CircuitBreaker()  # what `breaker` shows before startup: closed, never used
 
 _current: ContextVar[CacheMiddleware] = ContextVar("cachemw_cache")
 T = TypeVar("T")
@@ -225,20 +227,13 @@ class CacheMiddleware:
         self._lookup_locks = False
         self.l1 = L1()
         self.invalidator: Invalidator | None = None
-        self.breaker = CircuitBreaker(on_transition=self._breaker_moved)
-        self.node_breakers: dict[str, CircuitBreaker] = {}
-        self._shard: Callable[[str], str] | None = None
+        self._guarded: GuardedStore | None = None
         self.metrics = Metrics()
-        self._budget = 0.05
         self._remote = False  # only a remote store needs a time budget and a breaker
-        self._bounded = False  # the store keeps the time budget itself: no deadline of ours around its calls
         self._store_job_timeout = math.inf
-        self._background_budget = 2.0
         self._warned_corrupt = False
-        self.store_errors = 0
-        self.loop_lag_timeouts = 0  # store timeouts that were this process's lateness, not the store's
+        self._unguarded_errors = 0  # store failures before the store was guarded (none once started)
         self.loop_lag = LoopLag()
-        self._lag_logged_at = -math.inf
         self.store_problem: str | None = None  # why the startup probe could not reach the store
         self._origin = OriginSlots(0)
         self._origin_wait = 5.0
@@ -283,7 +278,6 @@ class CacheMiddleware:
         self.l1 = L1(max_bytes=settings.l1_max_bytes)
         self.store.notifications.on_invalidate.append(self.l1.drop_tags)
         self.store.notifications.on_lost.append(self.l1.lost_sync)
-        self.store.notifications.on_connected.append(self._store_reconnected)
         self.store.notifications.on_invalidate.append(self._detach_flights)
         self.invalidator = Invalidator(self.store, settings.key_prefix, self.l1, on_local=self._detach_flights,
                                        timeout=settings.background_timeout)
@@ -297,14 +291,14 @@ class CacheMiddleware:
         self.supervisor.add_service("loop-lag", self.loop_lag.measure)
         self._prefix = settings.key_prefix
         self._lock_timeout = settings.lock_timeout
-        self._budget = settings.store_timeout
-        self._remote = not isinstance(self.store, MemoryStore)
-        self._bounded = bool(getattr(self.store, "bounded", False))
-        self._lookup_locks = bool(getattr(self.store, "lookup_locks", False))
-        # Fills and lock releases keep their own deadline (_in_background): no job timeout around them.
+        loop_lag = self.loop_lag
+        guarded = self._guarded = GuardedStore(self.store, budget=settings.store_timeout,
+                                               background_budget=settings.background_timeout, metrics=self.metrics,
+                                               recent_lag=lambda: loop_lag.recent, report=self._report)
+        self._remote = guarded.remote
+        self._lookup_locks = guarded.lookup_locks
+        # Fills and lock releases keep their own deadline (in_background): no job timeout around them.
         self._store_job_timeout = math.inf
-        self._background_budget = settings.background_timeout
-        self._shard = self.store.shard if getattr(self.store, "cluster", False) else None  # type: ignore[attr-defined]
         self._credentials = SessionIdentity(settings.session_cookie, settings.credentials)
         # A route's FastAPI security schemes (APIKeyHeader, APIKeyCookie, ...) are its credentials too.
         self._route_credentials = {id(rule): self._credentials.including(rule_credentials)
@@ -316,6 +310,24 @@ class CacheMiddleware:
         self.settings = settings
         self.table = table
         return table
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The store's breaker (on a cluster, the one for keys no node could be found for)."""
+        return self._guarded.breaker if self._guarded is not None else _NO_BREAKER
+
+    @property
+    def node_breakers(self) -> dict[str, CircuitBreaker]:
+        return self._guarded.node_breakers if self._guarded is not None else {}
+
+    @property
+    def store_errors(self) -> int:
+        return self._unguarded_errors + (self._guarded.errors if self._guarded is not None else 0)
+
+    @property
+    def loop_lag_timeouts(self) -> int:
+        """Store timeouts that were this process's lateness, not the store's."""
+        return self._guarded.loop_lag_timeouts if self._guarded is not None else 0
 
     # -- ASGI ------------------------------------------------------------------------------------
 
@@ -416,10 +428,9 @@ class CacheMiddleware:
         store, settings = self.store, self.settings
         if store is None or settings is None or not self._remote:
             return
-        connect = getattr(store, "connect", None)
         try:
             with anyio.fail_after(_PROBE_TIMEOUT):
-                await (store.get(f"{self._prefix}:probe") if connect is None else connect(_PROBE_TIMEOUT))
+                await store.connect(_PROBE_TIMEOUT)
         except Exception as exc:
             self.store_problem = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             logger.warning("cachemw: cannot reach the store at %s (%s); requests go to the app until it answers",
@@ -834,7 +845,7 @@ class CacheMiddleware:
                 try:
                     await invalidator.tags(*tags)
                 except Exception:
-                    self.store_errors += 1  # the entries expire by themselves; the response still goes out
+                    self._count_store_error()  # the entries expire by themselves; the response still goes out
             await marker.send(message)
 
         started = time.perf_counter()
@@ -845,23 +856,14 @@ class CacheMiddleware:
 
     async def _get(self, key: str) -> tuple[bytes | None, bool]:
         """The stored value, and whether the store failed (then the app answers: fail open)."""
-        store = self.store
-        if store is None:
-            return None, False
-        if not self._remote:
-            return await store.get(key), False
-        breaker = self._breaker(key)
-        if not breaker.allow(time.monotonic()):
-            return None, True
-        began = time.perf_counter()
-        try:
-            value = await store.get(key) if self._bounded else await self._within_budget(store.get(key))
-        except Exception as exc:  # whatever the driver raises (another loop, trio, a bug): the app answers
-            self._store_failed(breaker, exc, began)
-            return None, True
-        self.metrics.store_latency.observe(time.perf_counter() - began)
-        breaker.success()
-        return value, False
+        guarded = self._guarded
+        return (None, False) if guarded is None else await guarded.get(key)
+
+    def _count_store_error(self) -> None:
+        if self._guarded is None:
+            self._unguarded_errors += 1
+        else:
+            self._guarded.errors += 1  # counted, not held against the breaker: the purge itself may have run
 
     async def _get_or_lock(self, plan: _Plan) -> tuple[bytes | None, bool]:
         """``_get`` for a route that has been missing: where the key holds nothing, the lock is tried too.
@@ -888,92 +890,16 @@ class CacheMiddleware:
             plan.waiter = None
 
     async def _lock(self, plan: _Plan, *, lookup: bool = False, background: bool = False) -> LockResult | None:
-        """The lock attempt of a miss, under the same budget and breaker as a lookup; None if it failed.
-
-        ``lookup``: the store's ``get_or_lock``, which answers the value instead when there is one.
-        ``background``: a refresh's, under the deadline of work after the response instead.
-        """
-        store = self.store
-        if store is None:
+        """The plan's lock attempt through the guarded store; None if the store failed."""
+        guarded = self._guarded
+        if guarded is None:
             return None
-        if not self._remote:
-            return await store.lock(plan.key, self._lock_timeout, plan.generation_keys, _token())
-        breaker = self._breaker(plan.key)
-        if not breaker.allow(time.monotonic()):
-            return None
-        token = _token()
-        attempt = store.get_or_lock if lookup else store.lock  # type: ignore[attr-defined]
-        began = time.perf_counter()
-        try:
-            result: LockResult
-            if background:
-                result = await self._in_background(lambda left: store.lock(
-                    plan.key, self._lock_timeout, plan.generation_keys, token, timeout=left))
-            else:
-                call = attempt(plan.key, self._lock_timeout, plan.generation_keys, token)
-                result = await call if self._bounded else await self._within_budget(call)
-        except BaseException as exc:
-            # Redis may have taken the lock after we stopped waiting (a timeout, or this request
-            # cancelled): release it (if it is ours) rather than leave others waiting for a fill
-            # that never comes.
-            self._release(plan.key, token)
-            if not isinstance(exc, Exception):
-                raise
-            self._store_failed(breaker, exc, began)  # as in _get: any store failure sends the request to the app
-            return None
-        if lookup:
-            self.metrics.store_latency.observe(time.perf_counter() - began)
-        breaker.success()
-        return result
+        return await guarded.lock(plan.key, self._lock_timeout, plan.generation_keys, _token(), lookup=lookup,
+                                  background=background, release=self._release)
 
-    async def _in_background(self, call: Callable[[float | None], Awaitable[T]]) -> T:
-        """A store call after the response: its own deadline, retried within it on a blip."""
-        if not self._remote:
-            return await call(None)
-        return await within_deadline(call, self._background_budget, scoped=not self._bounded)
-
-    async def _within_budget(self, call: Awaitable[T]) -> T:
-        """A request-path store call, failing with TimeoutError after the budget whatever the driver does."""
-        if self._bounded:  # the store keeps the budget itself, without a cancel scope per call
-            return await call
-        with anyio.fail_after(self._budget):
-            return await call
-
-    def _breaker(self, key: str) -> CircuitBreaker:
-        """On a cluster each node has its own breaker: one node down fails only its slots."""
-        shard = self._shard
-        if shard is None:
-            return self.breaker
-        name = shard(key)
-        breaker = self.node_breakers.get(name)
-        if breaker is None:
-            breaker = self.node_breakers[name] = CircuitBreaker(on_transition=self._breaker_moved)
-        return breaker
-
-    def _store_failed(self, breaker: CircuitBreaker, error: Exception | None = None, began: float = 0.0) -> None:
-        self.store_errors += 1
-        self.metrics.store_errors += 1
-        if began and isinstance(error, TimeoutError):
-            now = time.perf_counter()
-            # How late our own loop ran: the deadline's own overshoot, or what the lag monitor saw lately.
-            lag = max(now - began - self._budget, self.loop_lag.recent)
-            if lag >= self._budget / 2:
-                # This process's event loop was saturated, not (or not only) the store slow. The
-                # request still goes to the app, but opening the breaker would send every other one
-                # there too, just when the process is overloaded.
-                self.loop_lag_timeouts += 1
-                if now - self._lag_logged_at >= _LAG_LOG_INTERVAL:
-                    self._lag_logged_at = now
-                    self.supervisor.submit("log", _log_loop_lag, lag, self.loop_lag_timeouts, self.store_errors)
-                return
-        breaker.failure(time.monotonic())
-
-    def _store_reconnected(self) -> None:
-        for breaker in (self.breaker, *self.node_breakers.values()):
-            breaker.probe_now()
-
-    def _breaker_moved(self, previous: str, state: str) -> None:
-        self.supervisor.submit("log", _log_breaker, previous, state, self.store_errors, self.loop_lag_timeouts)
+    def _report(self, what: str, *details: object) -> None:
+        """A store event to log: handed to the log job, never written on the request path."""
+        self.supervisor.submit("log", _log_breaker if what == "breaker" else _log_loop_lag, *details)
 
     def _decode(self, key: str, data: bytes) -> Entry | None:
         entry = self._decoded_entries.get(data)
@@ -1011,7 +937,10 @@ class CacheMiddleware:
                 await self._unlock(plan.key, plan.token)
             return
         tag_sets = [tag_keys(self._prefix, tag)[0] for tag in entry.tags]
-        if self._remote and self._breaker(plan.key).state == "open":
+        guarded = self._guarded
+        if guarded is None:
+            return
+        if guarded.is_open(plan.key):
             # Don't hammer a store that is down: the next miss after it recovers refills. The
             # lock is still released (one small command), or its waiters would wait it out.
             if plan.token is not None:
@@ -1019,10 +948,10 @@ class CacheMiddleware:
             return
         generations, token, ttl = plan.generations, plan.token, plan.policy.usable_for
         try:
-            stored = await self._in_background(lambda left: store.fill(
+            stored = await guarded.in_background(lambda left: store.fill(
                 plan.key, data, ttl, token, tag_sets, plan.generation_keys, generations, timeout=left))
         except Exception:
-            self._store_failed(self._breaker(plan.key))  # this fill is lost; the next miss refills
+            guarded.failed(key=plan.key)  # this fill is lost; the next miss refills
             if plan.token is not None:
                 await self._unlock(plan.key, plan.token)  # a lost fill must not leave its lock to expire
             return
@@ -1034,13 +963,13 @@ class CacheMiddleware:
             self.l1.put(plan.key, entry, plan.policy.sync)
 
     async def _unlock(self, key: str, token: str) -> None:
-        store = self.store
-        if store is None:
+        store, guarded = self.store, self._guarded
+        if store is None or guarded is None:
             return
         try:
-            await self._in_background(lambda left: store.unlock(key, token, timeout=left))
+            await guarded.in_background(lambda left: store.unlock(key, token, timeout=left))
         except Exception:
-            self._store_failed(self._breaker(key))  # the lock expires by itself
+            guarded.failed(key=key)  # the lock expires by itself
 
     def _give_up_lock(self, plan: _Plan) -> None:
         """Release the plan's fill lock (once): this response will not be stored."""

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
+from cachemw.core.metrics import BUCKETS
 from cachemw.observe.snapshot import COUNTERS, HOST, JOB_FIELDS, by_policy, full_snapshot, observed, totals
-from cachemw.runtime.metrics import BUCKETS
 from cachemw.store.redis import DRIVER_ERRORS as _DRIVER_ERRORS
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """One process's view of its cache as plain data: what the dashboard, Prometheus and the fleet view read.
 
 Nothing here runs on the request path: a snapshot reads the counters the
-middleware keeps (``cachemw.runtime.metrics``, the supervisor's, the L1's, the
+middleware keeps (``cachemw.core.metrics``, the supervisor's, the L1's, the
 breaker's) when someone asks. ``snapshot`` is synchronous and reads only
 process memory; ``full_snapshot`` also asks Redis (a PING) and each
 write-behind queue for its status, each under a short timeout.
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Union
 import anyio
 from anyio.abc import TaskStatus
 
+from cachemw.core.metrics import BUCKETS, RouteMetrics
 from cachemw.core.rules import RouteRule
-from cachemw.runtime.metrics import BUCKETS, RouteMetrics
 
 if TYPE_CHECKING:
     from cachemw.asgi.middleware import CacheMiddleware

@@ -15,7 +15,7 @@ import time
 import anyio
 from anyio.abc import TaskStatus
 
-from cachemw.runtime.metrics import Histogram
+from cachemw.core.metrics import Histogram
 
 __all__ = ["LoopLag"]
 

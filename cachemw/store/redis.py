@@ -51,7 +51,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from cachemw.store.base import LockResult, Notifications, StoreError
+from cachemw.store.base import LockResult, Notifications, StoreCapabilities, StoreError
 from cachemw.store.loops import LoopGuard, running_loop
 from cachemw.store.pipeline import PipelinedRedis, encode_command
 
@@ -441,8 +441,8 @@ class RedisStore:
     """
 
     __slots__ = ("__weakref__", "_bound", "_clients", "_guards", "_listening", "_max_connections",
-                 "background_timeout", "bounded", "channel", "cluster", "invalidation_channel", "lookup_locks",
-                 "notifications")
+                 "background_timeout", "bounded", "capabilities", "channel", "cluster", "invalidation_channel",
+                 "lookup_locks", "notifications")
 
     requires_asyncio = True
     """The store's drivers (redis-py's asyncio client, an asyncio Protocol) need an asyncio event loop."""
@@ -466,6 +466,8 @@ class RedisStore:
         # The pipelined connection keeps the time budget itself: callers need no timeout of their own.
         self.bounded = self._bound.pipelined is not None
         self.lookup_locks = not self.cluster  # get_or_lock is one round trip on one server
+        self.capabilities = StoreCapabilities(remote=True, keeps_budget=self.bounded, lookup_locks=self.lookup_locks,
+                                              sharded=self.cluster)
         self.channel = channel
         self.invalidation_channel = invalidation_channel
         self.notifications = Notifications()
