@@ -53,7 +53,7 @@ async def test_a_hundred_thousand_distinct_keys_stay_within_the_bounds() -> None
     cache_layer: Any = app.middleware_stack
     while not isinstance(cache_layer, CacheMiddleware):
         cache_layer = cache_layer.app
-    assert cache_layer._flights == {} and cache_layer._refreshing == set()
+    assert cache_layer.runtime.flights.active == {} and cache_layer.runtime.fills.refreshing == set()
     indexed = sum(len(members) for members in store._tag_sets.values())
     assert indexed <= 4 * len(store) + 3 * 128  # the tag index follows the live entries
 

@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from starlette.types import Message
 
 import cachemw.asgi.middleware
+import cachemw.runtime.runtime
 from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache
 from tests.budgets import Budgets
 from tests.test_sample_app import REPO_ROOT, STOP_DEADLINE, Server, _free_port, _wait_until_ready
@@ -135,7 +136,7 @@ async def test_shutdown_complete_reaches_the_server_only_after_our_cleanup(
             await super().aclose()
             closed.append("store")
 
-    monkeypatch.setattr(cachemw.asgi.middleware, "open_store",
+    monkeypatch.setattr(cachemw.runtime.runtime, "open_store",
                         lambda settings: Watched.from_url(redis_url, timeout=settings.store_timeout))
     middleware = CacheMiddleware(Starlette(routes=[Route("/page", cache(ttl="1m")(_page))]),
                                  settings=Settings(redis_url=redis_url, store_timeout=budgets.store_timeout))

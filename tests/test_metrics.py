@@ -21,7 +21,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-import cachemw.asgi.middleware
+import cachemw.asgi.handler
+import cachemw.asgi.responses
+import cachemw.runtime.locks
 from cachemw import CacheMiddleware, MemoryStore, Settings, cache
 from cachemw.observe import (
     aggregate,
@@ -68,7 +70,8 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(cachemw.asgi.middleware, "time", fake)
+    for module in (cachemw.asgi.handler, cachemw.asgi.responses, cachemw.runtime.locks):  # where entries age
+        monkeypatch.setattr(module, "time", fake)
     return fake
 
 

@@ -121,8 +121,9 @@ def _middleware_options(app: Any) -> dict[str, Any]:
     from cachemw.asgi.middleware import CacheMiddleware
 
     if isinstance(app, CacheMiddleware):
-        return {"config": app._config, "settings": app._given_settings, "key_prefix": app._key_prefix,
-                "redis_url": app._redis_url, "identity": app._custom_identity}
+        options = app.options
+        return {"config": options.config, "settings": options.settings, "key_prefix": options.key_prefix,
+                "redis_url": options.redis_url, "identity": options.identity}
     for middleware in getattr(app, "user_middleware", ()):
         if middleware.cls is CacheMiddleware:
             return dict(middleware.kwargs)

@@ -32,10 +32,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from cachemw.asgi.middleware import CacheMiddleware
 from cachemw.core.keys import route_tag
 from cachemw.core.rules import normalise_template
 from cachemw.observe.snapshot import CacheSource, full_snapshot, history, observed, resolve_cache, sample_history
+from cachemw.runtime.shell import CacheShell
 from cachemw.store import StoreError
 
 __all__ = ["PURGE_HEADER", "dashboard_app", "loopback_only"]
@@ -177,7 +177,7 @@ def dashboard_app(cache: CacheSource = None, *, allow: Check = loopback_only, al
     ])
 
 
-def _find(cache: CacheSource, request: Request) -> CacheMiddleware | Response:
+def _find(cache: CacheSource, request: Request) -> CacheShell | Response:
     try:
         return resolve_cache(cache, request.scope)
     except LookupError as exc:
