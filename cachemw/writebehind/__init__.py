@@ -100,7 +100,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from cachemw.runtime.supervisor import Supervisor
 from cachemw.store.base import StoreError
 from cachemw.store.redis import DRIVER_ERRORS as _DRIVER_ERRORS
-from cachemw.store.redis import _Gate, _millis, close_client, redis_clients
+from cachemw.store.redis import ConnectionGate, close_client, millis, redis_clients
 
 __all__ = [
     "DeadLetter",
@@ -458,7 +458,7 @@ class _RedisBackend:
         _raw_replies(self._client)
         # redis-py's cluster client raises at once when a node's pool is full: wait for a
         # connection instead (within the caller's budget), as the single-server pool does.
-        self._gate: Any = _Gate(_MAX_CONNECTIONS) if self._clients.cluster else contextlib.nullcontext()
+        self._gate: Any = ConnectionGate(_MAX_CONNECTIONS) if self._clients.cluster else contextlib.nullcontext()
         self._keys = keys
         self._consumer = consumer
         self._flusher_client: Redis | RedisCluster | None = None
@@ -530,7 +530,7 @@ class _RedisBackend:
     async def read(self, count: int, block: float) -> list[_Entry]:
         args: list[Any] = ["XREADGROUP", "GROUP", _GROUP, self._consumer, "COUNT", count]
         if block > 0:
-            args += ["BLOCK", _millis(block)]
+            args += ["BLOCK", millis(block)]
         args += ["STREAMS", self._keys.stream, ">"]
         with _store_errors("read"):
             client = await self._flusher()
@@ -550,7 +550,7 @@ class _RedisBackend:
             client = await self._flusher()
             while len(claimed) < count:
                 reply = await _command(client,
-                    "XAUTOCLAIM", self._keys.stream, _GROUP, self._consumer, _millis(min_idle),
+                    "XAUTOCLAIM", self._keys.stream, _GROUP, self._consumer, millis(min_idle),
                     self._cursor, "COUNT", min(count - len(claimed), 1000))
                 self._cursor = _text(reply[0])
                 claimed.extend(entry for entry in map(_entry, reply[1]) if entry is not None)
@@ -577,7 +577,7 @@ class _RedisBackend:
 
     async def ack(self, entries: Sequence[_Entry], winners: Sequence[_Entry], retain: float | None) -> None:
         keys = self._keys
-        retain_ms = 0 if retain is None else _millis(retain)
+        retain_ms = 0 if retain is None else millis(retain)
         winner_ids = {id(w) for w in winners}
         with _store_errors("acknowledge"):
             client = await self._flusher()
