@@ -653,9 +653,9 @@ async def test_a_dead_letter_that_fails_once_is_tried_again_not_stranded(
         shared_url: str, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Redis blip while a write that kept killing its flushers is moved to the dead letters."""
     from cachemw.store.base import StoreError
-    from cachemw.writebehind import _RedisBackend
+    from cachemw.writebehind.stream import RedisBackend
 
-    real = _RedisBackend.dead_letter
+    real = RedisBackend.dead_letter
     blips = [1]
 
     async def once_failing(self: Any, *args: Any) -> None:
@@ -664,7 +664,7 @@ async def test_a_dead_letter_that_fails_once_is_tried_again_not_stranded(
             raise StoreError("redis dead letter failed: connection reset")
         await real(self, *args)
 
-    monkeypatch.setattr(_RedisBackend, "dead_letter", once_failing)
+    monkeypatch.setattr(RedisBackend, "dead_letter", once_failing)
     writes = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, claim_idle=0.2,
                          max_attempts=3)
     await writes.put("crashy", 1)
