@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import httpx
 import pytest
@@ -50,7 +51,8 @@ from tests.writebehind_worker import create_schema, rows, save
 
 pytestmark = pytest.mark.anyio
 
-WORKER = Path(__file__).with_name("writebehind_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "writebehind_worker.py"
 PREFIX = "wbtest"
 READY_DEADLINE = 30.0
 
@@ -90,15 +92,15 @@ def direct(url: str) -> Any:
     return redis.Redis.from_url(url, socket_timeout=5)
 
 
-async def until(predicate: Any, what: str, timeout: float = 20.0) -> None:
-    """Wait for ``predicate``; ``timeout`` is for an idle machine, scaled like every budget (budgets.py)."""
+async def until(predicate: Any, what: str, within: float = 20.0) -> None:
+    """Wait for ``predicate``; ``within`` is for an idle machine, scaled like every budget (budgets.py)."""
     async def check() -> bool:
         result = predicate()
         if hasattr(result, "__await__"):
             result = await result
         return bool(result)
 
-    await eventually(check, timeout=timeout * current_budgets().scale, what=what)
+    await eventually(check, timeout=within * current_budgets().scale, what=what)
 
 
 async def drained(writes: WriteBehind[Any]) -> bool:
@@ -117,7 +119,7 @@ def worker(tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
     log = tmp_path / f"worker-{time.monotonic_ns()}.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, str(WORKER), *args], stdout=subprocess.PIPE, stderr=stderr,
-                                text=True, cwd=Path(__file__).resolve().parents[1])
+                                text=True, cwd=ROOT)
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + READY_DEADLINE
@@ -219,7 +221,7 @@ async def test_if_version_refuses_a_stale_write_and_update_loses_no_update(share
         assert caught.value.current == version
 
         async def increment(current: Any) -> Any:
-            await anyio.sleep(0)  # let the other updates interleave
+            await anyio.lowlevel.checkpoint()  # let the other updates interleave
             return (current or 0) + 1
 
         async def bump(writes: WriteBehind[Any]) -> None:
@@ -291,7 +293,7 @@ async def test_kill_9_with_1000_writes_put_but_not_flushed_loses_nothing(
     async with writes.running():
         expected = expected_latest(count, keys)
         await until(lambda: {k: v for k, (v, _) in db.rows().items()} == expected,
-                    "every key's latest value in the database", timeout=30)
+                    "every key's latest value in the database", within=30)
         await until(lambda: drained(writes), "backlog drained")
         status = await writes.status()
     assert status.claimed == 50, "the dead consumer's writes were claimed"
@@ -426,7 +428,7 @@ async def test_two_processes_flush_each_write_once_at_least_and_never_go_backwar
                 watch()
                 return await drained(writes)
 
-            await until(done, "both processes drained the stream", timeout=30)
+            await until(done, "both processes drained the stream", within=30)
             status = await writes.status()
         finally:
             for proc in (a, b):
@@ -525,7 +527,7 @@ async def test_a_restarted_flusher_finds_its_own_pending_writes(shared_url: str,
     async with anyio.create_task_group() as tg:
         await tg.start(writes.run_flusher)
         # Not claimed (claim_idle is a minute): found again as this consumer's own pending write.
-        await until(lambda: "b" in db.rows(), "own pending write flushed after the restart", timeout=5)
+        await until(lambda: "b" in db.rows(), "own pending write flushed after the restart", within=5)
         await writes.stop()
     await writes.aclose()
 
@@ -653,9 +655,9 @@ async def test_a_dead_letter_that_fails_once_is_tried_again_not_stranded(
         shared_url: str, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Redis blip while a write that kept killing its flushers is moved to the dead letters."""
     from cachemw.store.base import StoreError
-    from cachemw.writebehind import _RedisBackend
+    from cachemw.writebehind.stream import RedisBackend
 
-    real = _RedisBackend.dead_letter
+    real = RedisBackend.dead_letter
     blips = [1]
 
     async def once_failing(self: Any, *args: Any) -> None:
@@ -664,7 +666,7 @@ async def test_a_dead_letter_that_fails_once_is_tried_again_not_stranded(
             raise StoreError("redis dead letter failed: connection reset")
         await real(self, *args)
 
-    monkeypatch.setattr(_RedisBackend, "dead_letter", once_failing)
+    monkeypatch.setattr(RedisBackend, "dead_letter", once_failing)
     writes = WriteBehind("cart", flush=db.flush, redis_url=shared_url, key_prefix=PREFIX, claim_idle=0.2,
                          max_attempts=3)
     await writes.put("crashy", 1)
@@ -756,7 +758,7 @@ def sample_server(workdir: Path, redis_url: str, db_path: Path) -> Iterator[str]
     base = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "sample_app", "--port", str(port)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+                                stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         deadline = time.monotonic() + READY_DEADLINE
         while True:
@@ -952,9 +954,9 @@ async def test_the_flusher_follows_a_failover_of_its_streams_master(
                             latest[f"k{k}"] = 1000 + k
                 return len(latest) == 10
 
-            await until(all_put_again, "puts work again on the new master", timeout=30)
+            await until(all_put_again, "puts work again on the new master", within=30)
             await until(lambda: {k: v for k, (v, _) in db.rows().items()} == latest,
-                        "the flusher, on the new master, flushed the writes put after the failover", timeout=30)
+                        "the flusher, on the new master, flushed the writes put after the failover", within=30)
             await until(lambda: drained(writes), "drained after the failover")
         await writes.aclose()
     finally:
