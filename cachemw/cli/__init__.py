@@ -31,6 +31,7 @@ from urllib.parse import quote, unquote, urlsplit
 import anyio
 
 from cachemw.asgi.routes import build_rule_table
+from cachemw.core.describe import describe_policy
 from cachemw.core.entry import EntryDecodeError, decode_entry
 from cachemw.core.keys import RequestHeaders, SessionIdentity, make_key, path_tag, route_path
 from cachemw.core.policy import ConfigError, Policy, freshness
@@ -41,39 +42,6 @@ from cachemw.store import Store, StoreError
 from cachemw.store.opening import open_store
 
 __all__ = ["main"]
-
-
-def format_duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    if seconds < 1 and seconds > 0:
-        return f"{round(seconds * 1000)}ms"
-    return f"{seconds:g}s"
-
-
-def describe_policy(policy: Policy | None) -> str:
-    if policy is None:
-        return "-"
-    if not policy.cacheable:
-        return f"{policy.preset or 'custom'} (not cached)"
-    parts = [f"ttl={format_duration(policy.ttl)}"]
-    if policy.stale_while_revalidate:
-        parts.append(f"swr={format_duration(policy.stale_while_revalidate)}")
-    if policy.stale_if_error:
-        parts.append(f"sie={format_duration(policy.stale_if_error)}")
-    if policy.sync:
-        parts.append(f"sync={format_duration(policy.sync)}")
-    if policy.private:
-        parts.append("private")
-    if policy.vary:
-        parts.append("vary=" + ",".join(policy.vary))
-    if policy.query is not None:
-        parts.append("query=" + ",".join(policy.query))
-    if policy.tags:
-        parts.append("tags=" + ",".join(policy.tags))
-    head = f"{policy.preset}: " if policy.preset else ""
-    return head + " ".join(parts)
 
 
 def _policy_json(policy: Policy | None) -> dict[str, Any] | None:

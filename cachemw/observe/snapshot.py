@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Union
 import anyio
 from anyio.abc import TaskStatus
 
+from cachemw.core.describe import describe_policy
 from cachemw.core.rules import RouteRule
 from cachemw.runtime.metrics import BUCKETS, RouteMetrics
 
@@ -201,8 +202,6 @@ def _rules_by_template(cache: CacheMiddleware) -> dict[str, RouteRule]:
 
 
 def _routes(cache: CacheMiddleware) -> list[dict[str, Any]]:
-    from cachemw.cli import describe_policy
-
     rows: list[dict[str, Any]] = []
     rules = _rules_by_template(cache)
     metrics = cache.metrics.routes
