@@ -57,6 +57,18 @@ from cachemw.store.opening import open_store
 from cachemw.store.retrying import within_deadline
 from cachemw.writebehind import WriteBehind
 
+
+@dataclass(frozen=True)
+class MiddlewareOptions:
+    """What a CacheMiddleware was given, for tools that read an app's cache setup without its internals."""
+
+    config: str | os.PathLike[str] | None
+    settings: Settings | None
+    key_prefix: str | None
+    redis_url: str | None
+    identity: Callable[[HTTPConnection], str | None] | None
+
+
 __all__ = ["CacheMiddleware", "current_cache", "invalidate"]
 
 logger = logging.getLogger(__name__)
@@ -248,6 +260,12 @@ class CacheMiddleware:
         self._origin_busy = _origin_busy_answer(Settings().retry_after)
         self._pending_releases: dict[str, str] = {}  # lock releases a full queue shed: key -> token
         self._releases_wanted: anyio.Event | None = None
+
+    @property
+    def options(self) -> MiddlewareOptions:
+        """The arguments it was given, before ``prepare`` applies them (what an operator command recomputes)."""
+        return MiddlewareOptions(config=self._config, settings=self._given_settings, key_prefix=self._key_prefix,
+                                 redis_url=self._redis_url, identity=self._custom_identity)
 
     # -- startup ---------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -89,8 +89,8 @@ def _middleware_options(app: Any) -> dict[str, Any]:
     from cachemw.asgi.middleware import CacheMiddleware
 
     if isinstance(app, CacheMiddleware):
-        return {"config": app._config, "settings": app._given_settings, "key_prefix": app._key_prefix,
-                "redis_url": app._redis_url, "identity": app._custom_identity}
+        options = app.options
+        return {field.name: getattr(options, field.name) for field in fields(options)}
     for middleware in getattr(app, "user_middleware", ()):
         if middleware.cls is CacheMiddleware:
             return dict(middleware.kwargs)
