@@ -20,7 +20,7 @@ from cachemw.store.base import StoreCapabilities
 try:  # tests/ is a package
     from tests.budgets import current_budgets
 except ImportError:  # tests/ as a plain directory (see conftest.py)
-    from budgets import current_budgets  # type: ignore[no-redef]
+    from budgets import current_budgets  # type: ignore[no-redef,import-not-found]
 
 
 async def eventually(condition: Callable[[], Awaitable[bool]], *, timeout: float | None = None,

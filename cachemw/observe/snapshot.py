@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from cachemw.core.describe import describe_policy
 from cachemw.core.metrics import BUCKETS, RouteMetrics
 from cachemw.core.rules import RouteRule
 from cachemw.runtime.context import current_cache
@@ -199,8 +200,6 @@ def _rules_by_template(cache: CacheShell) -> dict[str, RouteRule]:
 
 
 def _routes(cache: CacheShell) -> list[dict[str, Any]]:
-    from cachemw.cli import describe_policy
-
     rows: list[dict[str, Any]] = []
     rules = _rules_by_template(cache)
     metrics = cache.metrics.routes

@@ -39,10 +39,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware
+from cachemw.cli import main as cli
 from cachemw.runtime.supervisor import Supervisor
 from cachemw.store import StoreError
 from cachemw.writebehind import VersionConflict, Write, WriteBehind, WriteBehindStatus
-from cachemw.writebehind.cli import main as cli
 from tests.asgi import client as asgi_client
 from tests.asgi import eventually, lifespan
 from tests.budgets import current_budgets

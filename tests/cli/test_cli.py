@@ -19,7 +19,7 @@ import redis
 from cachemw.core.entry import decode_entry, encode_entry
 from tests.asgi import client, lifespan
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "cachemw"
 SAMPLE_CONFIG = REPO / "sample_app" / "cachemw.toml"
 

@@ -19,22 +19,22 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import anyio
 
-from cachemw.core.policy import ConfigError
+from cachemw.cli.common import Subcommands, app_write_behinds, operator_settings
 from cachemw.core.settings import REDIS_URL_ENV, check_redis_url, load_settings, masked_url
 from cachemw.store import StoreError
 from cachemw.writebehind import DeadLetter, WriteBehind, WriteBehindStatus
 
-__all__ = ["add_commands", "main"]
+__all__ = ["add_command", "format_status"]
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_command(subparsers: Subcommands) -> None:
     """Add ``writebehind status|dead|retry`` to the ``cachemw`` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("name", help="the WriteBehind's name, e.g. cart")
@@ -61,15 +61,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _queue(args: argparse.Namespace) -> tuple[WriteBehind[Any], bool, str, str] | None:
     """The queue the arguments name, whether the app declares it (with ``--app``), its Redis URL and prefix."""
-    from cachemw.cli import app_write_behinds, load_app
-
     declared = False
     if args.app:
-        from cachemw.cli import _operator_settings
-
-        settings = _operator_settings(args)[2]
+        app, _, settings = operator_settings(args)
         # A queue the app's middleware runs exists by declaration, even before its first write.
-        declared = args.name in app_write_behinds(load_app(args.app))
+        declared = args.name in app_write_behinds(app)
     else:
         settings = load_settings(args.config)
         if args.redis_url:
@@ -118,7 +114,7 @@ async def _queues_under(url: str, prefix: str) -> list[str]:
     return sorted(found)
 
 
-def _run(args: argparse.Namespace, action: Any) -> int:
+def _run(args: argparse.Namespace, action: Callable[[WriteBehind[Any], argparse.Namespace], Awaitable[int]]) -> int:
     made = _queue(args)
     if made is None:
         return 2
@@ -134,8 +130,7 @@ def _run(args: argparse.Namespace, action: Any) -> int:
                       f"flusher). Queues there: {', '.join(others) or '(none)'}. HINT: check the name, and pass "
                       "--app (or --prefix) for the app's key_prefix", file=sys.stderr)
                 return 1
-            result: int = await action(queue, args)
-            return result
+            return await action(queue, args)
         except StoreError as exc:
             print(f"cachemw: {exc}", file=sys.stderr)
             return 2
@@ -216,19 +211,3 @@ async def _retry(queue: WriteBehind[Any], args: argparse.Namespace) -> int:
         print(f"moved {moved} dead letter{'' if moved == 1 else 's'} back to write-behind {queue.name}")
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Just these commands, as ``cachemw`` runs them (for tests, and until ``cli.py`` adds them)."""
-    parser = argparse.ArgumentParser(prog="cachemw")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        result: int = args.run(args)
-    except ConfigError as exc:
-        print(f"cachemw: {exc}", file=sys.stderr)
-        return 2
-    return result
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
