@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from cachemw.core.entry import decode_entry, encode_entry
-from tests.asgi import client, lifespan
+from tests.helpers import client, lifespan
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "cachemw"
@@ -928,7 +928,7 @@ def fleet_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 @pytest.mark.anyio
 async def test_stats_adds_up_two_processes(redis_url: str, tmp_path: Path, fleet_module: Any) -> None:
     from cachemw.observe import aggregate, read_fleet
-    from tests.asgi import eventually
+    from tests.helpers import eventually
 
     config = _fleet_config(tmp_path)
     first, second = _fleet_member(fleet_module, redis_url), _fleet_member(fleet_module, redis_url)

@@ -43,9 +43,9 @@ from cachemw.cli import main as cli
 from cachemw.runtime.supervisor import Supervisor
 from cachemw.store import StoreError
 from cachemw.writebehind import VersionConflict, Write, WriteBehind, WriteBehindStatus
-from tests.asgi import client as asgi_client
-from tests.asgi import eventually, lifespan
 from tests.budgets import current_budgets
+from tests.helpers import client as asgi_client
+from tests.helpers import eventually, lifespan
 from tests.redis_cluster import LocalCluster
 from tests.writebehind_worker import create_schema, rows, save
 

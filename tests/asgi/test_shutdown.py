@@ -17,7 +17,7 @@ from tests.redis_server import free_port
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_sigterm_under_load_completes_in_flight_work(tmp_path: Path) -> None:

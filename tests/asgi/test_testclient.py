@@ -16,8 +16,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from cachemw import CacheMiddleware, MemoryStore, Settings, cache
-from tests.asgi import Gate, eventually_sync, find_middleware
 from tests.budgets import Budgets
+from tests.helpers import Gate, eventually_sync, find_middleware
 
 
 def make_app() -> FastAPI:

@@ -15,7 +15,7 @@ import pytest
 from anyio.abc import TaskStatus
 
 from cachemw.runtime.supervisor import JOB_BYTES, JobCounters, Supervisor, current_supervisor, detach
-from tests.asgi import eventually
+from tests.helpers import eventually
 
 LOGGER = "cachemw.runtime.supervisor"
 

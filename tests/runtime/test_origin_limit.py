@@ -19,9 +19,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from tests.asgi import Gate, SpyStore, assert_counted, client, eventually, lifespan
 from tests.budgets import Budgets
-from tests.test_freshness import age_entry
+from tests.helpers import Gate, SpyStore, assert_counted, client, eventually, lifespan
+from tests.runtime.test_freshness import age_entry
 
 pytestmark = pytest.mark.anyio
 

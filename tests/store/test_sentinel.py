@@ -10,7 +10,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, cache
-from tests.asgi import eventually, lifespan
+from tests.helpers import eventually, lifespan
 
 pytestmark = pytest.mark.anyio
 

@@ -13,8 +13,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from tests.asgi import SpyStore, assert_counted, eventually, find_middleware, lifespan
 from tests.budgets import Budgets
+from tests.helpers import SpyStore, assert_counted, eventually, find_middleware, lifespan
 
 pytestmark = pytest.mark.anyio
 

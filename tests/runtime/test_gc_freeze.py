@@ -12,8 +12,8 @@ from starlette.routing import Route
 from cachemw import CacheMiddleware, Settings, cache
 from cachemw.core.policy import ConfigError
 from cachemw.core.settings import settings_from_table
-from tests.asgi import lifespan
 from tests.conftest import FreezeCalls, real_gc_freeze
+from tests.helpers import lifespan
 
 pytestmark = pytest.mark.anyio
 

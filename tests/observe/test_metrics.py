@@ -40,7 +40,7 @@ from cachemw.observe import (
 )
 from cachemw.observe.prometheus import CacheCollector
 from cachemw.observe.snapshot import COUNTERS
-from tests.asgi import client, eventually, lifespan
+from tests.helpers import client, eventually, lifespan
 
 pytestmark = pytest.mark.anyio
 

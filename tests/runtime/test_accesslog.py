@@ -12,7 +12,7 @@ import pytest
 
 from cachemw.runtime.accesslog import AccessEvent, AccessLog
 from cachemw.runtime.supervisor import Supervisor
-from tests.asgi import eventually
+from tests.helpers import eventually
 
 LOGGER = "cachemw.access"
 

@@ -16,7 +16,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from cachemw import CacheMiddleware, cache
-from tests.asgi import SpyStore, client, eventually
+from tests.helpers import SpyStore, client, eventually
 
 pytestmark = pytest.mark.anyio
 

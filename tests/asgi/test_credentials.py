@@ -17,7 +17,7 @@ from starlette.routing import Route
 from cachemw import CacheMiddleware, ConfigError, Settings, cache, load_settings
 from cachemw.asgi.routes import build_rule_table
 from cachemw.core.keys import RequestHeaders, SessionIdentity
-from tests.asgi import TRANSPORTS, SpyStore, client, credentials_stay_off_shared_entries, requests_to
+from tests.helpers import TRANSPORTS, SpyStore, client, credentials_stay_off_shared_entries, requests_to
 
 pytestmark = pytest.mark.anyio
 

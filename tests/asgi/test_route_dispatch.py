@@ -35,8 +35,8 @@ from cachemw.asgi.routes import build_rule_table, routes_behind
 from cachemw.core import rules
 from cachemw.core.rules import RuleTable
 from cachemw.core.settings import Settings
-from tests.asgi import client, find_middleware
-from tests.test_rules import handler
+from tests.asgi.test_rules import handler
+from tests.helpers import client, find_middleware
 
 # FastAPI's included routers are asked whether they take a request (matches) and handle it
 # (handle); older versions copy their routes into the including router instead.

@@ -16,8 +16,8 @@ import pytest
 from cachemw.store import RedisStore, StoreError
 from cachemw.store.base import StoreTimeout
 from cachemw.store.pipeline import PipelinedRedis, encode_command
-from tests.asgi import eventually
 from tests.budgets import Budgets
+from tests.helpers import eventually
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio

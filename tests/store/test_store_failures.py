@@ -15,7 +15,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, MemoryStore, Settings, cache
-from tests.asgi import LifespanFailed, SpyStore, client, eventually, lifespan
+from tests.helpers import LifespanFailed, SpyStore, client, eventually, lifespan
 
 pytestmark = pytest.mark.anyio
 

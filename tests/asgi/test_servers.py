@@ -10,8 +10,8 @@ import httpx
 import pytest
 import redis
 
-from tests.asgi import eventually
 from tests.budgets import Budgets
+from tests.helpers import eventually
 from tests.servers import uvicorns
 
 pytestmark = pytest.mark.anyio

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from cachemw import CacheMiddleware, RedisStore, Settings, cache, invalidate
 from cachemw.store.pipeline import PipelinedRedis
-from tests.asgi import eventually, find_middleware, lifespan
+from tests.helpers import eventually, find_middleware, lifespan
 
 pytestmark = pytest.mark.anyio
 

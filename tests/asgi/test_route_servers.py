@@ -16,14 +16,14 @@ import httpx
 import pytest
 import redis.asyncio
 
-from tests.asgi import credentials_stay_off_shared_entries, eventually
 from tests.budgets import Budgets
+from tests.helpers import credentials_stay_off_shared_entries, eventually
 from tests.redis_server import RedisServer
 from tests.servers import uvicorns
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.apps.routes_app:app"
 HOST = {"host": "shop.example"}
 WRITES = ["POST", "PUT", "PATCH", "DELETE"]

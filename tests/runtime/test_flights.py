@@ -11,8 +11,8 @@ from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache, invalidate
 from cachemw.store.base import Notifications
-from tests.asgi import Gate, SpyStore, client, eventually, lifespan
 from tests.budgets import Budgets
+from tests.helpers import Gate, SpyStore, client, eventually, lifespan
 
 pytestmark = pytest.mark.anyio
 

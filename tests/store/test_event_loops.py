@@ -32,8 +32,8 @@ from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache
 from cachemw.store import StoreError
 from cachemw.store.base import requires_asyncio, unsupported_event_loop
 from cachemw.store.pipeline import PipelinedRedis
-from tests.asgi import find_middleware
 from tests.budgets import current_budgets
+from tests.helpers import find_middleware
 from tests.redis_server import RedisServer
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {

@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route
 from starlette.types import Message
 
 from cachemw import CacheMiddleware, MemoryStore, cache
-from tests.asgi import LifespanFailed, SpyStore, client, credentials_stay_off_shared_entries, eventually, lifespan
+from tests.helpers import LifespanFailed, SpyStore, client, credentials_stay_off_shared_entries, eventually, lifespan
 
 pytestmark = pytest.mark.anyio
 

@@ -35,7 +35,7 @@ from starlette.routing import Mount, Route
 from cachemw import CacheMiddleware, MemoryStore, cache
 from cachemw.observe import enable_history, history
 from cachemw.observe.dashboard import dashboard_app, loopback_only
-from tests.asgi import eventually, lifespan
+from tests.helpers import eventually, lifespan
 
 CHROMIUM_ENV = "CACHEMW_CHROMIUM"
 CHROMIUM_HINT = (f"no Chromium found (looked at ${CHROMIUM_ENV}, chromium, chromium-browser, google-chrome on PATH). "

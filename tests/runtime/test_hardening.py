@@ -17,7 +17,7 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from cachemw import CacheMiddleware, MemoryStore, cache
-from tests.asgi import SpyStore, eventually, lifespan
+from tests.helpers import SpyStore, eventually, lifespan
 
 pytestmark = pytest.mark.anyio
 
@@ -296,7 +296,7 @@ class _SlowStore(SpyStore):
 @pytest.mark.parametrize("loop_stalls", [False, True])
 async def test_only_a_slow_store_opens_the_breaker_not_a_saturated_loop(loop_stalls: bool) -> None:
     from cachemw import Settings
-    from tests.asgi import find_middleware
+    from tests.helpers import find_middleware
 
     app = Starlette(routes=[Route("/echo", echo)])
     app.add_middleware(CacheMiddleware, store=_SlowStore(MemoryStore()), settings=Settings(store_timeout=0.05))
@@ -324,7 +324,7 @@ async def test_timeouts_while_the_loop_lags_are_not_the_stores_and_say_so(caplog
     from cachemw import Settings
     from cachemw.cli import render_stats
     from cachemw.observe import aggregate, snapshot
-    from tests.asgi import find_middleware
+    from tests.helpers import find_middleware
 
     app = Starlette(routes=[Route("/echo", echo)])
     budget = 0.2

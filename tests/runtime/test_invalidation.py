@@ -19,8 +19,8 @@ from starlette.routing import Mount, Route
 from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache, invalidate
 from cachemw.core.keys import mounted_at
 from cachemw.runtime.invalidation import targets_for_unsafe_request
-from tests.asgi import TRANSPORTS, SpyStore, eventually, find_middleware, lifespan, requests_to
 from tests.budgets import Budgets
+from tests.helpers import TRANSPORTS, SpyStore, eventually, find_middleware, lifespan, requests_to
 
 pytestmark = pytest.mark.anyio
 

@@ -22,8 +22,8 @@ from starlette.routing import Route
 
 from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache, detach
 from cachemw.core.entry import decode_entry, encode_entry
-from tests.asgi import SpyStore, eventually, find_middleware, lifespan
 from tests.budgets import Budgets
+from tests.helpers import SpyStore, eventually, find_middleware, lifespan
 
 pytestmark = pytest.mark.anyio
 

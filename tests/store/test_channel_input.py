@@ -19,8 +19,8 @@ from cachemw.store.base import (
     decode_fill,
     decode_invalidation,
 )
-from tests.asgi import eventually, find_middleware
-from tests.test_invalidation import _true, servers, version, warm
+from tests.helpers import eventually, find_middleware
+from tests.runtime.test_invalidation import _true, servers, version, warm
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from tests.asgi import lifespan
+from tests.helpers import lifespan
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import started
 
