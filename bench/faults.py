@@ -679,13 +679,14 @@ def _trace_cachemw_waits(out: IO[str]) -> None:
     filldropped - 0`` (a fill given up while the breaker was open, its lock left to expire).
     """
     try:
-        from cachemw import middleware as mw
+        from cachemw.runtime import fills, flights, locks
         from cachemw.store import base as store_base
 
-        flight_cls: Any = mw._Flight
+        flight_cls: Any = flights.Flight
         waiter_cls: Any = store_base.FillWaiter
-        middleware_cls: Any = mw.CacheMiddleware
-        originals = (flight_cls.wait, waiter_cls.wait, middleware_cls._lock, middleware_cls._fill)
+        locks_cls: Any = locks.FillLocks
+        fills_cls: Any = fills.Fills
+        originals = (flight_cls.wait, waiter_cls.wait, locks_cls.lock, fills_cls.fill)
     except (ImportError, AttributeError) as exc:
         out.write(f"{time.monotonic_ns()} notrace - 0 {exc!r}\n")
         return
@@ -707,14 +708,14 @@ def _trace_cachemw_waits(out: IO[str]) -> None:
             out.write(f"{t} fillwait {int(woken)} {ms:.3f}\n")
         return woken
 
-    async def traced_lock(self: Any, plan: Any) -> Any:
-        result = await lock(self, plan)
+    async def traced_lock(self: Any, plan: Any, **kwargs: Any) -> Any:
+        result = await lock(self, plan, **kwargs)
         if result is not None and result[0] is None:
             out.write(f"{time.monotonic_ns()} lockbusy - 0\n")
         return result
 
     async def traced_fill(self: Any, plan: Any, entry: Any) -> Any:
-        dropped = plan.token is not None and getattr(getattr(self, "breaker", None), "state", "") == "open"
+        dropped = plan.token is not None and self.guarded.is_open(plan.key)
         try:
             return await fill(self, plan, entry)
         finally:
@@ -723,8 +724,8 @@ def _trace_cachemw_waits(out: IO[str]) -> None:
 
     flight_cls.wait = traced_flight_wait
     waiter_cls.wait = traced_fill_wait
-    middleware_cls._lock = traced_lock
-    middleware_cls._fill = traced_fill
+    locks_cls.lock = traced_lock
+    fills_cls.fill = traced_fill
 
 
 @dataclass
@@ -902,7 +903,7 @@ def run_wrk(port: int, paths: Sequence[str], *, connections: int, seconds: float
 
 
 def run(args: argparse.Namespace) -> int:
-    from cachemw.config import load_settings
+    from cachemw.core.settings import load_settings
 
     settings = load_settings(SAMPLE_CONFIG)
     budget_ms = settings.store_timeout * 1000
@@ -1319,7 +1320,7 @@ class Report:
             w("")
             if all(d.traced for d in self.diagnosis.values()):
                 w("Waits in cachemw's miss path (its private methods wrapped: `_lock`, `_fill`, `FillWaiter.wait`, "
-                  "`_Flight.wait`): *fills dropped*: a fill given up because the breaker was open, while "
+                  "`Flight.wait`): *fills dropped*: a fill given up because the breaker was open, while "
                   "holding the key's fill lock, which is left to expire (`lock_timeout`); *lock busy*: a miss "
                   "found the key's fill lock taken; *fill waits*: waits of 1 s or more for another's fill "
                   "announcement (in parentheses: how many ran out without one); *flight waits*: waits of 1 s "

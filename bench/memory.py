@@ -287,22 +287,23 @@ def _heap_breakdown(case: str, mw: Any) -> list[dict[str, Any]]:
         members = sum(len(m) for m in l1._by_tag.values())
         row("L1: entries and tag index", len(l1._slots), l1.bytes_used, [l1._slots, l1._by_tag],
             f"{members:,} members in {len(l1._by_tag):,} tag sets; all inside l1_max_bytes")
-    row("CacheMiddleware._decoded (decode memo)", len(mw._decoded), mw._decoded.bytes_used, [mw._decoded.entries],
-        f"emptied when {mw._decoded.max_bytes / MIB:.0f} MiB would be passed")
-    row("CacheMiddleware._keys (key memo)", len(mw._keys._memo), None, [mw._keys._memo],
-        f"emptied at {mw._keys.size:,}; outside the bounds")
+    runtime = mw.runtime
+    row("CacheRuntime.decoded (decode memo)", len(runtime.decoded), runtime.decoded.bytes_used,
+        [runtime.decoded.entries], f"emptied when {runtime.decoded.max_bytes / MIB:.0f} MiB would be passed")
+    row("CacheRuntime.keys (key memo)", len(runtime.keys._memo), None, [runtime.keys._memo],
+        f"emptied at {runtime.keys.size:,}; outside the bounds")
     row("RuleTable._memo (route matches)", len(mw.table._memo), None, [mw.table._memo],
         "emptied at 4,096; outside the bounds")
-    from cachemw.keys import tag_keys
+    from cachemw.core.keys import tag_keys
     info = tag_keys.cache_info()
     row("keys.tag_keys lru_cache", info.currsize, None, [],
         f"~{info.currsize:,} x (tuple of 2 key strings + cache node); maxsize {info.maxsize:,}; outside the bounds; "
         f"not walked")
-    row("CacheMiddleware._pending_releases", len(mw._pending_releases), None, [mw._pending_releases],
+    row("FillLocks.pending_releases", len(runtime.locks.pending_releases), None, [runtime.locks.pending_releases],
         "lock releases shed with a full queue, waiting for the releases service (those it is sending are not "
         "visible here); outside the bounds")
-    row("CacheMiddleware._flights, _refreshing", len(mw._flights) + len(mw._refreshing), None,
-        [mw._flights, mw._refreshing])
+    row("Flights.active, Fills.refreshing", len(runtime.flights.active) + len(runtime.fills.refreshing), None,
+        [runtime.flights.active, runtime.fills.refreshing])
     row("store.notifications.waiters", len(mw.store.notifications.waiters), None, [mw.store.notifications.waiters])
     return rows
 
@@ -315,11 +316,12 @@ async def _request(app: Any, item_id: int) -> str:
 
 def _held(case: str, mw: Any, item_id: int) -> bool:
     """Is the id's entry in the bounded structure now? (Its key as the middleware computes it.)"""
-    from cachemw.keys import RequestHeaders, route_path
+    from cachemw.core.keys import RequestHeaders, route_path
 
     scope = _scope(f"/item/{item_id}")
     match = mw.table.match(route_path(scope), "GET")
-    key = mw._keys.key(scope, RequestHeaders(scope), match.rule.policy, match.rule.label, mw._prefix, None).key
+    key = mw.runtime.keys.key(scope, RequestHeaders(scope), match.rule.policy, match.rule.label, mw.runtime.prefix,
+                              None).key
     return key in (mw.store._data if case == "memory" else mw.l1._slots)
 
 
@@ -370,7 +372,7 @@ async def run_case(case: str, keys: int, concurrency: int, memory_max_bytes: int
         result["bounds"] = {
             "memory_max_bytes": memory_max_bytes if case == "memory" else None,
             "l1_max_bytes": mw.l1.max_bytes if case == "l1" else None,
-            "decode memo (DecodedMemo.max_bytes)": mw._decoded.max_bytes,
+            "decode memo (DecodedMemo.max_bytes)": mw.runtime.decoded.max_bytes,
             "queue_max_bytes": mw.supervisor.queue_max_bytes,
         }
         result["unused_bound"] = (f"l1_max_bytes = {_mib(l1_max_bytes)} MiB (no L1 without a remote store)"
@@ -441,7 +443,7 @@ async def run_case(case: str, keys: int, concurrency: int, memory_max_bytes: int
                      for kind, c in mw.supervisor.counters.items()},
             "store_errors": mw.store_errors, "loop_lag_timeouts": mw.loop_lag_timeouts,
             "breaker_transitions": mw.breaker.transitions, "gc": dict(_gc), "max_queued_bytes": max_queued_bytes,
-            "max_memo_bytes": mw._decoded.bytes_used,
+            "max_memo_bytes": mw.runtime.decoded.bytes_used,
         })
         if case == "memory":
             stats = mw.store.stats
@@ -476,7 +478,7 @@ def child_main(args: argparse.Namespace) -> int:
 
 def _redis_side(redis: common.RedisProcess) -> dict[str, Any]:
     """What Redis holds after the l1 case: every entry (Redis is not bounded here), and its memory."""
-    from cachemw.keys import entry_pattern
+    from cachemw.core.keys import entry_pattern
 
     info = redis.command("INFO", "memory").decode()
     used = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("used_memory:")),

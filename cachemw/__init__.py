@@ -1,12 +1,13 @@
 """cachemw: route-level caching for Starlette and FastAPI, responses first."""
 
-from cachemw.background import Supervisor, detach
-from cachemw.config import Settings, load_settings
-from cachemw.entry import Entry
-from cachemw.invalidation import Invalidator
-from cachemw.middleware import CacheMiddleware, CoalescedFailure, invalidate
-from cachemw.policy import PRESETS, ConfigError, Policy, parse_duration
-from cachemw.rules import RuleTable, build_rule_table, cache
+from cachemw.asgi.middleware import CacheMiddleware, CoalescedFailure, invalidate
+from cachemw.asgi.routes import build_rule_table
+from cachemw.core.entry import Entry
+from cachemw.core.policy import PRESETS, ConfigError, Policy, parse_duration
+from cachemw.core.rules import RuleTable, cache
+from cachemw.core.settings import Settings, load_settings
+from cachemw.runtime.invalidation import Invalidator
+from cachemw.runtime.supervisor import Supervisor, detach
 from cachemw.store import MemoryStore, RedisStore, Store, StoreError
 from cachemw.writebehind import VersionConflict, Write, WriteBehind
 

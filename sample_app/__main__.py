@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from cachemw.config import load_settings, masked_url
+from cachemw.core.settings import load_settings, masked_url
 from sample_app.app import CONFIG_PATH, app
 
 

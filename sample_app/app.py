@@ -30,8 +30,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from cachemw import CacheMiddleware, StoreError, Write, WriteBehind, cache, load_settings
-from cachemw.dashboard import dashboard_app
 from cachemw.observe import metrics_app
+from cachemw.observe.dashboard import dashboard_app
 from sample_app.api import fastapi_app
 from sample_app.db import CATALOGUE, KINDS, MAX_LINE_QTY, CartLines, Database, cart_json, create_and_seed, database
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import redis
 
-import cachemw.middleware
+import cachemw.asgi.middleware
 from cachemw import MemoryStore, RedisStore
 
-_REAL_FREEZE = cachemw.middleware._freeze_startup_objects
+_REAL_FREEZE = cachemw.asgi.middleware._freeze_startup_objects
 
 try:  # tests/ is a package
-    from tests.asgi import SpyStore
     from tests.budgets import Budgets, current_budgets
+    from tests.helpers import SpyStore
     from tests.redis_server import RedisServer, find_redis_server, free_port, started
 except ImportError:  # tests/ as a plain directory (pytest's "prepend" import mode puts it on sys.path)
     from asgi import SpyStore  # type: ignore[no-redef]
@@ -65,14 +65,14 @@ def real_gc_freeze() -> None:
 @pytest.fixture(autouse=True)
 def gc_freezes(monkeypatch: pytest.MonkeyPatch) -> FreezeCalls:
     """Counts the middleware's gc.freeze() at startup instead of doing it: in one test process
-    hundreds of app startups would each collect and freeze everything alive (tests/test_gc_freeze.py
+    hundreds of app startups would each collect and freeze everything alive (tests/runtime/test_gc_freeze.py
     checks the real thing)."""
     calls = FreezeCalls()
 
     def count() -> None:
         calls.count += 1
 
-    monkeypatch.setattr(cachemw.middleware, "_freeze_startup_objects", count)
+    monkeypatch.setattr(cachemw.asgi.middleware, "_freeze_startup_objects", count)
     return calls
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import cachemw
 from cachemw import CacheMiddleware, ConfigError, Settings
-from cachemw.config import settings_from_table
+from cachemw.core.settings import settings_from_table
 
 MODE = os.environ.get("CACHEMW_SUITES_MODE", "off")
 POLICY = os.environ.get("CACHEMW_SUITES_POLICY", "none")

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from cachemw import CacheMiddleware, Settings
-from cachemw.config import settings_from_table
+from cachemw.core.settings import settings_from_table
 
 REPROS: dict[str, Callable[[], str | None]] = {}
 

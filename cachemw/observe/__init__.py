@@ -3,7 +3,7 @@
 - ``snapshot(cache)`` / ``await full_snapshot(cache)``: this process's counters as plain data;
 - ``metrics_app()``: Prometheus exposition to mount (the ``prometheus`` extra);
 - ``enable_fleet_metrics(cache)``: write the counters to Redis every few seconds, for ``cachemw stats``;
-- ``enable_history(cache)``: keep recent counts for the dashboard's chart (``cachemw.dashboard``).
+- ``enable_history(cache)``: keep recent counts for the dashboard's chart (``cachemw.observe.dashboard``).
 """
 
 from __future__ import annotations

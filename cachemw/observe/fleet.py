@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
-from cachemw.metrics import BUCKETS
+from cachemw.core.metrics import BUCKETS
 from cachemw.observe.snapshot import COUNTERS, HOST, JOB_FIELDS, by_policy, full_snapshot, observed, totals
+from cachemw.runtime.shell import CacheShell
 from cachemw.store.redis import DRIVER_ERRORS as _DRIVER_ERRORS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from cachemw.middleware import CacheMiddleware
 
 __all__ = ["aggregate", "enable_fleet_metrics", "fleet_key", "flush_fleet_metrics", "read_fleet"]
 
@@ -39,11 +39,11 @@ logger = logging.getLogger(__name__)
 _L1_FIELDS = ("entries", "bytes_used", "max_bytes", "hits", "dropped")
 
 
-def fleet_key(prefix: str, cache: CacheMiddleware) -> str:
+def fleet_key(prefix: str, cache: CacheShell) -> str:
     return f"{prefix}:m:{HOST}:{os.getpid()}:{observed(cache).instance}"
 
 
-async def _document(cache: CacheMiddleware, interval: float) -> dict[str, Any]:
+async def _document(cache: CacheShell, interval: float) -> dict[str, Any]:
     """The snapshot without what only one process can use (routes without a policy, descriptions)."""
     data = await full_snapshot(cache)  # with the write-behind statuses, read now
     data["interval"] = interval
@@ -52,7 +52,7 @@ async def _document(cache: CacheMiddleware, interval: float) -> dict[str, Any]:
     return data
 
 
-async def flush_fleet_metrics(cache: CacheMiddleware, interval: float) -> bool:
+async def flush_fleet_metrics(cache: CacheShell, interval: float) -> bool:
     """Write this process's counters to Redis once; False if there is no Redis or it did not answer."""
     client: Redis | None = getattr(cache.store, "client", None)
     if client is None or cache.settings is None or cache.breaker.state == "open":
@@ -68,7 +68,7 @@ async def flush_fleet_metrics(cache: CacheMiddleware, interval: float) -> bool:
     return True
 
 
-def enable_fleet_metrics(cache: CacheMiddleware, interval: float = 5.0) -> None:
+def enable_fleet_metrics(cache: CacheShell, interval: float = 5.0) -> None:
     """Write this process's counters to the shared Redis every ``interval`` seconds (for ``cachemw stats``).
 
     Runs as a supervisor service: call it once ``cache.supervisor`` is final (after

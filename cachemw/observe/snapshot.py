@@ -1,7 +1,7 @@
 """One process's view of its cache as plain data: what the dashboard, Prometheus and the fleet view read.
 
 Nothing here runs on the request path: a snapshot reads the counters the
-middleware keeps (``cachemw.metrics``, the supervisor's, the L1's, the
+middleware keeps (``cachemw.core.metrics``, the supervisor's, the L1's, the
 breaker's) when someone asks. ``snapshot`` is synchronous and reads only
 process memory; ``full_snapshot`` also asks Redis (a PING) and each
 write-behind queue for its status, each under a short timeout.
@@ -17,16 +17,16 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from cachemw.metrics import BUCKETS, RouteMetrics
-from cachemw.rules import RouteRule
-
-if TYPE_CHECKING:
-    from cachemw.middleware import CacheMiddleware
+from cachemw.core.describe import describe_policy
+from cachemw.core.metrics import BUCKETS, RouteMetrics
+from cachemw.core.rules import RouteRule
+from cachemw.runtime.context import current_cache
+from cachemw.runtime.shell import CacheShell
 
 __all__ = [
     "COUNTERS",
@@ -54,7 +54,7 @@ _STATUS_TIMEOUT = 1.0  # seconds for a PING or a write-behind status: a dashboar
 
 # What the observing functions accept: the middleware, a getter returning it, or None for
 # "the CacheMiddleware handling this request" (``current_cache()``).
-CacheSource = Union["CacheMiddleware", Callable[[], "CacheMiddleware"], None]
+CacheSource = CacheShell | Callable[[], CacheShell] | None
 
 
 class _Observed:
@@ -76,7 +76,7 @@ class _Observed:
 _observed: weakref.WeakKeyDictionary[object, _Observed] = weakref.WeakKeyDictionary()
 
 
-def observed(cache: CacheMiddleware) -> _Observed:
+def observed(cache: CacheShell) -> _Observed:
     state = _observed.get(cache)
     if state is None:
         state = _observed[cache] = _Observed()
@@ -86,27 +86,27 @@ def observed(cache: CacheMiddleware) -> _Observed:
 # -- finding the middleware ----------------------------------------------------------------------
 
 
-def find_cache(app: Any) -> CacheMiddleware:
+def find_cache(app: Any) -> CacheShell:
     """The CacheMiddleware inside a Starlette/FastAPI app (or the middleware itself, or an app it wraps).
 
     Walks the built middleware stack (``app.middleware_stack``), following each
     middleware's ``.app``. The stack is built at the app's first request or
     lifespan; before that there is no instance to find.
     """
-    from cachemw.middleware import CacheMiddleware
 
     seen: set[int] = set()
     node: Any = app
     while node is not None and id(node) not in seen:
         seen.add(id(node))
-        if isinstance(node, CacheMiddleware):
+        if isinstance(node, CacheShell):
             return node
         stack = getattr(node, "middleware_stack", None)
         if stack is not None:
             node = stack
             continue
         # A Starlette app whose stack is not built yet: building it here would freeze its middleware list.
-        if any(m.cls is CacheMiddleware for m in getattr(node, "user_middleware", None) or ()):
+        user_middleware = getattr(node, "user_middleware", None) or ()
+        if any(isinstance(m.cls, type) and issubclass(m.cls, CacheShell) for m in user_middleware):
             raise LookupError("the app's CacheMiddleware does not exist yet: Starlette builds its middleware "
                                   "at the first request or lifespan. HINT: look it up from a request (or pass "
                                   "nothing: the current request's CacheMiddleware is used).")
@@ -114,11 +114,10 @@ def find_cache(app: Any) -> CacheMiddleware:
     raise LookupError("no CacheMiddleware found in the app. HINT: app.add_middleware(CacheMiddleware, ...)")
 
 
-def resolve_cache(source: CacheSource, scope: Any = None) -> CacheMiddleware:
+def resolve_cache(source: CacheSource, scope: Any = None) -> CacheShell:
     """The middleware ``source`` names; None means the one handling this request, else the scope's app's."""
-    from cachemw.middleware import CacheMiddleware, current_cache
 
-    if isinstance(source, CacheMiddleware):
+    if isinstance(source, CacheShell):
         return source
     if source is not None:
         return source()
@@ -135,7 +134,7 @@ def resolve_cache(source: CacheSource, scope: Any = None) -> CacheMiddleware:
 # -- the snapshot ----------------------------------------------------------------------------------
 
 
-def snapshot(cache: CacheMiddleware, *, now: float | None = None) -> dict[str, Any]:
+def snapshot(cache: CacheShell, *, now: float | None = None) -> dict[str, Any]:
     """Everything this process counts for ``cache``, as JSON-able data; reads memory only.
 
     ``write_behind`` holds the statuses the last ``full_snapshot`` read (``write_behind_at``).
@@ -159,7 +158,7 @@ def snapshot(cache: CacheMiddleware, *, now: float | None = None) -> dict[str, A
     }
 
 
-async def full_snapshot(cache: CacheMiddleware, *, now: float | None = None) -> dict[str, Any]:
+async def full_snapshot(cache: CacheShell, *, now: float | None = None) -> dict[str, Any]:
     """``snapshot`` plus what needs a round trip: a PING of Redis and each write-behind queue's status."""
     state = observed(cache)
     statuses: list[dict[str, Any]] = []
@@ -189,7 +188,7 @@ def by_policy(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {policy: totals(group) for policy, group in sorted(groups.items())}
 
 
-def _rules_by_template(cache: CacheMiddleware) -> dict[str, RouteRule]:
+def _rules_by_template(cache: CacheShell) -> dict[str, RouteRule]:
     """One rule per template (GET and POST routes of one path share their metrics), the cached one first."""
     rules: dict[str, RouteRule] = {}
     table = cache.table
@@ -200,9 +199,7 @@ def _rules_by_template(cache: CacheMiddleware) -> dict[str, RouteRule]:
     return rules
 
 
-def _routes(cache: CacheMiddleware) -> list[dict[str, Any]]:
-    from cachemw.cli import describe_policy
-
+def _routes(cache: CacheShell) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     rules = _rules_by_template(cache)
     metrics = cache.metrics.routes
@@ -228,7 +225,7 @@ def _routes(cache: CacheMiddleware) -> list[dict[str, Any]]:
     return rows
 
 
-def _supervisor(cache: CacheMiddleware) -> dict[str, Any]:
+def _supervisor(cache: CacheShell) -> dict[str, Any]:
     supervisor = cache.supervisor
     kinds = {kind: dataclasses.asdict(counters) for kind, counters in sorted(supervisor.counters.items())}
     return {
@@ -242,7 +239,7 @@ def _supervisor(cache: CacheMiddleware) -> dict[str, Any]:
     }
 
 
-def _store(cache: CacheMiddleware) -> dict[str, Any]:
+def _store(cache: CacheShell) -> dict[str, Any]:
     from cachemw.store import MemoryStore, RedisStore
 
     store = cache.store
@@ -292,7 +289,7 @@ def _where(store: Any) -> str:
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
-def _l1(cache: CacheMiddleware, hits: int) -> dict[str, Any]:
+def _l1(cache: CacheShell, hits: int) -> dict[str, Any]:
     l1 = cache.l1
     return {
         "entries": len(l1),
@@ -305,7 +302,7 @@ def _l1(cache: CacheMiddleware, hits: int) -> dict[str, Any]:
     }
 
 
-def _write_behinds(cache: CacheMiddleware) -> Sequence[Any]:
+def _write_behinds(cache: CacheShell) -> Sequence[Any]:
     queues = getattr(cache, "write_behinds", None)
     if queues is None:
         queues = getattr(cache, "write_behind", None)
@@ -327,7 +324,7 @@ async def _write_behind_status(queue: Any) -> dict[str, Any]:
     return {"name": name, "status": str(status)}
 
 
-async def _ping(cache: CacheMiddleware) -> dict[str, Any] | None:
+async def _ping(cache: CacheShell) -> dict[str, Any] | None:
     client = getattr(cache.store, "client", None)
     if client is None:
         return None
@@ -363,7 +360,7 @@ def quantile(histogram: dict[str, Any], q: float) -> float | None:
 # -- history: recent totals for the dashboard's chart ----------------------------------------------
 
 
-def sample_history(cache: CacheMiddleware, *, now: float | None = None, force: bool = False) -> bool:
+def sample_history(cache: CacheShell, *, now: float | None = None, force: bool = False) -> bool:
     """Record the current per-route counts, unless one was recorded less than half an interval ago."""
     now = time.time() if now is None else now
     state = observed(cache)
@@ -374,7 +371,7 @@ def sample_history(cache: CacheMiddleware, *, now: float | None = None, force: b
     return True
 
 
-def history(cache: CacheMiddleware) -> list[dict[str, Any]]:
+def history(cache: CacheShell) -> list[dict[str, Any]]:
     """The recorded samples, oldest first: ``{"t", "hit", "stale", "miss", "bypass", "routes"}`` (running totals)."""
     samples: list[dict[str, Any]] = []
     for sample in observed(cache).history:
@@ -387,7 +384,7 @@ def history(cache: CacheMiddleware) -> list[dict[str, Any]]:
     return samples
 
 
-def enable_history(cache: CacheMiddleware, *, interval: float = 2.0, keep: int = 150) -> None:
+def enable_history(cache: CacheShell, *, interval: float = 2.0, keep: int = 150) -> None:
     """Sample the counts every ``interval`` seconds (``keep`` samples) for the dashboard's chart.
 
     Runs as a supervisor service: call it once ``cache.supervisor`` is final (after

@@ -11,14 +11,28 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
 import anyio
 from anyio.abc import TaskStatus
 
-__all__ = ["MAX_FILL_MESSAGE", "MAX_INVALIDATION_MESSAGE", "FillWaiter", "LockResult", "Notifications", "Store",
-           "StoreError", "StoreTimeout", "decode_fill", "decode_invalidation", "requires_asyncio",
-           "unsupported_event_loop"]
+__all__ = [
+    "LOCAL",
+    "MAX_FILL_MESSAGE",
+    "MAX_INVALIDATION_MESSAGE",
+    "FillWaiter",
+    "LockResult",
+    "Notifications",
+    "Store",
+    "StoreCapabilities",
+    "StoreError",
+    "StoreTimeout",
+    "decode_fill",
+    "decode_invalidation",
+    "requires_asyncio",
+    "unsupported_event_loop",
+]
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -35,6 +49,26 @@ class StoreError(Exception):
 
 class StoreTimeout(StoreError, TimeoutError):
     """The store did not answer within its time budget (a store that keeps the budget itself raises it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCapabilities:
+    """What the runtime may rely on, declared by each store instead of probed for.
+
+    ``remote``: another process answers, so calls get a time budget and a breaker.
+    ``keeps_budget``: the store bounds its own calls by the budget (no cancel scope of ours).
+    ``lookup_locks``: ``get_or_lock`` is one round trip (a miss's lookup also tries the lock).
+    ``sharded``: keys live on several nodes (``shard`` names one): a breaker per node.
+    """
+
+    remote: bool = False
+    keeps_budget: bool = False
+    lookup_locks: bool = False
+    sharded: bool = False
+
+
+LOCAL = StoreCapabilities()
+"""An in-process store: no budget, no breaker, nothing to shard."""
 
 
 LockResult = tuple["str | None", "bytes | None", tuple[int, ...]]
@@ -217,6 +251,16 @@ class Store(Protocol):
         """Remove the keys; return how many existed."""
 
     notifications: Notifications
+    capabilities: StoreCapabilities
+
+    async def connect(self, timeout: float) -> None:
+        """Open the connection now (the startup probe), within ``timeout``; a local store has nothing to open."""
+
+    def shard(self, key: str) -> str:
+        """The node ``key`` lives on (for a breaker per node); one name for an unsharded store."""
+
+    async def get_or_lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str) -> LockResult:
+        """``get``, and where the key holds nothing, ``lock`` too: one round trip where ``lookup_locks``."""
 
     async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str | None = None, *,
                    timeout: float | None = None) -> LockResult:

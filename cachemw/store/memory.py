@@ -19,8 +19,8 @@ from typing import TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
-from cachemw.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, bytes_cost, str_cost, tuple_cost
-from cachemw.store.base import LockResult, Notifications
+from cachemw.core.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, bytes_cost, str_cost, tuple_cost
+from cachemw.store.base import LOCAL, LockResult, Notifications, StoreCapabilities
 
 __all__ = ["MemoryStore", "MemoryStoreStats"]
 
@@ -43,13 +43,15 @@ class MemoryStore:
     """LRU store bounded by ``max_bytes`` of what its entries, tag index and locks cost the process.
 
     An entry counts its key and value objects, its record and its slots in the LRU
-    and the tag index (``cachemw.sizes``), computed once when stored. Expired
+    and the tag index (``cachemw.core.sizes``), computed once when stored. Expired
     entries are dropped when touched, and otherwise age out through the LRU: the
     byte bound holds either way. ``clock`` is injectable so tests control time.
     """
 
     __slots__ = ("_clock", "_data", "_generations", "_locks", "_tag_sets", "bytes_used", "evictions", "expirations",
                  "max_bytes", "notifications", "rejected")
+
+    capabilities: StoreCapabilities = LOCAL
 
     def __init__(
         self,
@@ -103,6 +105,18 @@ class MemoryStore:
             return None
         self._data.move_to_end(key)
         return entry[0]
+
+    async def connect(self, timeout: float) -> None:
+        """Nothing to connect: the store is this process's memory."""
+
+    def shard(self, key: str) -> str:
+        return ""
+
+    async def get_or_lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str) -> LockResult:
+        value = await self.get(key)
+        if value is not None:
+            return None, value, ()
+        return await self.lock(key, ttl, generation_keys, token)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._put(key, value, ttl, ())

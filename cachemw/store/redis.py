@@ -51,11 +51,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from cachemw.store.base import LockResult, Notifications, StoreError
+from cachemw.store.base import LockResult, Notifications, StoreCapabilities, StoreError
 from cachemw.store.loops import LoopGuard, running_loop
 from cachemw.store.pipeline import PipelinedRedis, encode_command
 
-__all__ = ["DRIVER_ERRORS", "RedisClients", "RedisStore", "close_client", "redis_clients"]
+__all__ = ["DRIVER_ERRORS", "ConnectionGate", "RedisClients", "RedisStore", "close_client", "millis", "redis_clients"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _wait_key(key: str) -> str:
     return key + ":wait"
 
 
-class _Gate:
+class ConnectionGate:
     """At most ``limit`` commands in flight; the semaphore is made inside the event loop."""
 
     def __init__(self, limit: int) -> None:
@@ -187,7 +187,7 @@ def _score(seconds: float, rounding: Callable[[float], int]) -> str:
     return f"{rounding(seconds * 1000) / 1000:.3f}"
 
 
-def _millis(seconds: float) -> int:
+def millis(seconds: float) -> int:
     """Redis milliseconds: rounded up, and at least 1 (PX 0 is an error; a tiny ttl should still store)."""
     return max(1, math.ceil(seconds * 1000))
 
@@ -364,7 +364,7 @@ class _Bound:
         self.also_close = list(also_close)
         # redis-py's cluster client raises at once when a node's pool is full; wait for a
         # connection instead (within the caller's budget), as the single-server pool does.
-        self.gate: _Gate | None = _Gate(max_connections) if isinstance(client, RedisCluster) else None
+        self.gate: ConnectionGate | None = ConnectionGate(max_connections) if isinstance(client, RedisCluster) else None
         self.unlock_script = client.register_script(_UNLOCK_SCRIPT)
         self.lock_all = client.register_script(_LOCK_ALL_SCRIPT)
         self.fill_all = client.register_script(_FILL_ALL_SCRIPT)
@@ -441,8 +441,8 @@ class RedisStore:
     """
 
     __slots__ = ("__weakref__", "_bound", "_clients", "_guards", "_listening", "_max_connections",
-                 "background_timeout", "bounded", "channel", "cluster", "invalidation_channel", "lookup_locks",
-                 "notifications")
+                 "background_timeout", "bounded", "capabilities", "channel", "cluster", "invalidation_channel",
+                 "lookup_locks", "notifications")
 
     requires_asyncio = True
     """The store's drivers (redis-py's asyncio client, an asyncio Protocol) need an asyncio event loop."""
@@ -466,6 +466,8 @@ class RedisStore:
         # The pipelined connection keeps the time budget itself: callers need no timeout of their own.
         self.bounded = self._bound.pipelined is not None
         self.lookup_locks = not self.cluster  # get_or_lock is one round trip on one server
+        self.capabilities = StoreCapabilities(remote=True, keeps_budget=self.bounded, lookup_locks=self.lookup_locks,
+                                              sharded=self.cluster)
         self.channel = channel
         self.invalidation_channel = invalidation_channel
         self.notifications = Notifications()
@@ -588,7 +590,7 @@ class RedisStore:
                 if math.isinf(ttl):
                     await bound.client.set(key, value)
                 else:
-                    await bound.client.set(key, value, px=_millis(ttl))  # PX 0 would be an error
+                    await bound.client.set(key, value, px=millis(ttl))  # PX 0 would be an error
         except StoreError:
             raise
         except Exception as exc:
@@ -624,14 +626,14 @@ class RedisStore:
             if not self.cluster:
                 taken, value, generations = await self._script(
                     bound, bound.lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys],
-                    [token, _millis(ttl)], timeout)
+                    [token, millis(ttl)], timeout)
                 return ((token if taken else None), value if isinstance(value, bytes) else None,
                         tuple(_int(g) for g in generations))
             client, gate = bound.lane(timeout)
             async with gate, client.pipeline(transaction=False) as pipe:
                 # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
                 # Redis caches the compiled script by its text anyway.
-                pipe.eval(_LOCK_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), token, _millis(ttl))
+                pipe.eval(_LOCK_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), token, millis(ttl))
                 for generation_key in generation_keys:
                     pipe.get(generation_key)
                 (taken, value, _), *generations = await pipe.execute()
@@ -655,7 +657,7 @@ class RedisStore:
             bound = self._on_loop()
             reply = await self._script(
                 bound, bound.lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys],
-                [token, _millis(ttl), "1"])
+                [token, millis(ttl), "1"])
             if reply[0] == 2:
                 return None, reply[1], ()
             taken, _, generations = reply
@@ -678,17 +680,17 @@ class RedisStore:
             if not self.cluster:
                 stored = await self._script(
                     bound, bound.fill_all, [key, _lock_key(key), _wait_key(key), *tag_sets, *generation_keys],
-                    [value, _millis(ttl), token or "", self.channel, _score(now, math.floor),
-                     _score(expires, math.ceil), _millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)],
+                    [value, millis(ttl), token or "", self.channel, _score(now, math.floor),
+                     _score(expires, math.ceil), millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)],
                     timeout)
                 return bool(stored)
             client, gate = bound.lane(timeout)
             async with gate:
                 async with client.pipeline(transaction=False) as pipe:
-                    pipe.eval(_FILL_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, _millis(ttl),
-                              token or "", self.channel, now, expires, _millis(ttl + 60), 0)
+                    pipe.eval(_FILL_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, millis(ttl),
+                              token or "", self.channel, now, expires, millis(ttl + 60), 0)
                     for tag_set in tag_sets:
-                        pipe.eval(_INDEX_SCRIPT, 1, tag_set, key, expires, now, _millis(ttl + 60))
+                        pipe.eval(_INDEX_SCRIPT, 1, tag_set, key, expires, now, millis(ttl + 60))
                     for generation_key in generation_keys:
                         pipe.get(generation_key)
                     replies = await pipe.execute()

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from cachemw.middleware import current_cache
+from cachemw.asgi.middleware import current_cache
 
 URL = os.environ["CACHEMW_REDIS_URL"]
 _db = redis.asyncio.Redis.from_url(URL)

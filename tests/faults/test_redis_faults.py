@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
-from tests.asgi import eventually, find_middleware, lifespan
 from tests.faults.proxy import FaultProxy
+from tests.helpers import eventually, find_middleware, lifespan
 from tests.redis_server import RedisServer, started
 
 pytestmark = pytest.mark.anyio

@@ -1,0 +1,149 @@
+"""What every ``cachemw`` command shares: the app named by ``--app`` and the settings its cache runs with.
+
+The commands read the app's ``CacheMiddleware`` through its public ``options`` (or the
+arguments ``add_middleware`` was given), never its internals, so they recompute what
+the middleware computes at startup without starting it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, TypeAlias
+
+from cachemw.asgi.middleware import CacheMiddleware, MiddlewareOptions
+from cachemw.asgi.routes import build_rule_table
+from cachemw.core.rules import RuleTable
+from cachemw.core.settings import REDIS_URL_ENV, Settings, load_settings
+
+__all__ = [
+    "REDIS_URL_HELP",
+    "CommandFailed",
+    "Subcommands",
+    "app_middleware_options",
+    "app_routes",
+    "app_rule_table",
+    "app_write_behinds",
+    "load_app",
+    "one_line",
+    "operator_settings",
+]
+
+# What ``add_subparsers`` returns: each command module adds its commands to it (argparse names no public type).
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+REDIS_URL_HELP = ("the Redis holding the entries (default: CACHEMW_REDIS_URL, else the app's CacheMiddleware, "
+                  "else the config file)")
+_NO_OPTIONS = MiddlewareOptions(config=None, settings=None, key_prefix=None, redis_url=None, identity=None)
+
+
+class CommandFailed(Exception):
+    """A failure to report in one line (``cachemw: MESSAGE``) with an exit status."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line: drivers' messages span several, a report is one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def load_app(path: str) -> Any:
+    """Import ``module:attribute`` (like uvicorn), from the current directory too."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise CommandFailed(f"{path!r} is not an app import path; expected MODULE:ATTRIBUTE, e.g. sample_app:app")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CommandFailed(f"cannot import {module_name!r}: {exc}") from None
+    app: Any = module
+    for part in attribute.split("."):
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise CommandFailed(f"module {module_name!r} has no attribute {attribute!r}") from None
+    return app
+
+
+def _added_middleware_arguments(app: Any) -> dict[str, Any]:
+    """The keyword arguments of the app's ``add_middleware(CacheMiddleware, ...)`` (empty if it has none)."""
+    for middleware in getattr(app, "user_middleware", ()):
+        if middleware.cls is CacheMiddleware:
+            return dict(middleware.kwargs)
+    return {}
+
+
+def app_middleware_options(app: Any) -> MiddlewareOptions:
+    """What the app's CacheMiddleware was given: the middleware itself, or the app it was added to."""
+    if isinstance(app, CacheMiddleware):
+        return app.options
+    given = _added_middleware_arguments(app)
+    if not given:
+        return _NO_OPTIONS
+    return MiddlewareOptions(config=given.get("config"), settings=given.get("settings"),
+                             key_prefix=given.get("key_prefix"), redis_url=given.get("redis_url"),
+                             identity=given.get("identity"))
+
+
+def app_write_behinds(app: Any) -> list[str]:
+    """The names of the write-behind queues the app's CacheMiddleware runs."""
+    if isinstance(app, CacheMiddleware):
+        queues: Sequence[Any] = app.write_behinds
+    else:
+        queues = _added_middleware_arguments(app).get("write_behind") or ()
+    return [queue.name for queue in queues]
+
+
+def app_routes(app: Any) -> Any:
+    """The routes the rule table is built from: the app's, or those of the app a CacheMiddleware wraps."""
+    routes = getattr(app.app if isinstance(app, CacheMiddleware) else app, "routes", None)
+    if routes is None:
+        raise CommandFailed("the app has no routes (is it a Starlette or FastAPI app?)")
+    return routes
+
+
+def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
+    """The rule table the app's CacheMiddleware would build, with the config it names (or ``config``)."""
+    options = app_middleware_options(app)
+    if config is not None:
+        settings = load_settings(config)
+    elif options.settings is not None:
+        settings = options.settings
+    else:
+        settings = load_settings(options.config)
+    return build_rule_table(app_routes(app), settings), settings
+
+
+def operator_settings(args: argparse.Namespace) -> tuple[Any, RuleTable | None, Settings]:
+    """The app (if named), its rule table and the settings its middleware runs with, then the overrides.
+
+    Precedence of the store URL: ``--redis-url``, ``CACHEMW_REDIS_URL``, the
+    app's ``CacheMiddleware(redis_url=...)``, the config file.
+    """
+    app: Any = None
+    table: RuleTable | None = None
+    if args.app:
+        app = load_app(args.app)
+        table, settings = app_rule_table(app, args.config)
+        # What CacheMiddleware.prepare applies over its settings: keys are made with this prefix.
+        options = app_middleware_options(app)
+        if options.redis_url is not None:
+            settings = replace(settings, redis_url=options.redis_url)
+        if options.key_prefix is not None:
+            settings = replace(settings, key_prefix=options.key_prefix)
+    else:
+        settings = load_settings(args.config)
+    env_url = os.environ.get(REDIS_URL_ENV)
+    if env_url:
+        settings = replace(settings, redis_url=env_url)
+    if args.redis_url:
+        settings = replace(settings, redis_url=args.redis_url)
+    return app, table, settings

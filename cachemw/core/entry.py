@@ -1,0 +1,157 @@
+"""The stored entry and its binary format.
+
+One codec module knows the bytes. A version byte leads so an old or foreign
+value is recognised and treated as a miss; nothing here can run code (no
+pickle), whatever bytes it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from dataclasses import dataclass
+
+from cachemw.core.sizes import DICT_SLOT, alloc, bytes_cost, str_cost, tuple_cost
+
+__all__ = ["DecodedMemo", "Entry", "EntryDecodeError", "decode_entry", "encode_entry", "entry_cost"]
+
+_MAGIC = b"CMW"
+VERSION = 1
+_HEAD = struct.Struct("<3sBdHHHI")  # magic, version, stored_at, status, n_headers, n_tags, body length
+_LEN2 = struct.Struct("<HH")
+_LEN1 = struct.Struct("<H")
+MAX_HEADERS = 256
+
+
+class EntryDecodeError(ValueError):
+    """The bytes are not an entry this version of cachemw wrote."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored response, headers ready to replay (ETag and Content-Length included)."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    stored_at: float
+    etag: bytes
+    tags: tuple[str, ...] = ()
+
+
+_ENTRY = alloc(sys.getsizeof(Entry(200, (), b"", 0.0, b""))) + 32  # the record and its stored_at float
+_PAIR = tuple_cost(2)  # a (name, value) header
+
+
+def entry_cost(entry: Entry) -> int:
+    """Bytes a decoded entry holds in this process: its record, header tuples, bytes and tag strings.
+
+    Computed when an entry is kept (L1, decode memo, fill queue), never on a hit.
+    """
+    headers = entry.headers
+    size = _ENTRY + bytes_cost(entry.body) + bytes_cost(entry.etag) + tuple_cost(len(headers)) + _PAIR * len(headers)
+    for name, value in headers:
+        size += bytes_cost(name) + bytes_cost(value)
+    if entry.tags:
+        size += tuple_cost(len(entry.tags)) + sum(str_cost(tag) for tag in entry.tags)
+    return size
+
+
+class DecodedMemo:
+    """Recently decoded entries by their stored bytes, so a hot entry is decoded once, not per hit.
+
+    Bounded in bytes as the process holds them (the stored bytes as key, and the decoded
+    entry, whose body is a copy): emptied when the next entry would not fit. A hit is
+    ``entries.get(data)`` on a plain dict (which stays the same object), so a caller may
+    keep ``entries`` at hand.
+    """
+
+    __slots__ = ("bytes_used", "entries", "max_bytes", "max_entry_bytes")
+
+    def __init__(self, max_bytes: int = 4 * 1024 * 1024, max_entry_bytes: int = 64 * 1024) -> None:
+        self.entries: dict[bytes, Entry] = {}
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes  # larger stored values are decoded on every hit
+        self.bytes_used = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def put(self, data: bytes, entry: Entry) -> None:
+        if len(data) > self.max_entry_bytes:
+            return
+        size = DICT_SLOT + bytes_cost(data) + entry_cost(entry)
+        if self.bytes_used + size > self.max_bytes:
+            self.entries.clear()
+            self.bytes_used = 0
+        if size <= self.max_bytes:
+            self.entries[data] = entry
+            self.bytes_used += size
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """Raises ValueError for an entry the format cannot hold (such a response is not stored)."""
+    if len(entry.headers) > MAX_HEADERS:
+        raise ValueError("too many headers to store")
+    try:
+        return _encode(entry)
+    except struct.error as exc:
+        raise ValueError(f"entry cannot be stored: {exc}") from None
+
+
+def _encode(entry: Entry) -> bytes:
+    parts = [
+        _HEAD.pack(_MAGIC, VERSION, entry.stored_at, entry.status, len(entry.headers), len(entry.tags),
+                   len(entry.body)),
+        _LEN1.pack(len(entry.etag)),
+        entry.etag,
+    ]
+    for name, value in entry.headers:
+        parts.append(_LEN2.pack(len(name), len(value)))
+        parts.append(name)
+        parts.append(value)
+    for tag in entry.tags:
+        raw = tag.encode()
+        parts.append(_LEN1.pack(len(raw)))
+        parts.append(raw)
+    parts.append(entry.body)
+    return b"".join(parts)
+
+
+def decode_entry(data: bytes) -> Entry:
+    try:
+        magic, version, stored_at, status, n_headers, n_tags, body_len = _HEAD.unpack_from(data, 0)
+        if magic != _MAGIC:
+            raise EntryDecodeError("not a cachemw entry")
+        if version != VERSION:
+            raise EntryDecodeError(f"entry format version {version}, expected {VERSION}")
+        if not 100 <= status <= 599 or n_headers > MAX_HEADERS or not math.isfinite(stored_at):
+            raise EntryDecodeError("implausible entry header")
+        offset = _HEAD.size
+        (etag_len,) = _LEN1.unpack_from(data, offset)
+        offset += _LEN1.size
+        etag = data[offset : offset + etag_len]
+        offset += etag_len
+        headers = []
+        for _ in range(n_headers):
+            name_len, value_len = _LEN2.unpack_from(data, offset)
+            offset += _LEN2.size
+            name = data[offset : offset + name_len]
+            offset += name_len
+            headers.append((name, data[offset : offset + value_len]))
+            offset += value_len
+        tags = []
+        for _ in range(n_tags):
+            (tag_len,) = _LEN1.unpack_from(data, offset)
+            offset += _LEN1.size
+            tags.append(data[offset : offset + tag_len].decode())
+            offset += tag_len
+        body = data[offset:]
+    except (struct.error, UnicodeDecodeError, TypeError) as exc:
+        raise EntryDecodeError(f"truncated or malformed entry: {exc}") from None
+    # Slicing never fails short, so a value cut inside its last header or tag
+    # only shows in the total: every declared length must add up to the data.
+    if offset + body_len != len(data):
+        raise EntryDecodeError("truncated or malformed entry")
+    return Entry(status, tuple(headers), body, stored_at, etag, tuple(tags))

@@ -1,0 +1,139 @@
+"""Storing what the origin answered, after the response, and refreshing stale entries in the background.
+
+A fill runs as a supervised job, so the response never waits for the store; a
+fill that cannot be queued (the queue is full) is counted per route and its lock
+released. A refresh keeps the stale entry answering meanwhile, takes the key's
+lock so one process refreshes it, and calls the origin through the shell.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from cachemw.core.entry import Entry, encode_entry, entry_cost
+from cachemw.core.keys import tag_keys
+from cachemw.core.metrics import Metrics, RouteMetrics
+from cachemw.runtime.locks import FillLocks, fresh_entry
+from cachemw.runtime.origin import OriginSlots
+from cachemw.runtime.plan import FILL_PLAN_BYTES, FillPlan
+from cachemw.runtime.supervisor import Supervisor
+from cachemw.store.base import Store
+from cachemw.store.guarded import GuardedStore
+from cachemw.store.l1 import L1
+
+__all__ = ["Fills"]
+
+OriginCall = Callable[[], Awaitable["Entry | None"]]
+"""Runs the app for a request nobody waits on: the entry if its response may be stored, else None."""
+
+
+class Fills:
+    """Fills and refreshes of one runtime."""
+
+    def __init__(self, store: Store, guarded: GuardedStore, locks: FillLocks, supervisor: Supervisor, l1: L1,
+                 metrics: Metrics, origin: OriginSlots, *, prefix: str) -> None:
+        self.store = store
+        self.guarded = guarded
+        self.locks = locks
+        self.supervisor = supervisor
+        self.l1 = l1
+        self.metrics = metrics
+        self.origin = origin
+        self.prefix = prefix
+        self.refreshing: set[str] = set()  # keys with a refresh queued or running in this process
+        self._l1_on = guarded.remote  # only a remote store has an L1 in front of it
+
+    def route_metrics(self, plan: FillPlan) -> RouteMetrics:
+        return self.metrics.route(plan.match.rule.template, plan.policy.preset or "custom")
+
+    def submit(self, plan: FillPlan, entry: Entry) -> None:
+        """Queue the fill of a response just sent; with the queue full, count it shed and give the lock back."""
+        if plan.generations is not None:
+            plan.filling = self.supervisor.submit("fill", self.fill, plan, entry, key=plan.key, timeout=math.inf,
+                                                  size=entry_cost(entry) + FILL_PLAN_BYTES)
+            if not plan.filling and self.supervisor.running:
+                self.route_metrics(plan).fills_shed += 1  # the queue was full
+        if not plan.filling:
+            self.locks.give_up(plan)
+
+    async def fill(self, plan: FillPlan, entry: Entry) -> None:
+        store, guarded = self.store, self.guarded
+        if plan.generations is None:
+            return
+        try:
+            data = encode_entry(entry)
+        except ValueError:
+            if plan.token is not None:
+                await self.locks.unlock(plan.key, plan.token)
+            return
+        tag_sets = [tag_keys(self.prefix, tag)[0] for tag in entry.tags]
+        if guarded.is_open(plan.key):
+            # Don't hammer a store that is down: the next miss after it recovers refills. The
+            # lock is still released (one small command), or its waiters would wait it out.
+            if plan.token is not None:
+                await self.locks.unlock(plan.key, plan.token)
+            return
+        generations, token, ttl = plan.generations, plan.token, plan.policy.usable_for
+        try:
+            stored = await guarded.in_background(lambda left: store.fill(
+                plan.key, data, ttl, token, tag_sets, plan.generation_keys, generations, timeout=left))
+        except Exception:
+            guarded.failed(key=plan.key)  # this fill is lost; the next miss refills
+            if plan.token is not None:
+                await self.locks.unlock(plan.key, plan.token)  # a lost fill must not leave its lock to expire
+            return
+        if stored:
+            route_metrics = self.route_metrics(plan)
+            route_metrics.stored_entries += 1
+            route_metrics.stored_bytes += len(data)
+        if stored and plan.policy.sync > 0 and self._l1_on:
+            self.l1.put(plan.key, entry, plan.policy.sync)
+
+    # -- stale-while-revalidate ------------------------------------------------------------------
+
+    def refresh_later(self, plan: FillPlan, call_origin: OriginCall) -> None:
+        """One refresh per key in this process (``refreshing``); the lock makes it one across processes."""
+        key = plan.key
+        self.refreshing.add(key)
+        if not self.supervisor.submit("refresh", self.refresh, plan, call_origin, key=key,
+                                      timeout=plan.policy.origin_timeout + self.locks.lock_timeout):
+            self.refreshing.discard(key)
+
+    async def refresh(self, plan: FillPlan, call_origin: OriginCall) -> None:
+        # The stale entry keeps answering meanwhile: with the origin saturated, a later request retries.
+        slot = self.origin.take_nowait(plan.match.rule.template)
+        try:
+            if slot is None:
+                return
+            locked = await self.locks.lock(plan, background=True)
+            if locked is None:
+                return
+            token, current, generations = locked
+            if token is None:
+                return  # another process is refreshing it
+            plan.token, plan.generations = token, generations
+            if fresh_entry(current, plan.policy) is not None:
+                await self.locks.unlock(plan.key, token)
+                return
+            entry: Entry | None = None
+            try:
+                with anyio.fail_after(plan.policy.origin_timeout):
+                    entry = await call_origin()
+            finally:
+                if entry is None:
+                    await self.locks.unlock(plan.key, token)  # a failed refresh keeps the old entry
+            if entry is not None:
+                await self.fill(plan, entry)
+                self.route_metrics(plan).refresh_ok += 1
+            else:
+                self.route_metrics(plan).refresh_failed += 1
+        except Exception:
+            self.route_metrics(plan).refresh_failed += 1
+            raise
+        finally:
+            if slot is not None:
+                slot.release()
+            self.refreshing.discard(plan.key)

@@ -1,0 +1,168 @@
+"""The store as the request path sees it: within a time budget, behind a breaker per node, never raising.
+
+A store that is slow or down must cost a request at most its budget and then
+answer "failed", so the app answers instead (fail open); a store failing for a
+while is not called at all (the breaker), so it is not hammered while it recovers
+and requests do not each wait out the budget. Work after the response has its own,
+longer deadline and retries (``within_deadline``). A timeout while this process's
+own event loop runs late is this process's lateness, not the store's: counted
+apart, and not held against the store's breaker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import anyio
+
+from cachemw.core.breaker import CircuitBreaker
+from cachemw.core.metrics import Metrics
+from cachemw.store.base import LockResult, Store
+from cachemw.store.retrying import within_deadline
+
+__all__ = ["GuardedStore", "Report"]
+
+T = TypeVar("T")
+
+_LAG_LOG_INTERVAL = 60.0  # seconds: at most one loop-lag report per interval
+
+Report = Callable[..., object]
+"""``report(what, *details)``: hands an event ("breaker", "loop lag") to be logged off the request path."""
+
+
+class GuardedStore:
+    """Budget, breakers and failure accounting around one store; built once per runtime."""
+
+    def __init__(self, store: Store, *, budget: float, background_budget: float, metrics: Metrics,
+                 recent_lag: Callable[[], float], report: Report) -> None:
+        self.store = store
+        capabilities = store.capabilities
+        self.remote = capabilities.remote  # only a remote store needs a time budget and a breaker
+        self.keeps_budget = capabilities.keeps_budget  # then no deadline of ours around its calls
+        self.lookup_locks = capabilities.lookup_locks
+        self._sharded = capabilities.sharded
+        self.budget = budget
+        self.background_budget = background_budget
+        self.metrics = metrics
+        self._recent_lag = recent_lag
+        self._report = report
+        self.breaker = CircuitBreaker(on_transition=self._breaker_moved)
+        self.node_breakers: dict[str, CircuitBreaker] = {}
+        self.errors = 0
+        self.loop_lag_timeouts = 0  # store timeouts that were this process's lateness, not the store's
+        self._lag_reported_at = -float("inf")
+        store.notifications.on_connected.append(self._reconnected)
+
+    async def get(self, key: str) -> tuple[bytes | None, bool]:
+        """The stored value, and whether the store failed (then the app answers: fail open)."""
+        store = self.store
+        if not self.remote:
+            return await store.get(key), False
+        breaker = self.breaker_for(key)
+        if not breaker.allow(time.monotonic()):
+            return None, True
+        began = time.perf_counter()
+        try:
+            value = await store.get(key) if self.keeps_budget else await self._within_budget(store.get(key))
+        except Exception as exc:  # whatever the driver raises (another loop, trio, a bug): the app answers
+            self.failed(breaker, exc, began)
+            return None, True
+        self.metrics.store_latency.observe(time.perf_counter() - began)
+        breaker.success()
+        return value, False
+
+    async def lock(self, key: str, ttl: float, generation_keys: Sequence[str], token: str, *, lookup: bool = False,
+                   background: bool = False, release: Callable[[str, str], None]) -> LockResult | None:
+        """A miss's lock attempt under the same budget and breaker as a lookup; None if it failed.
+
+        ``lookup``: ``get_or_lock``, which answers the value instead when there is one.
+        ``background``: a refresh's, under the deadline of work after the response.
+        ``release(key, token)`` gives the lock back when the attempt failed after Redis may
+        have taken it (a timeout, a cancelled request): others must not wait for a fill
+        that never comes.
+        """
+        store = self.store
+        if not self.remote:
+            return await store.lock(key, ttl, generation_keys, token)
+        breaker = self.breaker_for(key)
+        if not breaker.allow(time.monotonic()):
+            return None
+        began = time.perf_counter()
+        try:
+            result: LockResult
+            if background:
+                result = await self.in_background(lambda left: store.lock(key, ttl, generation_keys, token,
+                                                                          timeout=left))
+            else:
+                call = (store.get_or_lock(key, ttl, generation_keys, token) if lookup
+                        else store.lock(key, ttl, generation_keys, token))
+                result = await call if self.keeps_budget else await self._within_budget(call)
+        except BaseException as exc:
+            release(key, token)
+            if not isinstance(exc, Exception):
+                raise
+            self.failed(breaker, exc, began)  # as in get: any store failure sends the request to the app
+            return None
+        if lookup:
+            self.metrics.store_latency.observe(time.perf_counter() - began)
+        breaker.success()
+        return result
+
+    async def in_background(self, call: Callable[[float | None], Awaitable[T]]) -> T:
+        """A store call after the response: its own deadline, retried within it on a blip."""
+        if not self.remote:
+            return await call(None)
+        return await within_deadline(call, self.background_budget, scoped=not self.keeps_budget)
+
+    async def _within_budget(self, call: Awaitable[T]) -> T:
+        """A request-path store call, failing with TimeoutError after the budget whatever the driver does."""
+        with anyio.fail_after(self.budget):
+            return await call
+
+    def is_open(self, key: str) -> bool:
+        """Is the key's node given up on for now? Background work then does not hammer it."""
+        return self.remote and self.breaker_for(key).state == "open"
+
+    def breaker_for(self, key: str) -> CircuitBreaker:
+        """On a cluster each node has its own breaker: one node down fails only its slots."""
+        if not self._sharded:
+            return self.breaker
+        name = self.store.shard(key)
+        breaker = self.node_breakers.get(name)
+        if breaker is None:
+            breaker = self.node_breakers[name] = CircuitBreaker(on_transition=self._breaker_moved)
+        return breaker
+
+    def failed(self, breaker: CircuitBreaker | None = None, error: Exception | None = None, began: float = 0.0,
+               *, key: str | None = None) -> None:
+        """Count a failed store call; the breaker hears it unless our own loop's lateness explains it."""
+        self.errors += 1
+        self.metrics.store_errors += 1
+        if breaker is None:
+            breaker = self.breaker if key is None else self.breaker_for(key)
+        if began and isinstance(error, TimeoutError):
+            now = time.perf_counter()
+            # How late our own loop ran: the deadline's own overshoot, or what the lag monitor saw lately.
+            lag = max(now - began - self.budget, self._recent_lag())
+            if lag >= self.budget / 2:
+                # This process's event loop was saturated, not (or not only) the store slow. The
+                # request still goes to the app, but opening the breaker would send every other one
+                # there too, just when the process is overloaded.
+                self.loop_lag_timeouts += 1
+                if now - self._lag_reported_at >= _LAG_LOG_INTERVAL:
+                    self._lag_reported_at = now
+                    self._report("loop lag", lag, self.loop_lag_timeouts, self.errors)
+                return
+        breaker.failure(time.monotonic())
+
+    def breakers(self) -> tuple[CircuitBreaker, ...]:
+        return (self.breaker, *self.node_breakers.values())
+
+    def _reconnected(self) -> None:
+        for breaker in self.breakers():
+            breaker.probe_now()
+
+    def _breaker_moved(self, previous: str, state: str) -> None:
+        self._report("breaker", previous, state, self.errors, self.loop_lag_timeouts)

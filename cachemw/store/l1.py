@@ -1,0 +1,122 @@
+"""The per-process L1: hot entries kept in memory for at most a route's ``sync`` bound.
+
+An L1 entry answers as a fresh hit only within ``sync`` seconds of being read from
+(or written to) the shared store, and only while this process hears invalidations;
+that is what makes the cross-server staleness bound hold even when pub/sub
+messages are lost. Past that it is kept only as a last resort: when the shared
+store fails, it may answer within the rule's ``stale_if_error`` window.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cachemw.core.entry import Entry, entry_cost
+from cachemw.core.keys import ALL_TAG
+from cachemw.core.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, str_cost
+
+__all__ = ["L1"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    entry: Entry
+    primary_until: float  # on the monotonic clock
+    epoch: int
+    size: int
+
+
+# A slot record, its float and int (28 B), and its place in the LRU; a tag set, its name and its dict slot.
+_SLOT = alloc(sys.getsizeof(_Slot(Entry(200, (), b"", 0.0, b""), 0.0, 0, 0))) + FLOAT + alloc(28) + LRU_SLOT
+_TAG_SET = SET + DICT_SLOT
+
+
+class L1:
+    """An LRU of decoded entries, bounded in bytes as the process holds them, indexed by tag for invalidation.
+
+    An entry counts its key, its decoded objects, its slot and its tag-index
+    memberships (``cachemw.core.sizes``); a tag set counts itself while it exists.
+    """
+
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()
+        self._by_tag: dict[str, set[str]] = {}
+        self._epoch = 0
+        self.bytes_used = 0
+        self.hits = 0
+        self.misses = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def get(self, key: str) -> Entry | None:
+        """The entry if it may answer as if it came from the shared store now."""
+        slot = self._slots.get(key)
+        if slot is None or slot.epoch != self._epoch or slot.primary_until <= self._clock():
+            self.misses += 1
+            return None
+        self._slots.move_to_end(key)
+        self.hits += 1
+        return slot.entry
+
+    def last_resort(self, key: str) -> Entry | None:
+        """Whatever is kept for the key, however old: for stale-if-error when the store fails."""
+        slot = self._slots.get(key)
+        return None if slot is None else slot.entry
+
+    def put(self, key: str, entry: Entry, sync: float) -> None:
+        self._remove(key)
+        size = _SLOT + str_cost(key) + entry_cost(entry) + SET_MEMBER * len(entry.tags)
+        if size > self.max_bytes:
+            return
+        self._slots[key] = _Slot(entry, self._clock() + sync, self._epoch, size)
+        self.bytes_used += size
+        for tag in entry.tags:
+            keys = self._by_tag.get(tag)
+            if keys is None:
+                keys = self._by_tag[tag] = set()
+                self.bytes_used += _TAG_SET + str_cost(tag)
+            keys.add(key)
+        # The oldest go first; the new entry last, if the tag sets it opened leave no room for it.
+        while self._slots and self.bytes_used > self.max_bytes:
+            self._remove(next(iter(self._slots)))
+
+    def drop_tags(self, tags: Sequence[str]) -> None:
+        """An invalidation was announced: no entry carrying one of these tags answers again."""
+        if ALL_TAG in tags:
+            self.clear()
+            return
+        for tag in tags:
+            for key in list(self._by_tag.get(tag, ())):
+                self._remove(key)  # the emptied tag set goes with its last entry
+                self.dropped += 1
+
+    def lost_sync(self) -> None:
+        """Invalidations may have been missed: nothing kept so far answers as a hit again."""
+        self._epoch += 1
+
+    def clear(self) -> None:
+        self.dropped += len(self._slots)
+        self._slots.clear()
+        self._by_tag.clear()
+        self.bytes_used = 0
+
+    def _remove(self, key: str) -> None:
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            return
+        self.bytes_used -= slot.size
+        for tag in slot.entry.tags:
+            keys = self._by_tag.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_tag[tag]
+                    self.bytes_used -= _TAG_SET + str_cost(tag)

@@ -1,0 +1,1 @@
+"""The ``cachemw`` command, run as operators run it."""

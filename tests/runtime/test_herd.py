@@ -1,0 +1,192 @@
+"""A herd of misses on one key calls the origin once, also when that one call fails."""
+
+from __future__ import annotations
+
+import collections
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from cachemw import CacheMiddleware, Settings, cache
+from tests.budgets import Budgets
+from tests.helpers import SpyStore, assert_counted, eventually, find_middleware, lifespan
+
+pytestmark = pytest.mark.anyio
+
+HERD = 60
+
+
+class Origin:
+    def __init__(self, failure: str) -> None:
+        self.failure = failure
+        self.calls = 0
+        self.gate = anyio.Event()
+
+
+def make_app(origin: Origin, store: SpyStore, lock_timeout: float) -> Starlette:
+    @cache(ttl="5m")
+    async def hot(request: Request) -> Response:
+        origin.calls += 1
+        await origin.gate.wait()  # the herd gathers behind this first call
+        if origin.failure == "raise":
+            raise RuntimeError("the database went away")
+        return PlainTextResponse("the database went away", status_code=500)
+
+    app = Starlette(routes=[Route("/hot", hot)])
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(lock_timeout=lock_timeout, store_timeout=2.0))
+    return app
+
+
+@pytest.mark.parametrize("failure", ["raise", "500"])
+async def test_a_failing_leader_does_not_release_its_herd_onto_the_origin(store: SpyStore, budgets: Budgets,
+                                                                         failure: str) -> None:
+    origin = Origin(failure)
+    # A waiter that gave up on the leader (after lock_timeout) would call the origin itself.
+    app = make_app(origin, store, budgets.lock_timeout)
+    statuses: collections.Counter[int] = collections.Counter()
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://testserver") as http, \
+            anyio.create_task_group() as tg:
+        async def one() -> None:
+            statuses[(await http.get("/hot")).status_code] += 1
+
+        for _ in range(HERD):
+            tg.start_soon(one)
+        await eventually(lambda: _true(find_middleware(app).metrics.waiting_on_fills == HERD - 1),
+                         timeout=budgets.condition, what="the herd waiting on the leader")
+        origin.gate.set()
+    assert statuses == {500: HERD}
+    assert origin.calls == 1
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str, budgets: Budgets) -> None:
+    """Fills shed by a full queue are lost (and counted), but their locks are released at once."""
+    from cachemw import RedisStore, detach
+
+    release_worker = anyio.Event()
+
+    async def hold_the_worker() -> None:
+        await release_worker.wait()
+
+    async def busy(request: Request) -> Response:
+        detach(hold_the_worker)  # takes the only worker
+        detach(hold_the_worker)  # fills the queue of one
+        return PlainTextResponse("busy")
+
+    @cache(ttl="5m")
+    async def item(request: Request) -> Response:
+        return PlainTextResponse(f"item {request.path_params['n']}")
+
+    app = Starlette(routes=[Route("/busy", busy), Route("/items/{n}", item)])
+    store = RedisStore.from_url(redis_url, timeout=2.0)
+    app.add_middleware(CacheMiddleware, store=store,
+                       settings=Settings(queue_size=1, concurrency=1, lock_timeout=budgets.lock_timeout,
+                                         store_timeout=2.0))
+    raw = store.client
+    try:
+        async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                    base_url="http://testserver") as http:
+            assert (await http.get("/busy")).status_code == 200
+            fills = find_middleware(app).supervisor.counters_for("fill")
+            for n in range(20):
+                assert (await http.get(f"/items/{n}")).text == f"item {n}"
+            assert fills.shed >= 19  # the queue really was full
+            # Per route, where the operator looks: the entries a full queue cost.
+            assert_counted(app, "/items/{n}", "fills_shed", fills.shed, lambda n: (
+                f"fills shed    {n} answered but not stored: the background queue was full (/items/{{n}} {n})"))
+
+            # Only a fill still queued (if the queue took one) holds its lock; the shed ones released
+            # theirs, well before lock_timeout.
+            async def only_the_queued_fill_locked() -> bool:
+                return len(await raw.keys("*:lock")) == fills.queued <= 1
+
+            await eventually(only_the_queued_fill_locked, timeout=budgets.condition,
+                             what="the shed fills' locks released")
+            release_worker.set()
+
+            async def no_locks() -> bool:
+                return not await raw.keys("*:lock")
+
+            await eventually(no_locks, timeout=budgets.condition, what="every fill lock released")
+    finally:
+        await store.aclose()
+
+
+async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str, budgets: Budgets) -> None:
+    from cachemw import RedisStore, StoreError
+
+    class LosingFills(SpyStore):
+        async def fill(self, *args: object, **kwargs: object) -> bool:
+            raise StoreError("NOSCRIPT, and the EVAL fallback timed out")
+
+    @cache(ttl="5m")
+    async def item(request: Request) -> Response:
+        return PlainTextResponse("item")
+
+    inner = RedisStore.from_url(redis_url, timeout=2.0)
+    app = Starlette(routes=[Route("/item", item)])
+    app.add_middleware(CacheMiddleware, store=LosingFills(inner),
+                       settings=Settings(lock_timeout=budgets.lock_timeout, store_timeout=2.0))
+    try:
+        async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                    base_url="http://testserver") as http:
+            assert (await http.get("/item")).text == "item"
+            fills = find_middleware(app).supervisor.counters_for("fill")
+            await eventually(lambda: _true(fills.done == 1), timeout=budgets.condition, what="the fill job ending")
+
+            async def no_locks() -> bool:
+                return not await inner.client.keys("*:lock")
+
+            await eventually(no_locks, timeout=budgets.condition, what="the lost fill's lock released")
+    finally:
+        await inner.aclose()
+
+
+async def test_waiters_are_answered_when_the_response_is_complete_not_after_its_background_task(
+        store: SpyStore, budgets: Budgets) -> None:
+    from starlette.background import BackgroundTask
+
+    handler_gate, task_gate, task_done = anyio.Event(), anyio.Event(), anyio.Event()
+    calls = 0
+
+    async def slow_task() -> None:
+        await task_gate.wait()  # the e-mail the handler sends after its response
+        task_done.set()
+
+    @cache(ttl="5m")
+    async def page(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        await handler_gate.wait()
+        return PlainTextResponse("page", background=BackgroundTask(slow_task))
+
+    app = Starlette(routes=[Route("/page", page)])
+    app.add_middleware(CacheMiddleware, store=store, settings=Settings(store_timeout=2.0))
+    async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                base_url="http://testserver") as http, \
+            anyio.create_task_group() as tg:
+        tg.start_soon(http.get, "/page")
+        await eventually(lambda: _true(calls == 1), timeout=budgets.condition, what="the leader in the handler")
+        waiter: list[httpx.Response] = []
+
+        async def wait_on_it() -> None:
+            waiter.append(await http.get("/page"))
+
+        tg.start_soon(wait_on_it)
+        await eventually(lambda: _true(find_middleware(app).metrics.waiting_on_fills == 1),
+                         timeout=budgets.condition, what="the second request waiting on the first")
+        handler_gate.set()
+        await eventually(lambda: _true(bool(waiter)), timeout=budgets.condition, what="the waiter answered")
+        assert not task_done.is_set()  # answered while the leader's background task still runs
+        task_gate.set()
+    assert waiter[0].text == "page" and "collapsed" in waiter[0].headers["cache-status"]
+    assert calls == 1
