@@ -65,22 +65,26 @@ class RequestHandler:
             else:
                 await self.bypass(scope, receive, send, match, reason)
             return
-        runtime = self.runtime
         headers = RequestHeaders(scope)
-        credentials = runtime.credentials_of(match.rule)(headers, scope.get("query_string", b""))
+        credentials = self.runtime.credentials_of(match.rule)(headers, scope.get("query_string", b""))
         identity = credentials if self.identity is None else self.identity(headers, scope)
         bypass = decide.for_request(policy, identity, credentials, http.has_body(headers.values))
-        if bypass is not None:
-            await self.bypass(scope, receive, send, match, bypass)
-            return
-        if scope.get("http_version", "1.1") not in _BODY_NEEDS_HEADERS:
+        if bypass is None and scope.get("http_version", "1.1") not in _BODY_NEEDS_HEADERS:
             # HTTP/2 and 3 frame a body without announcing it: look at the first message (given to the
             # app again after) to know there is none.
             first = await receive()
             receive = replaying(first, receive)
             if first.get("body") or first.get("more_body"):
-                await self.bypass(scope, receive, send, match, http.STATUS_BYPASS_REQUEST)
-                return
+                bypass = http.STATUS_BYPASS_REQUEST
+        if bypass is not None:
+            await self.bypass(scope, receive, send, match, bypass)
+            return
+        await self.look_up(scope, receive, send, match, policy, headers, identity)
+
+    async def look_up(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch, policy: Policy,
+                      headers: RequestHeaders, identity: str | None) -> None:
+        """One store read (none on an L1 hit), then the core's step: serve, serve stale, fall back, or fill."""
+        runtime = self.runtime
         started = time.perf_counter()
         keyed = runtime.keys.key(scope, headers, policy, match.rule.label, runtime.prefix, identity)
         key = keyed.key
@@ -96,6 +100,23 @@ class RequestHandler:
                                          http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
                     runtime.log(match, key, "HIT", status, None, started, len(entry.body))
                     return
+        plan, entry, failed = await self.read(key, policy, match, scope)
+        if failed and remote_l1:
+            entry = runtime.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
+        now = time.time()
+        step = decide.for_stored(None if entry is None else entry.stored_at, policy, now, failed)
+        if entry is not None and step is not Step.FILL and step is not Step.FILL_WITH_FALLBACK:
+            await self.answer(step, entry, scope, headers, send, match, key, started, now)
+            return
+        if runtime.lookup_locks:
+            runtime.missing.add(match.rule.template)
+        await self.miss(scope, receive, send, plan or runtime.planner.plan(key, policy, match, scope["path"]),
+                        headers, entry if step is Step.FILL_WITH_FALLBACK else None, started)
+
+    async def read(self, key: str, policy: Policy, match: RouteMatch, scope: Scope
+                   ) -> tuple[FillPlan | None, Entry | None, bool]:
+        """The lookup: a route that has been missing also tries the lock in the same round trip."""
+        runtime = self.runtime
         template = match.rule.template
         plan: FillPlan | None = None
         if runtime.lookup_locks and template in runtime.missing:
@@ -105,33 +126,27 @@ class RequestHandler:
                 runtime.missing.discard(template)
         else:
             data, failed = await runtime.guarded.get(key)
-        entry = None if data is None else runtime.decode(key, data)
-        if failed and remote_l1:
-            entry = runtime.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
-        now = time.time()
-        step = decide.for_stored(None if entry is None else entry.stored_at, policy, now, failed)
+        return plan, None if data is None else runtime.decode(key, data), failed
+
+    async def answer(self, step: Step, entry: Entry, scope: Scope, headers: RequestHeaders, send: Send,
+                     match: RouteMatch, key: str, started: float, now: float) -> None:
+        """Answer from a stored entry: fresh, stale (one refresh starts), or as the fallback of a failing store."""
+        runtime = self.runtime
+        policy = match.rule.policy
+        assert policy is not None
         if step is Step.SERVE_FALLBACK:
-            assert entry is not None
             await self.serve_fallback(entry, scope, headers, send, None, match, key, started)
             return
-        if step is Step.SERVE or step is Step.SERVE_STALE:
-            assert entry is not None
-            cache_status = http.cache_status_hit(policy.ttl - (now - entry.stored_at))
-            if step is Step.SERVE:
-                if remote_l1:
-                    runtime.l1.put(key, entry, policy.sync)
-                status = await serve(entry, scope, headers, send, now, HIT, cache_status)
-                runtime.log(match, key, "HIT", status, None, started, len(entry.body))
-            else:
-                status = await serve(entry, scope, headers, send, now, STALE, cache_status)
-                self.refresh_later(key, policy, match, scope)
-                runtime.log(match, key, "STALE", status, None, started, len(entry.body))
-            return
-        fallback = entry if step is Step.FILL_WITH_FALLBACK else None
-        if runtime.lookup_locks:
-            runtime.missing.add(template)
-        await self.miss(scope, receive, send, plan or runtime.planner.plan(key, policy, match, scope["path"]),
-                        headers, fallback, started)
+        cache_status = http.cache_status_hit(policy.ttl - (now - entry.stored_at))
+        if step is Step.SERVE:
+            if policy.sync > 0 and runtime.remote:
+                runtime.l1.put(key, entry, policy.sync)
+            status = await serve(entry, scope, headers, send, now, HIT, cache_status)
+            runtime.log(match, key, "HIT", status, None, started, len(entry.body))
+        else:
+            status = await serve(entry, scope, headers, send, now, STALE, cache_status)
+            self.refresh_later(key, policy, match, scope)
+            runtime.log(match, key, "STALE", status, None, started, len(entry.body))
 
     # -- misses: one fill per key, in this process and across processes ---------------------------
 
