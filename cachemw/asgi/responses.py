@@ -165,58 +165,12 @@ class FillResponder:
         if self.failed_status is not None:
             return  # the app's error response is replaced by the fallback
         if kind == "http.response.start":
-            self.stored_at = time.time()
-            self.status = message["status"]
-            if self._hold_errors and self.status >= 500:
-                self.failed_status = self.status
-                return
-            if self.deadline is not None:
-                self.deadline.deadline = math.inf  # answered in time: let the body take what it takes
-            raw_headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != http.CACHE_TAG]
-            if len(raw_headers) != len(message.get("headers", ())):
-                # Tags the handler adds to its own entry; the client never sees the header.
-                self.response_tags = http.parse_cache_tags(message["headers"])
-            self._headers = raw_headers
-            self.storable = not self._head and http.not_storable_reason(self.status, raw_headers, self._policy) is None
-            if self.status >= 500 and not self.storable:
-                self._failure_chunks = []
-            start: dict[str, Any] = dict(message)
-            start["headers"] = [*raw_headers, (http.X_CACHE, MISS), (http.CACHE_STATUS, self.cache_status)]
-            self.started = True
-            # A response that announces its length (Starlette's Response) sends its body at once:
-            # hold the start to add the ETag. A stream may wait long for its first chunk (events,
-            # long polls): its start goes out now, without an ETag on this miss.
-            if self.storable and http.header_values(raw_headers, b"content-length"):
-                self._held = start
-                return
-            await self._send(start)
+            start = self._start(message)
+            if start is not None:
+                await self._send(start)
             return
         if kind == "http.response.body":
-            body: bytes = message.get("body", b"")
-            more = message.get("more_body", False)
-            self.size += len(body)
-            if self.storable:
-                if self.size > self._policy.max_body:
-                    self.storable = False
-                    self._chunks = []
-                else:
-                    self._chunks.append(body)
-            elif self._failure_chunks is not None:
-                if self.size > self._policy.max_body:
-                    self._failure_chunks = None
-                else:
-                    self._failure_chunks.append(body)
-            if self._held is not None:
-                held, self._held = self._held, None
-                if not more and self.storable and http.response_etag(self._headers) is None:
-                    self._etag = http.make_etag(body)  # the entry's too: the body is this one chunk
-                    held["headers"].append((b"etag", self._etag))
-                await self._send(held)
-            await self._send(message)
-            if not more:
-                self.complete = True
-                if self.flight is not None and self.storable:
-                    self.flight.finish(self.entry(tags=self.flight.plan.tags))
+            await self._body(message)
             return
         # Trailers, pathsend, anything new: not ours to copy.
         self.storable = False
@@ -224,6 +178,65 @@ class FillResponder:
             held, self._held = self._held, None
             await self._send(held)
         await self._send(message)
+
+    def _start(self, message: Message) -> Message | None:
+        """The start to send now, marked as a miss; None when it waits (a 5xx to replace, or held for the ETag)."""
+        self.stored_at = time.time()
+        self.status = message["status"]
+        if self._hold_errors and self.status >= 500:
+            self.failed_status = self.status
+            return None
+        if self.deadline is not None:
+            self.deadline.deadline = math.inf  # answered in time: let the body take what it takes
+        raw_headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != http.CACHE_TAG]
+        if len(raw_headers) != len(message.get("headers", ())):
+            # Tags the handler adds to its own entry; the client never sees the header.
+            self.response_tags = http.parse_cache_tags(message["headers"])
+        self._headers = raw_headers
+        self.storable = not self._head and http.not_storable_reason(self.status, raw_headers, self._policy) is None
+        if self.status >= 500 and not self.storable:
+            self._failure_chunks = []
+        start: dict[str, Any] = dict(message)
+        start["headers"] = [*raw_headers, (http.X_CACHE, MISS), (http.CACHE_STATUS, self.cache_status)]
+        self.started = True
+        # A response that announces its length (Starlette's Response) sends its body at once:
+        # hold the start to add the ETag. A stream may wait long for its first chunk (events,
+        # long polls): its start goes out now, without an ETag on this miss.
+        if self.storable and http.header_values(raw_headers, b"content-length"):
+            self._held = start
+            return None
+        return start
+
+    async def _body(self, message: Message) -> None:
+        body: bytes = message.get("body", b"")
+        more = message.get("more_body", False)
+        self.size += len(body)
+        self._copy(body)
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not more and self.storable and http.response_etag(self._headers) is None:
+                self._etag = http.make_etag(body)  # the entry's too: the body is this one chunk
+                held["headers"].append((b"etag", self._etag))
+            await self._send(held)
+        await self._send(message)
+        if not more:
+            self.complete = True
+            if self.flight is not None and self.storable:
+                self.flight.finish(self.entry(tags=self.flight.plan.tags))
+
+    def _copy(self, body: bytes) -> None:
+        """Keep the chunk for the entry (or a 5xx for the waiters), up to ``max_body``; past it, nothing."""
+        if self.storable:
+            if self.size > self._policy.max_body:
+                self.storable = False
+                self._chunks = []
+            else:
+                self._chunks.append(body)
+        elif self._failure_chunks is not None:
+            if self.size > self._policy.max_body:
+                self._failure_chunks = None
+            else:
+                self._failure_chunks.append(body)
 
     def failure(self) -> Entry | None:
         """The app's whole 5xx answer, to replay (never store) to the requests that waited on this one."""
