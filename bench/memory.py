@@ -294,9 +294,9 @@ def _heap_breakdown(case: str, mw: Any) -> list[dict[str, Any]]:
         f"emptied at {runtime.keys.size:,}; outside the bounds")
     row("RuleTable._memo (route matches)", len(mw.table._memo), None, [mw.table._memo],
         "emptied at 4,096; outside the bounds")
-    from cachemw.core.keys import tag_keys
+    from cachemw.core.keyspace import tag_keys
     info = tag_keys.cache_info()
-    row("keys.tag_keys lru_cache", info.currsize, None, [],
+    row("keyspace.tag_keys lru_cache", info.currsize, None, [],
         f"~{info.currsize:,} x (tuple of 2 key strings + cache node); maxsize {info.maxsize:,}; outside the bounds; "
         f"not walked")
     row("FillLocks.pending_releases", len(runtime.locks.pending_releases), None, [runtime.locks.pending_releases],
@@ -478,7 +478,7 @@ def child_main(args: argparse.Namespace) -> int:
 
 def _redis_side(redis: common.RedisProcess) -> dict[str, Any]:
     """What Redis holds after the l1 case: every entry (Redis is not bounded here), and its memory."""
-    from cachemw.core.keys import entry_pattern
+    from cachemw.core.keyspace import entry_pattern
 
     info = redis.command("INFO", "memory").decode()
     used = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("used_memory:")),

@@ -120,7 +120,7 @@ async def _count(case: str, redis_url: str, requests: int, concurrency: int, bas
 async def _store_calls(redis_url: str, requests: int) -> None:
     """What the cached app asks Redis for on ``requests`` misses (the lookup-or-lock, then the fill),
     one after another: for counting redis-server's instructions (run it under callgrind)."""
-    from cachemw.core.keys import tag_keys
+    from cachemw.core.keyspace import tag_keys
     from cachemw.store.redis import RedisStore
 
     store = RedisStore.from_url(redis_url, timeout=30.0)

@@ -12,6 +12,7 @@ from typing import TypeVar
 import anyio
 
 from cachemw.cli.common import CommandFailed, one_line
+from cachemw.core.keyspace import everything_pattern
 from cachemw.core.settings import Settings, masked_url
 from cachemw.store import Store, StoreError
 from cachemw.store.opening import open_store
@@ -57,7 +58,7 @@ async def prefix_in_use(store: Store, prefix: str) -> bool:
     if client is None:
         return True  # not a Redis store: nothing to look at, so nothing to say
     try:
-        async for _ in client.scan_iter(match=f"{prefix}:*", count=1000):  # a prefix has no glob characters
+        async for _ in client.scan_iter(match=everything_pattern(prefix), count=1000):
             return True
     except DRIVER_ERRORS as exc:
         raise StoreError(one_line(exc) or "timed out") from exc

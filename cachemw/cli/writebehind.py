@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 
 from cachemw.cli.common import Subcommands, app_write_behinds, operator_settings
+from cachemw.core.keyspace import writebehind_pattern
 from cachemw.core.settings import REDIS_URL_ENV, check_redis_url, load_settings, masked_url
 from cachemw.store import StoreError
 from cachemw.writebehind import DeadLetter, WriteBehind, WriteBehindStatus
@@ -101,7 +102,7 @@ async def _queues_under(url: str, prefix: str) -> list[str]:
     store = store_from_url(url, timeout=5.0, memory_max_bytes=1024, prefix=prefix)
     found: set[str] = set()
     try:
-        async for key in store.client.scan_iter(match=f"{prefix}:wb:{{*}}:*", count=1000):  # type: ignore[attr-defined]
+        async for key in store.client.scan_iter(match=writebehind_pattern(prefix), count=1000):  # type: ignore[attr-defined]
             text = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
             found.add(text[len(prefix) + len(":wb:{"):].partition("}")[0])
             if len(found) >= 50:

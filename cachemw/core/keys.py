@@ -8,13 +8,13 @@ share one slot.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from http.cookies import _unquote as _unquote_cookie
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode
 
+from cachemw.core.keyspace import entry_key
 from cachemw.core.policy import Policy
 
 __all__ = ["Identity", "KeyedRequest", "RequestHeaders", "SessionIdentity", "make_key", "mounted_at", "route_path"]
@@ -233,7 +233,7 @@ def make_key(
         identity,
     ))
     digest = hashlib.blake2b(material.encode("utf-8", "backslashreplace"), digest_size=16).hexdigest()
-    return KeyedRequest(f"{prefix}:e:{label}:{{{digest}}}", replacement)
+    return KeyedRequest(entry_key(prefix, label, digest), replacement)
 
 
 def _all_values(scope: Scope, name: bytes) -> tuple[bytes, ...]:
@@ -244,27 +244,12 @@ def _name(pair: tuple[str, str]) -> str:
     return pair[0]
 
 
-ALL_TAG = "*"  # every entry under the prefix: bumped by a purge of everything
-
-
-@functools.lru_cache(maxsize=8192)
-def tag_keys(prefix: str, tag: str) -> tuple[str, str]:
-    """The Redis keys of a tag: its index (entry keys) and its generation, in one slot."""
-    digest = hashlib.blake2b(tag.encode("utf-8", "backslashreplace"), digest_size=10).hexdigest()
-    return f"{prefix}:t:{{{digest}}}", f"{prefix}:g:{{{digest}}}"
-
-
 def route_tag(template: str) -> str:
     return "route:" + template
 
 
 def path_tag(path: str) -> str:
     return "path:" + path
-
-
-def entry_pattern(prefix: str) -> str:
-    """A SCAN pattern for every entry under the prefix: entry keys end with their hash tag, locks do not."""
-    return f"{prefix}:e:*}}"
 
 
 def _server(scope: Scope) -> tuple[object, ...] | None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
+from cachemw.core import keyspace
 from cachemw.core.metrics import BUCKETS
 from cachemw.observe.snapshot import COUNTERS, HOST, JOB_FIELDS, by_policy, full_snapshot, observed, totals
 from cachemw.runtime.shell import CacheShell
@@ -40,7 +41,7 @@ _L1_FIELDS = ("entries", "bytes_used", "max_bytes", "hits", "dropped")
 
 
 def fleet_key(prefix: str, cache: CacheShell) -> str:
-    return f"{prefix}:m:{HOST}:{os.getpid()}:{observed(cache).instance}"
+    return keyspace.fleet_key(prefix, HOST, os.getpid(), observed(cache).instance)
 
 
 async def _document(cache: CacheShell, interval: float) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def enable_fleet_metrics(cache: CacheShell, interval: float = 5.0) -> None:
 
 async def read_fleet(client: Redis, prefix: str) -> list[dict[str, Any]]:
     """Every live process's document under ``prefix`` (raises the driver's errors)."""
-    keys = [key async for key in client.scan_iter(match=f"{prefix}:m:*", count=1000)]
+    keys = [key async for key in client.scan_iter(match=keyspace.fleet_pattern(prefix), count=1000)]
     documents: list[dict[str, Any]] = []
     for start in range(0, len(keys), 500):
         # One GET per key, pipelined: an MGET would cross Redis Cluster slots.

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from cachemw.core.entry import Entry, encode_entry, entry_cost
-from cachemw.core.keys import tag_keys
+from cachemw.core.keyspace import tag_keys
 from cachemw.core.metrics import Metrics, RouteMetrics
 from cachemw.runtime.locks import FillLocks, fresh_entry
 from cachemw.runtime.origin import OriginSlots

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from cachemw.core.entry import Entry
-from cachemw.core.keys import ALL_TAG
+from cachemw.core.keyspace import ALL_TAG
 from cachemw.runtime.plan import FillPlan
 
 __all__ = ["CoalescedFailure", "Flight", "Flights"]

@@ -13,7 +13,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
-from cachemw.core.keys import ALL_TAG, entry_pattern, path_tag, route_tag, tag_keys
+from cachemw.core.keys import path_tag, route_tag
+from cachemw.core.keyspace import ALL_TAG, entry_pattern, tag_keys
 from cachemw.core.rules import normalise_template
 from cachemw.store import Store
 from cachemw.store.l1 import L1

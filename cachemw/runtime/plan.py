@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cachemw.core.keys import ALL_TAG, path_tag, route_tag, tag_keys
+from cachemw.core.keys import path_tag, route_tag
+from cachemw.core.keyspace import ALL_TAG, tag_keys
 from cachemw.core.policy import Policy
 from cachemw.core.rules import RouteMatch, normalise_template
 from cachemw.runtime.invalidation import format_tags

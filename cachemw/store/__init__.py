@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from cachemw.core.keyspace import fill_channel, invalidation_channel
 from cachemw.store.base import Store, StoreError, requires_asyncio, unsupported_event_loop
 from cachemw.store.memory import MemoryStore
 from cachemw.store.redis import RedisStore
@@ -23,8 +24,8 @@ def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int, pr
     if scheme in _REDIS_SCHEMES:
         # Announcements under the prefix: apps sharing a Redis don't hear each other.
         store = RedisStore.from_url(url, timeout=timeout, background_timeout=background_timeout)
-        store.channel = f"{prefix}:fills"
-        store.invalidation_channel = f"{prefix}:invalidations"
+        store.channel = fill_channel(prefix)
+        store.invalidation_channel = invalidation_channel(prefix)
         return store
     accepted = ", ".join(f"{s}://" for s in _REDIS_SCHEMES)
     # Don't echo the whole URL: it may carry a password.

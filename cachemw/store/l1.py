@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cachemw.core.entry import Entry, entry_cost
-from cachemw.core.keys import ALL_TAG
+from cachemw.core.keyspace import ALL_TAG
 from cachemw.core.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, str_cost
 
 __all__ = ["L1"]

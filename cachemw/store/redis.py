@@ -51,6 +51,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from cachemw.core.keyspace import fill_channel, invalidation_channel, lock_key, wait_key
 from cachemw.store.base import LockResult, Notifications, StoreCapabilities, StoreError
 from cachemw.store.loops import LoopGuard, running_loop
 from cachemw.store.pipeline import PipelinedRedis, encode_command
@@ -61,8 +62,8 @@ logger = logging.getLogger(__name__)
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
-DEFAULT_CHANNEL = "cachemw:fills"
-DEFAULT_INVALIDATION_CHANNEL = "cachemw:invalidations"
+DEFAULT_CHANNEL = fill_channel("cachemw")
+DEFAULT_INVALIDATION_CHANNEL = invalidation_channel("cachemw")
 
 # The entry, its lock and its "someone waits" flag share the key's hash tag, so each
 # script stays in one slot. A lock attempt that finds the lock taken raises the flag; a
@@ -137,12 +138,6 @@ return 0
 """
 
 
-def _lock_key(key: str) -> str:
-    return key + ":lock"
-
-
-def _wait_key(key: str) -> str:
-    return key + ":wait"
 
 
 class ConnectionGate:
@@ -625,7 +620,7 @@ class RedisStore:
             bound = self._on_loop()
             if not self.cluster:
                 taken, value, generations = await self._script(
-                    bound, bound.lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys],
+                    bound, bound.lock_all, [key, lock_key(key), wait_key(key), *generation_keys],
                     [token, millis(ttl)], timeout)
                 return ((token if taken else None), value if isinstance(value, bytes) else None,
                         tuple(_int(g) for g in generations))
@@ -633,7 +628,7 @@ class RedisStore:
             async with gate, client.pipeline(transaction=False) as pipe:
                 # EVAL, not EVALSHA: a pipeline would ask SCRIPT EXISTS first (one more round trip);
                 # Redis caches the compiled script by its text anyway.
-                pipe.eval(_LOCK_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), token, millis(ttl))
+                pipe.eval(_LOCK_ALL_SCRIPT, 3, key, lock_key(key), wait_key(key), token, millis(ttl))
                 for generation_key in generation_keys:
                     pipe.get(generation_key)
                 (taken, value, _), *generations = await pipe.execute()
@@ -656,7 +651,7 @@ class RedisStore:
         try:
             bound = self._on_loop()
             reply = await self._script(
-                bound, bound.lock_all, [key, _lock_key(key), _wait_key(key), *generation_keys],
+                bound, bound.lock_all, [key, lock_key(key), wait_key(key), *generation_keys],
                 [token, millis(ttl), "1"])
             if reply[0] == 2:
                 return None, reply[1], ()
@@ -679,7 +674,7 @@ class RedisStore:
             bound = self._on_loop()
             if not self.cluster:
                 stored = await self._script(
-                    bound, bound.fill_all, [key, _lock_key(key), _wait_key(key), *tag_sets, *generation_keys],
+                    bound, bound.fill_all, [key, lock_key(key), wait_key(key), *tag_sets, *generation_keys],
                     [value, millis(ttl), token or "", self.channel, _score(now, math.floor),
                      _score(expires, math.ceil), millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)],
                     timeout)
@@ -687,7 +682,7 @@ class RedisStore:
             client, gate = bound.lane(timeout)
             async with gate:
                 async with client.pipeline(transaction=False) as pipe:
-                    pipe.eval(_FILL_ALL_SCRIPT, 3, key, _lock_key(key), _wait_key(key), value, millis(ttl),
+                    pipe.eval(_FILL_ALL_SCRIPT, 3, key, lock_key(key), wait_key(key), value, millis(ttl),
                               token or "", self.channel, now, expires, millis(ttl + 60), 0)
                     for tag_set in tag_sets:
                         pipe.eval(_INDEX_SCRIPT, 1, tag_set, key, expires, now, millis(ttl + 60))
@@ -708,7 +703,7 @@ class RedisStore:
         try:
             bound = self._on_loop()
             # Waiters are woken too: they find no entry and call the app themselves at once.
-            await self._script(bound, bound.unlock_script, [_lock_key(key), _wait_key(key)],
+            await self._script(bound, bound.unlock_script, [lock_key(key), wait_key(key)],
                                [token, self.channel, key], timeout)
         except StoreError:
             raise

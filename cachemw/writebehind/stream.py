@@ -14,6 +14,7 @@ from typing import Any, cast
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
+from cachemw.core.keyspace import writebehind_base
 from cachemw.store.base import StoreError
 from cachemw.store.redis import DRIVER_ERRORS, ConnectionGate, close_client, millis, redis_clients
 from cachemw.writebehind import scripts
@@ -64,7 +65,7 @@ class StreamKeys:
     __slots__ = ("counter", "dead", "stats", "stream", "values")
 
     def __init__(self, prefix: str, name: str) -> None:
-        base = f"{prefix}:wb:{{{name}}}"
+        base = writebehind_base(prefix, name)
         self.values = f"{base}:v:"
         self.stream = f"{base}:stream"
         self.dead = f"{base}:dead"
