@@ -20,9 +20,14 @@ try:  # tests/ is a package
     from tests.helpers import SpyStore
     from tests.redis_server import RedisServer, find_redis_server, free_port, started
 except ImportError:  # tests/ as a plain directory (pytest's "prepend" import mode puts it on sys.path)
-    from asgi import SpyStore  # type: ignore[no-redef]
-    from budgets import Budgets, current_budgets  # type: ignore[no-redef]
-    from redis_server import RedisServer, find_redis_server, free_port, started  # type: ignore[no-redef]
+    from budgets import Budgets, current_budgets  # type: ignore[no-redef,import-not-found]
+    from helpers import SpyStore  # type: ignore[no-redef,import-not-found]
+    from redis_server import (  # type: ignore[no-redef,import-not-found]
+        RedisServer,
+        find_redis_server,
+        free_port,
+        started,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -118,10 +123,10 @@ def sentinel_url(redis_server: RedisServer, redis_url: str, tmp_path: Path) -> I
         process.wait(timeout=10)
 
 
-try:
-    from redis_cluster import LocalCluster
-except ImportError:
+try:  # tests/ is a package
     from tests.redis_cluster import LocalCluster
+except ImportError:  # tests/ as a plain directory
+    from redis_cluster import LocalCluster  # type: ignore[no-redef,import-not-found]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -17,23 +17,26 @@ from starlette.types import ASGIApp, Message
 from cachemw.store import Store
 from cachemw.store.base import StoreCapabilities
 
+if TYPE_CHECKING:
+    from cachemw import CacheMiddleware
+
 try:  # tests/ is a package
     from tests.budgets import current_budgets
 except ImportError:  # tests/ as a plain directory (see conftest.py)
     from budgets import current_budgets  # type: ignore[no-redef,import-not-found]
 
 
-async def eventually(condition: Callable[[], Awaitable[bool]], *, timeout: float | None = None,
+async def eventually(condition: Callable[[], Awaitable[bool]], *, within: float | None = None,
                      what: str = "condition") -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` seconds (default: the condition budget)."""
-    if timeout is None:
-        timeout = current_budgets().condition
-    with anyio.move_on_after(timeout):
+    """Poll ``condition`` until true; fail after ``within`` seconds (default: the condition budget)."""
+    if within is None:
+        within = current_budgets().condition
+    with anyio.move_on_after(within):
         while True:
             if await condition():
                 return
             await anyio.sleep(0.005)
-    raise AssertionError(f"{what} did not hold within {timeout}s")
+    raise AssertionError(f"{what} did not hold within {within}s")
 
 
 class Gate:
@@ -61,7 +64,7 @@ class Gate:
         self.running += 1
         self.most = max(self.most, self.running)
         try:
-            while not self._open.is_set():
+            while not self._open.is_set():  # noqa: ASYNC110  (opened from another thread: see the docstring)
                 await anyio.sleep(0.005)
         finally:
             self.running -= 1
@@ -232,7 +235,7 @@ class SpyStore:
         return getattr(self.inner, name)  # lock, unlock, waiter, listen
 
 
-def find_middleware(app: Any) -> Any:
+def find_middleware(app: Any) -> CacheMiddleware:
     """The CacheMiddleware inside a Starlette app's middleware stack (built by its first call)."""
     from cachemw import CacheMiddleware
 
@@ -242,12 +245,19 @@ def find_middleware(app: Any) -> Any:
     return layer
 
 
-def eventually_sync(condition: Callable[[], bool], *, timeout: float, what: str = "condition") -> None:
+def store_of(app: Any) -> Store:
+    """The store of the CacheMiddleware in ``app``: there once the lifespan has started."""
+    store = find_middleware(app).store
+    assert store is not None, "the cache has not started"
+    return store
+
+
+def eventually_sync(condition: Callable[[], bool], *, within: float, what: str = "condition") -> None:
     """``eventually`` for a test thread (Starlette's TestClient runs the app's loop in another thread)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout}s")
+            raise AssertionError(f"{what} did not hold within {within}s")
         time.sleep(0.005)
 
 

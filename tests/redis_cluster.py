@@ -10,10 +10,10 @@ from pathlib import Path
 
 import redis
 
-try:
-    from redis_server import RedisServer, find_redis_server
-except ImportError:
+try:  # tests/ is a package
     from tests.redis_server import RedisServer, find_redis_server
+except ImportError:  # tests/ as a plain directory (see conftest.py)
+    from redis_server import RedisServer, find_redis_server  # type: ignore[no-redef,import-not-found]
 
 __all__ = ["LocalCluster"]
 
@@ -86,7 +86,7 @@ class LocalCluster:
     def _state(self, node: RedisServer) -> str:
         try:
             with redis.Redis(port=node.port, socket_timeout=1) as client:
-                info = client.execute_command("CLUSTER", "INFO").decode()
+                info: str = client.execute_command("CLUSTER", "INFO").decode()
         except redis.RedisError:
             return "down"
         for line in info.splitlines():

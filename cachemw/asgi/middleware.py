@@ -174,17 +174,8 @@ class CacheMiddleware(CacheShell):
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         first = await receive()
-        if first["type"] == "lifespan.startup":
-            try:
-                self.prepare(scope.get("app"))
-                problem = unsupported_event_loop(self.store)  # the Redis store on trio
-                if problem is not None:
-                    raise ConfigError(problem)
-            except ConfigError as exc:
-                # Reported as a failed startup: uvicorn would take an exception for
-                # "lifespan unsupported" and serve with the bad configuration.
-                await send({"type": "lifespan.startup.failed", "message": f"cachemw: {exc}"})
-                return
+        if first["type"] == "lifespan.startup" and not await self._prepare_startup(scope, send):
+            return
         replayed = False
 
         async def receive_with_drain() -> Message:
@@ -194,11 +185,7 @@ class CacheMiddleware(CacheShell):
                 return first
             message = await receive()
             if message["type"] == "lifespan.shutdown":
-                # Pending fills and the last write-behind flush finish before the app's own
-                # shutdown closes what they use (its database).
-                await self._supervisor.drain()
-                for writes in self.write_behinds:
-                    await writes.stop()
+                await self._drain()
             return message
 
         shutdown_reply: Message | None = None
@@ -212,11 +199,7 @@ class CacheMiddleware(CacheShell):
                 shutdown_reply = message
                 return
             if kind == "lifespan.startup.complete":
-                runtime = self.runtime
-                if runtime is not None:
-                    await runtime.probe_store()
-                    if runtime.settings.gc_freeze and runtime.table.has_policies:
-                        _freeze_startup_objects()
+                await self._started()
             await send(message)
 
         app_error: Exception | None = None
@@ -229,18 +212,51 @@ class CacheMiddleware(CacheShell):
                     app_error = exc
         finally:
             with anyio.CancelScope(shield=True):
-                for writes in self.write_behinds:
-                    await writes.aclose()
-                runtime = self.runtime
-                if runtime is not None and runtime.owns_store:
-                    await _quietly(runtime.store.aclose())
-                    # The next lifespan (a test client, a reloaded app) starts afresh, with a new store.
-                    self.runtime = self._handler = None
-                    self._table = None
+                await self._close()
         if shutdown_reply is not None:
             await send(shutdown_reply)
         if app_error is not None:
             raise app_error
+
+    async def _prepare_startup(self, scope: Scope, send: Send) -> bool:
+        """Build the runtime for the app; False once a configuration error is reported to the server."""
+        try:
+            self.prepare(scope.get("app"))
+            problem = unsupported_event_loop(self.store)  # the Redis store on trio
+            if problem is not None:
+                raise ConfigError(problem)
+        except ConfigError as exc:
+            # Reported as a failed startup: uvicorn would take an exception for
+            # "lifespan unsupported" and serve with the bad configuration.
+            await send({"type": "lifespan.startup.failed", "message": f"cachemw: {exc}"})
+            return False
+        return True
+
+    async def _started(self) -> None:
+        """The app has started: the store is probed, and what is alive now leaves the collector's view."""
+        runtime = self.runtime
+        if runtime is not None:
+            await runtime.probe_store()
+            if runtime.settings.gc_freeze and runtime.table.has_policies:
+                _freeze_startup_objects()
+
+    async def _drain(self) -> None:
+        # Pending fills and the last write-behind flush finish before the app's own
+        # shutdown closes what they use (its database).
+        await self._supervisor.drain()
+        for writes in self.write_behinds:
+            await writes.stop()
+
+    async def _close(self) -> None:
+        """After the lifespan, however it ended (called shielded)."""
+        for writes in self.write_behinds:
+            await writes.aclose()
+        runtime = self.runtime
+        if runtime is not None and runtime.owns_store:
+            await _quietly(runtime.store.aclose())
+            # The next lifespan (a test client, a reloaded app) starts afresh, with a new store.
+            self.runtime = self._handler = None
+            self._table = None
 
 
 _frozen = False

@@ -61,28 +61,35 @@ def not_storable_reason(
     vary: list[str] = []
     for key, value in headers:
         name = key.lower()
-        if name == b"set-cookie":
-            return "set-cookie"
-        if name == b"cache-control":
-            directives = _directives([value])
-            # A private rule keys per user, so "private" is what its responses should say.
-            if directives & (_UNCACHEABLE_DIRECTIVES - {"private"} if policy.private else _UNCACHEABLE_DIRECTIVES):
-                return "cache-control"
         if name == b"vary":
             vary.extend(v.strip().lower() for v in value.decode("latin-1").split(",") if v.strip())
-        if name == b"content-type" and value.lower().startswith(STREAMING_TYPES):
-            return "streaming"
-        if name == b"content-length":
-            try:
-                if int(value) > policy.max_body:
-                    return "size"
-            except ValueError:
-                return "content-length"
+        elif (reason := _header_refusal(name, value, policy)) is not None:
+            return reason
     if "*" in vary:
         return "vary"
     keyed = set(policy.vary_headers) | set(request_vary)
     if any(v not in keyed for v in vary):
         return "vary"
+    return None
+
+
+def _header_refusal(name: bytes, value: bytes, policy: Policy) -> str | None:
+    """Why one response header (``name`` lowercased) keeps the response out of the cache, if it does."""
+    if name == b"set-cookie":
+        return "set-cookie"
+    if name == b"cache-control":
+        directives = _directives([value])
+        # A private rule keys per user, so "private" is what its responses should say.
+        if directives & (_UNCACHEABLE_DIRECTIVES - {"private"} if policy.private else _UNCACHEABLE_DIRECTIVES):
+            return "cache-control"
+    if name == b"content-type" and value.lower().startswith(STREAMING_TYPES):
+        return "streaming"
+    if name == b"content-length":
+        try:
+            if int(value) > policy.max_body:
+                return "size"
+        except ValueError:
+            return "content-length"
     return None
 
 

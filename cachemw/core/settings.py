@@ -169,49 +169,63 @@ def _setting(key: str, raw: object, where: str) -> object:
         return ConfigError(f"{where}: field {key!r}: {raw!r} is not valid; expected {expected}")
 
     if key == "redis_url":
-        if not isinstance(raw, str) or not raw.startswith(_URL_SCHEMES):
-            shown = masked_url(raw) if isinstance(raw, str) else raw  # a mistyped scheme still carries a password
-            raise ConfigError(f"{where}: field {key!r}: {shown!r} is not valid; expected a URL starting with "
-                              + ", ".join(_URL_SCHEMES))
-        return raw
+        return _redis_url(raw, key, where)
     if key in _BOOL_SETTINGS:
         if not isinstance(raw, bool):
             raise bad("true or false")
         return raw
     if key == "key_prefix":
-        if not isinstance(raw, str) or not _PREFIX.fullmatch(raw):
-            raise bad("1-64 characters from A-Z a-z 0-9 _ . : -")
-        return raw
-    if key in _DURATION_SETTINGS:
-        low, high = _DURATION_SETTINGS[key]
-        try:
-            seconds = parse_duration(raw)
-        except ValueError:
-            raise bad('a duration such as "50ms", "5s" or a number of seconds') from None
-        if not low < seconds <= high:
-            raise bad(f"a duration above {low:g} and at most {high:g} seconds")
-        return seconds
-    if key in _OPTIONAL_DURATION_SETTINGS:
-        low, high = _OPTIONAL_DURATION_SETTINGS[key]
-        try:
-            seconds = parse_duration(raw)
-        except ValueError:
-            raise bad('a duration such as "5s", or 0 for never') from None
-        if not low <= seconds <= high:
-            raise bad(f"a duration from {low:g} to {high:g} seconds")
-        return seconds
-    if key in _COUNT_SETTINGS:
-        low_count, high_count = _COUNT_SETTINGS[key]
-        if isinstance(raw, bool) or not isinstance(raw, int) or not low_count <= raw <= high_count:
-            raise bad(f"a whole number from {low_count} to {high_count}")
-        return raw
+        return _matching(raw, _PREFIX, bad, "1-64 characters from A-Z a-z 0-9 _ . : -")
     if key == "session_cookie":
-        if not isinstance(raw, str) or not _TOKEN.fullmatch(raw):
-            raise bad("a cookie name")
-        return raw
+        return _matching(raw, _TOKEN, bad, "a cookie name")
+    if key in _DURATION_SETTINGS:
+        return _duration(raw, _DURATION_SETTINGS[key], bad)
+    if key in _OPTIONAL_DURATION_SETTINGS:
+        return _duration(raw, _OPTIONAL_DURATION_SETTINGS[key], bad, zero_is_never=True)
+    if key in _COUNT_SETTINGS:
+        return _count(raw, _COUNT_SETTINGS[key], bad)
     if key == "credentials":
         return _credentials(raw, bad)
     raise AssertionError(key)  # pragma: no cover
+
+
+def _redis_url(raw: object, key: str, where: str) -> str:
+    """Not ``bad``: the message shows the URL masked, as a mistyped scheme still carries a password."""
+    if not isinstance(raw, str) or not raw.startswith(_URL_SCHEMES):
+        shown = masked_url(raw) if isinstance(raw, str) else raw
+        raise ConfigError(f"{where}: field {key!r}: {shown!r} is not valid; expected a URL starting with "
+                          + ", ".join(_URL_SCHEMES))
+    return raw
+
+
+def _matching(raw: object, pattern: re.Pattern[str], bad: Callable[[str], ConfigError], expected: str) -> str:
+    if not isinstance(raw, str) or not pattern.fullmatch(raw):
+        raise bad(expected)
+    return raw
+
+
+def _duration(raw: object, bounds: tuple[float, float], bad: Callable[[str], ConfigError], *,
+              zero_is_never: bool = False) -> float:
+    """Above the low bound and at most the high one; the low bound itself too where it means never (0: off)."""
+    low, high = bounds
+    try:
+        seconds = parse_duration(raw)
+    except ValueError:
+        raise bad('a duration such as "5s", or 0 for never' if zero_is_never
+                  else 'a duration such as "50ms", "5s" or a number of seconds') from None
+    if zero_is_never:
+        if not low <= seconds <= high:
+            raise bad(f"a duration from {low:g} to {high:g} seconds")
+    elif not low < seconds <= high:
+        raise bad(f"a duration above {low:g} and at most {high:g} seconds")
+    return seconds
+
+
+def _count(raw: object, bounds: tuple[int, int], bad: Callable[[str], ConfigError]) -> int:
+    low, high = bounds
+    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:  # True is an int too
+        raise bad(f"a whole number from {low} to {high}")
+    return raw
 
 
 def _credentials(raw: object, bad: Callable[[str], ConfigError]) -> tuple[str, ...]:

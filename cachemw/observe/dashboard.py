@@ -43,6 +43,7 @@ __all__ = ["PURGE_HEADER", "dashboard_app", "loopback_only"]
 PURGE_HEADER = "x-cachemw-purge"
 _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 _MAX_TAG = 512
+_PURGE_SHAPE = 'expected a JSON object: {"tag": "product:1"} or {"route": "/products/{id}"}'
 _SECURITY_HEADERS = {
     "cache-control": "no-store",
     "x-content-type-options": "nosniff",
@@ -96,32 +97,38 @@ def dashboard_app(cache: CacheSource = None, *, allow: Check = loopback_only, al
     handling the request. ``allow(request)`` (sync or async) guards every endpoint,
     ``allow_purge(request)`` the purges (default: ``allow``).
     """
-    purge_check = allow if allow_purge is None else allow_purge
+    endpoints = _Endpoints(cache, allow, allow if allow_purge is None else allow_purge)
+    return Starlette(routes=[
+        Route("/", endpoints.page, methods=["GET"]),
+        Route("/dashboard.js", endpoints.script, methods=["GET"]),
+        Route("/api/state", endpoints.state, methods=["GET"]),
+        Route("/api/purge", endpoints.purge, methods=["POST"]),
+    ])
 
-    async def allowed(request: Request, check: Check) -> bool:
-        verdict = check(request)
-        if inspect.isawaitable(verdict):
-            verdict = await verdict
-        return verdict is True
 
-    def forbidden(message: str) -> Response:
-        return JSONResponse({"error": message}, status_code=403, headers=_SECURITY_HEADERS)
+class _Endpoints:
+    """The dashboard's endpoints, sharing what ``dashboard_app`` was given."""
 
-    async def page(request: Request) -> Response:
-        if not await allowed(request, allow):
+    def __init__(self, cache: CacheSource, allow: Check, purge_check: Check) -> None:
+        self.cache = cache
+        self.allow = allow
+        self.purge_check = purge_check
+
+    async def page(self, request: Request) -> Response:
+        if not await _allowed(request, self.allow):
             return PlainTextResponse("forbidden\n", status_code=403, headers=_SECURITY_HEADERS)
         return Response(_static("dashboard.html"), media_type="text/html; charset=utf-8", headers=_SECURITY_HEADERS)
 
-    async def script(request: Request) -> Response:
-        if not await allowed(request, allow):
+    async def script(self, request: Request) -> Response:
+        if not await _allowed(request, self.allow):
             return PlainTextResponse("forbidden\n", status_code=403, headers=_SECURITY_HEADERS)
         return Response(_static("dashboard.js"), media_type="text/javascript; charset=utf-8",
                         headers=_SECURITY_HEADERS)
 
-    async def state(request: Request) -> Response:
-        if not await allowed(request, allow):
-            return forbidden("not allowed")
-        found = _find(cache, request)
+    async def state(self, request: Request) -> Response:
+        if not await _allowed(request, self.allow):
+            return _forbidden("not allowed")
+        found = _find(self.cache, request)
         if isinstance(found, Response):
             return found
         sample_history(found)  # without the history service, polling alone keeps the chart going
@@ -129,39 +136,32 @@ def dashboard_app(cache: CacheSource = None, *, allow: Check = loopback_only, al
             "snapshot": await full_snapshot(found),
             "history": history(found),
             "interval": observed(found).history_interval,
-            "can_purge": await allowed(request, purge_check),
+            "can_purge": await _allowed(request, self.purge_check),
         }
         return Response(json.dumps(data), media_type="application/json", headers=_SECURITY_HEADERS)
 
-    async def purge(request: Request) -> Response:
-        if not await allowed(request, allow) or not await allowed(request, purge_check):
-            return forbidden("not allowed to purge")
+    async def purge(self, request: Request) -> Response:
+        if not await _allowed(request, self.allow) or not await _allowed(request, self.purge_check):
+            return _forbidden("not allowed to purge")
         refusal = _cross_site(request)
         if refusal is not None:
-            return forbidden(refusal)
+            return _forbidden(refusal)
         try:
             target = json.loads(await request.body())
         except ValueError:
             target = None
         if not isinstance(target, dict) or len(target) != 1:
-            return _bad('expected a JSON object: {"tag": "product:1"} or {"route": "/products/{id}"}')
-        found = _find(cache, request)
+            return _bad(_PURGE_SHAPE)
+        found = _find(self.cache, request)
         if isinstance(found, Response):
             return found
         invalidator = found.invalidator
         if invalidator is None:
             return JSONResponse({"error": "the cache has not started"}, status_code=503, headers=_SECURITY_HEADERS)
         [(kind, value)] = target.items()
-        if kind == "tag" and isinstance(value, str) and 0 < len(value.strip()) <= _MAX_TAG:
-            tags = [value.strip()]
-        elif kind == "route" and isinstance(value, str):
-            known = {normalise_template(rule.template) for rule in (found.table.rules if found.table else ())
-                     if rule.policy is not None}
-            if normalise_template(value) not in known:
-                return _bad(f"{value!r} is not a cached route of this app")
-            tags = [route_tag(normalise_template(value))]
-        else:
-            return _bad('expected a JSON object: {"tag": "product:1"} or {"route": "/products/{id}"}')
+        tags = _purged_tags(found, kind, value)
+        if isinstance(tags, Response):
+            return tags
         try:
             dropped = await invalidator.tags(*tags)
         except StoreError as exc:
@@ -169,12 +169,25 @@ def dashboard_app(cache: CacheSource = None, *, allow: Check = loopback_only, al
                                 headers=_SECURITY_HEADERS)
         return JSONResponse({"dropped": dropped, kind: value}, headers=_SECURITY_HEADERS)
 
-    return Starlette(routes=[
-        Route("/", page, methods=["GET"]),
-        Route("/dashboard.js", script, methods=["GET"]),
-        Route("/api/state", state, methods=["GET"]),
-        Route("/api/purge", purge, methods=["POST"]),
-    ])
+
+async def _allowed(request: Request, check: Check) -> bool:
+    verdict = check(request)
+    if inspect.isawaitable(verdict):
+        verdict = await verdict
+    return verdict is True
+
+
+def _purged_tags(found: CacheShell, kind: object, value: object) -> list[str] | Response:
+    """The tags a purge of ``{kind: value}`` drops, or the 400 answer saying why it names none."""
+    if kind == "tag" and isinstance(value, str) and 0 < len(value.strip()) <= _MAX_TAG:
+        return [value.strip()]
+    if kind == "route" and isinstance(value, str):
+        known = {normalise_template(rule.template) for rule in (found.table.rules if found.table else ())
+                 if rule.policy is not None}
+        if normalise_template(value) not in known:
+            return _bad(f"{value!r} is not a cached route of this app")
+        return [route_tag(normalise_template(value))]
+    return _bad(_PURGE_SHAPE)
 
 
 def _find(cache: CacheSource, request: Request) -> CacheShell | Response:
@@ -202,3 +215,7 @@ def _cross_site(request: Request) -> str | None:
 def _bad(message: str) -> Response:
     return JSONResponse({"error": message}, status_code=400, headers=_SECURITY_HEADERS)
 
+
+
+def _forbidden(message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=403, headers=_SECURITY_HEADERS)

@@ -150,43 +150,11 @@ def aggregate(documents: Iterable[dict[str, Any]], *, now: float | None = None) 
     """
     now = time.time() if now is None else now
     docs = list(documents)
-    routes: dict[tuple[str, str], dict[str, Any]] = {}
-    histograms: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-    for doc in docs:
-        for row in doc["routes"]:
-            key = (row["route"], row.get("policy") or "-")
-            merged = routes.setdefault(key, {"route": key[0], "policy": key[1], "source": row.get("source"),
-                                             "cached": row.get("cached", True), **dict.fromkeys(COUNTERS, 0)})
-            for name in COUNTERS:
-                merged[name] += int(row.get(name, 0))
-            parts = histograms.setdefault(key, {"origin_latency": [], "hit_latency": []})
-            for name in parts:
-                if isinstance(row.get(name), dict):
-                    parts[name].append(row[name])
-    rows = []
-    for key, merged in routes.items():
-        served = merged["hit"] + merged["stale"] + merged["miss"]
-        merged["hit_ratio"] = round((merged["hit"] + merged["stale"]) / served, 4) if served else 0.0
-        for name, parts_of in histograms[key].items():
-            merged[name] = _histogram(parts_of)
-        rows.append(merged)
+    rows = _route_rows(docs)
     summed = totals(rows)
-
-    kinds: dict[str, dict[str, int]] = {}
-    for doc in docs:
-        for kind, counts in doc.get("supervisor", {}).get("kinds", {}).items():
-            into = kinds.setdefault(kind, dict.fromkeys(JOB_FIELDS, 0))
-            for name in JOB_FIELDS:
-                into[name] += int(counts.get(name, 0))
+    kinds = _job_kinds(docs)
     stores = [doc.get("store", {}) for doc in docs]
     l1s = [doc.get("l1", {}) for doc in docs]
-    newest: dict[str, tuple[float, dict[str, Any]]] = {}
-    for doc in docs:
-        at = doc.get("write_behind_at") or 0.0
-        for status in doc.get("write_behind", []):
-            name = status.get("name", "?")
-            if name not in newest or newest[name][0] < at:
-                newest[name] = (at, status)
     l1_hits = sum(int(l1.get("hits", 0)) for l1 in l1s)
     return {
         "time": now,
@@ -214,5 +182,52 @@ def aggregate(documents: Iterable[dict[str, Any]], *, now: float | None = None) 
             **{name: sum(int(l1.get(name, 0)) for l1 in l1s) for name in _L1_FIELDS},
             "hit_share": round(l1_hits / summed["hit"], 4) if summed["hit"] else 0.0,
         },
-        "write_behind": [status for _, (_, status) in sorted(newest.items())],
+        "write_behind": _newest_write_behind(docs),
     }
+
+
+def _route_rows(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (route, policy) across the processes: counters and histograms added, the hit ratio anew."""
+    routes: dict[tuple[str, str], dict[str, Any]] = {}
+    histograms: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+    for doc in docs:
+        for row in doc["routes"]:
+            key = (row["route"], row.get("policy") or "-")
+            merged = routes.setdefault(key, {"route": key[0], "policy": key[1], "source": row.get("source"),
+                                             "cached": row.get("cached", True), **dict.fromkeys(COUNTERS, 0)})
+            for name in COUNTERS:
+                merged[name] += int(row.get(name, 0))
+            parts = histograms.setdefault(key, {"origin_latency": [], "hit_latency": []})
+            for name in parts:
+                if isinstance(row.get(name), dict):
+                    parts[name].append(row[name])
+    rows = []
+    for key, merged in routes.items():
+        served = merged["hit"] + merged["stale"] + merged["miss"]
+        merged["hit_ratio"] = round((merged["hit"] + merged["stale"]) / served, 4) if served else 0.0
+        for name, parts_of in histograms[key].items():
+            merged[name] = _histogram(parts_of)
+        rows.append(merged)
+    return rows
+
+
+def _job_kinds(docs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    kinds: dict[str, dict[str, int]] = {}
+    for doc in docs:
+        for kind, counts in doc.get("supervisor", {}).get("kinds", {}).items():
+            into = kinds.setdefault(kind, dict.fromkeys(JOB_FIELDS, 0))
+            for name in JOB_FIELDS:
+                into[name] += int(counts.get(name, 0))
+    return kinds
+
+
+def _newest_write_behind(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each queue's status from the process that reported last (each is fleet-wide already), by name."""
+    newest: dict[str, tuple[float, dict[str, Any]]] = {}
+    for doc in docs:
+        at = doc.get("write_behind_at") or 0.0
+        for status in doc.get("write_behind", []):
+            name = status.get("name", "?")
+            if name not in newest or newest[name][0] < at:
+                newest[name] = (at, status)
+    return [status for _, (_, status) in sorted(newest.items())]

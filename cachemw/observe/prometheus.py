@@ -57,6 +57,14 @@ def _buckets(histogram: dict[str, Any]) -> list[tuple[str, float]]:
 
 def families(data: dict[str, Any]) -> Iterator[Metric]:
     """The metric families of one snapshot (``snapshot`` or ``full_snapshot``)."""
+    yield from _route_families(data["routes"])
+    yield from _job_families(data["supervisor"])
+    yield from _store_families(data["store"])
+    yield from _l1_families(data["l1"])
+    yield from _write_behind_families([s for s in data.get("write_behind", []) if "backlog" in s])
+
+
+def _route_families(routes: list[dict[str, Any]]) -> Iterator[Metric]:
     requests = CounterMetricFamily("cachemw_requests", "Requests by X-Cache state.", labels=[*_ROUTE, "state"])
     stale_if_error = CounterMetricFamily("cachemw_stale_if_error", "STALE answers because the origin failed.",
                                          labels=_ROUTE)
@@ -75,7 +83,7 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
                                    labels=_ROUTE)
     hit = HistogramMetricFamily("cachemw_hit_latency_seconds", "Time to answer HIT and STALE from the cache.",
                                 labels=_ROUTE)
-    for row in data["routes"]:
+    for row in routes:
         if row.get("policy") is None:
             continue  # a route without a policy is passed through uncounted
         labels = [row["route"], row["policy"]]
@@ -94,7 +102,8 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
     yield from (requests, stale_if_error, collapsed, refreshes, stored_bytes, stored_entries, origin_busy,
                 fills_shed, origin, hit)
 
-    supervisor = data["supervisor"]
+
+def _job_families(supervisor: dict[str, Any]) -> Iterator[Metric]:
     queued = GaugeMetricFamily("cachemw_jobs_queued", "Background jobs waiting, by kind.", labels=["kind"])
     running = GaugeMetricFamily("cachemw_jobs_running", "Background jobs running, by kind.", labels=["kind"])
     jobs = CounterMetricFamily("cachemw_jobs", "Background jobs finished, failed, shed (queue full) or abandoned "
@@ -108,7 +117,8 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily("cachemw_jobs_queue_size", "Most background jobs that may wait (per lane).",
                             value=supervisor["queue_size"])
 
-    store = data["store"]
+
+def _store_families(store: dict[str, Any]) -> Iterator[Metric]:
     latency = HistogramMetricFamily("cachemw_store_latency_seconds", "Time of store lookups on the request path.")
     latency.add_metric([], _buckets(store["latency"]), store["latency"]["sum"])
     yield latency
@@ -138,7 +148,8 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
         if ping["ok"]:
             yield GaugeMetricFamily("cachemw_store_ping_seconds", "Round trip of that PING.", value=ping["ms"] / 1000)
 
-    l1 = data["l1"]
+
+def _l1_families(l1: dict[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily("cachemw_l1_entries", "Entries in this process's L1.", value=l1["entries"])
     yield GaugeMetricFamily("cachemw_l1_bytes", "Bytes used by the L1.", value=l1["bytes_used"])
     yield GaugeMetricFamily("cachemw_l1_max_bytes", "Bound of the L1 in bytes.", value=l1["max_bytes"])
@@ -146,7 +157,9 @@ def families(data: dict[str, Any]) -> Iterator[Metric]:
     yield CounterMetricFamily("cachemw_l1_dropped", "L1 entries dropped by invalidations.", value=l1["dropped"])
     yield GaugeMetricFamily("cachemw_l1_hit_share", "Share of HITs answered from the L1.", value=l1["hit_share"])
 
-    statuses = [s for s in data.get("write_behind", []) if "backlog" in s]
+
+def _write_behind_families(statuses: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Only for the queues whose status was read (``full_snapshot``): none at all otherwise."""
     if statuses:
         gauges = {field: GaugeMetricFamily(f"cachemw_writebehind_{field}{'_seconds' if field == 'lag' else ''}",
                                            doc + " Fleet-wide.", labels=["name"])

@@ -46,11 +46,12 @@ class Flight:
             if self._event is not None:
                 self._event.set()
 
-    async def wait(self, timeout: float) -> bool:
+    async def wait(self, within: float) -> bool:
+        """True once the flight is done; False if ``within`` seconds pass first."""
         if not self._done:
             if self._event is None:
                 self._event = anyio.Event()
-            with anyio.move_on_after(timeout):
+            with anyio.move_on_after(within):
                 await self._event.wait()
         return self._done
 

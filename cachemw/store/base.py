@@ -251,7 +251,10 @@ class Store(Protocol):
         """Remove the keys; return how many existed."""
 
     notifications: Notifications
-    capabilities: StoreCapabilities
+
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        """What the runtime may rely on; read-only here, so a wrapper may derive it from its inner store."""
 
     async def connect(self, timeout: float) -> None:
         """Open the connection now (the startup probe), within ``timeout``; a local store has nothing to open."""

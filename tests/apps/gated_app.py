@@ -7,6 +7,7 @@ server see one truth. /heard and /waiting tell the test what this server's cache
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import anyio
 import redis.asyncio
@@ -20,11 +21,11 @@ from cachemw.asgi.middleware import current_cache
 
 URL = os.environ["CACHEMW_REDIS_URL"]
 _db = redis.asyncio.Redis.from_url(URL)
-_heard: list[tuple[str, ...]] = []
+_heard: list[Sequence[str]] = []
 
 
 async def _gate() -> None:
-    while not await _db.exists("test:gate"):
+    while not await _db.exists("test:gate"):  # noqa: ASYNC110  (polls Redis: the test process opens the gate)
         await anyio.sleep(0.01)
 
 
@@ -61,8 +62,10 @@ async def burst(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    notifications = current_cache().store.notifications
-    if _heard.append not in notifications.on_invalidate:  # the store exists once the first request prepared it
+    store = current_cache().store
+    assert store is not None  # the store exists once the first request prepared it
+    notifications = store.notifications
+    if _heard.append not in notifications.on_invalidate:
         notifications.on_invalidate.append(_heard.append)
     return PlainTextResponse(str(os.getpid()))
 

@@ -18,8 +18,8 @@ DONE_FILE = Path(os.environ.get("SLOW_APP_DONE_FILE", "/dev/null"))
 
 async def record(name: str) -> None:
     await anyio.sleep(0.2)
-    with DONE_FILE.open("a") as fh:
-        fh.write(name + "\n")
+    async with await anyio.open_file(DONE_FILE, "a") as fh:
+        await fh.write(name + "\n")
 
 
 @cache(ttl="5m")

@@ -5,7 +5,8 @@
 
 import subprocess
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, Security
 from fastapi.security import (
@@ -58,7 +59,9 @@ def test_api_key_schemes_give_their_location_and_name() -> None:
 
 def test_authorization_schemes_read_the_authorization_header() -> None:
     app = FastAPI()
-    schemes = {"/bearer": HTTPBearer(), "/basic": HTTPBasic(), "/oauth2": OAuth2PasswordBearer(tokenUrl="token")}
+    schemes: dict[str, Callable[..., Any]] = {
+        "/bearer": HTTPBearer(), "/basic": HTTPBasic(), "/oauth2": OAuth2PasswordBearer(tokenUrl="token"),
+    }
     for path, scheme in schemes.items():
         app.add_api_route(path, lambda scheme=Depends(scheme): "ok")  # noqa: B008
     table = build_rule_table(app.routes, Settings())

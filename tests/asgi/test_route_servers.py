@@ -46,7 +46,7 @@ async def stored(redis_url: str, budgets: Budgets) -> AsyncIterator[Stored]:
         async def there() -> bool:
             return len([key async for key in client.scan_iter(match=f"cachemw:e:{label}:*}}")]) >= count
 
-        await eventually(there, timeout=budgets.condition, what=f"{count} entries of {label} stored")
+        await eventually(there, within=budgets.condition, what=f"{count} entries of {label} stored")
 
     yield wait
     await client.aclose()

@@ -48,21 +48,22 @@ async def test_a_write_on_b_detaches_as_fill_in_flight(servers: list[str], redis
             old.append(await http.get(a + "/items/1"))
 
         tg.start_soon(slow_read)
-        await eventually(lambda: _true(int(db.get("test:reads:1") or 0) == 1), timeout=budgets.condition,
+        await eventually(lambda: _true(int(db.get("test:reads:1") or 0) == 1), within=budgets.condition,
                          what="A's first read in the handler")
         assert (await http.post(b + "/items/1")).json()["version"] == 1
 
         async def a_heard_it() -> bool:
             return ["item:1"] in [tags[:1] for tags in (await http.get(a + "/heard")).json()]
 
-        await eventually(a_heard_it, timeout=budgets.condition, what="B's broadcast reaching A")
+        await eventually(a_heard_it, within=budgets.condition, what="B's broadcast reaching A")
         # A GET that joined the older fill would wait for it up to lock_timeout: far past this deadline.
         with anyio.fail_after(budgets.condition):
             after = await http.get(a + "/items/1")
         db.set("test:gate", 1)
     assert after.json()["version"] == 1 and "collapsed" not in after.headers["cache-status"]
     assert old[0].json()["version"] == 0
-    again = httpx.get(b + "/items/1", headers=HOST, timeout=budgets.condition)
+    async with httpx.AsyncClient(timeout=budgets.condition, headers=HOST) as fresh:
+        again = await fresh.get(b + "/items/1")
     assert again.json()["version"] == 1  # the older fill was not stored after the write
 
 
@@ -82,10 +83,10 @@ async def test_a_failing_leaders_herd_on_two_servers_calls_the_origin_once_per_s
 
         async def gathered() -> bool:
             # One leader holds the Redis lock, the other server's first waits on it; the rest wait in-process.
-            waiting = [(await control.get(base + "/waiting")).json() for base in servers]
+            waiting: list[int] = [(await control.get(base + "/waiting")).json() for base in servers]
             return sum(waiting) == herd - 2
 
-        await eventually(gathered, timeout=budgets.condition, what="the herd waiting on the two leaders")
+        await eventually(gathered, within=budgets.condition, what="the herd waiting on the two leaders")
         assert int(db.get("test:calls:failing") or 0) == 1
         db.set("test:gate", 1)
     assert statuses == {500: herd}

@@ -25,7 +25,7 @@ async def test_sigterm_under_load_completes_in_flight_work(tmp_path: Path) -> No
     done_file = tmp_path / "done.txt"
     env = {**os.environ, "SLOW_APP_DONE_FILE": str(done_file), "PYTHONPATH": str(ROOT)}
     env.pop("CACHEMW_REDIS_URL", None)
-    process = subprocess.Popen(
+    process = await anyio.open_process(
         [sys.executable, "-m", "uvicorn", "tests.apps.slow_app:app", "--port", str(port), "--lifespan", "on",
          "--timeout-graceful-shutdown", "10"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -52,11 +52,14 @@ async def test_sigterm_under_load_completes_in_flight_work(tmp_path: Path) -> No
                 await anyio.sleep(0.2)  # the requests are in the handler's 0.5 s sleep now
                 process.send_signal(signal.SIGTERM)
         assert statuses == [200] * 10
-        output, _ = process.communicate(timeout=20)
+        assert process.stdout is not None
+        with anyio.fail_after(20):
+            output = b"".join([chunk async for chunk in process.stdout])
+            await process.wait()
     finally:
-        if process.poll() is None:
+        if process.returncode is None:
             process.kill()
-            process.wait()
+            await process.wait()
     # uvicorn re-raises the signal once it has shut down cleanly.
     assert process.returncode in (0, -signal.SIGTERM), output.decode(errors="replace")
     assert b"Application shutdown complete" in output

@@ -117,7 +117,7 @@ def test_a_failing_leaders_herd_shares_its_failure_under_testclient(
     with TestClient(app, raise_server_exceptions=False, **loop) as http, ThreadPoolExecutor(herd) as pool, gate:
         answers = [pool.submit(http.get, "/hot") for _ in range(herd)]
         eventually_sync(lambda: find_middleware(app).metrics.waiting_on_fills == herd - 1,
-                        timeout=budgets.condition, what="the herd waiting on the leader")
+                        within=budgets.condition, what="the herd waiting on the leader")
         gate.open()
         statuses = collections.Counter(answer.result().status_code for answer in answers)
     assert statuses == {500: herd}
@@ -138,7 +138,7 @@ def test_past_the_origin_bound_misses_get_503_with_retry_after_under_testclient(
                                                   store_timeout=budgets.store_timeout))
     with TestClient(app, **loop) as http, ThreadPoolExecutor(10) as pool, gate:
         answers = [pool.submit(http.get, f"/items/{n}") for n in range(10)]
-        eventually_sync(lambda: sum(answer.done() for answer in answers) == 8, timeout=budgets.condition,
+        eventually_sync(lambda: sum(answer.done() for answer in answers) == 8, within=budgets.condition,
                         what="eight requests turned away")
         assert gate.running == 2
         gate.open()
@@ -172,7 +172,7 @@ def test_a_write_detaches_the_fill_in_flight_and_a_preflight_does_not_under_test
                                                   store_timeout=budgets.store_timeout))
     with TestClient(app, **loop) as http, ThreadPoolExecutor(2) as pool, gate:
         slow = pool.submit(http.get, "/x")
-        eventually_sync(lambda: gate.running == 1, timeout=budgets.condition, what="the first read in the handler")
+        eventually_sync(lambda: gate.running == 1, within=budgets.condition, what="the first read in the handler")
         assert http.request(write, "/x").status_code == 200
         after = pool.submit(http.get, "/x")
         if write == "POST":
@@ -181,7 +181,7 @@ def test_a_write_detaches_the_fill_in_flight_and_a_preflight_does_not_under_test
             gate.open()
         else:  # nothing was invalidated: the GET joins the fill in flight
             eventually_sync(lambda: find_middleware(app).metrics.waiting_on_fills == 1,
-                            timeout=budgets.condition, what="the GET waiting on the fill")
+                            within=budgets.condition, what="the GET waiting on the fill")
             gate.open()
             answer = after.result(timeout=budgets.condition)
             assert answer.json() == {"version": 1} and "collapsed" in answer.headers["cache-status"]

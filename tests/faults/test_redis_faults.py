@@ -70,7 +70,8 @@ async def served(proxy: FaultProxy) -> AsyncIterator[tuple[Starlette, httpx.Asyn
 
 
 async def _hit(http: httpx.AsyncClient) -> bool:
-    return (await http.get("/item")).headers.get("x-cache") == "HIT"
+    state: str | None = (await http.get("/item")).headers.get("x-cache")
+    return state == "HIT"
 
 
 async def _all_answered(http: httpx.AsyncClient, count: int = 20) -> None:
@@ -126,7 +127,7 @@ async def test_a_redis_fault_never_reaches_the_user_and_the_cache_recovers(
         assert cache.breaker.state in ("open", "half-open")  # it stopped hammering the dead server
     finally:
         heal(fault, server, proxy)
-    await eventually(lambda: _hit(http), timeout=10, what="the cache working again without a restart")
+    await eventually(lambda: _hit(http), within=10, what="the cache working again without a restart")
 
 
 async def test_a_restarted_empty_redis_refills_and_resubscribes(
@@ -137,10 +138,10 @@ async def test_a_restarted_empty_redis_refills_and_resubscribes(
     server.stop()
     await _all_answered(http, 5)
     server.start()  # empty: it keeps nothing on disk
-    await eventually(lambda: _hit(http), timeout=10, what="refill after the restart")
+    await eventually(lambda: _hit(http), within=10, what="refill after the restart")
     store = find_middleware(app).store
     assert store is not None
-    await eventually(lambda: _true(store.listening), timeout=10, what="the subscription coming back")
+    await eventually(lambda: _true(store.listening), within=10, what="the subscription coming back")
 
 
 async def _true(value: bool) -> bool:

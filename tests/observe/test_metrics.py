@@ -6,7 +6,7 @@ import collections
 import json
 import sys
 import time as real_time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -40,6 +40,7 @@ from cachemw.observe import (
 )
 from cachemw.observe.prometheus import CacheCollector
 from cachemw.observe.snapshot import COUNTERS
+from cachemw.runtime.shell import CacheShell
 from tests.helpers import client, eventually, lifespan
 
 pytestmark = pytest.mark.anyio
@@ -143,7 +144,7 @@ async def app() -> AsyncIterator[Starlette]:
         yield app
 
 
-def jobs_done(cache_: CacheMiddleware, kind: str, n: int) -> Any:
+def jobs_done(cache_: CacheShell, kind: str, n: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return cache_.supervisor.counters_for(kind).done >= n
 
@@ -160,7 +161,7 @@ def counters(row: dict[str, Any]) -> dict[str, int]:
     return {name: row[name] for name in COUNTERS if name not in ("stored_bytes", "origin_busy", "fills_shed")}
 
 
-async def scripted(app: Starlette, clock: Clock) -> CacheMiddleware:
+async def scripted(app: Starlette, clock: Clock) -> CacheShell:
     """A fixed sequence of requests; returns the middleware that counted them."""
     async with client(app) as http:
 

@@ -20,11 +20,11 @@ from tests.helpers import eventually
 LOGGER = "cachemw.runtime.supervisor"
 
 
-async def until(predicate: Callable[[], bool], what: str = "condition", timeout: float = 5.0) -> None:
+async def until(predicate: Callable[[], bool], what: str = "condition", within: float = 5.0) -> None:
     async def check() -> bool:
         return predicate()
 
-    await eventually(check, what=what, timeout=timeout)
+    await eventually(check, what=what, within=within)
 
 
 class Gate:
@@ -639,7 +639,7 @@ async def test_a_service_back_off_starts_over_after_a_healthy_run() -> None:
     supervisor.add_service("flaky", flaky)
     with anyio.fail_after(10):
         async with supervisor.run():
-            await until(lambda: len(starts) == 7, "seven runs", timeout=8)
+            await until(lambda: len(starts) == 7, "seven runs", within=8)
     streak = [starts[i + 1] - starts[i] for i in range(5)]
     assert streak[-1] >= 0.16  # 0.02, 0.04, 0.08, 0.16, 0.32: doubling while it keeps failing
     after_healthy = starts[6] - starts[5] - 0.4

@@ -53,7 +53,9 @@ async def test_a_hundred_thousand_distinct_keys_stay_within_the_bounds() -> None
     cache_layer: Any = app.middleware_stack
     while not isinstance(cache_layer, CacheMiddleware):
         cache_layer = cache_layer.app
-    assert cache_layer.runtime.flights.active == {} and cache_layer.runtime.fills.refreshing == set()
+    runtime = cache_layer.runtime
+    assert runtime is not None
+    assert runtime.flights.active == {} and runtime.fills.refreshing == set()
     indexed = sum(len(members) for members in store._tag_sets.values())
     assert indexed <= 4 * len(store) + 3 * 128  # the tag index follows the live entries
 

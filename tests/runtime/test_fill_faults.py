@@ -67,7 +67,7 @@ async def test_a_fill_meeting_flushed_scripts_and_paused_writes_still_answers_th
         db.script_flush()  # as after a restart: the next EVALSHA gets NOSCRIPT
         with db.pipeline(transaction=False) as pipe:  # one packet: A's fill cannot slip in between
             pipe.set("test:gate", 1)
-            pipe.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+            pipe.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")  # type: ignore[no-untyped-call]
             pipe.execute()
         # Left waiting on an orphaned lock, B would answer only after lock_timeout, far past this.
         with anyio.fail_after(budgets.condition):
@@ -76,7 +76,8 @@ async def test_a_fill_meeting_flushed_scripts_and_paused_writes_still_answers_th
     assert answers["b"].json() == answers["a"].json() == {"id": 1, "version": 0}
     # A's fill was not lost: it is stored, and its lock is gone (not left to expire).
     assert db.keys("*:lock") == []
-    again = [httpx.get(base + "/items/1", headers=HOST, timeout=budgets.condition) for base in (a, b)]
+    async with httpx.AsyncClient(timeout=budgets.condition, headers=HOST) as fresh:
+        again = [await fresh.get(base + "/items/1") for base in (a, b)]
     assert [r.headers["x-cache"] for r in again] == ["HIT", "HIT"]
     assert all(r.json() == {"id": 1, "version": 0} for r in again)
     # B may have asked the app once itself while writes were paused (its lock attempt failed: fail open).

@@ -70,7 +70,7 @@ async def test_a_get_after_a_write_does_not_join_the_fill_before_it(store: SpySt
             answers.append((await http.get("/x")).json())
 
         tg.start_soon(slow_read)
-        await eventually(lambda: _true(db.reads == 1), timeout=budgets.condition, what="the first read in the handler")
+        await eventually(lambda: _true(db.reads == 1), within=budgets.condition, what="the first read in the handler")
         method, path = write.split()
         assert (await http.request(method, path)).status_code == 200
         with db.gate, anyio.fail_after(budgets.condition):  # well under the lock timeout: not the old fill

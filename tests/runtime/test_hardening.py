@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -312,7 +313,7 @@ async def test_only_a_slow_store_opens_the_breaker_not_a_saturated_loop(loop_sta
                 if loop_stalls:
                     for _ in range(3):  # the event loop is busy elsewhere: deadlines fire late
                         await anyio.sleep(0.01)
-                        time.sleep(0.15)
+                        time.sleep(0.15)  # noqa: ASYNC251  (stalls the event loop on purpose)
         cache_layer = find_middleware(app)
     assert statuses == [200] * 6  # every request went to the app either way
     assert cache_layer.breaker.state == ("closed" if loop_stalls else "open")
@@ -333,8 +334,8 @@ async def test_timeouts_while_the_loop_lags_are_not_the_stores_and_say_so(caplog
 
     async def saturate() -> None:  # other requests' CPU work, in slices: timers fire up to 1.5 budgets late
         while busy:
-            await anyio.sleep(0)
-            time.sleep(0.3 * budget)
+            await anyio.lowlevel.checkpoint()
+            time.sleep(0.3 * budget)  # noqa: ASYNC251  (stalls the event loop on purpose)
 
     async with lifespan(app), client(app) as http, anyio.create_task_group() as tg:
         cache_layer = find_middleware(app)

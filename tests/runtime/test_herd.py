@@ -58,7 +58,7 @@ async def test_a_failing_leader_does_not_release_its_herd_onto_the_origin(store:
         for _ in range(HERD):
             tg.start_soon(one)
         await eventually(lambda: _true(find_middleware(app).metrics.waiting_on_fills == HERD - 1),
-                         timeout=budgets.condition, what="the herd waiting on the leader")
+                         within=budgets.condition, what="the herd waiting on the leader")
         origin.gate.set()
     assert statuses == {500: HERD}
     assert origin.calls == 1
@@ -109,14 +109,14 @@ async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str
             async def only_the_queued_fill_locked() -> bool:
                 return len(await raw.keys("*:lock")) == fills.queued <= 1
 
-            await eventually(only_the_queued_fill_locked, timeout=budgets.condition,
+            await eventually(only_the_queued_fill_locked, within=budgets.condition,
                              what="the shed fills' locks released")
             release_worker.set()
 
             async def no_locks() -> bool:
                 return not await raw.keys("*:lock")
 
-            await eventually(no_locks, timeout=budgets.condition, what="every fill lock released")
+            await eventually(no_locks, within=budgets.condition, what="every fill lock released")
     finally:
         await store.aclose()
 
@@ -141,12 +141,12 @@ async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str, 
                                                     base_url="http://testserver") as http:
             assert (await http.get("/item")).text == "item"
             fills = find_middleware(app).supervisor.counters_for("fill")
-            await eventually(lambda: _true(fills.done == 1), timeout=budgets.condition, what="the fill job ending")
+            await eventually(lambda: _true(fills.done == 1), within=budgets.condition, what="the fill job ending")
 
             async def no_locks() -> bool:
                 return not await inner.client.keys("*:lock")
 
-            await eventually(no_locks, timeout=budgets.condition, what="the lost fill's lock released")
+            await eventually(no_locks, within=budgets.condition, what="the lost fill's lock released")
     finally:
         await inner.aclose()
 
@@ -175,7 +175,7 @@ async def test_waiters_are_answered_when_the_response_is_complete_not_after_its_
                                                 base_url="http://testserver") as http, \
             anyio.create_task_group() as tg:
         tg.start_soon(http.get, "/page")
-        await eventually(lambda: _true(calls == 1), timeout=budgets.condition, what="the leader in the handler")
+        await eventually(lambda: _true(calls == 1), within=budgets.condition, what="the leader in the handler")
         waiter: list[httpx.Response] = []
 
         async def wait_on_it() -> None:
@@ -183,9 +183,9 @@ async def test_waiters_are_answered_when_the_response_is_complete_not_after_its_
 
         tg.start_soon(wait_on_it)
         await eventually(lambda: _true(find_middleware(app).metrics.waiting_on_fills == 1),
-                         timeout=budgets.condition, what="the second request waiting on the first")
+                         within=budgets.condition, what="the second request waiting on the first")
         handler_gate.set()
-        await eventually(lambda: _true(bool(waiter)), timeout=budgets.condition, what="the waiter answered")
+        await eventually(lambda: _true(bool(waiter)), within=budgets.condition, what="the waiter answered")
         assert not task_done.is_set()  # answered while the leader's background task still runs
         task_gate.set()
     assert waiter[0].text == "page" and "collapsed" in waiter[0].headers["cache-status"]

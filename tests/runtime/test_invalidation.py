@@ -20,7 +20,7 @@ from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache, i
 from cachemw.core.keys import mounted_at
 from cachemw.runtime.invalidation import targets_for_unsafe_request
 from tests.budgets import Budgets
-from tests.helpers import TRANSPORTS, SpyStore, eventually, find_middleware, lifespan, requests_to
+from tests.helpers import TRANSPORTS, SpyStore, eventually, find_middleware, lifespan, requests_to, store_of
 
 pytestmark = pytest.mark.anyio
 
@@ -86,7 +86,7 @@ async def servers(redis_url: str, count: int = 2, *, sync: float = SYNC, lock_ti
                 await stack.enter_async_context(lifespan(app))
             clients = [await stack.enter_async_context(client(app)) for app in apps]
             for app in apps:
-                await eventually(lambda app=app: _true(find_middleware(app).store.listening),  # type: ignore[misc]
+                await eventually(lambda app=app: _true(store_of(app).listening),  # type: ignore[misc]
                                  what="subscribed")
             yield db, apps, clients, stores
     finally:
@@ -155,7 +155,7 @@ async def test_lost_subscription_keeps_the_bound(redis_url: str) -> None:
         await warm(b, store_b)
         raw = redis.asyncio.Redis.from_url(redis_url)
         try:
-            await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
         finally:
             await raw.aclose()
         db.versions[1] = 2
@@ -191,7 +191,7 @@ async def test_a_fill_that_began_before_an_invalidation_is_not_stored(store: Spy
                 responses.append(await http.get("/products/1"))
 
             tg.start_soon(request)
-            await eventually(lambda: _true(db.reads == 1), timeout=budgets.condition,
+            await eventually(lambda: _true(db.reads == 1), within=budgets.condition,
                              what="the handler reading the old row")
             db.versions[1] = 2
             await find_middleware(app).invalidator.tags("product:1")  # type: ignore[union-attr]
@@ -199,7 +199,7 @@ async def test_a_fill_that_began_before_an_invalidation_is_not_stored(store: Spy
         assert responses[0].json()["version"] == 1
         # The invalidation detached the fill: it is not stored, and its lock is released.
         unlocks = find_middleware(app).supervisor.counters_for("unlock")
-        await eventually(lambda: _true(unlocks.done == 1), timeout=budgets.condition,
+        await eventually(lambda: _true(unlocks.done == 1), within=budgets.condition,
                          what="the detached fill's lock being released")
         after = await http.get("/products/1")
     assert after.headers["x-cache"] == "MISS" and after.json()["version"] == 2
@@ -242,14 +242,14 @@ async def test_a_write_on_another_server_detaches_this_servers_fill_in_flight(sh
             anyio.create_task_group() as tg:
         db.gate = anyio.Event()  # A's first read is still in the handler when B's write lands
         heard = anyio.Event()
-        find_middleware(apps[0]).store.notifications.on_invalidate.append(lambda tags: heard.set())
+        store_of(apps[0]).notifications.on_invalidate.append(lambda tags: heard.set())
         old: list[httpx.Response] = []
 
         async def slow_read() -> None:
             old.append(await a.get("/products/1"))
 
         tg.start_soon(slow_read)
-        await eventually(lambda: _true(db.reads == 1), timeout=budgets.condition, what="A's first read in the handler")
+        await eventually(lambda: _true(db.reads == 1), within=budgets.condition, what="A's first read in the handler")
         assert (await b.post("/products/1")).status_code == 200
         with anyio.fail_after(budgets.condition):
             await heard.wait()  # the broadcast reached A

@@ -53,7 +53,7 @@ async def test_past_the_bound_misses_wait_then_get_503_with_retry_after(store: S
 
         for n in range(10):
             tg.start_soon(one, n)
-        await eventually(lambda: _true(answers[(503, "7")] == 8), timeout=budgets.condition,
+        await eventually(lambda: _true(answers[(503, "7")] == 8), within=budgets.condition,
                          what="eight requests turned away")
         assert origin.running == 2
         origin.open()
@@ -70,12 +70,12 @@ async def test_a_request_with_a_stale_if_error_entry_gets_it_instead_of_waiting(
     app = make_app(origin, store, origin_wait=budgets.lock_timeout)
     async with lifespan(app), client(app) as http:
         assert (await http.get("/reports/1")).text == "report 1"
-        await eventually(lambda: _true(bool(store.keys_set)), timeout=budgets.condition, what="the report stored")
+        await eventually(lambda: _true(bool(store.keys_set)), within=budgets.condition, what="the report stored")
         await age_entry(store, 120)  # past ttl: only usable if the origin fails (or is saturated)
         origin.close()
         async with anyio.create_task_group() as tg:
             tg.start_soon(http.get, "/reports/2")  # takes the route's one slot and holds it
-            await eventually(lambda: _true(origin.running == 1), timeout=budgets.condition, what="the slot taken")
+            await eventually(lambda: _true(origin.running == 1), within=budgets.condition, what="the slot taken")
             with anyio.fail_after(budgets.condition):
                 stale = await http.get("/reports/1")
             origin.open()
@@ -115,7 +115,7 @@ class LockSpy(SpyStore):
         return self._count(await self.inner.lock(*args, **kwargs))
 
     async def get_or_lock(self, *args: Any, **kwargs: Any) -> Any:
-        return self._count(await self.inner.get_or_lock(*args, **kwargs))  # type: ignore[attr-defined]
+        return self._count(await self.inner.get_or_lock(*args, **kwargs))
 
     def _count(self, result: Any) -> Any:
         self.locks_taken += result[0] is not None

@@ -19,7 +19,7 @@ from cachemw.store.base import (
     decode_fill,
     decode_invalidation,
 )
-from tests.helpers import eventually, find_middleware
+from tests.helpers import eventually, find_middleware, store_of
 from tests.runtime.test_invalidation import _true, servers, version, warm
 
 pytestmark = pytest.mark.anyio
@@ -172,5 +172,5 @@ async def test_a_purge_after_garbage_reaches_the_other_servers_l1(redis_url: str
         # sync is 60 s: only the broadcast, heard after the garbage, makes B drop its L1 copy.
         await eventually(b_sees_new, what="server B dropping its L1 copy")
         middleware = find_middleware(apps[1])
-        assert middleware.store.notifications.rejected >= len(GARBAGE)
+        assert store_of(apps[1]).notifications.rejected >= len(GARBAGE)
         assert middleware.supervisor.service_restarts == {}

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -146,8 +146,6 @@ def test_a_store_used_from_two_event_loops_in_turn(shared_url: str, loop: str) -
     """Pools, the pipelined connection, scripts and the subscription all reconnect on the new loop."""
     def scenario() -> None:
         store = RedisStore.from_url(shared_url, timeout=1.0)
-        heard: list[list[str]] = []
-        store.notifications.on_invalidate.append(lambda tags: heard.append(list(tags)))
 
         async def use(round_: int) -> None:
             key = f"{{t}}:e:{round_}"
@@ -158,15 +156,24 @@ def test_a_store_used_from_two_event_loops_in_turn(shared_url: str, loop: str) -
             assert token is not None and value is None
             assert await store.fill(key, b"body", 60, token, ["{t}:tag"], ["{t}:g"], list(generations))
             assert await store.get(key) == b"body"
-            async with anyio.create_task_group() as tg:
-                await tg.start(store.listen)
-                with anyio.fail_after(current_budgets().condition):
-                    while not store.listening:
-                        await anyio.sleep(0.01)
-                    await store.invalidate(["{t}:tag"], ["{t}:g"], json.dumps([f"round {round_}"]))
-                    while [f"round {round_}"] not in heard:
-                        await anyio.sleep(0.01)
-                tg.cancel_scope.cancel()
+            heard = anyio.Event()  # this round's: an Event belongs to one loop
+
+            def on_invalidate(tags: Sequence[str]) -> None:
+                if list(tags) == [f"round {round_}"]:
+                    heard.set()
+
+            store.notifications.on_invalidate.append(on_invalidate)
+            try:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(store.listen)
+                    with anyio.fail_after(current_budgets().condition):
+                        while not store.listening:  # noqa: ASYNC110  (polls the subscription to Redis: no event)
+                            await anyio.sleep(0.01)
+                        await store.invalidate(["{t}:tag"], ["{t}:g"], json.dumps([f"round {round_}"]))
+                        await heard.wait()
+                    tg.cancel_scope.cancel()
+            finally:
+                store.notifications.on_invalidate.remove(on_invalidate)
             assert await store.get(key) is None
             assert await store.delete(f"{{t}}:plain:{round_}") == 1
 
@@ -223,7 +230,8 @@ def test_a_store_dropped_while_its_loop_runs_is_closed_on_that_loop(redis_url: s
         del store
         gc.collect()
         with anyio.fail_after(current_budgets().condition):
-            while connections(redis_server) != before:  # closed while the loop still runs
+            # Closed while the loop still runs. noqa: polls the Redis server's client list.
+            while connections(redis_server) != before:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
 
     with no_resource_warnings():
@@ -241,7 +249,7 @@ async def test_connections_closed_under_a_loop_that_goes_on_are_opened_again(red
         assert bound.guard is not None
         bound.guard.cancel()
         with anyio.fail_after(current_budgets().condition):
-            while not bound.dropped:
+            while not bound.dropped:  # noqa: ASYNC110  (polls the store's state: it offers no event)
                 await anyio.sleep(0.01)
         assert await store.get("k") == b"v"
         assert store._bound is not bound

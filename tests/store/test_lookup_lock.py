@@ -10,6 +10,7 @@ fill keep it out, a store fault is the app's answer.
 from __future__ import annotations
 
 import collections
+import functools
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -74,9 +75,9 @@ def record_commands(store: RedisStore, origin: Origin, monkeypatch: pytest.Monke
     assert isinstance(pipelined, PipelinedRedis)
     execute = pipelined.execute
 
-    async def recording(command: bytes, timeout: float | None = None) -> Any:
+    async def recording(command: bytes, within: float | None = None) -> Any:
         origin.sent.append(command.split(b"\r\n")[2])  # the command's name
-        return await execute(command, timeout)
+        return await execute(command, within)
 
     monkeypatch.setattr(pipelined, "execute", recording)
 
@@ -106,7 +107,7 @@ async def test_after_a_miss_each_miss_is_one_round_trip_before_the_handler(
             response = await http.get(f"/p/{product}")
             assert response.headers["x-cache"] == "MISS" and response.json() == {"id": product, "run": 1}
             before_handler.append(origin.sent[before : origin.sent_at_start[-1]])
-            await eventually(lambda n=n: fills_done(app, n), what=f"fill {n}")
+            await eventually(functools.partial(fills_done, app, n), what=f"fill {n}")
     # The route's first miss: a GET, then the lock attempt. After that, one command each.
     assert before_handler == [[b"GET", b"EVALSHA", b"EVAL"], [b"EVALSHA"], [b"EVALSHA"]]
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from cachemw.store import RedisStore, StoreError
@@ -85,7 +86,7 @@ async def test_closing_while_the_first_command_connects_leaves_no_connection(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(first)
-        await anyio.sleep(0)  # the get is connecting now
+        await anyio.lowlevel.checkpoint()  # the get is connecting now
         await client.aclose()
     assert len(outcome) == 1 and isinstance(outcome[0], StoreError)
     assert connections() == before
@@ -114,7 +115,7 @@ async def test_a_frozen_server_times_out_in_budget_then_closes_and_reconnects(
             first = client._connection
             assert first is not None
             with anyio.fail_after(2):  # the stuck connection is given up after stuck_after
-                while not first.closed:
+                while not first.closed:  # noqa: ASYNC110  (polls the connection's state: it offers no event)
                     await anyio.sleep(0.01)
         finally:
             redis_server.resume()

@@ -20,7 +20,7 @@ from cachemw.store import MemoryStore, RedisStore, Store, StoreError, store_from
 try:
     from tests.redis_server import RedisServer
 except ImportError:  # tests/ as a plain directory
-    from redis_server import RedisServer  # type: ignore[no-redef]
+    from redis_server import RedisServer  # type: ignore[no-redef,import-not-found]
 
 pytestmark = pytest.mark.anyio
 
@@ -498,7 +498,7 @@ async def test_fills_are_announced_only_when_another_process_waits(redis_store: 
         assert (await redis_store.lock("given-up", 5, ["g"]))[0] is None
         await redis_store.unlock("given-up", token)  # released without a fill: the waiter must hear it too
 
-        heard = []
+        heard: list[bytes] = []
         deadline = time.monotonic() + 2
         while len(heard) < 2 and time.monotonic() < deadline:
             message = pubsub.get_message(timeout=0.1)

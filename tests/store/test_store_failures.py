@@ -111,4 +111,5 @@ async def test_garbage_on_our_channel_is_counted_in_the_snapshot(redis_url: str)
         await raw.publish("cachemw:invalidations", b"[" * 100_000)  # a RecursionError for a naive json.loads
         await eventually(lambda: _true(snapshot(app)["store"]["rejected_messages"] >= 1),
                          what="the garbage counted")
-        assert snapshot(app)["store"]["problem"] is None and app.store.listening
+        store = app.store
+        assert snapshot(app)["store"]["problem"] is None and store is not None and store.listening

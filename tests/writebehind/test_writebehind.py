@@ -100,7 +100,7 @@ async def until(predicate: Any, what: str, within: float = 20.0) -> None:
             result = await result
         return bool(result)
 
-    await eventually(check, timeout=within * current_budgets().scale, what=what)
+    await eventually(check, within=within * current_budgets().scale, what=what)
 
 
 async def drained(writes: WriteBehind[Any]) -> bool:
