@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 import peer_common  # noqa: E402
 from hitpath import _drive, _Lifespan, _receive, _redis_cpu, _scope, pinned_redis  # noqa: E402
 
-CASES = ("uncached", "miss")
+CASES = ("uncached", "miss", "hit")  # hit: count mode only, 100 ids warmed first
 
 
 def _app(case: str, redis_url: str, store_timeout: float | None = None) -> Any:
@@ -100,15 +100,23 @@ async def _fills_done(app: Any, deadline_s: float = 30.0) -> None:
 
 async def _count(case: str, redis_url: str, requests: int, concurrency: int, base: int,
                  profile: cProfile.Profile | None = None, store_timeout: float | None = None) -> None:
-    app = _app(case, redis_url, store_timeout)
+    app = _app("miss" if case == "hit" else case, redis_url, store_timeout)
     counter = itertools.count(base)
     per_client = requests // concurrency
 
+    def path() -> str:
+        n = next(counter)
+        return f"/item/{base + (n - base) % 100}" if case == "hit" else f"/item/{n}"
+
     async def client() -> None:
         for _ in range(per_client):
-            await app(_scope(f"/item/{next(counter)}"), _receive, _discard)
+            await app(_scope(path()), _receive, _discard)
 
     async with _Lifespan(app):
+        if case == "hit":  # the 100 entries first, in every run (N = 0 too): only the hits differ
+            for i in range(100):
+                await app(_scope(f"/item/{base + i}"), _receive, _discard)
+            await _fills_done(app)
         if profile is not None:
             profile.enable()
         await asyncio.gather(*(client() for _ in range(concurrency)))
