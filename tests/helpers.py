@@ -204,9 +204,10 @@ async def credentials_stay_off_shared_entries(http: Any, path: str, first: dict[
 class SpyStore:
     """Wraps a store and remembers the keys written, so tests can reach an entry."""
 
-    def __init__(self, inner: Store) -> None:
+    def __init__(self, inner: Store, *, keeps_budget: bool | None = None) -> None:
         self.inner = inner
         self.keys_set: list[str] = []
+        self._keeps_budget = keeps_budget  # None: as the inner store says
 
     async def get(self, key: str) -> bytes | None:
         return await self.inner.get(key)
@@ -229,7 +230,10 @@ class SpyStore:
     @property
     def capabilities(self) -> StoreCapabilities:
         """The inner store's, but remote: a wrapper stands for a store across a network (budget, breaker)."""
-        return replace(self.inner.capabilities, remote=True)
+        capabilities = replace(self.inner.capabilities, remote=True)
+        if self._keeps_budget is not None:
+            capabilities = replace(capabilities, keeps_budget=self._keeps_budget)
+        return capabilities
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)  # lock, unlock, waiter, listen
