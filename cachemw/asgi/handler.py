@@ -353,7 +353,7 @@ class RequestHandler:
                 try:
                     await invalidator.tags(*tags)
                 except Exception:
-                    runtime.unguarded_errors += 1  # the entries expire by themselves; the response still goes out
+                    runtime.guarded.count_error()  # the entries expire by themselves; the response still goes out
             await marker.send(message)
 
         started = time.perf_counter()

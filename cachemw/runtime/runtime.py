@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 
 from cachemw.core.breaker import CircuitBreaker
 from cachemw.core.entry import DecodedMemo, Entry, EntryDecodeError, decode_entry
-from cachemw.core.keys import KeyCache, RequestHeaders, SessionIdentity
+from cachemw.core.keys import KeyCache, SessionIdentity
 from cachemw.core.metrics import Metrics, RouteMetrics
 from cachemw.core.rules import RouteMatch, RouteRule, RuleTable
 from cachemw.core.settings import Settings, masked_url
@@ -41,9 +40,6 @@ __all__ = ["CacheRuntime", "origin_busy_answer"]
 logger = logging.getLogger("cachemw.runtime")
 
 _PROBE_TIMEOUT = 2.0  # the startup probe of the store: a background job, not a request's budget
-
-Identity = Callable[[RequestHeaders, Any], "str | None"]
-"""Who a request is for, from its headers and the shell's request object (None: anonymous)."""
 
 def origin_busy_answer(retry_after: int) -> Entry:
     """Our 503 past ``origin_concurrency``: made once at startup, replayed as is."""
@@ -100,7 +96,6 @@ class CacheRuntime:
         self._route_credentials = {id(rule): self.credentials.including(names)
                                    for rule in table.rules if (names := _credential_names(rule))}
         self._warned_corrupt = False
-        self.unguarded_errors = 0  # store failures counted outside the guard (a purge after a write)
         supervisor.add_service("notifications", self.store.listen)
         supervisor.add_service("releases", self.locks.send_pending_releases)
         supervisor.add_service("access-log", access_log.consume)
@@ -172,7 +167,7 @@ class CacheRuntime:
 
     @property
     def store_errors(self) -> int:
-        return self.unguarded_errors + self.guarded.errors
+        return self.guarded.errors
 
     @property
     def loop_lag_timeouts(self) -> int:

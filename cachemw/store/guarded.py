@@ -157,6 +157,10 @@ class GuardedStore:
                 return
         breaker.failure(time.monotonic())
 
+    def count_error(self) -> None:
+        """A store failure off the request path (a purge after a write): counted, not held against the breaker."""
+        self.errors += 1
+
     def breakers(self) -> tuple[CircuitBreaker, ...]:
         return (self.breaker, *self.node_breakers.values())
 
