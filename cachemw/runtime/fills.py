@@ -78,10 +78,9 @@ class Fills:
             return
         generations, token, ttl = plan.generations, plan.token, plan.policy.usable_for
         try:
-            stored = await guarded.in_background(lambda left: store.fill(
+            stored = await guarded.in_background(plan.key, lambda left: store.fill(
                 plan.key, data, ttl, token, tag_sets, plan.generation_keys, generations, timeout=left))
-        except Exception:
-            guarded.failed(key=plan.key)  # this fill is lost; the next miss refills
+        except Exception:  # counted by the guarded store; this fill is lost, the next miss refills
             if plan.token is not None:
                 await self.locks.unlock(plan.key, plan.token)  # a lost fill must not leave its lock to expire
             return

@@ -8,6 +8,7 @@ queue is full (those wait in a small set that a service of its own drains).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from random import getrandbits
@@ -137,10 +138,8 @@ class FillLocks:
 
     async def unlock(self, key: str, token: str) -> None:
         store, guarded = self.store, self.guarded
-        try:
-            await guarded.in_background(lambda left: store.unlock(key, token, timeout=left))
-        except Exception:
-            guarded.failed(key=key)  # the lock expires by itself
+        with contextlib.suppress(Exception):  # counted by the guarded store; the lock expires by itself
+            await guarded.in_background(key, lambda left: store.unlock(key, token, timeout=left))
 
     def give_up(self, plan: FillPlan) -> None:
         """Release the plan's fill lock (once): this response will not be stored."""

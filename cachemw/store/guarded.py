@@ -93,8 +93,8 @@ class GuardedStore:
         try:
             result: LockResult
             if background:
-                result = await self.in_background(lambda left: store.lock(key, ttl, generation_keys, token,
-                                                                          timeout=left))
+                result = await self.in_background(key, lambda left: store.lock(key, ttl, generation_keys, token,
+                                                                               timeout=left))
             else:
                 call = (store.get_or_lock(key, ttl, generation_keys, token) if lookup
                         else store.lock(key, ttl, generation_keys, token))
@@ -103,18 +103,36 @@ class GuardedStore:
             release(key, token)
             if not isinstance(exc, Exception):
                 raise
-            self.failed(breaker, exc, began)  # as in get: any store failure sends the request to the app
+            if not background:  # a background call's attempts were each counted already
+                self.failed(breaker, exc, began)  # as in get: any store failure sends the request to the app
             return None
         if lookup:
             self.metrics.store_latency.observe(time.perf_counter() - began)
         breaker.success()
         return result
 
-    async def in_background(self, call: Callable[[float | None], Awaitable[T]]) -> T:
-        """A store call after the response: its own deadline, retried within it on a blip."""
+    async def in_background(self, key: str, call: Callable[[float | None], Awaitable[T]]) -> T:
+        """A store call for ``key`` after the response: its own deadline, retried within it on a blip.
+
+        Each failed attempt is counted and heard by the key's breaker like a request's, and
+        the retries end once that breaker opens: a store that is down is not hammered for
+        the rest of the deadline, and a request that runs its jobs itself (no lifespan)
+        is not held for it.
+        """
         if not self.remote:
             return await call(None)
-        return await within_deadline(call, self.background_budget, scoped=not self.keeps_budget)
+        breaker = self.breaker_for(key)
+
+        async def attempt(left: float) -> T:
+            began = time.perf_counter()
+            try:
+                return await call(left)
+            except Exception as exc:
+                self.failed(breaker, exc, began, budget=left)
+                raise
+
+        return await within_deadline(attempt, self.background_budget, scoped=not self.keeps_budget,
+                                     given_up=lambda: breaker.state == "open")
 
     async def _within_budget(self, call: Awaitable[T]) -> T:
         """A request-path store call, failing with TimeoutError after the budget whatever the driver does."""
@@ -136,16 +154,20 @@ class GuardedStore:
         return breaker
 
     def failed(self, breaker: CircuitBreaker | None = None, error: Exception | None = None, began: float = 0.0,
-               *, key: str | None = None) -> None:
-        """Count a failed store call; the breaker hears it unless our own loop's lateness explains it."""
+               *, key: str | None = None, budget: float | None = None) -> None:
+        """Count a failed store call; the breaker hears it unless our own loop's lateness explains it.
+
+        ``budget``: the call's own deadline when it was not the request path's budget.
+        """
         self.errors += 1
         self.metrics.store_errors += 1
         if breaker is None:
             breaker = self.breaker if key is None else self.breaker_for(key)
         if began and isinstance(error, TimeoutError):
             now = time.perf_counter()
+            allowed = self.budget if budget is None else budget
             # How late our own loop ran: the deadline's own overshoot, or what the lag monitor saw lately.
-            lag = max(now - began - self.budget, self._recent_lag())
+            lag = max(now - began - allowed, self._recent_lag())
             if lag >= self.budget / 2:
                 # This process's event loop was saturated, not (or not only) the store slow. The
                 # request still goes to the app, but opening the breaker would send every other one

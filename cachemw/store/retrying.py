@@ -27,12 +27,15 @@ FIRST_PAUSE = 0.01
 MAX_PAUSE = 0.25
 
 
-async def within_deadline(call: Callable[[float], Awaitable[T]], budget: float, *, scoped: bool = True) -> T:
+async def within_deadline(call: Callable[[float], Awaitable[T]], budget: float, *, scoped: bool = True,
+                          given_up: Callable[[], bool] | None = None) -> T:
     """``call(seconds_left)`` until it answers or ``budget`` seconds have passed; then its last error.
 
     Retries on ``StoreError`` and ``TimeoutError``. ``scoped=False`` for a store that
     keeps the deadline it is given itself (no cancel scope per attempt); otherwise each
-    attempt is cancelled when the deadline passes.
+    attempt is cancelled when the deadline passes. ``given_up()`` true after a failure
+    ends the retries early: a store that is down (its breaker open) is not hammered
+    for the rest of the deadline, and work run at the end of a request does not hold it.
     """
     deadline = time.monotonic() + budget
     pause = FIRST_PAUSE
@@ -44,7 +47,7 @@ async def within_deadline(call: Callable[[float], Awaitable[T]], budget: float, 
             with anyio.fail_after(left):
                 return await call(left)
         except (StoreError, TimeoutError):
-            if deadline - time.monotonic() <= pause:
+            if deadline - time.monotonic() <= pause or (given_up is not None and given_up()):
                 raise
         await anyio.sleep(pause)
         pause = min(pause * 4, MAX_PAUSE)

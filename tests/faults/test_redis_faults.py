@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
+from tests.budgets import Budgets
 from tests.faults.proxy import FaultProxy
 from tests.helpers import eventually, find_middleware, lifespan
 from tests.redis_server import RedisServer, started
@@ -49,14 +50,14 @@ class Counter:
     calls = 0
 
 
-def make_app(url: str, counter: Counter, **policy: Any) -> Starlette:
+def make_app(url: str, counter: Counter, settings: Settings | None = None, **policy: Any) -> Starlette:
     @cache(**{"ttl": "5m", **policy})
     async def item(request: Request) -> Response:
         counter.calls += 1
         return JSONResponse({"item": 1})
 
     app = Starlette(routes=[Route("/item", item)])
-    app.add_middleware(CacheMiddleware, redis_url=url, settings=Settings(store_timeout=0.05))
+    app.add_middleware(CacheMiddleware, redis_url=url, settings=settings or Settings(store_timeout=0.05))
     return app
 
 
@@ -183,16 +184,41 @@ async def test_foreign_values_under_our_keys_are_misses_that_get_overwritten(
     await eventually(lambda: _hit(http), what="the foreign value being overwritten")
 
 
-async def test_a_cluster_none_of_whose_nodes_answers_is_the_apps_answer() -> None:
-    """The cluster client raises RedisClusterException (no RedisError) then: still a store fault, not a 500."""
+def _dead_port() -> int:
+    """A loopback port nothing listens on."""
     import socket
 
-    with socket.socket() as probe:  # a loopback port nothing listens on
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def test_a_cluster_none_of_whose_nodes_answers_is_the_apps_answer() -> None:
+    """The cluster client raises RedisClusterException (no RedisError) then: still a store fault, not a 500."""
     counter = Counter()
-    app = make_app(f"redis+cluster://127.0.0.1:{port}", counter)
+    app = make_app(f"redis+cluster://127.0.0.1:{_dead_port()}", counter)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
                                  base_url="http://testserver") as http:
         await _all_answered(http, 3)
     assert counter.calls == 3
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+async def test_without_a_lifespan_a_down_store_does_not_hold_requests_for_the_background_deadline(
+        scheme: str, budgets: Budgets) -> None:
+    """No lifespan: a request runs its own after-response jobs (a lock release) before its ASGI call ends.
+
+    Those retry within ``background_timeout``; against a store that is down they must give
+    up once its breaker opens, not hold every request (and its connection) for the deadline.
+    """
+    counter = Counter()
+    settings = Settings(store_timeout=0.05, background_timeout=budgets.lock_timeout)
+    app = make_app(f"{scheme}://127.0.0.1:{_dead_port()}", counter, settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                 base_url="http://testserver") as http:
+        with anyio.fail_after(budgets.condition):  # a sixth of the background deadline, for all five
+            for _ in range(5):
+                response = await http.get("/item")
+                assert response.status_code == 200 and response.json() == {"item": 1}
+    assert counter.calls == 5
