@@ -63,7 +63,8 @@ class CacheMiddleware(CacheShell):
     ``key_prefix`` override it; ``store`` replaces the store it would build.
     ``identity`` returns who a request is for (keys ``private`` entries, and
     keeps credentialed requests off shared ones); by default the session
-    cookie, else the ``Authorization`` header.
+    cookie, else the ``Authorization`` header. ``route_table(settings)`` builds the
+    rule table for an app whose routes are not Starlette's (``cachemw.django``).
     """
 
     def __init__(
@@ -79,8 +80,10 @@ class CacheMiddleware(CacheShell):
         supervisor: Supervisor | None = None,
         access_log_json: bool = False,
         write_behind: Sequence[WriteBehind[Any]] = (),
+        route_table: Callable[[Settings], RuleTable] | None = None,
     ) -> None:
         self.app = app
+        self.route_table = route_table  # the app's routes when they are not Starlette's (Django, the WSGI shell)
         self.write_behinds = tuple(write_behind)
         self.options = MiddlewareOptions(config, settings, key_prefix, redis_url, identity)
         self._given_store = store
@@ -105,10 +108,13 @@ class CacheMiddleware(CacheShell):
             settings = replace(settings, redis_url=options.redis_url)
         if options.key_prefix is not None:
             settings = replace(settings, key_prefix=options.key_prefix)
-        routes, why = routes_behind(self, routes_owner)
-        if routes is None:
-            logger.warning("cachemw: %s", why)
-        table = build_rule_table(routes or (), settings)
+        if self.route_table is not None:
+            table = self.route_table(settings)
+        else:
+            routes, why = routes_behind(self, routes_owner)
+            if routes is None:
+                logger.warning("cachemw: %s", why)
+            table = build_rule_table(routes or (), settings)
         for warning in table.warnings:  # routes the table cannot model: what may reach them is never cached
             logger.warning("cachemw: %s", warning)
         if self._given_supervisor is None:

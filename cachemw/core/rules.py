@@ -24,8 +24,9 @@ from cachemw.core.keys import strip_root_path
 from cachemw.core.policy import ConfigError, Policy, policy_from_fields
 from cachemw.core.settings import FileRule, Settings, resolve_preset
 
-__all__ = ["MOUNT", "ROUTE", "UNKNOWN", "UNMODELLED", "CacheSpec", "RouteMatch", "RouteNode", "RouteRule", "RuleTable",
-           "cache", "iter_cached", "normalise_template", "policy_for", "route_label", "rule_matches"]
+__all__ = ["MOUNT", "ROUTE", "UNKNOWN", "UNMODELLED", "CacheSpec", "RouteFinder", "RouteMatch", "RouteNode",
+           "RouteRule", "RuleTable", "cache", "iter_cached", "normalise_template", "policy_for", "route_label",
+           "rule_matches"]
 
 SPEC_ATTRIBUTE = "__cachemw__"
 _PARAM = re.compile(r"{([^{}:]+)(?::[^{}]*)?}")
@@ -102,14 +103,18 @@ class RouteRule:
 class RouteMatch:
     """A request matched to a rule; path params are converted only when asked for."""
 
-    __slots__ = ("_matches", "rule")
+    __slots__ = ("_matches", "_params", "rule")
 
-    def __init__(self, rule: RouteRule, matches: list[tuple[re.Match[str], Mapping[str, Any]]]) -> None:
+    def __init__(self, rule: RouteRule, matches: list[tuple[re.Match[str], Mapping[str, Any]]],
+                 params: Mapping[str, Any] | None = None) -> None:
         self.rule = rule
         self._matches = matches
+        self._params = params  # given by a framework's own router (Flask, Django): already converted
 
     @property
     def path_params(self) -> dict[str, str]:
+        if self._params is not None:
+            return {key: str(value) for key, value in self._params.items()}
         params: dict[str, str] = {}
         for match, convertors in self._matches:
             for key, raw in match.groupdict().items():
@@ -178,6 +183,11 @@ def _walk(nodes: tuple[RouteNode, ...], path: str, root_path: str, method: str,
 
 _UNSEEN = object()
 
+RouteFinder = Callable[[str, str, str], "tuple[RouteRule, Mapping[str, Any]] | None"]
+"""``find(path, root_path, method)``: the route a framework's own router runs for a request (its rule,
+policy or not, and its converted path parameters), or None where no route's handler runs. For
+frameworks whose routers the node walk does not model (Flask's, Django's): their router decides."""
+
 
 class RuleTable:
     """All routes in the router's order, and a matcher that mirrors Starlette's.
@@ -187,9 +197,10 @@ class RuleTable:
     """
 
     def __init__(self, rules: Sequence[RouteRule], nodes: tuple[RouteNode, ...],
-                 warnings: Sequence[str] = ()) -> None:
+                 warnings: Sequence[str] = (), *, find: RouteFinder | None = None) -> None:
         self.rules = tuple(rules)
         self._nodes = nodes
+        self._find_route = find
         self.warnings: tuple[str, ...] = tuple(warnings)
         self.has_policies = any(rule.policy is not None for rule in self.rules)
         # Recent answers by (path, method, root_path): hot paths skip the walk over the routes.
@@ -216,6 +227,9 @@ class RuleTable:
     def route_for(self, route_path: str, method: str, root_path: str = "") -> RouteRule | _Unknown | None:
         """The rule of the route the router runs, policy or not; None where no route's handler runs
         (404, 405, a redirect, a mounted app); ``UNKNOWN`` where a route we cannot model may take it."""
+        if self._find_route is not None:
+            routed = self._find_route(route_path, root_path, method)
+            return None if routed is None else routed[0]
         found = _walk(self._nodes, route_path, root_path, method, [])
         return found if found is None or isinstance(found, _Unknown) else found.rule
 
@@ -239,6 +253,8 @@ class RuleTable:
         return found
 
     def _find(self, path: str, root_path: str, method: str) -> RouteMatch | None:
+        if self._find_route is not None:
+            return self._find_routed(self._find_route, path, root_path, method)
         matches: _Found = []
         node = _walk(self._nodes, path, root_path, method, matches)
         if not isinstance(node, RouteNode) or node.rule is None or node.rule.policy is None:
@@ -246,6 +262,19 @@ class RuleTable:
         if method == "HEAD" and _walk(self._nodes, path, root_path, "GET", []) is not node:
             return None  # HEAD runs its own handler: GET's entries are not its answers
         return RouteMatch(node.rule, matches)
+
+
+    @staticmethod
+    def _find_routed(find: RouteFinder, path: str, root_path: str, method: str) -> RouteMatch | None:
+        routed = find(path, root_path, method)
+        if routed is None or routed[0].policy is None:
+            return None
+        rule = routed[0]
+        if method == "HEAD":
+            for_get = find(path, root_path, "GET")
+            if for_get is None or for_get[0] is not rule:
+                return None  # HEAD runs its own handler: GET's entries are not its answers
+        return RouteMatch(rule, [], routed[1])
 
 
 def normalise_template(template: str) -> str:
