@@ -15,12 +15,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "cachemw"
 
 # Lowest first: a layer may import itself and those before it, never those after it.
-LAYERS = ("core", "store", "runtime", "writebehind", "observe", "asgi", "cli")
+LAYERS = ("core", "store", "runtime", "writebehind", "observe", "frameworks", "asgi", "wsgi", "cli")
 # Facades for the public names (``from cachemw import CacheMiddleware``; ``cachemw.dashboard.dashboard_app()``).
-FACADES = {"cachemw", "cachemw.dashboard"}
+FACADES = {"cachemw", "cachemw.dashboard", "cachemw.django"}
 # The core is pure: nothing that does I/O or belongs to a framework.
 CORE_MAY_NOT_IMPORT = {"anyio", "asyncio", "redis", "hiredis", "starlette", "fastapi", "httpx", "socket", "uvicorn",
-                       "threading", "subprocess", "trio", "uvloop"}
+                       "threading", "subprocess", "trio", "uvloop", "flask", "werkzeug", "django"}
 
 
 def _module_name(path: Path) -> str:
