@@ -7,6 +7,7 @@ times a handler ran across every worker process.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -26,6 +27,14 @@ def make_app(redis_url: str = REDIS_URL, **settings: Any) -> Flask:
     def ran(view: str) -> int:
         return int(counts.incr(f"calls:{view}"))
 
+    _cached_views(app, ran)
+    _other_views(app, ran, counts)
+    app.wsgi_app = CacheMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, redis_url=redis_url, settings=Settings(**{"store_timeout": 0.5, **settings}))
+    return app
+
+
+def _cached_views(app: Flask, ran: Callable[[str], int]) -> None:
     @app.get("/ready")
     def ready() -> Any:
         return "ok"
@@ -64,6 +73,14 @@ def make_app(redis_url: str = REDIS_URL, **settings: Any) -> Flask:
         ran("boom")
         raise RuntimeError("the view failed")
 
+    class Report(MethodView):
+        def get(self) -> Any:
+            return jsonify(run=ran("report"))
+
+    app.add_url_rule("/report", view_func=cache(ttl="5m")(Report).as_view("report"))
+
+
+def _other_views(app: Flask, ran: Callable[[str], int], counts: redis.Redis) -> None:
     @app.post("/items/<int:item_id>")
     def change(item_id: int) -> Any:
         return jsonify(dropped=invalidate(tags=[f"item:{item_id}"]))
@@ -79,16 +96,6 @@ def make_app(redis_url: str = REDIS_URL, **settings: Any) -> Flask:
     def plain() -> Any:
         return jsonify(run=ran("plain"))
 
-    class Report(MethodView):
-        decorators = ()
-
-        def get(self) -> Any:
-            return jsonify(run=ran("report"))
-
-    app.add_url_rule("/report", view_func=cache(ttl="5m")(Report).as_view("report"))
-    app.wsgi_app = CacheMiddleware(  # type: ignore[method-assign]
-        app.wsgi_app, redis_url=redis_url, settings=Settings(**{"store_timeout": 0.5, **settings}))
-    return app
 
 
 app = make_app() if os.environ.get("CACHEMW_REDIS_URL") else None
