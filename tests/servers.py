@@ -58,3 +58,48 @@ def uvicorns(app: str, redis_url: str, *, count: int = 2, workers: int = 1, read
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextmanager
+def gunicorn(app: str, redis_url: str, *, worker_class: str = "sync", workers: int = 2, threads: int = 1,
+             ready: str = "/ready", start_timeout: float = 30.0, env: dict[str, str] | None = None,
+             preload: bool = False) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """One gunicorn master of ``app`` with ``workers`` (``sync`` or ``gthread``); yields its base URL and process.
+
+    Answers ``ready`` with 200 before this yields; gets SIGTERM (a graceful stop: workers finish and exit)
+    after, then SIGKILL if it does not stop.
+    """
+    environment = {**os.environ, "CACHEMW_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), **(env or {})}
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+               "--worker-class", worker_class, "--threads", str(threads), "--log-level", "warning",
+               "--graceful-timeout", "20"]
+    if preload:
+        command.append("--preload")
+    process = subprocess.Popen(command, cwd=ROOT, env=environment)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                if httpx.get(base + ready, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, f"gunicorn {app} exited with {process.returncode}"
+            assert time.monotonic() < deadline, "gunicorn did not start"
+            time.sleep(0.05)
+        yield base, process
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

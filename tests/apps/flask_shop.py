@@ -7,9 +7,11 @@ times a handler ran across every worker process.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import redis
 from flask import Flask, jsonify, request
 from flask.views import MethodView
@@ -18,10 +20,12 @@ from cachemw import Settings, cache
 from cachemw.wsgi import CacheMiddleware, detach, invalidate
 
 REDIS_URL = os.environ.get("CACHEMW_REDIS_URL", "redis://127.0.0.1:1")
+SLOW_VIEW = 0.3  # seconds
 
 
-def make_app(redis_url: str = REDIS_URL, **settings: Any) -> Flask:
-    counts = redis.Redis.from_url(redis_url)
+def make_app(redis_url: str = REDIS_URL, counts_url: str | None = None, **settings: Any) -> Flask:
+    """``counts_url``: where views count their runs (default: the cache's Redis; another one for tests that kill it)."""
+    counts = redis.Redis.from_url(counts_url or os.environ.get("CACHEMW_COUNTS_URL") or redis_url)
     app = Flask(__name__)
 
     def ran(view: str) -> int:
@@ -53,6 +57,13 @@ def _cached_views(app: Flask, ran: Callable[[str], int]) -> None:
     @cache(ttl="5m")
     def feed() -> Any:
         return jsonify(run=ran("feed"), auth=request.headers.get("Authorization"))
+
+    @app.get("/slow/<int:n>")
+    @cache(ttl="5m")
+    def slow(n: int) -> Any:
+        run = ran("slow")
+        time.sleep(SLOW_VIEW)  # a slow database read: concurrent requests arrive while it runs
+        return jsonify(n=n, run=run, pid=os.getpid())
 
     @app.get("/stream")
     @cache(ttl="5m")
@@ -88,8 +99,10 @@ def _other_views(app: Flask, ran: Callable[[str], int], counts: redis.Redis) -> 
     @app.post("/later")
     def later() -> Any:
         async def record() -> None:
+            await anyio.sleep(float(request_delay))  # work that outlasts the response: shutdown waits for it
             counts.incr("calls:detached")
 
+        request_delay = request.args.get("delay", "0")
         return jsonify(taken=detach(record))
 
     @app.get("/plain")
