@@ -39,15 +39,7 @@ def uvicorns(app: str, redis_url: str, *, count: int = 2, workers: int = 1, read
         bases = [f"http://127.0.0.1:{port}" for port in ports]
         deadline = time.monotonic() + start_timeout
         for base, process in zip(bases, processes, strict=True):
-            while True:
-                try:
-                    if httpx.get(base + ready, timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.poll() is None, f"uvicorn {app} exited with {process.returncode}"
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.05)
+            wait_ready(base + ready, process, f"uvicorn {app}", deadline)
         yield bases
     finally:
         for process in processes:
@@ -79,16 +71,7 @@ def gunicorn(app: str, redis_url: str, *, worker_class: str = "sync", workers: i
     process = subprocess.Popen(command, cwd=ROOT, env=environment)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            try:
-                if httpx.get(base + ready, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, f"gunicorn {app} exited with {process.returncode}"
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.05)
+        wait_ready(base + ready, process, f"gunicorn {app}", time.monotonic() + start_timeout)
         yield base, process
     finally:
         stop(process)
@@ -103,3 +86,16 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], what: str, deadline: float) -> None:
+    """Until ``url`` answers 200; fails if the process exits or the deadline passes first."""
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, f"{what} exited with {process.returncode}"
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.05)
