@@ -256,8 +256,10 @@ def store_of(app: Any) -> Store:
     return store
 
 
-def eventually_sync(condition: Callable[[], bool], *, within: float, what: str = "condition") -> None:
+def eventually_sync(condition: Callable[[], bool], *, within: float | None = None, what: str = "condition") -> None:
     """``eventually`` for a test thread (Starlette's TestClient runs the app's loop in another thread)."""
+    if within is None:
+        within = current_budgets().condition
     deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -197,6 +198,10 @@ class Supervisor:
         self._services: list[tuple[str, ServiceFunction]] = []
         self._state: _State | None = None
         self._draining = False
+        # Where its loop runs in a thread of its own (the WSGI shell): how another thread's detach()
+        # gets there (runs the call on the loop's thread and returns its result), and that thread.
+        self.hop: Callable[[Callable[[], bool]], bool] | None = None
+        self.home_thread = 0
         # Per request, not per supervisor: concurrent requests without a lifespan each collect their own jobs.
         self._inline: ContextVar[list[_Job] | None] = ContextVar("cachemw_inline", default=None)
 
@@ -262,7 +267,10 @@ class Supervisor:
         return True
 
     def detach(self, function: JobFunction, *args: Any, kind: str = "task", retries: int = 0) -> bool:
-        """The public face of ``submit`` for handlers' own work."""
+        """The public face of ``submit`` for handlers' own work; also from a WSGI view's thread."""
+        hop = self.hop
+        if hop is not None and threading.get_ident() != self.home_thread:
+            return hop(lambda: self.submit(kind, function, *args, retries=retries))
         return self.submit(kind, function, *args, retries=retries)
 
     def bind(self) -> None:
