@@ -11,7 +11,7 @@ and the view. Nothing else in cachemw imports Django.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from cachemw.core.rules import (
@@ -30,9 +30,14 @@ __all__ = ["regex_template", "route_table"]
 _PARAMETER = re.compile(r"<(?:[^>:]+:)?([^>]+)>")  # Django's own: <converter:name> or <name>
 
 
-def route_table(settings: Settings, urlconf: str | None = None) -> RuleTable:
+def route_table(settings: Settings, urlconf: str | None = None, *, wsgi: bool = False) -> RuleTable:
     """Every view of the URLconf (default ``ROOT_URLCONF``) with its policy; a file rule matching none is a
-    ConfigError. Django must be set up (``django.setup()``, as ``get_asgi_application()`` does)."""
+    ConfigError. Django must be set up (``django.setup()``, as ``get_asgi_application()`` does).
+
+    ``wsgi``: requests come through Django's WSGI handler, which resolves ``PATH_INFO``
+    (the path after ``root_path``, ``SCRIPT_NAME``), where the ASGI handler takes
+    ``FORCE_SCRIPT_NAME`` off the path instead when it is set.
+    """
     from django.conf import settings as django_settings  # type: ignore[import-untyped]
     from django.urls import get_resolver  # type: ignore[import-untyped]
     from django.urls.resolvers import LocalePrefixPattern  # type: ignore[import-untyped]
@@ -62,8 +67,8 @@ def route_table(settings: Settings, urlconf: str | None = None) -> RuleTable:
         if view_class is not None and any("head" in vars(klass) for klass in view_class.__mro__):
             own_head.add(id(rule))  # HEAD runs its own handler: GET's entries are not its answers
     check_rules_used(settings, used, rules)
-    script_name = django_settings.FORCE_SCRIPT_NAME or ""
-    return RuleTable(rules, (), warnings, find=_finder(urlconf, by_route, own_head, script_name))
+    path_info = _wsgi_path_info if wsgi else _asgi_path_info(django_settings.FORCE_SCRIPT_NAME or "")
+    return RuleTable(rules, (), warnings, find=_finder(urlconf, by_route, own_head, path_info))
 
 
 def _views(resolver: Any, above: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
@@ -102,15 +107,28 @@ def _name(resolvers: tuple[Any, ...], pattern: Any) -> str:
     return str(pattern.lookup_str)
 
 
+def _asgi_path_info(script_name: str) -> Callable[[str, str], str]:
+    """The path Django's ASGI handler resolves: FORCE_SCRIPT_NAME, else root_path, taken off the front."""
+
+    def path_info(path: str, root_path: str) -> str:
+        prefix = script_name or root_path
+        return path.removeprefix(prefix) if prefix else path
+
+    return path_info
+
+
+def _wsgi_path_info(path: str, root_path: str) -> str:
+    """The path Django's WSGI handler resolves: PATH_INFO (the scope's path is SCRIPT_NAME + PATH_INFO), or "/"."""
+    return (path[len(root_path):] if path.startswith(root_path) else path) or "/"
+
+
 def _finder(urlconf: str, by_route: Mapping[tuple[str, Any], RouteRule], own_head: set[int],
-            script_name: str) -> RouteFinder:
+            path_info: Callable[[str, str], str]) -> RouteFinder:
     from django.urls import resolve
 
     def find(path: str, root_path: str, method: str) -> tuple[RouteRule, Mapping[str, Any]] | None:
-        # The path Django's ASGI handler resolves: FORCE_SCRIPT_NAME, else root_path, taken off the front.
-        prefix = script_name or root_path
         try:
-            match = resolve(path.removeprefix(prefix) if prefix else path, urlconf)
+            match = resolve(path_info(path, root_path), urlconf)
         except Exception:  # Resolver404 (Django answers 404, or APPEND_SLASH's redirect), or a converter's error
             return None
         rule = by_route.get((match.route, match.func))

@@ -112,6 +112,17 @@ def test_force_script_name_comes_off_instead_of_root_path() -> None:
     assert table.match_scope({"path": "/mount/api/items/1/", "root_path": "/mount", "method": "GET"}) is None
 
 
+@pytest.mark.parametrize(("path", "root_path", "template"), [
+    ("/mount/api/items/1/", "/mount", "/api/items/{pk}/"),
+    ("/mount/plain/", "/mount", "/plain/"),
+    ("/forced/plain/", "", None),  # FORCE_SCRIPT_NAME is not taken off PATH_INFO
+])
+def test_through_the_wsgi_handler_path_info_is_resolved(path: str, root_path: str, template: str | None) -> None:
+    with override_settings(FORCE_SCRIPT_NAME="/forced"):  # the WSGI handler's script name; PATH_INFO stays
+        table = route_table(Settings(), wsgi=True)
+    assert getattr(table.route_for(path, "GET", root_path), "template", None) == template
+
+
 def test_head_is_answered_from_get_unless_the_view_has_its_own_head() -> None:
     assert route_table(Settings()).match("/api/articles/a/", "HEAD") is not None
     edge = route_table(Settings(), EDGE)
