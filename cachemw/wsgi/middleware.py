@@ -269,8 +269,8 @@ def _route_table_for(app: object) -> Callable[[Settings], RuleTable]:
     if "django" in sys.modules and _is_django_handler(app):
         import importlib
 
-        django_routes: Callable[[Settings], RuleTable] = importlib.import_module(
-            "cachemw.frameworks.django").route_table
+        django_routes: Callable[[Settings], RuleTable] = functools.partial(
+            importlib.import_module("cachemw.frameworks.django").route_table, wsgi=True)  # PATH_INFO is resolved
         return django_routes
     raise TypeError(f"cachemw: cannot find the routes of {app!r}: it is neither a Flask app nor Django's "
                     "WSGI handler. HINT: pass route_table=, a function of the settings that returns a RuleTable")
