@@ -7,6 +7,13 @@ ASGI, in the project's ``asgi.py``::
 
     application = asgi_application(get_asgi_application())
 
+WSGI, in the project's ``wsgi.py`` (gunicorn, uWSGI, mod_wsgi)::
+
+    from django.core.wsgi import get_wsgi_application
+    from cachemw.django import wsgi_application
+
+    application = wsgi_application(get_wsgi_application())
+
 ``settings.CACHEMW`` (a dict of ``CacheMiddleware``'s keywords: ``config``,
 ``redis_url``, ``key_prefix``, ...) gives the defaults; keywords given here win.
 ``cachemw routes --django mysite.settings`` shows the table this builds.
@@ -18,15 +25,16 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
+from cachemw.asgi.lifespan import AnswersLifespan
 from cachemw.asgi.middleware import CacheMiddleware
 from cachemw.core.policy import ConfigError
 from cachemw.frameworks.django import route_table
+from cachemw.wsgi import CacheMiddleware as WSGICacheMiddleware
 
-__all__ = ["asgi_application", "middleware_options", "route_table"]
+__all__ = ["asgi_application", "middleware_options", "route_table", "wsgi_application"]
 
-# WSGI: the WSGI shell's CacheMiddleware is re-exported here, next to asgi_application.
 
 
 def middleware_options(**given: Any) -> dict[str, Any]:
@@ -48,26 +56,12 @@ def asgi_application(app: ASGIApp, *, urlconf: str | None = None, **options: Any
     """Django's ASGI application behind the cache, its policies from the URLconf (default ``ROOT_URLCONF``)."""
     from django.core.handlers.asgi import ASGIHandler  # type: ignore[import-untyped]
 
-    inner = _AnswersLifespan(app) if isinstance(app, ASGIHandler) else app
+    inner = AnswersLifespan(app) if isinstance(app, ASGIHandler) else app
     return CacheMiddleware(inner, route_table=lambda settings: route_table(settings, urlconf),
                            **middleware_options(**options))
 
 
-class _AnswersLifespan:
-    """Django's handler refuses the ASGI lifespan (a ValueError); this answers it instead, so the cache's
-    supervisor runs for the server's lifetime and drains at shutdown, as in front of a Starlette app."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+def wsgi_application(app: Any, *, urlconf: str | None = None, **options: Any) -> WSGICacheMiddleware:
+    """Django's WSGI application behind the cache (``get_wsgi_application()``), as ``asgi_application``."""
+    return WSGICacheMiddleware(app, route_table=lambda settings: route_table(settings, urlconf, wsgi=True),
+                               **middleware_options(**options))

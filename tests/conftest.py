@@ -89,6 +89,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
+def killable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that kill it."""
+    with started(lambda: RedisServer(tmp_path_factory.mktemp("killable-redis"))) as server:
+        yield server
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """URL of the private server, running, thawed and empty for this test."""
     redis_server.ensure_healthy()

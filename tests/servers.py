@@ -7,9 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -99,3 +100,16 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], what: str, deadline: 
         assert process.poll() is None, f"{what} exited with {process.returncode}"
         assert time.monotonic() < deadline, f"{what} did not start"
         time.sleep(0.05)
+
+
+def answers_through_a_kill(base: str, paths: dict[str, dict[str, Any]], kill: Callable[[], None], *,
+                           rounds: int = 40, kill_at: int = 15) -> None:
+    """Request every path ``rounds`` times, ``kill()`` the store at ``kill_at``: each answer is 200 with the
+    JSON fields its path names."""
+    for round_ in range(rounds):
+        if round_ == kill_at:
+            kill()
+        for path, right in paths.items():
+            answer = httpx.get(base + path, timeout=30)
+            assert answer.status_code == 200, (path, answer.status_code, answer.text)
+            assert answer.json().items() >= right.items(), (path, answer.text)

@@ -27,6 +27,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from starlette.types import Message, Receive, Scope, Send
 
+from cachemw.asgi.lifespan import answer_lifespan
 from cachemw.wsgi.environ import environ_for, status_line, wsgi_headers
 
 __all__ = ["DONE", "RAISED", "RUN", "SENT", "ClientDisconnected", "Exchange", "ThreadedApp", "respond"]
@@ -230,7 +231,7 @@ class ThreadedApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _no_lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         exchange = current_exchange.get()
         if exchange is None or exchange.app_called:
@@ -291,14 +292,3 @@ def _call_whole(app: WSGIApp, environ: dict[str, Any]) -> tuple[int, list[tuple[
             close()
     start = _start_message(captured)
     return start["status"], start["headers"], b"".join(chunks)
-
-
-async def _no_lifespan(receive: Receive, send: Send) -> None:
-    """A WSGI app has no lifespan of its own: the cache's startup and shutdown complete at once."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

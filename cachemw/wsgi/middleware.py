@@ -267,10 +267,10 @@ def _route_table_for(app: object) -> Callable[[Settings], RuleTable]:
 
         return functools.partial(flask_routes, flask_app)
     if "django" in sys.modules and _is_django_handler(app):
-        import importlib
+        from cachemw.frameworks.django import route_table as django_table
 
         django_routes: Callable[[Settings], RuleTable] = functools.partial(
-            importlib.import_module("cachemw.frameworks.django").route_table, wsgi=True)  # PATH_INFO is resolved
+            django_table, wsgi=True)  # PATH_INFO is resolved
         return django_routes
     raise TypeError(f"cachemw: cannot find the routes of {app!r}: it is neither a Flask app nor Django's "
                     "WSGI handler. HINT: pass route_table=, a function of the settings that returns a RuleTable")

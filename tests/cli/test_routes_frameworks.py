@@ -19,6 +19,10 @@ DJANGO_ROWS = [
     ["/archive/{year}/", "*", "hours:", "ttl=1h", "swr=6h", "sie=1d", f"{DJANGO_CONFIG}", "rule", "1"],
     ["/calls/", "*", "-", "default"],
     ["/ready", "*", "-", "default"],
+    ["/slow/{n}/", "*", "ttl=5m", "decorator"],
+    ["/me/", "*", "ttl=5m", "private", "decorator"],
+    ["/feed/", "*", "ttl=5m", "decorator"],
+    ["/change/{pk}/", "*", "-", "default"],
 ]
 
 

@@ -38,6 +38,10 @@ def test_the_table_lists_every_view_with_its_template_name_and_policy() -> None:
         ("/archive/{year}/", "archive", "default"),
         ("/calls/", "calls", "default"),
         ("/ready", "tests.apps.djangoproject.views.ready", "default"),
+        ("/slow/{n}/", "slow", "decorator"),
+        ("/me/", "me", "decorator"),
+        ("/feed/", "feed", "decorator"),
+        ("/change/{pk}/", "change", "default"),
     ]
     assert all(rule.methods is None for rule in table.rules)  # Django's views dispatch on the method themselves
     assert table.warnings == ()

@@ -14,8 +14,8 @@ import redis
 
 from tests.budgets import Budgets
 from tests.helpers import eventually_sync
-from tests.redis_server import RedisServer, started
-from tests.servers import gunicorn, stop
+from tests.redis_server import RedisServer
+from tests.servers import answers_through_a_kill, gunicorn, stop
 
 APP = "tests.apps.flask_shop:app"
 WORKERS = [("sync", 1), ("gthread", 4)]
@@ -92,23 +92,13 @@ def test_shutdown_drains_detached_work(redis_url: str, budgets: Budgets) -> None
     assert _runs(redis_url, "detached") == 1
 
 
-@pytest.fixture
-def killable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with started(lambda: RedisServer(tmp_path_factory.mktemp("killable-redis"))) as server:
-        yield server
-
-
 @pytest.mark.parametrize("worker_class,threads", WORKERS, ids=[name for name, _ in WORKERS])
 def test_redis_killed_mid_traffic_every_request_answers(killable: RedisServer, redis_url: str, worker_class: str,
                                                        threads: int) -> None:
     with gunicorn(APP, killable.url, worker_class=worker_class, threads=threads,
                   env={"CACHEMW_COUNTS_URL": redis_url}) as (base, _process):
-        for round_ in range(40):
-            if round_ == 15:
-                killable.stop()
-            for item in (1, 2):
-                answer = httpx.get(f"{base}/items/{item}", timeout=30)
-                assert answer.status_code == 200 and answer.json()["item"] == item
+        answers_through_a_kill(base, {f"/items/{item}": {"item": item} for item in (1, 2)}, killable.stop)
+
 
 
 def test_a_preloaded_app_starts_its_cache_in_each_forked_worker(redis_url: str) -> None:

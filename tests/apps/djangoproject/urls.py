@@ -13,4 +13,8 @@ urlpatterns = [
     re_path(r"^archive/(?P<year>[0-9]{4})/$", views.archive, name="archive"),
     path("calls/", views.calls, name="calls"),
     path("ready", views.ready),
+    path("slow/<int:n>/", views.slow, name="slow"),
+    path("me/", views.me, name="me"),
+    path("feed/", views.feed, name="feed"),
+    path("change/<int:pk>/", views.change, name="change"),
 ]
