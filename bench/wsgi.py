@@ -648,7 +648,8 @@ def render(facts: dict[str, str], settings: dict[str, str], runs: list[Run], tar
         f"JSON body; the view sleeps {args.db_ms:g} ms (`time.sleep`, the simulated database read) before answering,",
         "so whatever reaches the view pays it. Hits: 100 warmed ids, the view must not run. Misses: a new id per",
         "request, the view runs once per request. All in one run on one machine, cases interleaved round by round.",
-        f"Targets met: **{met} of {len(targets)}**.",
+        f"Targets met: **{met} of {len(targets)}**." + (" Where the time goes: the hand-written analysis at the end."
+                                                        if analysis.strip() else ""),
     ]
     if args.skipped:
         lines += [f"Not run: {', '.join(args.skipped)} (`cachemw/frameworks/django.py` is not in this checkout yet).",
