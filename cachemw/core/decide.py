@@ -69,6 +69,8 @@ def for_request(policy: Policy, identity: str | None, credentials: str | None, h
 
 def for_entry(stored_at: float, policy: Policy, now: float) -> Step:
     """What a found entry (the store answered) allows: serve it, serve it stale, or fill (with it as fallback)."""
+    if now - stored_at < policy.ttl:  # fresh (``freshness``'s first case): a hit's answer without another call
+        return Step.SERVE
     state = freshness(stored_at, policy, now)
     if state is Freshness.FRESH:
         return Step.SERVE
@@ -87,6 +89,8 @@ def for_stored(stored_at: float | None, policy: Policy, now: float, store_failed
     """
     if stored_at is None:
         return Step.FILL
+    if now - stored_at < policy.ttl and not store_failed:  # a hit, as for_entry would say, without its call
+        return Step.SERVE
     step = for_entry(stored_at, policy, now)
     if store_failed and step is not Step.FILL:
         return Step.SERVE_FALLBACK
