@@ -42,7 +42,7 @@ class Step(enum.Enum):
 def for_method(method: str, policy: Policy) -> tuple[Step, bytes]:
     """By the method and the route's policy: look up, invalidate, or bypass (with its Cache-Status)."""
     if method in CACHED_METHODS:
-        if policy.cacheable:
+        if policy.ttl > 0:  # policy.cacheable, without the property's call on every request
             return Step.LOOK_UP, b""
         return Step.BYPASS, http.STATUS_BYPASS
     if method.upper() in UNSAFE_METHODS:  # h11 passes a lowercase method through; apps upper it
