@@ -45,6 +45,11 @@ _BODY_NEEDS_HEADERS = frozenset({"1.0", "1.1"})  # where a request body must ann
 
 Identity = Callable[[RequestHeaders, Scope], "str | None"]
 
+# The hits' steps as module globals: an Enum class's attribute goes through its metaclass (CPython 3.11:
+# several times a global's cost), and every request compares with these.
+_LOOK_UP = Step.LOOK_UP
+_SERVE = Step.SERVE
+
 
 class RequestHandler:
     """Carries out the core's steps for the requests of routes with a policy."""
@@ -66,7 +71,7 @@ class RequestHandler:
         policy = match.rule.policy
         assert policy is not None
         step, reason = decide.for_method(scope["method"], policy)
-        if step is not Step.LOOK_UP:
+        if step is not _LOOK_UP:
             if step is Step.INVALIDATE:
                 return self.unsafe(scope, receive, send, match)
             return self.bypass(scope, receive, send, match, reason)
@@ -109,7 +114,7 @@ class RequestHandler:
             entry = runtime.l1.get(key)
             if entry is not None:
                 now = time.time()
-                if decide.for_entry(entry.stored_at, policy, now) is Step.SERVE:
+                if decide.for_entry(entry.stored_at, policy, now) is _SERVE:
                     status = await serve(entry, scope, headers, send, now, HIT,
                                          http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
                     runtime.log(match, key, "HIT", status, None, started, len(entry.body))
@@ -124,7 +129,7 @@ class RequestHandler:
             entry = runtime.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
         now = time.time()
         step = decide.for_stored(None if entry is None else entry.stored_at, policy, now, failed)
-        if step is Step.SERVE and entry is not None:
+        if step is _SERVE and entry is not None:
             if remote_l1:
                 runtime.l1.put(key, entry, policy.sync)
             status = await serve(entry, scope, headers, send, now, HIT,
