@@ -18,7 +18,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Host, Mount, Route, Router, WebSocketRoute
 
-from cachemw.core.policy import ConfigError, Policy
+from cachemw.core.policy import Policy
 from cachemw.core.rules import (
     HEADER_TOKEN,
     MOUNT,
@@ -27,6 +27,7 @@ from cachemw.core.rules import (
     RouteNode,
     RouteRule,
     RuleTable,
+    check_rules_used,
     policy_for,
     route_label,
     rule_matches,
@@ -390,12 +391,5 @@ def build_rule_table(routes: Iterable[BaseRoute], settings: Settings) -> RuleTab
     """Resolve every route's policy; a file rule that matches no route is a startup error."""
     build = _Build(settings)
     nodes = _compile(routes, "", build)
-    for file_rule in settings.rules:
-        if file_rule.index not in build.used:
-            known = ", ".join(rule.template for rule in build.rules) or "(none)"
-            file_name, _, number = file_rule.source.rpartition(" rule ")
-            raise ConfigError(
-                f"{file_name}: rule {number} (route {file_rule.route!r}): "
-                f"field 'route': matches no route of the app; its routes are: {known}"
-            )
+    check_rules_used(settings, build.used, build.rules)
     return RuleTable(build.rules, nodes, build.warnings)

@@ -1,6 +1,6 @@
 """The ``cachemw`` command: what an operator asks of a deployed app's cache.
 
-- ``cachemw routes APP``: every route of an app with its effective policy;
+- ``cachemw routes APP`` (or ``--django SETTINGS``): every route of an app with its effective policy;
 - ``cachemw check FILE [--app APP]``: validate a config file (and its rules against an app);
 - ``cachemw purge (--tag T | --route R | --url U | --all)``: drop entries from the shared Redis store;
 - ``cachemw inspect URL --app APP``: compute a URL's key as the middleware does and show its entry;

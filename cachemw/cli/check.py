@@ -7,8 +7,7 @@ import contextlib
 
 import anyio
 
-from cachemw.asgi.routes import build_rule_table
-from cachemw.cli.common import Subcommands, app_routes, load_app
+from cachemw.cli.common import Subcommands, app_table, load_app
 from cachemw.core.settings import load_settings
 from cachemw.store import StoreError
 from cachemw.store.opening import open_store
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.file, environ={})
     if args.app:
         app = load_app(args.app)
-        build_rule_table(app_routes(app), settings)
+        app_table(app, settings)
     store = open_store(settings)
     with contextlib.suppress(StoreError):
         anyio.run(store.aclose)

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeAlias
 
@@ -19,6 +19,9 @@ from cachemw.asgi.middleware import CacheMiddleware, MiddlewareOptions
 from cachemw.asgi.routes import build_rule_table
 from cachemw.core.rules import RuleTable
 from cachemw.core.settings import REDIS_URL_ENV, Settings, load_settings
+from cachemw.frameworks.flask import find_flask_app
+from cachemw.frameworks.flask import route_table as flask_route_table
+from cachemw.wsgi.middleware import CacheMiddleware as WsgiCacheMiddleware
 
 __all__ = [
     "REDIS_URL_HELP",
@@ -27,7 +30,9 @@ __all__ = [
     "app_middleware_options",
     "app_routes",
     "app_rule_table",
+    "app_table",
     "app_write_behinds",
+    "django_rule_table",
     "load_app",
     "one_line",
     "operator_settings",
@@ -81,22 +86,37 @@ def _added_middleware_arguments(app: Any) -> dict[str, Any]:
     return {}
 
 
-def app_middleware_options(app: Any) -> MiddlewareOptions:
-    """What the app's CacheMiddleware was given: the middleware itself, or the app it was added to."""
-    if isinstance(app, CacheMiddleware):
-        return app.options
-    given = _added_middleware_arguments(app)
-    if not given:
-        return _NO_OPTIONS
+def _cache_of(app: Any) -> CacheMiddleware | None:
+    """The ASGI CacheMiddleware the app is, or the one a WSGI CacheMiddleware runs (the app itself, or a Flask
+    app's ``wsgi_app``): it holds what the shell was given."""
+    for candidate in (app, getattr(app, "wsgi_app", None)):
+        if isinstance(candidate, WsgiCacheMiddleware):
+            return candidate.cache
+        if isinstance(candidate, CacheMiddleware):
+            return candidate
+    return None
+
+
+def _options_from(given: Mapping[str, Any]) -> MiddlewareOptions:
     return MiddlewareOptions(config=given.get("config"), settings=given.get("settings"),
                              key_prefix=given.get("key_prefix"), redis_url=given.get("redis_url"),
                              identity=given.get("identity"))
 
 
+def app_middleware_options(app: Any) -> MiddlewareOptions:
+    """What the app's CacheMiddleware was given: the middleware itself, or the app it was added to."""
+    cache = _cache_of(app)
+    if cache is not None:
+        return cache.options
+    given = _added_middleware_arguments(app)
+    return _options_from(given) if given else _NO_OPTIONS
+
+
 def app_write_behinds(app: Any) -> list[str]:
     """The names of the write-behind queues the app's CacheMiddleware runs."""
-    if isinstance(app, CacheMiddleware):
-        queues: Sequence[Any] = app.write_behinds
+    cache = _cache_of(app)
+    if cache is not None:
+        queues: Sequence[Any] = cache.write_behinds
     else:
         queues = _added_middleware_arguments(app).get("write_behind") or ()
     return [queue.name for queue in queues]
@@ -106,20 +126,57 @@ def app_routes(app: Any) -> Any:
     """The routes the rule table is built from: the app's, or those of the app a CacheMiddleware wraps."""
     routes = getattr(app.app if isinstance(app, CacheMiddleware) else app, "routes", None)
     if routes is None:
-        raise CommandFailed("the app has no routes (is it a Starlette or FastAPI app?)")
+        raise CommandFailed("the app has no routes (is it a Starlette, FastAPI or Flask app, or one behind "
+                            "cachemw's CacheMiddleware?)")
     return routes
+
+
+def app_table(app: Any, settings: Settings) -> RuleTable:
+    """The rule table the app's cache builds: its own ``route_table`` (Django, Flask behind the WSGI shell),
+    a Flask app's ``url_map``, or Starlette's routes."""
+    cache = _cache_of(app)
+    if cache is not None and cache.route_table is not None:
+        return cache.route_table(settings)
+    flask_app = find_flask_app(app)
+    if flask_app is not None:
+        return flask_route_table(flask_app, settings)
+    return build_rule_table(app_routes(app), settings)
+
+
+def _settings_for(options: MiddlewareOptions, config: str | None) -> Settings:
+    """``config`` if given, else the settings or the config file the middleware was given."""
+    if config is not None:
+        return load_settings(config)
+    if options.settings is not None:
+        return options.settings
+    return load_settings(options.config)
 
 
 def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
     """The rule table the app's CacheMiddleware would build, with the config it names (or ``config``)."""
-    options = app_middleware_options(app)
-    if config is not None:
-        settings = load_settings(config)
-    elif options.settings is not None:
-        settings = options.settings
-    else:
-        settings = load_settings(options.config)
-    return build_rule_table(app_routes(app), settings), settings
+    settings = _settings_for(app_middleware_options(app), config)
+    return app_table(app, settings), settings
+
+
+def django_rule_table(settings_module: str, config: str | None) -> tuple[RuleTable, Settings]:
+    """The rule table ``cachemw.django`` builds for a Django project: ``settings.CACHEMW`` its defaults."""
+    os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        import django  # type: ignore[import-untyped]
+        from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise CommandFailed(f"--django needs Django: {exc}") from None
+    try:
+        django.setup()
+    except (ImportError, ImproperlyConfigured) as exc:
+        raise CommandFailed(f"cannot set up Django with settings {settings_module!r}: {one_line(exc)}") from None
+    from cachemw.django import middleware_options
+    from cachemw.frameworks.django import route_table
+
+    settings = _settings_for(_options_from(middleware_options()), config)
+    return route_table(settings), settings
 
 
 def operator_settings(args: argparse.Namespace) -> tuple[Any, RuleTable | None, Settings]:

@@ -1,4 +1,5 @@
-"""``cachemw routes APP``: every route of an app with its effective policy, as the middleware would apply it."""
+"""``cachemw routes APP`` (or ``--django SETTINGS``): every route of an app with its effective policy, as the
+middleware would apply it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from cachemw.cli.common import Subcommands, app_rule_table, load_app
+from cachemw.cli.common import CommandFailed, Subcommands, app_rule_table, django_rule_table, load_app
 from cachemw.core.describe import describe_policy
 from cachemw.core.policy import Policy
 
@@ -15,7 +16,10 @@ __all__ = ["add_command"]
 
 def add_command(commands: Subcommands) -> None:
     routes = commands.add_parser("routes", help="show every route of an app with its effective policy")
-    routes.add_argument("app", help="the app as MODULE:ATTRIBUTE, e.g. sample_app:app")
+    routes.add_argument("app", nargs="?", help="the app as MODULE:ATTRIBUTE, e.g. sample_app:app (Starlette, "
+                        "FastAPI, Flask, or one behind cachemw's CacheMiddleware)")
+    routes.add_argument("--django", metavar="SETTINGS", help="a Django project's settings module instead of an "
+                        "app, e.g. mysite.settings: its URLconf, with settings.CACHEMW")
     routes.add_argument("--config", help="a cachemw.toml or pyproject.toml (default: what the app's "
                         "CacheMiddleware names)")
     routes.add_argument("--json", action="store_true", help="machine-readable output")
@@ -43,8 +47,12 @@ def _policy_json(policy: Policy | None) -> dict[str, Any] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    app = load_app(args.app)
-    table, settings = app_rule_table(app, args.config)
+    if (args.app is None) == (args.django is None):
+        raise CommandFailed("name an app (MODULE:ATTRIBUTE) or a Django project (--django SETTINGS), one of them")
+    if args.django is not None:
+        table, settings = django_rule_table(args.django, args.config)
+    else:
+        table, settings = app_rule_table(load_app(args.app), args.config)
     if args.json:
         print(json.dumps({
             "config": settings.source,

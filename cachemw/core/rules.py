@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,8 +25,8 @@ from cachemw.core.policy import ConfigError, Policy, policy_from_fields
 from cachemw.core.settings import FileRule, Settings, resolve_preset
 
 __all__ = ["MOUNT", "ROUTE", "UNKNOWN", "UNMODELLED", "CacheSpec", "RouteFinder", "RouteMatch", "RouteNode",
-           "RouteRule", "RuleTable", "cache", "iter_cached", "normalise_template", "policy_for", "route_label",
-           "rule_matches"]
+           "RouteRule", "RuleTable", "cache", "check_rules_used", "iter_cached", "normalise_template", "policy_for",
+           "route_label", "rule_matches"]
 
 SPEC_ATTRIBUTE = "__cachemw__"
 _PARAM = re.compile(r"{([^{}:]+)(?::[^{}]*)?}")
@@ -303,6 +303,18 @@ def policy_for(template: str, endpoint: object, settings: Settings) -> tuple[Pol
         if rule_matches(rule, template):
             return rule.policy, rule.source
     return None, "default"
+
+
+def check_rules_used(settings: Settings, used: Collection[int], rules: Sequence[RouteRule]) -> None:
+    """A file rule that matches no route is a mistake (a typo, a renamed route), not a rule for later:
+    a ConfigError naming the file, the rule and every route it could have meant. ``used``: the
+    indexes of the rules that match some route."""
+    for file_rule in settings.rules:
+        if file_rule.index not in used:
+            known = ", ".join(rule.template for rule in rules) or "(none)"
+            file_name, _, number = file_rule.source.rpartition(" rule ")
+            raise ConfigError(f"{file_name}: rule {number} (route {file_rule.route!r}): field 'route': matches "
+                              f"no route of the app; its routes are: {known}")
 
 
 def iter_cached(table: RuleTable) -> Iterator[RouteRule]:

@@ -12,8 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from cachemw.core.policy import ConfigError
-from cachemw.core.rules import RouteRule, RuleTable, policy_for, route_label, rule_matches
+from cachemw.core.rules import RouteRule, RuleTable, check_rules_used, policy_for, route_label, rule_matches
 from cachemw.core.settings import Settings
 
 __all__ = ["find_flask_app", "route_table", "template_of"]
@@ -55,12 +54,7 @@ def route_table(app: Any, settings: Settings) -> RuleTable:
                          name=werkzeug_rule.endpoint, policy=policy, source=source, label=route_label(template))
         rules.append(rule)
         by_rule[id(werkzeug_rule)] = rule
-    for file_rule in settings.rules:
-        if file_rule.index not in used:
-            known = ", ".join(rule.template for rule in rules) or "(none)"
-            file_name, _, number = file_rule.source.rpartition(" rule ")
-            raise ConfigError(f"{file_name}: rule {number} (route {file_rule.route!r}): field 'route': matches "
-                              f"no route of the app; its routes are: {known}")
+    check_rules_used(settings, used, rules)
     return RuleTable(rules, (), warnings, find=_finder(url_map, by_rule))
 
 

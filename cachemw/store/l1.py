@@ -62,7 +62,12 @@ class L1:
         if slot is None or slot.epoch != self._epoch or slot.primary_until <= self._clock():
             self.misses += 1
             return None
-        self._slots.move_to_end(key)
+        # Not contextlib.suppress: this is the hot path. A WSGI request thread reads here too, and
+        # the loop's thread may drop the key meanwhile.
+        try:  # noqa: SIM105
+            self._slots.move_to_end(key)
+        except KeyError:
+            pass
         self.hits += 1
         return slot.entry
 

@@ -15,7 +15,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
-import math
 import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -23,7 +22,6 @@ from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 __all__ = ["BackgroundLoop"]
 
@@ -50,7 +48,7 @@ class BackgroundLoop:
         self.failure: BaseException | None = None  # why startup failed
         self._ready = threading.Event()
         self._stop: anyio.Event | None = None
-        self._spawns: MemoryObjectSendStream[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     @property
     def alive(self) -> bool:
@@ -81,33 +79,30 @@ class BackgroundLoop:
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = anyio.Event()
-        # A loop callback is not a task, and anyio starts tasks only from tasks: what other threads
-        # hand over (``spawn``) is started by this one, which waits for it.
-        self._spawns, spawned = anyio.create_memory_object_stream[tuple[Callable[..., Any], tuple[Any, ...]]](
-            math.inf)
         async with anyio.create_task_group() as task_group:
             self.task_group = task_group
-            task_group.start_soon(self._start_spawned, task_group, spawned)
             await self._startup(task_group)
             self._ready.set()
             await self._stop.wait()
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
             task_group.cancel_scope.cancel()
-        self._spawns.close()
-
-    @staticmethod
-    async def _start_spawned(task_group: TaskGroup,
-                             spawned: MemoryObjectReceiveStream[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
-        with spawned:
-            async for function, args in spawned:
-                task_group.start_soon(function, *args)
 
     def spawn(self, function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        """Start ``function(*args)`` as a task on the loop, from any thread; returns at once."""
-        spawns = self._spawns
-        assert self.loop is not None and spawns is not None
-        self.loop.call_soon_threadsafe(spawns.send_nowait, (function, args))
+        """Start ``function(*args)`` as a task on the loop, from any thread; returns at once.
+
+        A plain asyncio task, not one of the task group's: a loop callback is not a task,
+        and anyio starts tasks only from tasks; this is also the cheapest hop there is
+        (anyio's cancel scopes work inside it all the same).
+        """
+        loop = self.loop
+        assert loop is not None
+        loop.call_soon_threadsafe(self._create_task, function, args)
+
+    def _create_task(self, function: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...]) -> None:
+        task = asyncio.ensure_future(function(*args))
+        self._tasks.add(task)  # referenced until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
     def call(self, function: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Run ``function(*args)`` on the loop from another thread and wait for its result (or exception)."""

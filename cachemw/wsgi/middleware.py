@@ -39,6 +39,7 @@ from cachemw.store.base import Store
 from cachemw.writebehind import WriteBehind
 from cachemw.wsgi.environ import scope_of
 from cachemw.wsgi.exchange import DONE, RAISED, Exchange, ThreadedApp, current_exchange, respond
+from cachemw.wsgi.hits import ThreadHits, blocking_client
 from cachemw.wsgi.loop import BackgroundLoop
 
 __all__ = ["CacheMiddleware"]
@@ -80,6 +81,9 @@ class CacheMiddleware(CacheShell):
         by_environ = identity
         asgi_identity = None if by_environ is None else (
             lambda connection: by_environ(_environ_of(connection)))
+        self._thread_identity = None if by_environ is None else (
+            lambda headers, scope: by_environ(scope["cachemw.environ"]))
+        self._hits: ThreadHits | None = None
         self.cache = AsgiCacheMiddleware(
             self._threaded, config=config, redis_url=redis_url, store=store, key_prefix=key_prefix,
             identity=asgi_identity, settings=settings, access_log_json=access_log_json,
@@ -129,9 +133,11 @@ class CacheMiddleware(CacheShell):
 
     def close(self) -> None:
         """Drain the background work and stop the cache's loop (also done at interpreter exit)."""
-        loop = self._loop
+        loop, hits = self._loop, self._hits
         if loop is not None:
             loop.stop()
+        if hits is not None and hits.client is not None:
+            hits.client.close()
 
     # -- WSGI --------------------------------------------------------------------------------------
 
@@ -141,9 +147,15 @@ class CacheMiddleware(CacheShell):
         enter(self)  # current_cache(), invalidate() and detach() in the view's thread reach this cache
         self.cache.supervisor.bind()
         scope = scope_of(environ)
-        if table is None or table.match_scope(scope) is None:
+        match = None if table is None else table.match_scope(scope)
+        if match is None:
             return self.app(environ, start_response)
         scope["cachemw.environ"] = environ
+        hits = self._hits
+        if hits is not None:
+            answered = hits.answer(scope, match, start_response)
+            if answered is not None:
+                return answered
         asyncio_loop = loop.loop
         assert asyncio_loop is not None
         exchange = Exchange(environ, scope, asyncio_loop)
@@ -188,6 +200,9 @@ class CacheMiddleware(CacheShell):
                 supervisor = self.cache.supervisor
                 supervisor.hop = loop.call_sync
                 supervisor.home_thread = loop.thread_id
+                runtime, asyncio_loop = self.cache.runtime, loop.loop
+                if runtime is not None and asyncio_loop is not None:
+                    self._hits = ThreadHits(runtime, blocking_client(runtime), asyncio_loop, self._thread_identity)
         return loop
 
     async def _startup(self, task_group: TaskGroup) -> None:
@@ -254,8 +269,8 @@ def _route_table_for(app: object) -> Callable[[Settings], RuleTable]:
     if "django" in sys.modules and _is_django_handler(app):
         import importlib
 
-        django_routes: Callable[[Settings], RuleTable] = importlib.import_module(
-            "cachemw.frameworks.django").route_table
+        django_routes: Callable[[Settings], RuleTable] = functools.partial(
+            importlib.import_module("cachemw.frameworks.django").route_table, wsgi=True)  # PATH_INFO is resolved
         return django_routes
     raise TypeError(f"cachemw: cannot find the routes of {app!r}: it is neither a Flask app nor Django's "
                     "WSGI handler. HINT: pass route_table=, a function of the settings that returns a RuleTable")
