@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import eventually_sync
 from tests.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +111,16 @@ def run_sample_app(workdir: Path, redis_url: str | None = None, args: Sequence[s
     assert proc.returncode in clean, f"sample app exited with {proc.returncode}:\n{server.log()}"
     assert stopped is None or stopped in server.log(), server.log()
     assert "Traceback" not in server.log(), server.log()
+
+
+def answers_until_hit(client: httpx.Client, path: str, within: float) -> list[httpx.Response]:
+    """GET ``path`` until the answer is a HIT (the copy is stored after the response, in the background)."""
+    answers: list[httpx.Response] = []
+
+    def answered_from_the_cache() -> bool:
+        answers.append(client.get(path))
+        state: str | None = answers[-1].headers.get("x-cache")
+        return state == "HIT"
+
+    eventually_sync(answered_from_the_cache, within=within, what=f"a HIT for {path}")
+    return answers

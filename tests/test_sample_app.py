@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from tests.budgets import Budgets
-from tests.helpers import eventually_sync
-from tests.sample_server import KEY_PREFIX, Server, run_sample_app
+from tests.sample_checks import (
+    cache_state,
+    carts_are_per_session_and_never_cached,
+    product_miss_then_hit,
+    stats_cached_by_file_rule,
+    unknown_product_is_404,
+)
+from tests.sample_server import Server, run_sample_app
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +40,6 @@ def store_server(request: pytest.FixtureRequest, server: Server, tmp_path: Path)
         yield running
 
 
-def _cache(response: httpx.Response) -> str | None:
-    value: str | None = response.headers.get("x-cache")
-    return value
-
-
 def test_index_lists_routes(server: Server) -> None:
     with server.client() as client:
         response = client.get("/")
@@ -51,101 +50,19 @@ def test_index_lists_routes(server: Server) -> None:
 
 
 def test_product_miss_then_hit(store_server: Server, budgets: Budgets) -> None:
-    before = store_server.queries()["product"]
-    with store_server.client() as client:
-        first = client.get("/products/1")
-        # The copy is stored after the response, in the background: until it is, a request
-        # shares the fill in flight (a collapsed MISS), never running the query again.
-        later: list[httpx.Response] = []
-
-        def answered_from_the_cache() -> bool:
-            later.append(client.get("/products/1"))
-            return _cache(later[-1]) == "HIT"
-
-        eventually_sync(answered_from_the_cache, within=budgets.condition, what="a HIT for /products/1")
-    second = later[-1]
-    assert first.status_code == second.status_code == 200
-    assert _cache(first) == "MISS"
-    assert all(answer.content == first.content and answer.status_code == 200 for answer in later)
-    assert first.json()["id"] == 1
-    assert second.headers["etag"] == first.headers["etag"]
-    assert "age" in second.headers
-    assert store_server.queries()["product"] - before == 1, "the slow query must run once"
-
-    if store_server.redis_url is None:
-        assert "store in-process memory" in store_server.log()
-    else:
-        assert f"store Redis at {store_server.redis_url}" in store_server.log()
-        with redis.Redis.from_url(store_server.redis_url) as direct:
-            assert list(direct.scan_iter(match=f"{KEY_PREFIX}*")), "the entry must be in Redis"
+    product_miss_then_hit(store_server, budgets)
 
 
 def test_unknown_product_is_404(server: Server) -> None:
-    with server.client() as client:
-        response = client.get("/products/999")
-    assert response.status_code == 404
-    assert response.json() == {"error": "no product 999"}
+    unknown_product_is_404(server)
 
 
 def test_stats_cached_by_file_rule(server: Server, budgets: Budgets) -> None:
-    before = server.queries()["stats"]
-    with server.client() as client:
-        first = client.get("/stats")
-        after_miss = server.queries()["stats"]
-        later: list[httpx.Response] = []
-
-        def answered_from_the_cache() -> bool:  # the copy is stored after the response
-            later.append(client.get("/stats"))
-            return _cache(later[-1]) == "HIT"
-
-        eventually_sync(answered_from_the_cache, within=budgets.condition, what="a HIT for /stats")
-    second = later[-1]
-    assert first.status_code == second.status_code == 200
-    assert _cache(first) == "MISS"
-    assert all(answer.content == first.content for answer in later)
-    assert after_miss - before >= 2, "stats should take several queries"
-    assert server.queries()["stats"] == after_miss, "a hit must not query"
-
-
-def _items(response: httpx.Response) -> list[tuple[int, int]]:
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return [(item["product_id"], item["qty"]) for item in body["items"]]
+    stats_cached_by_file_rule(server, budgets)
 
 
 def test_carts_are_per_session_and_never_cached(server: Server) -> None:
-    responses: list[httpx.Response] = []
-    with server.client() as alice, server.client() as bob:
-        for client in (alice, bob):
-            first = client.get("/cart")
-            responses.append(first)
-            assert _items(first) == []
-            cookie = first.headers["set-cookie"].lower()
-            assert cookie.startswith("session=")
-            assert "httponly" in cookie
-            assert "samesite=lax" in cookie
-            assert "path=/cart" in cookie  # so product pages stay cacheable for shoppers
-        assert alice.cookies["session"] != bob.cookies["session"]
-
-        responses.append(alice.post("/cart/items", json={"product_id": 1, "qty": 2}))
-        responses.append(bob.post("/cart/items", json={"product_id": 2, "qty": 1}))
-        for _ in range(2):
-            responses.append(alice.get("/cart"))
-            assert _items(responses[-1]) == [(1, 2)]
-            responses.append(bob.get("/cart"))
-            assert _items(responses[-1]) == [(2, 1)]
-
-        # Real time: a change is visible on the very next read.
-        responses.append(alice.post("/cart/items", json={"product_id": 1, "qty": 1}))
-        responses.append(alice.get("/cart"))
-        assert _items(responses[-1]) == [(1, 3)]
-
-        assert alice.post("/cart/items", json={"product_id": 999, "qty": 1}).status_code == 404
-        assert alice.post("/cart/items", json={"product_id": 1, "qty": 0}).status_code == 422
-
-    for response in responses:
-        assert response.status_code == 200, response.text
-        assert _cache(response) not in ("HIT", "STALE"), f"{response.request.url}: {response.headers}"
+    carts_are_per_session_and_never_cached(server)
 
 
 def test_fastapi_route(server: Server) -> None:
@@ -155,7 +72,7 @@ def test_fastapi_route(server: Server) -> None:
         invalid = client.get("/api/products/abc")
         missing = client.get("/api/products/999")
     assert first.status_code == second.status_code == 200
-    assert (_cache(first), _cache(second)) == ("MISS", "HIT")
+    assert (cache_state(first), cache_state(second)) == ("MISS", "HIT")
     assert second.content == first.content
     assert first.json()["name"] == "Espresso cup"
     assert invalid.status_code == 422
