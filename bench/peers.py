@@ -545,8 +545,9 @@ _BREAKDOWN = [
     ("GuardedStore.lock", "miss: GuardedStore.lock (the lock attempt under the store budget)"),
     ("RequestHandler.forward", "miss: the app behind the middleware (routing, handler, serialization)"),
     ("serve", "answer from the cache: serve (uvicorn's send, socket writes)"),
-    ("RequestHandler.http", None),  # split by what runs inside it: see breakdown()
-    ("CacheMiddleware.__call__", "CacheMiddleware.__call__ around RequestHandler.http"),
+    # RequestHandler.http only picks the step's coroutine (look_up, bypass, unsafe), which the middleware awaits.
+    ("RequestHandler.", None),  # split by what runs inside it: see breakdown()
+    ("CacheMiddleware.__call__", "CacheMiddleware.__call__ around RequestHandler"),
     ("HttpToolsProtocol", "uvicorn: HTTP parsing, starting the request task"),
     ("RequestResponseCycle.run_asgi", "the request outside cachemw (framework layers, app)"),
 ]
@@ -562,11 +563,11 @@ def breakdown(collapsed: Path, limit: int = 12) -> list[tuple[float, str]]:
             at = next((i for i, f in enumerate(frames) if pattern in f), None)
             if at is None:
                 continue
-            if label is None:  # inside RequestHandler.http, in cachemw's own code or in the app it passes to
+            if label is None:  # inside RequestHandler, in cachemw's own code or in the app it passes to
                 inner = frames[at + 1] if at + 1 < len(frames) else ""
                 label = ("the app behind the middleware, passed through (no policy)"
                          if inner and "(cachemw/" not in inner else
-                         "rest of RequestHandler.http (route match, key, decode, freshness)")
+                         "rest of RequestHandler (key, decode, freshness)")
             name = label
             break
         if name is None:

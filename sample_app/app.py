@@ -15,13 +15,11 @@ plain to see, and ``/debug/queries`` counts the queries that really ran.
 from __future__ import annotations
 
 import os
-import re
-import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
-from typing import TypedDict, TypeGuard
+from typing import TypedDict
 
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -33,18 +31,35 @@ from cachemw import CacheMiddleware, StoreError, Write, WriteBehind, cache, load
 from cachemw.observe import metrics_app
 from cachemw.observe.dashboard import dashboard_app
 from sample_app.api import fastapi_app
-from sample_app.db import CATALOGUE, KINDS, MAX_LINE_QTY, CartLines, Database, cart_json, create_and_seed, database
+from sample_app.db import CartLines, Database, cart_json, create_and_seed, database
+from sample_app.shop import (
+    CONFIG_PATH,
+    SESSION_COOKIE,
+    SESSION_MAX_AGE,
+    SESSION_PATH,
+    BadInput,
+    cart_item,
+    env_db_path,
+    env_delay,
+    index_text,
+    queries_json,
+    session_of,
+    with_item,
+)
 
 __all__ = ["CONFIG_PATH", "SESSION_COOKIE", "create_app"]
 
-CONFIG_PATH = Path(__file__).with_name("cachemw.toml")
-SESSION_COOKIE = "session"  # the cookie cachemw's default identity reads, too
-# The cookie is only sent to the cart routes: cachemw never answers a request
-# that carries credentials from a shared entry, so a site-wide cookie would turn
-# every product page into a miss for anyone who has a cart.
-_SESSION_PATH = "/cart"
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
-_SESSION_MAX_AGE = 30 * 24 * 3600
+ROUTES = (
+    'GET  /products/{id}          a product; @cache("minutes") on the handler',
+    'GET  /api/products/{id}      the same, as a FastAPI route; @cache(ttl="5m")',
+    'GET  /stats                  order statistics; cachemw.toml rule, policy "hours"',
+    'GET  /cart                   your cart (session cookie); cachemw.toml rule, policy "realtime"',
+    'POST /cart/items             add to your cart: {"product_id": 1, "qty": 2}; in Redis at once, SQLite later',
+    "GET  /cart/lag               the carts not yet in SQLite (write-behind backlog and lag)",
+    "GET  /debug/queries          how many slow queries really ran (never cached)",
+    "GET  /_cachemw/              cachemw's dashboard: routes, hit ratios, queue, purge buttons (from this machine)",
+    "GET  /metrics                cachemw's metrics for Prometheus",
+)
 
 
 class State(TypedDict):
@@ -77,29 +92,7 @@ def carts(request: Request) -> WriteBehind[CartLines]:
 async def index(request: Request) -> Response:
     """What to try, with the server's own address, so the commands can be pasted as they are."""
     base = str(request.base_url).rstrip("/")
-    return PlainTextResponse(
-        f"""cachemw sample app
-
-GET  /products/{{id}}          a product; @cache("minutes") on the handler
-GET  /api/products/{{id}}      the same, as a FastAPI route; @cache(ttl="5m")
-GET  /stats                  order statistics; cachemw.toml rule, policy "hours"
-GET  /cart                   your cart (session cookie); cachemw.toml rule, policy "realtime"
-POST /cart/items             add to your cart: {{"product_id": 1, "qty": 2}}; in Redis at once, SQLite later
-GET  /cart/lag               the carts not yet in SQLite (write-behind backlog and lag)
-GET  /debug/queries          how many slow queries really ran (never cached)
-GET  /_cachemw/              cachemw's dashboard: routes, hit ratios, queue, purge buttons (from this machine)
-GET  /metrics                cachemw's metrics for Prometheus
-
-Every query takes {database(request).delay:g} s. Try:
-
-  curl -si {base}/products/1 | grep -iE 'x-cache|age|etag'     # twice: MISS, then HIT
-  curl -s {base}/debug/queries                                  # the product query ran once
-  time curl -s {base}/stats > /dev/null                         # twice: slow, then instant
-  curl -s -c jar -b jar {base}/cart/items -H 'content-type: application/json' \\
-       -d '{{"product_id": 2, "qty": 1}}'
-  curl -si -c jar -b jar {base}/cart                            # never from the cache
-"""
-    )
+    return PlainTextResponse(index_text("cachemw sample app", ROUTES, database(request).delay, base))
 
 
 @cache("minutes", tags=["product:{id}"])
@@ -118,11 +111,7 @@ async def stats(request: Request) -> Response:
 
 
 def _session(request: Request) -> tuple[str, bool]:
-    """The visitor's session id, and whether it is new (then the response must set it)."""
-    sid = request.cookies.get(SESSION_COOKIE, "")
-    if _SESSION_ID.fullmatch(sid):
-        return sid, False
-    return secrets.token_urlsafe(18), True
+    return session_of(request.cookies.get(SESSION_COOKIE))
 
 
 def _with_session(request: Request, response: Response, sid: str, new: bool) -> Response:
@@ -130,8 +119,8 @@ def _with_session(request: Request, response: Response, sid: str, new: bool) -> 
         response.set_cookie(
             SESSION_COOKIE,
             sid,
-            max_age=_SESSION_MAX_AGE,
-            path=_SESSION_PATH,
+            max_age=SESSION_MAX_AGE,
+            path=SESSION_PATH,
             httponly=True,
             samesite="lax",
             secure=request.url.scheme == "https",  # plain http on localhost must still work
@@ -160,23 +149,17 @@ async def cart_add(request: Request) -> Response:
         body = await request.json()
     except ValueError:
         return JSONResponse({"error": "the body must be JSON"}, status_code=400)
-    if not isinstance(body, dict):
-        return JSONResponse({"error": 'expected {"product_id": n, "qty": n}'}, status_code=422)
-    product_id, qty = body.get("product_id"), body.get("qty", 1)
-    if not _is_int(product_id) or not _is_int(qty) or not 1 <= qty <= MAX_LINE_QTY:
-        return JSONResponse(
-            {"error": f'expected {{"product_id": n, "qty": n}} with qty from 1 to {MAX_LINE_QTY}'},
-            status_code=422,
-        )
-    if product_id not in CATALOGUE:
-        return JSONResponse({"error": f"no product {product_id}"}, status_code=404)
+    try:
+        product_id, qty = cart_item(body)
+    except BadInput as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
     sid, new = _session(request)
     db = database(request)
 
     async def add(lines: CartLines | None) -> CartLines:
         if lines is None:
             lines = await db.cart_lines(sid)  # not in Redis: start from what the database has
-        return {**lines, str(product_id): min(lines.get(str(product_id), 0) + qty, MAX_LINE_QTY)}
+        return with_item(lines, product_id, qty)
 
     try:
         # Read, add, write if nobody else wrote the cart meanwhile (another tab, another server), else again.
@@ -195,25 +178,9 @@ async def cart_lag(request: Request) -> Response:
     return JSONResponse(status.as_dict())
 
 
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 async def debug_queries(request: Request) -> Response:
     """Queries run so far, per kind; no rule matches it, so it always shows the live count."""
-    counts = database(request).counts
-    return JSONResponse({**{kind: counts[kind] for kind in KINDS}, "total": sum(counts.values())})
-
-
-def _db_delay() -> float:
-    raw = os.environ.get("SAMPLE_DB_DELAY", "0.3")
-    try:
-        delay = float(raw)
-    except ValueError:
-        delay = -1.0
-    if not 0 <= delay < 60:
-        raise ValueError(f"SAMPLE_DB_DELAY={raw!r}: expected a number of seconds from 0 to 60")
-    return delay
+    return JSONResponse(queries_json(await database(request).counts()))
 
 
 def create_app(*, db_path: str | os.PathLike[str] | None = None, db_delay: float | None = None) -> Starlette:
@@ -223,8 +190,8 @@ def create_app(*, db_path: str | os.PathLike[str] | None = None, db_delay: float
     every start, so demos repeat), else a file in a temporary directory removed at
     shutdown; ``db_delay`` defaults to ``SAMPLE_DB_DELAY``.
     """
-    path_setting = db_path if db_path is not None else os.environ.get("SAMPLE_DB_PATH") or None
-    delay = _db_delay() if db_delay is None else db_delay
+    path_setting = db_path if db_path is not None else env_db_path()
+    delay = env_delay() if db_delay is None else db_delay
     cart_store = _Carts()
 
     @asynccontextmanager

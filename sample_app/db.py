@@ -1,9 +1,11 @@
 """A deliberately slow SQLite database, so a cache hit is visibly faster than a miss.
 
-Every query opens its own connection inside a worker thread (``sqlite3`` objects
-must not cross threads) and sleeps ``delay`` seconds there first, standing in for
-a busy database server. Queries are counted per kind in process memory so a user
-can see, at ``/debug/queries``, that a cached route ran its query once.
+Every query opens its own connection (``sqlite3`` objects must not cross threads)
+and sleeps ``delay`` seconds first, standing in for a busy database server.
+``Queries`` runs them in the caller's thread (the Flask shop's request threads),
+``Database`` in worker threads (the async shop). Queries are counted per kind in
+the database itself, so a user can see at ``/debug/queries`` that a cached route
+ran its query once, whichever worker process answered.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import Any, Literal
 import anyio.to_thread
 from starlette.requests import HTTPConnection
 
-__all__ = ["CATALOGUE", "KINDS", "MAX_LINE_QTY", "CartLines", "Database", "Kind", "cart_json", "create_and_seed",
-           "database", "product_json"]
+__all__ = ["CATALOGUE", "KINDS", "MAX_LINE_QTY", "CartLines", "Database", "Kind", "Queries", "cart_json",
+           "create_and_seed", "database", "product_json"]
 
 Kind = Literal["product", "stats", "cart"]
 KINDS: tuple[Kind, ...] = ("product", "stats", "cart")
@@ -42,6 +44,7 @@ DROP TABLE IF EXISTS cart_items;
 DROP TABLE IF EXISTS carts;
 DROP TABLE IF EXISTS orders;
 DROP TABLE IF EXISTS products;
+DROP TABLE IF EXISTS query_counts;
 CREATE TABLE products (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -66,6 +69,10 @@ CREATE TABLE cart_items (
     qty INTEGER NOT NULL,
     PRIMARY KEY (session, product_id)
 );
+CREATE TABLE query_counts (
+    kind TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+);
 """
 
 
@@ -88,68 +95,74 @@ def create_and_seed(path: Path, *, orders: int = 500, seed: int = 2007) -> None:
         with conn:
             conn.executemany("INSERT INTO products (id, name, price_cents) VALUES (?, ?, ?)", PRODUCTS)
             conn.executemany("INSERT INTO orders (product_id, qty, created_at) VALUES (?, ?, ?)", order_rows)
+            conn.executemany("INSERT INTO query_counts (kind, n) VALUES (?, 0)", [(kind,) for kind in KINDS])
 
 
-class Database:
-    """Runs each query in a worker thread on a fresh connection, after an artificial delay.
+class Queries:
+    """The shop's queries, blocking: each on a fresh connection, after an artificial delay.
 
-    ``counts`` is only touched on the event loop thread, so it needs no lock.
+    A sync app (the Flask shop) calls these in its request threads; ``Database`` runs
+    them in worker threads for the async one. Each counts itself in the database, so
+    every worker process of a server (and every server on one file) shares one count.
     """
 
     def __init__(self, path: Path, delay: float) -> None:
         self.path = path
         self.delay = delay
-        self.counts: dict[Kind, int] = dict.fromkeys(KINDS, 0)
-
-    async def fetch(self, kind: Kind, sql: str, params: Sequence[object] = ()) -> list[Row]:
-        """Rows as plain dicts, built in the worker thread so no sqlite3 object leaves it."""
-        self.counts[kind] += 1
-        return await anyio.to_thread.run_sync(self._fetch, sql, tuple(params))
-
-    async def execute(self, kind: Kind, sql: str, params: Sequence[object] = ()) -> int:
-        """Run one write in its own transaction; returns the number of rows changed."""
-        self.counts[kind] += 1
-        return await anyio.to_thread.run_sync(self._execute, sql, tuple(params))
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=10)
         conn.row_factory = sqlite3.Row
         return conn
 
-    def _fetch(self, sql: str, params: tuple[object, ...]) -> list[Row]:
+    def fetch(self, kind: Kind, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        """Rows as plain dicts, so no sqlite3 object leaves the thread that ran the query."""
         time.sleep(self.delay)
         with closing(self._connect()) as conn:
-            return [dict(row) for row in conn.execute(sql, params)]
+            with conn:  # the count commits on its own: a read is not held up by the cart writes
+                _count(conn, kind)
+            return [dict(row) for row in conn.execute(sql, tuple(params))]
 
-    def _execute(self, sql: str, params: tuple[object, ...]) -> int:
+    def execute(self, kind: Kind, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one write in its own transaction; returns the number of rows changed."""
         time.sleep(self.delay)
         with closing(self._connect()) as conn, conn:  # the inner `conn` commits or rolls back
-            return conn.execute(sql, params).rowcount
+            _count(conn, kind)
+            return conn.execute(sql, tuple(params)).rowcount
+
+    def counts(self) -> dict[Kind, int]:
+        """Queries run so far, per kind (not delayed, not counted: it is the app's debug view)."""
+        with closing(self._connect()) as conn:
+            found = {row["kind"]: row["n"] for row in conn.execute("SELECT kind, n FROM query_counts")}
+        return {kind: int(found.get(kind, 0)) for kind in KINDS}
 
     # The app's queries. SQL lives here so the HTTP modules only shape responses.
 
-    async def product(self, product_id: int) -> Row | None:
+    def product(self, product_id: int) -> Row | None:
         """One product, or None; a single slow query."""
-        rows = await self.fetch(
-            "product", "SELECT id, name, price_cents FROM products WHERE id = ?", (product_id,)
-        )
+        rows = self.fetch("product", "SELECT id, name, price_cents FROM products WHERE id = ?", (product_id,))
         return product_json(rows[0]) if rows else None
 
-    async def stats(self) -> Row:
+    def set_price(self, product_id: int, price_cents: int) -> bool:
+        """A new price; False if there is no such product."""
+        return self.execute("product", "UPDATE products SET price_cents = ? WHERE id = ?",
+                            (price_cents, product_id)) > 0
+
+    def stats(self) -> Row:
         """Aggregates over every order: several slow queries, the kind of page worth caching for hours."""
-        totals = (await self.fetch(
+        totals = self.fetch(
             "stats",
             "SELECT COUNT(*) AS orders, COALESCE(SUM(o.qty), 0) AS items,"
             " COALESCE(SUM(o.qty * p.price_cents), 0) AS revenue_cents"
             " FROM orders o JOIN products p ON p.id = o.product_id",
-        ))[0]
-        top = await self.fetch(
+        )[0]
+        top = self.fetch(
             "stats",
             "SELECT p.id, p.name, SUM(o.qty) AS sold FROM orders o JOIN products p ON p.id = o.product_id"
             " GROUP BY p.id ORDER BY sold DESC, p.id LIMIT 3",
         )
         since = (datetime.now(timezone.utc) - timedelta(days=6)).date().isoformat()
-        days = await self.fetch(
+        days = self.fetch(
             "stats",
             "SELECT substr(created_at, 1, 10) AS day, COUNT(*) AS orders FROM orders"
             " WHERE created_at >= ? GROUP BY day ORDER BY day",
@@ -166,26 +179,23 @@ class Database:
             "generated_at": _now(),
         }
 
-    async def cart_lines(self, session: str) -> CartLines:
+    def cart_lines(self, session: str) -> CartLines:
         """A cart as the database has it (``{product_id: qty}``): read when Redis has no copy."""
-        rows = await self.fetch(
+        rows = self.fetch(
             "cart", "SELECT product_id, qty FROM cart_items WHERE session = ? ORDER BY product_id", (session,)
         )
         return {str(row["product_id"]): row["qty"] for row in rows}
 
-    async def save_carts(self, carts: Sequence[tuple[str, int, CartLines]]) -> None:
+    def save_carts(self, carts: Sequence[tuple[str, int, CartLines]]) -> None:
         """Write-behind flush: each ``(session, version, lines)`` in one transaction, newer versions only.
 
         Idempotent and never backwards, as write-behind requires: the carts row is
         updated only by a higher version, and the lines are replaced only then.
         """
-        self.counts["cart"] += 1
-        await anyio.to_thread.run_sync(self._save_carts, list(carts))
-
-    def _save_carts(self, carts: list[tuple[str, int, CartLines]]) -> None:
         time.sleep(self.delay)
         now = _now()
         with closing(self._connect()) as conn, conn:
+            _count(conn, "cart")
             for session, version, lines in carts:
                 changed = conn.execute(
                     "INSERT INTO carts (session, version, updated_at) VALUES (?, ?, ?)"
@@ -199,6 +209,34 @@ class Database:
                         "INSERT INTO cart_items (session, product_id, qty) VALUES (?, ?, ?)",
                         [(session, int(product_id), qty) for product_id, qty in lines.items()],
                     )
+
+
+def _count(conn: sqlite3.Connection, kind: Kind) -> None:
+    conn.execute("UPDATE query_counts SET n = n + 1 WHERE kind = ?", (kind,))
+
+
+class Database:
+    """``Queries`` for an async app: each runs in a worker thread (``sqlite3`` objects must not cross threads)."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        self.queries = Queries(path, delay)
+        self.path = path
+        self.delay = delay
+
+    async def counts(self) -> dict[Kind, int]:
+        return await anyio.to_thread.run_sync(self.queries.counts)
+
+    async def product(self, product_id: int) -> Row | None:
+        return await anyio.to_thread.run_sync(self.queries.product, product_id)
+
+    async def stats(self) -> Row:
+        return await anyio.to_thread.run_sync(self.queries.stats)
+
+    async def cart_lines(self, session: str) -> CartLines:
+        return await anyio.to_thread.run_sync(self.queries.cart_lines, session)
+
+    async def save_carts(self, carts: Sequence[tuple[str, int, CartLines]]) -> None:
+        await anyio.to_thread.run_sync(self.queries.save_carts, list(carts))
 
 
 MAX_LINE_QTY = 999

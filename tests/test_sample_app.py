@@ -6,111 +6,21 @@ This is what a user does after reading the README, so it runs the real server
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from tests.budgets import Budgets
-from tests.helpers import eventually_sync
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-START_DEADLINE = 30.0  # seconds for the server to answer after spawning
-STOP_DEADLINE = 10.0  # seconds for a graceful shutdown before SIGKILL
-DB_DELAY = "0.05"
-KEY_PREFIX = "cachemw-sample"  # sample_app/cachemw.toml
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    log_path: Path
-    redis_url: str | None  # None: the in-process memory store
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=10.0)
-
-    def queries(self) -> dict[str, int]:
-        with self.client() as client:
-            response = client.get("/debug/queries")
-        assert response.status_code == 200, response.text
-        assert "x-cache" not in response.headers, "/debug/queries must never be cached"
-        counts: dict[str, int] = response.json()
-        return counts
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until_ready(proc: subprocess.Popen[bytes], server: Server) -> None:
-    deadline = time.monotonic() + START_DEADLINE
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"sample app exited with {proc.returncode} before answering:\n{server.log()}")
-        try:
-            if httpx.get(server.url + "/debug/queries", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)  # a poll interval, not a wait for readiness
-    pytest.fail(f"sample app did not answer within {START_DEADLINE}s:\n{server.log()}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_DEADLINE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
-def run_sample_app(workdir: Path, redis_url: str | None = None) -> Iterator[Server]:
-    """Serve the sample app on a free port; always stopped (and killed if it hangs) on exit."""
-    env = dict(os.environ, SAMPLE_DB_DELAY=DB_DELAY, SAMPLE_DB_PATH=str(workdir / "sample.sqlite3"))
-    env.pop("CACHEMW_REDIS_URL", None)  # memory unless asked: never a Redis from the caller's shell
-    if redis_url is not None:
-        env["CACHEMW_REDIS_URL"] = redis_url
-    port = _free_port()
-    server = Server(url=f"http://127.0.0.1:{port}", log_path=workdir / "server.log", redis_url=redis_url)
-    with server.log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sample_app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_until_ready(proc, server)
-            yield server
-        finally:
-            _stop(proc)
-    # Reached only when the test passed: a clean shutdown is part of the contract.
-    # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully.
-    clean = (0, -signal.SIGTERM)
-    assert proc.returncode in clean, f"sample app exited with {proc.returncode}:\n{server.log()}"
-    assert "Application shutdown complete" in server.log(), server.log()
+from tests.sample_checks import (
+    cache_state,
+    carts_are_per_session_and_never_cached,
+    product_miss_then_hit,
+    stats_cached_by_file_rule,
+    unknown_product_is_404,
+)
+from tests.sample_server import Server, run_sample_app
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +40,6 @@ def store_server(request: pytest.FixtureRequest, server: Server, tmp_path: Path)
         yield running
 
 
-def _cache(response: httpx.Response) -> str | None:
-    value: str | None = response.headers.get("x-cache")
-    return value
-
-
 def test_index_lists_routes(server: Server) -> None:
     with server.client() as client:
         response = client.get("/")
@@ -145,101 +50,19 @@ def test_index_lists_routes(server: Server) -> None:
 
 
 def test_product_miss_then_hit(store_server: Server, budgets: Budgets) -> None:
-    before = store_server.queries()["product"]
-    with store_server.client() as client:
-        first = client.get("/products/1")
-        # The copy is stored after the response, in the background: until it is, a request
-        # shares the fill in flight (a collapsed MISS), never running the query again.
-        later: list[httpx.Response] = []
-
-        def answered_from_the_cache() -> bool:
-            later.append(client.get("/products/1"))
-            return _cache(later[-1]) == "HIT"
-
-        eventually_sync(answered_from_the_cache, within=budgets.condition, what="a HIT for /products/1")
-    second = later[-1]
-    assert first.status_code == second.status_code == 200
-    assert _cache(first) == "MISS"
-    assert all(answer.content == first.content and answer.status_code == 200 for answer in later)
-    assert first.json()["id"] == 1
-    assert second.headers["etag"] == first.headers["etag"]
-    assert "age" in second.headers
-    assert store_server.queries()["product"] - before == 1, "the slow query must run once"
-
-    if store_server.redis_url is None:
-        assert "store in-process memory" in store_server.log()
-    else:
-        assert f"store Redis at {store_server.redis_url}" in store_server.log()
-        with redis.Redis.from_url(store_server.redis_url) as direct:
-            assert list(direct.scan_iter(match=f"{KEY_PREFIX}*")), "the entry must be in Redis"
+    product_miss_then_hit(store_server, budgets)
 
 
 def test_unknown_product_is_404(server: Server) -> None:
-    with server.client() as client:
-        response = client.get("/products/999")
-    assert response.status_code == 404
-    assert response.json() == {"error": "no product 999"}
+    unknown_product_is_404(server)
 
 
 def test_stats_cached_by_file_rule(server: Server, budgets: Budgets) -> None:
-    before = server.queries()["stats"]
-    with server.client() as client:
-        first = client.get("/stats")
-        after_miss = server.queries()["stats"]
-        later: list[httpx.Response] = []
-
-        def answered_from_the_cache() -> bool:  # the copy is stored after the response
-            later.append(client.get("/stats"))
-            return _cache(later[-1]) == "HIT"
-
-        eventually_sync(answered_from_the_cache, within=budgets.condition, what="a HIT for /stats")
-    second = later[-1]
-    assert first.status_code == second.status_code == 200
-    assert _cache(first) == "MISS"
-    assert all(answer.content == first.content for answer in later)
-    assert after_miss - before >= 2, "stats should take several queries"
-    assert server.queries()["stats"] == after_miss, "a hit must not query"
-
-
-def _items(response: httpx.Response) -> list[tuple[int, int]]:
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return [(item["product_id"], item["qty"]) for item in body["items"]]
+    stats_cached_by_file_rule(server, budgets)
 
 
 def test_carts_are_per_session_and_never_cached(server: Server) -> None:
-    responses: list[httpx.Response] = []
-    with server.client() as alice, server.client() as bob:
-        for client in (alice, bob):
-            first = client.get("/cart")
-            responses.append(first)
-            assert _items(first) == []
-            cookie = first.headers["set-cookie"].lower()
-            assert cookie.startswith("session=")
-            assert "httponly" in cookie
-            assert "samesite=lax" in cookie
-            assert "path=/cart" in cookie  # so product pages stay cacheable for shoppers
-        assert alice.cookies["session"] != bob.cookies["session"]
-
-        responses.append(alice.post("/cart/items", json={"product_id": 1, "qty": 2}))
-        responses.append(bob.post("/cart/items", json={"product_id": 2, "qty": 1}))
-        for _ in range(2):
-            responses.append(alice.get("/cart"))
-            assert _items(responses[-1]) == [(1, 2)]
-            responses.append(bob.get("/cart"))
-            assert _items(responses[-1]) == [(2, 1)]
-
-        # Real time: a change is visible on the very next read.
-        responses.append(alice.post("/cart/items", json={"product_id": 1, "qty": 1}))
-        responses.append(alice.get("/cart"))
-        assert _items(responses[-1]) == [(1, 3)]
-
-        assert alice.post("/cart/items", json={"product_id": 999, "qty": 1}).status_code == 404
-        assert alice.post("/cart/items", json={"product_id": 1, "qty": 0}).status_code == 422
-
-    for response in responses:
-        assert response.status_code == 200, response.text
-        assert _cache(response) not in ("HIT", "STALE"), f"{response.request.url}: {response.headers}"
+    carts_are_per_session_and_never_cached(server)
 
 
 def test_fastapi_route(server: Server) -> None:
@@ -249,7 +72,7 @@ def test_fastapi_route(server: Server) -> None:
         invalid = client.get("/api/products/abc")
         missing = client.get("/api/products/999")
     assert first.status_code == second.status_code == 200
-    assert (_cache(first), _cache(second)) == ("MISS", "HIT")
+    assert (cache_state(first), cache_state(second)) == ("MISS", "HIT")
     assert second.content == first.content
     assert first.json()["name"] == "Espresso cup"
     assert invalid.status_code == 422

@@ -39,11 +39,17 @@ class Step(enum.Enum):
     FORWARD = "forward"  # the origin answers, its response is not stored (generations unknown)
 
 
+# The hits' steps as module globals: an Enum class's attribute goes through its metaclass (CPython 3.11:
+# ~930 instructions a read under callgrind, against a handful for a global), and every request reads these.
+_LOOK_UP = Step.LOOK_UP
+_SERVE = Step.SERVE
+
+
 def for_method(method: str, policy: Policy) -> tuple[Step, bytes]:
     """By the method and the route's policy: look up, invalidate, or bypass (with its Cache-Status)."""
     if method in CACHED_METHODS:
-        if policy.cacheable:
-            return Step.LOOK_UP, b""
+        if policy.ttl > 0:  # policy.cacheable, without the property's call on every request
+            return _LOOK_UP, b""
         return Step.BYPASS, http.STATUS_BYPASS
     if method.upper() in UNSAFE_METHODS:  # h11 passes a lowercase method through; apps upper it
         return (Step.INVALIDATE, b"") if policy.invalidates else (Step.BYPASS, http.STATUS_BYPASS_METHOD)
@@ -69,6 +75,8 @@ def for_request(policy: Policy, identity: str | None, credentials: str | None, h
 
 def for_entry(stored_at: float, policy: Policy, now: float) -> Step:
     """What a found entry (the store answered) allows: serve it, serve it stale, or fill (with it as fallback)."""
+    if now - stored_at < policy.ttl:  # fresh (``freshness``'s first case): a hit's answer without another call
+        return _SERVE
     state = freshness(stored_at, policy, now)
     if state is Freshness.FRESH:
         return Step.SERVE
@@ -87,6 +95,8 @@ def for_stored(stored_at: float | None, policy: Policy, now: float, store_failed
     """
     if stored_at is None:
         return Step.FILL
+    if now - stored_at < policy.ttl and not store_failed:  # a hit, as for_entry would say, without its call
+        return _SERVE
     step = for_entry(stored_at, policy, now)
     if store_failed and step is not Step.FILL:
         return Step.SERVE_FALLBACK

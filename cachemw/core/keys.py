@@ -44,7 +44,7 @@ Identity = Callable[[Scope], "str | None"]
 class RequestHeaders:
     """The request headers cachemw reads, gathered in one pass over the scope."""
 
-    __slots__ = ("_cookies", "_raw", "_several_cookie_headers", "values")
+    __slots__ = ("_cookies", "_raw", "_several_cookie_headers", "get", "values")
 
     def __init__(self, scope: Scope) -> None:
         values: dict[bytes, bytes] = {}
@@ -58,11 +58,10 @@ class RequestHeaders:
             else:
                 values[name] = value
         self.values = values
+        # ``get(name)``: the dict's own get, no Python frame (a hit reads two or three headers).
+        self.get: Callable[[bytes], bytes | None] = values.get
         self._cookies: dict[str, str] | None = None
         self._several_cookie_headers = several
-
-    def get(self, name: bytes) -> bytes | None:
-        return self.values.get(name)
 
     def cookie(self, name: str) -> str | None:
         raw = self.values.get(b"cookie")
@@ -252,12 +251,6 @@ def path_tag(path: str) -> str:
     return "path:" + path
 
 
-def _server(scope: Scope) -> tuple[object, ...] | None:
-    """ASGI allows any two-item iterable (Starlette's TestClient sends a list): hashable here."""
-    server = scope.get("server")
-    return tuple(server) if server else None
-
-
 class KeyCache:
     """Remembers the keys of recent requests: hot URLs are keyed by one dict lookup.
 
@@ -273,10 +266,11 @@ class KeyCache:
     def key(self, scope: Scope, headers: RequestHeaders, policy: Policy, label: str, prefix: str,
             identity: str | None) -> KeyedRequest:
         raw_headers = scope.get("headers", ())
+        server = scope.get("server")  # ASGI allows any two-item iterable (Starlette's TestClient sends a list)
         facts: tuple[object, ...] = (
             id(policy), label, prefix, scope.get("scheme"), scope.get("root_path", ""), scope["path"],
-            scope.get("query_string", b""), identity, _server(scope),
-            tuple(value for name, value in raw_headers if name == b"host"),
+            scope.get("query_string", b""), identity, tuple(server) if server else None,  # hashable
+            tuple([value for name, value in raw_headers if name == b"host"]),  # a list: no generator to resume
         )
         if policy.vary:
             wanted = {n.encode("latin-1") for n in policy.vary_headers}

@@ -84,7 +84,7 @@ class Policy:
 
     @property
     def cacheable(self) -> bool:
-        return self.ttl > 0
+        return self.ttl > 0  # decide.for_method tests ``ttl > 0`` itself (once per request): change both
 
     @property
     def usable_for(self) -> float:

@@ -14,9 +14,9 @@ __all__ = ["current_cache", "detach", "enter", "invalidate"]
 _current: ContextVar[CacheShell] = ContextVar("cachemw_cache")
 
 
-def enter(shell: CacheShell) -> None:
-    """Make ``shell`` the cache that ``current_cache()`` and ``invalidate()`` reach from this request."""
-    _current.set(shell)
+enter = _current.set
+"""``enter(shell)``: make ``shell`` the cache that ``current_cache()`` and ``invalidate()`` reach from this
+request. The ContextVar's own ``set``: every request calls it, and a function around it is a Python frame each."""
 
 
 def current_cache() -> CacheShell:

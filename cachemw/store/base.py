@@ -269,6 +269,11 @@ class Store(Protocol):
                    timeout: float | None = None) -> LockResult:
         """Try to take ``key``'s fill lock for ``ttl`` seconds; also read the key and the generations.
 
+        ``key`` (here, in ``get_or_lock``, ``fill`` and ``unlock``) is an entry key as
+        ``keyspace.entry_key`` makes them: on a sharded store the lock and the wait flag
+        beside it must live in its slot, which its hash tag ensures (a Redis Cluster
+        refuses a script over keys of several slots).
+
         ``timeout`` (here and below): the call's own time budget, for work after the
         response (a refresh, a fill, a release, a purge), which may wait longer than a
         request may; None: the store's request-path budget. A store without one ignores it.

@@ -60,7 +60,7 @@ class GuardedStore:
         store = self.store
         if not self.remote:
             return await store.get(key), False
-        breaker = self.breaker_for(key)
+        breaker = self.breaker_for(key) if self._sharded else self.breaker  # every hit: no call for one breaker
         if not breaker.allow(time.monotonic()):
             return None, True
         began = time.perf_counter()

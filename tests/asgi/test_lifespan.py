@@ -25,7 +25,8 @@ import cachemw.asgi.middleware
 import cachemw.runtime.runtime
 from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache
 from tests.budgets import Budgets
-from tests.test_sample_app import REPO_ROOT, STOP_DEADLINE, Server, _free_port, _wait_until_ready
+from tests.redis_server import free_port
+from tests.sample_server import REPO_ROOT, STOP_DEADLINE, Server, wait_until_ready
 
 
 class StartupBroke(RuntimeError):
@@ -60,7 +61,7 @@ def test_the_apps_own_lifespan_exception_comes_out_as_it_was_raised(form: Any, c
 
 
 def test_ctrl_c_on_the_sample_app_prints_no_lifespan_error(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     server = Server(url=f"http://127.0.0.1:{port}", log_path=tmp_path / "server.log", redis_url=None)
     env = dict(os.environ, SAMPLE_DB_DELAY="0.01", SAMPLE_DB_PATH=str(tmp_path / "sample.sqlite3"))
     env.pop("CACHEMW_REDIS_URL", None)
@@ -70,7 +71,7 @@ def test_ctrl_c_on_the_sample_app_prints_no_lifespan_error(tmp_path: Path) -> No
                                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
-            _wait_until_ready(proc, server)
+            wait_until_ready(proc, server)
             with server.client() as http:
                 assert http.get("/products/1").status_code == 200
             proc.send_signal(signal.SIGINT)

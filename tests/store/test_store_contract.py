@@ -1,11 +1,13 @@
 """The Store contract, run against every store; then what is specific to each.
 
-RedisStore runs against a private redis-server (see conftest.py), including the faults
-the middleware must survive: a dead server, a frozen one, a restarted one.
+The contract runs on the memory store, a private redis-server and a private 3-master
+Redis Cluster (see conftest.py). RedisStore's own tests include the faults the
+middleware must survive: a dead server, a frozen one, a restarted one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,8 +20,12 @@ import redis.exceptions
 from cachemw.store import MemoryStore, RedisStore, Store, StoreError, store_from_url
 
 try:
+    from tests.budgets import Budgets
+    from tests.redis_cluster import LocalCluster
     from tests.redis_server import RedisServer
 except ImportError:  # tests/ as a plain directory
+    from budgets import Budgets  # type: ignore[no-redef,import-not-found]
+    from redis_cluster import LocalCluster  # type: ignore[no-redef,import-not-found]
     from redis_server import RedisServer  # type: ignore[no-redef,import-not-found]
 
 pytestmark = pytest.mark.anyio
@@ -57,9 +63,10 @@ class Harness:
     store: Store
     short_ttl: float
     let_expire: Callable[[str], Awaitable[bool]]  # True once the key reads as gone
+    nodes: frozenset[str] = frozenset()  # a sharded store's node names (what ``shard`` answers); none: unsharded
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":
         clock = FakeClock()
@@ -72,8 +79,12 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         yield Harness(memory, 10.0, advance_past)
         await memory.aclose()
     else:
-        url: str = request.getfixturevalue("redis_url")
-        store = RedisStore.from_url(url, timeout=REDIS_TIMEOUT)
+        url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
+        # A Cluster's three nodes share the machine with the rest of the suite: the budgets fixture's store
+        # timeout, not the single server's fixed one (a loaded run timed out a SET at 0.5 s).
+        budgets: Budgets = request.getfixturevalue("budgets")
+        timeout = REDIS_TIMEOUT if request.param == "redis" else max(REDIS_TIMEOUT, budgets.store_timeout)
+        store = RedisStore.from_url(url, timeout=timeout)
 
         async def wait_gone(key: str) -> bool:
             async def gone() -> bool:
@@ -81,7 +92,11 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
 
             return await wait_until(gone, within=2.0)
 
-        yield Harness(store, 0.05, wait_gone)
+        nodes: frozenset[str] = frozenset()
+        if request.param == "cluster":
+            cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+            nodes = frozenset(f"127.0.0.1:{node.port}" for node in cluster.primaries())
+        yield Harness(store, 0.05, wait_gone, nodes)
         await store.aclose()
 
 
@@ -101,21 +116,31 @@ async def test_is_a_store(harness: Harness) -> None:
 
 
 async def test_get_or_lock_answers_the_value_or_takes_the_lock(harness: Harness) -> None:
-    store = harness.store
-    token, value, generations = await store.get_or_lock("k", 5, ["g"], "mine")
+    # A key as the runtime makes them (keyspace.entry_key): its hash tag keeps its lock and wait flag in its
+    # Cluster slot. A bare "k" would not (k:lock lives elsewhere), and a Cluster refuses a script over two slots.
+    store, k = harness.store, "{k}"
+    token, value, generations = await store.get_or_lock(k, 5, ["g"], "mine")
     assert (token, value, generations) == ("mine", None, (0,))  # nothing there: the lock is ours
-    assert (await store.get_or_lock("k", 5, ["g"], "theirs"))[:2] == (None, None)  # held: not taken twice
-    await store.fill("k", b"v", 60, "mine", [], ["g"], generations)
-    assert (await store.get_or_lock("k", 5, ["g"], "later"))[:2] == (None, b"v")  # a value: no lock attempted
+    assert (await store.get_or_lock(k, 5, ["g"], "theirs"))[:2] == (None, None)  # held: not taken twice
+    await store.fill(k, b"v", 60, "mine", [], ["g"], generations)
+    assert (await store.get_or_lock(k, 5, ["g"], "later"))[:2] == (None, b"v")  # a value: no lock attempted
+    # On a Cluster the generation keys live in other slots than the entry: get_or_lock is a GET, then
+    # (nothing there) the lock and the generations, two round trips; the answers are the same.
+    assert store.capabilities.lookup_locks is (isinstance(store, RedisStore) and not harness.nodes)
 
 
 async def test_capabilities_say_what_the_runtime_may_rely_on(harness: Harness) -> None:
     store = harness.store
     capabilities = store.capabilities
     assert capabilities.remote is isinstance(store, RedisStore)
-    assert capabilities.sharded is False and store.shard("k") == ""  # one server: one breaker
+    if not harness.nodes:
+        assert capabilities.sharded is False and store.shard("k") == ""  # one server: one breaker
     await store.connect(1.0)  # the startup probe: nothing to open for memory, a connection for Redis
     assert await store.get("k") is None
+    if harness.nodes:  # a Cluster: a breaker per node, named by the node that serves the key
+        assert capabilities.sharded is True
+        assert store.shard("k") in harness.nodes
+        assert len({store.shard(key) for key in ("a", "b", "c", "d", "e", "f")}) > 1
 
 
 async def test_get_missing_is_none(harness: Harness) -> None:
@@ -177,6 +202,45 @@ async def test_delete_returns_count(harness: Harness) -> None:
     assert await store.delete("a") == 0
     assert await store.delete() == 0
     assert await store.delete("c", "c") == 1
+
+
+async def test_a_fill_an_invalidation_overtook_is_not_stored(harness: Harness) -> None:
+    store = harness.store
+    token, _, generations = await store.lock("{a}", 5, ["{t}:g"])
+    assert token is not None and generations == (0,)
+    assert await store.invalidate(["{t}:tag"], ["{t}:g"], json.dumps(["t"])) == 0  # nothing indexed yet
+    assert await store.fill("{a}", b"old", 60, token, ["{t}:tag"], ["{t}:g"], generations) is False
+    assert await store.get("{a}") is None
+    assert (await store.lock("{a}", 5, ["{t}:g"]))[0] is not None  # the refused fill released its lock too
+
+
+async def test_invalidate_drops_what_its_tags_index(harness: Harness) -> None:
+    store = harness.store
+    for key, tags in (("{a}", ["{t}:tag"]), ("{b}", ["{t}:tag", "{u}:tag"]), ("{c}", ["{u}:tag"])):
+        token, _, generations = await store.lock(key, 5, [])
+        assert await store.fill(key, b"v", 60, token, tags, [], generations)
+    assert await store.invalidate(["{t}:tag"], ["{t}:g"], json.dumps(["t"])) == 2
+    assert [await store.get(key) for key in ("{a}", "{b}", "{c}")] == [None, None, b"v"]
+    assert (await store.lock("{d}", 5, ["{t}:g"]))[2] == (1,)  # the generation moved on
+
+
+async def test_unlock_releases_only_its_own_lock(harness: Harness) -> None:
+    store = harness.store
+    token, _, _ = await store.lock("{a}", 5, [])
+    assert token is not None
+    await store.unlock("{a}", "someone else's")
+    assert (await store.lock("{a}", 5, []))[0] is None  # still held
+    await store.unlock("{a}", token)
+    assert (await store.lock("{a}", 5, []))[0] is not None
+
+
+async def test_purge_drops_the_matching_entries_and_moves_the_generation(harness: Harness) -> None:
+    store = harness.store
+    for key in ("p:{1}", "p:{2}", "q:{3}"):
+        await store.set(key, b"v", 60)
+    assert await store.purge("p:*}", "{all}:g", json.dumps(["*"])) == 2
+    assert [await store.get(key) for key in ("p:{1}", "p:{2}", "q:{3}")] == [None, None, b"v"]
+    assert (await store.lock("p:{1}", 5, ["{all}:g"]))[2] == (1,)
 
 
 async def test_aclose(harness: Harness) -> None:

@@ -1,0 +1,104 @@
+"""The Redis store's Lua scripts, and the argument and reply encodings they share with its pipelines.
+
+One module for what Redis runs and how its numbers are written, so the scripts and
+the cluster's pipelined equivalents cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+__all__ = ["FILL_ALL_SCRIPT", "INDEX_SCRIPT", "LOCK_ALL_SCRIPT", "UNLOCK_SCRIPT", "generation", "millis", "score"]
+
+# The entry, its lock and its "someone waits" flag share the key's hash tag, so each
+# script stays in one slot. A lock attempt that finds the lock taken raises the flag; a
+# fill or release announces itself only when the flag is up: with nobody waiting (the
+# common case) no message goes out, and no subscriber anywhere has to read one.
+#
+# A tag's index: entry keys scored by expiry; expired members are dropped on every
+# write, and the index itself lives as long as its longest-lived member.
+INDEX_SCRIPT = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return 1
+"""
+# On one server a miss's lock attempt and a fill are one script each, over the entry's
+# three keys plus the tag indexes and generations: one command for the client to encode
+# and parse instead of up to a dozen. On a cluster those span slots, so the scripts get
+# only the entry's three keys, and pipelines next to them do the rest.
+# ARGV[3] = '1' (a lookup of a route that has been missing): a value is returned at
+# once, and only its absence takes the lock, so a miss costs one round trip, not two.
+# Every redis.call costs Redis about a microsecond on top of the command itself, and a
+# miss runs both scripts: reads are one MGET, and a lock and its flag go in one DEL.
+# A lock already held under the caller's own token is taken: a retried attempt whose
+# first try took it (the reply lost to a timeout) must not mistake itself for another
+# filler and leave the lock to expire.
+LOCK_ALL_SCRIPT = """
+local found = redis.call('MGET', KEYS[1], unpack(KEYS, 4))
+local value = found[1]
+if value and ARGV[3] == '1' then return {2, value} end
+local taken = 0
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then taken = 1
+elseif redis.call('GET', KEYS[2]) == ARGV[1] then taken = 1
+else redis.call('SET', KEYS[3], '1', 'PX', ARGV[2]) end
+table.remove(found, 1)
+return {taken, value or false, found}
+"""
+# A tag's index is extended only when it would otherwise expire within 30 s of its
+# longest-lived member (ARGV[7] is that member's ttl + 60 s), not on every fill; a new
+# index has no expired members to drop.
+FILL_ALL_SCRIPT = """
+local tags = tonumber(ARGV[8])
+local current = 1
+if #KEYS > 3 + tags then
+  local found = redis.call('MGET', unpack(KEYS, 4 + tags))
+  for i = 1, #found do
+    if (found[i] or '0') ~= ARGV[8 + i] then current = 0 break end
+  end
+end
+if current == 1 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  local keep = tonumber(ARGV[7])
+  for i = 1, tags do
+    local index = KEYS[3 + i]
+    local left = redis.call('PTTL', index)
+    redis.call('ZADD', index, ARGV[6], KEYS[1])
+    if left ~= -2 then redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[5]) end
+    if left < keep - 30000 then redis.call('PEXPIRE', index, keep) end
+  end
+end
+local woken
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then woken = redis.call('DEL', KEYS[2], KEYS[3]) == 2
+else woken = redis.call('DEL', KEYS[3]) == 1 end
+if woken then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
+return current
+"""
+UNLOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if redis.call('DEL', KEYS[1], KEYS[2]) == 2 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+  return 1
+end
+return 0
+"""
+
+
+def generation(value: object) -> int:
+    """A generation key's value as read back; anything else under the key (it is attacker-writable) is 0."""
+    if value is None:  # a tag never invalidated (the usual case): no exception raised and caught
+        return 0
+    try:
+        return int(value)  # type: ignore[call-overload,no-any-return]
+    except (TypeError, ValueError):
+        return 0  # a foreign value under a generation key counts as none
+
+
+def score(seconds: float, rounding: Callable[[float], int]) -> str:
+    """A tag index score in whole milliseconds: Redis parses a float of 17 digits with strtod's slow path."""
+    return f"{rounding(seconds * 1000) / 1000:.3f}"
+
+
+def millis(seconds: float) -> int:
+    """Redis milliseconds: rounded up, and at least 1 (PX 0 is an error; a tiny ttl should still store)."""
+    return max(1, math.ceil(seconds * 1000))
