@@ -29,6 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from cachemw.asgi.lifespan import answer_lifespan
 from cachemw.wsgi.environ import environ_for, status_line, wsgi_headers
+from cachemw.wsgi.loop import BackgroundLoop
 
 __all__ = ["DONE", "RAISED", "RUN", "SENT", "ClientDisconnected", "Exchange", "ThreadedApp", "respond"]
 
@@ -49,7 +50,7 @@ class Exchange:
 
     __slots__ = ("app_called", "environ", "handed", "inbox", "loop", "outgoing", "replies", "scope")
 
-    def __init__(self, environ: dict[str, Any], scope: dict[str, Any], loop: Any) -> None:
+    def __init__(self, environ: dict[str, Any], scope: dict[str, Any], loop: BackgroundLoop) -> None:
         self.environ = environ
         self.scope = scope
         self.loop = loop
@@ -77,7 +78,7 @@ class Exchange:
     # -- in the request thread ---------------------------------------------------------------------
 
     def post(self, batch: list[Message] | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.deliver, batch)
+        self.loop.notify(self.deliver, batch)
 
     def run_app(self, app: WSGIApp, scope: Scope, start_response: StartResponse) -> Iterator[bytes]:
         """Call the app, pass its response through the handler, and yield what the handler sends."""

@@ -10,7 +10,6 @@ no shared state but through the loop (its log and its L1 copy are handed there).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +25,7 @@ from cachemw.core.rules import RouteMatch
 from cachemw.runtime.runtime import CacheRuntime
 from cachemw.store.blocking import BlockingGet
 from cachemw.wsgi.exchange import StartResponse, respond
+from cachemw.wsgi.loop import BackgroundLoop
 
 __all__ = ["ThreadHits", "blocking_client"]
 
@@ -49,7 +49,7 @@ def blocking_client(runtime: CacheRuntime) -> BlockingGet | None:
 class ThreadHits:
     """``answer`` a request from a fresh entry in the calling thread, or say None (the loop takes it)."""
 
-    def __init__(self, runtime: CacheRuntime, client: BlockingGet | None, loop: asyncio.AbstractEventLoop,
+    def __init__(self, runtime: CacheRuntime, client: BlockingGet | None, loop: BackgroundLoop,
                  identity: Identity | None) -> None:
         self.runtime = runtime
         self.client = client
@@ -75,12 +75,12 @@ class ThreadHits:
             if entry is None or decide.for_stored(entry.stored_at, policy, now, False) is not Step.SERVE:
                 return None
             if policy.sync > 0:
-                self.loop.call_soon_threadsafe(runtime.l1.put, key, entry, policy.sync)
+                self.loop.later(runtime.l1.put, key, entry, policy.sync)
         messages: list[Message] = []
         coroutine = serve(entry, scope, headers, _collector(messages), now, HIT,
                           http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
         status = _run_now(coroutine)
-        self.loop.call_soon_threadsafe(runtime.log, match, key, "HIT", status, None, started, len(entry.body))
+        self.loop.later(runtime.log, match, key, "HIT", status, None, started, len(entry.body))
         return respond(messages, start_response)
 
     def _stored(self, key: str) -> Entry | None:
@@ -100,6 +100,7 @@ class ThreadHits:
                 entry = decode_entry(data)
             except EntryDecodeError:
                 return None  # the loop's path says so in the log, and the fill overwrites it
+            self.loop.later(memo.put, data, entry)  # the next hit of this value skips decoding
         return entry
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
+import collections
 import logging
 import os
 import threading
@@ -22,12 +22,15 @@ from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
+from anyio.from_thread import BlockingPortal
 
 __all__ = ["BackgroundLoop"]
 
 logger = logging.getLogger("cachemw.wsgi")
 
 T = TypeVar("T")
+
+LATER_INTERVAL = 0.02  # seconds: how often the loop runs what ``later`` handed it
 
 Startup = Callable[[TaskGroup], Awaitable[None]]
 Shutdown = Callable[[], Awaitable[None]]
@@ -41,14 +44,14 @@ class BackgroundLoop:
         self._shutdown = shutdown
         self._name = name
         self.pid = os.getpid()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.task_group: TaskGroup | None = None
+        self.portal: BlockingPortal | None = None
+        self._asyncio_loop: asyncio.AbstractEventLoop | None = None
+        self._later: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = collections.deque()
         self.thread: threading.Thread | None = None
         self.thread_id = 0
         self.failure: BaseException | None = None  # why startup failed
         self._ready = threading.Event()
         self._stop: anyio.Event | None = None
-        self._tasks: set[asyncio.Future[Any]] = set()
 
     @property
     def alive(self) -> bool:
@@ -77,68 +80,80 @@ class BackgroundLoop:
             self._ready.set()
 
     async def _main(self) -> None:
-        self.loop = asyncio.get_running_loop()
         self._stop = anyio.Event()
-        async with anyio.create_task_group() as task_group:
-            self.task_group = task_group
+        self._asyncio_loop = asyncio.get_running_loop()
+        async with anyio.create_task_group() as task_group, BlockingPortal() as portal:
+            # Other threads hand work to the loop through anyio's portal: its tasks are supervised
+            # (an exception reaches the caller's future, never the loop), and shutdown waits for them.
+            self.portal = portal
+            task_group.start_soon(self._run_later)
             await self._startup(task_group)
             self._ready.set()
             await self._stop.wait()
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
+            self._drain_later()
             task_group.cancel_scope.cancel()
 
-    def spawn(self, function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        """Start ``function(*args)`` as a task on the loop, from any thread; returns at once.
-
-        A plain asyncio task, not one of the task group's: a loop callback is not a task,
-        and anyio starts tasks only from tasks; this is also the cheapest hop there is
-        (anyio's cancel scopes work inside it all the same).
-        """
-        loop = self.loop
+    def notify(self, function: Callable[..., object], *args: Any) -> None:
+        """Run the plain ``function(*args)`` on the loop's thread as soon as it can; returns at once."""
+        loop = self._asyncio_loop
         assert loop is not None
-        loop.call_soon_threadsafe(self._create_task, function, args)
+        loop.call_soon_threadsafe(function, *args)
 
-    def _create_task(self, function: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...]) -> None:
-        task = asyncio.ensure_future(function(*args))
-        self._tasks.add(task)  # referenced until done: the loop keeps only weak references to tasks
-        task.add_done_callback(self._tasks.discard)
+    def later(self, function: Callable[..., object], *args: Any) -> None:
+        """Run the plain ``function(*args)`` on the loop's thread within ``LATER_INTERVAL``, without waking it.
+
+        For what a hit hands over (its log, its L1 copy): one wake-up of the loop per hit
+        costs the hit more than the rest of its work.
+        """
+        self._later.append((function, args))
+
+    async def _run_later(self) -> None:
+        while True:
+            await anyio.sleep(LATER_INTERVAL)
+            self._drain_later()
+
+    def _drain_later(self) -> None:
+        later = self._later
+        while later:
+            function, args = later.popleft()
+            try:
+                function(*args)
+            except Exception:  # the barrier: one bad item never stops the others
+                logger.exception("cachemw: work handed to the cache's loop failed")
+
+    def spawn(self, function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Start ``function(*args)`` as a task on the loop, from any thread; returns at once."""
+        assert self.portal is not None
+        self.portal.start_task_soon(function, *args)
 
     def call(self, function: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Run ``function(*args)`` on the loop from another thread and wait for its result (or exception)."""
         if threading.get_ident() == self.thread_id:
             raise RuntimeError("cachemw: a blocking call into the cache's loop from the loop itself")
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        async def run() -> None:
-            try:
-                future.set_result(await function(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self.spawn(run)
-        return future.result()
+        assert self.portal is not None
+        result: T = self.portal.call(function, *args)
+        return result
 
     def call_sync(self, function: Callable[[], T]) -> T:
         """Run the plain ``function()`` on the loop's thread (what only that thread may touch) and return its result."""
         if threading.get_ident() == self.thread_id:
             return function()
-
-        async def run() -> T:
-            return function()
-
-        return self.call(run)
+        assert self.portal is not None
+        result: T = self.portal.call(function)
+        return result
 
     def stop(self, timeout: float | None = None) -> None:
         """Run shutdown (drains the background work) and end the thread; idempotent, this process only."""
-        thread, loop, stop = self.thread, self.loop, self._stop
-        if thread is None or loop is None or stop is None or self.pid != os.getpid() or not thread.is_alive():
+        thread, portal, stop = self.thread, self.portal, self._stop
+        if thread is None or portal is None or stop is None or self.pid != os.getpid() or not thread.is_alive():
             return
         if threading.get_ident() == self.thread_id:
             return
         try:
-            loop.call_soon_threadsafe(stop.set)
-        except RuntimeError:  # the loop is already closed
+            portal.call(stop.set)
+        except RuntimeError:  # the loop is already gone
             return
         thread.join(timeout)
 

@@ -156,9 +156,7 @@ class CacheMiddleware(CacheShell):
             answered = hits.answer(scope, match, start_response)
             if answered is not None:
                 return answered
-        asyncio_loop = loop.loop
-        assert asyncio_loop is not None
-        exchange = Exchange(environ, scope, asyncio_loop)
+        exchange = Exchange(environ, scope, loop)
         loop.spawn(self._carry, exchange)
         reply = _first_reply(exchange, loop)
         if reply is None:  # the cache's loop stopped: the app answers
@@ -200,9 +198,9 @@ class CacheMiddleware(CacheShell):
                 supervisor = self.cache.supervisor
                 supervisor.hop = loop.call_sync
                 supervisor.home_thread = loop.thread_id
-                runtime, asyncio_loop = self.cache.runtime, loop.loop
-                if runtime is not None and asyncio_loop is not None:
-                    self._hits = ThreadHits(runtime, blocking_client(runtime), asyncio_loop, self._thread_identity)
+                runtime = self.cache.runtime
+                if runtime is not None:
+                    self._hits = ThreadHits(runtime, blocking_client(runtime), loop, self._thread_identity)
         return loop
 
     async def _startup(self, task_group: TaskGroup) -> None:
