@@ -71,6 +71,8 @@ class ThreadHits:
         now = time.time()
         entry = runtime.l1.get(key) if policy.sync > 0 and runtime.store.listening else None
         if entry is None or decide.for_entry(entry.stored_at, policy, now) is not Step.SERVE:
+            if match.rule.template in runtime.missing:
+                return None  # the route has been missing: the loop's lookup also takes the lock, one round trip
             entry = self._stored(key)
             if entry is None or decide.for_stored(entry.stored_at, policy, now, False) is not Step.SERVE:
                 return None
