@@ -80,7 +80,15 @@ class Exchange:
     def post(self, batch: list[Message] | BaseException) -> None:
         self.loop.notify(self.deliver, batch)
 
-    def run_app(self, app: WSGIApp, scope: Scope, start_response: StartResponse) -> Iterator[bytes]:
+    def run_app(self, app: WSGIApp, scope: Scope, start_response: StartResponse) -> Iterable[bytes]:
+        """The response of the app run by the handler's word: an iterable the server closes when done.
+
+        A server that closes it before the end (the client left), or before reading it at all,
+        tells the handler, so the fill lock goes at once and the handler does not wait for more.
+        """
+        return _Response(self, self._run_app(app, scope, start_response))
+
+    def _run_app(self, app: WSGIApp, scope: Scope, start_response: StartResponse) -> Iterator[bytes]:
         """Call the app, pass its response through the handler, and yield what the handler sends."""
         environ = self.environ if scope is self.scope else environ_for(scope, self.environ)
         captured: list[Any] = []
@@ -93,23 +101,23 @@ class Exchange:
             return written.append
 
         try:
-            try:
-                result = app(environ, capture)
-            except Exception as exc:
-                yield from self._hand_over(exc, start_response, False)
-                return
-            try:
-                started = yield from self._stream(result, captured, written, start_response)
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-            if started is not None:
-                yield from self._until_done(start_response, started)
-        except GeneratorExit:
-            if not self.handed:
-                self.post(ClientDisconnected("the client stopped reading the response"))
-            raise
+            result = app(environ, capture)
+        except Exception as exc:
+            yield from self._hand_over(exc, start_response, False)
+            return
+        try:
+            started = yield from self._stream(result, captured, written, start_response)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        if started is not None:
+            yield from self._until_done(start_response, started)
+
+    def closed(self) -> None:
+        if not self.handed:
+            self.handed = True
+            self.post(ClientDisconnected("the client stopped reading the response"))
 
     def _stream(self, result: Iterable[bytes], captured: list[Any], written: list[bytes],
                 start_response: StartResponse) -> Generator[bytes, None, bool | None]:
@@ -150,6 +158,27 @@ class Exchange:
             started = yield from _emit(value, start_response, started)
             if kind == DONE:
                 return
+
+
+class _Response:
+    """What the WSGI server iterates and closes (PEP 3333 calls ``close()`` however the response ended)."""
+
+    __slots__ = ("_chunks", "_exchange")
+
+    def __init__(self, exchange: Exchange, chunks: Iterator[bytes]) -> None:
+        self._exchange = exchange
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._exchange.closed()
 
 
 def _final(message: Message) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,3 +137,22 @@ def test_the_query_string_is_keyed(shop: tuple[Flask, FlaskClient, redis.Redis],
     assert _json(client.get("/items/1?q=a"))["q"] == "a"
     eventually_sync(lambda: _cached(client, "/items/1?q=a"), what="the entry stored")
     assert _json(client.get("/items/1?q=b"))["q"] == "b"
+
+
+def test_a_response_the_server_closes_unread_releases_its_fill_lock(redis_url: str, budgets: Budgets) -> None:
+    """A client gone before the body: the server closes the iterable; the key must not stay locked."""
+    from werkzeug.test import EnvironBuilder
+
+    app = make_app(redis_url, lock_timeout=budgets.lock_timeout)
+    counts = redis.Redis.from_url(redis_url)
+    try:
+        environ = EnvironBuilder(path="/stream").get_environ()
+        unread = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
+        unread.close()  # type: ignore[attr-defined]
+        client = app.test_client()
+        started = time.monotonic()
+        assert client.get("/stream").data == b"part0;part1;part2;part3;part4;"
+        assert time.monotonic() - started < budgets.condition  # not the minute-long lock of the first
+    finally:
+        app.wsgi_app.close()  # type: ignore[attr-defined]
+    assert _runs(counts, "stream") == 1  # the closed one never ran the view; the next made the entry
