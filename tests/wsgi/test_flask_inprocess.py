@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -147,7 +147,7 @@ def test_a_response_the_server_closes_unread_releases_its_fill_lock(redis_url: s
     counts = redis.Redis.from_url(redis_url)
     try:
         environ = EnvironBuilder(path="/stream").get_environ()
-        unread = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
+        unread = app.wsgi_app(environ, _ignore_start)
         unread.close()  # type: ignore[attr-defined]
         client = app.test_client()
         started = time.monotonic()
@@ -156,3 +156,7 @@ def test_a_response_the_server_closes_unread_releases_its_fill_lock(redis_url: s
     finally:
         app.wsgi_app.close()  # type: ignore[attr-defined]
     assert _runs(counts, "stream") == 1  # the closed one never ran the view; the next made the entry
+
+
+def _ignore_start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
+    return lambda data: None
