@@ -8,7 +8,7 @@ once when the middleware starts.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import anyio
@@ -37,13 +37,12 @@ from cachemw.core.rules import RouteMatch
 from cachemw.runtime.flights import CoalescedFailure, Flight
 from cachemw.runtime.invalidation import targets_for_unsafe_request
 from cachemw.runtime.plan import FillPlan
-from cachemw.runtime.runtime import CacheRuntime
+from cachemw.runtime.runtime import CacheRuntime, Identity
 
 __all__ = ["RequestHandler"]
 
 _BODY_NEEDS_HEADERS = frozenset({"1.0", "1.1"})  # where a request body must announce itself in its headers
 
-Identity = Callable[[RequestHeaders, Scope], "str | None"]
 
 # The hits' steps as module globals: an Enum class's attribute goes through its metaclass (CPython 3.11:
 # ~930 instructions a read under callgrind, against a handful for a global), and every request compares with these.
@@ -76,9 +75,7 @@ class RequestHandler:
                 return self.unsafe(scope, receive, send, match)
             return self.bypass(scope, receive, send, match, reason)
         headers = RequestHeaders(scope)
-        credentials = self.runtime.credentials_of(match.rule)(headers, scope.get("query_string", b""))
-        identity = credentials if self.identity is None else self.identity(headers, scope)
-        bypass = decide.for_request(policy, identity, credentials, http.has_body(headers.values))
+        identity, bypass = self.runtime.identify(match.rule, policy, headers, scope, self.identity)
         if bypass is not None:
             return self.bypass(scope, receive, send, match, bypass)
         if scope.get("http_version", "1.1") not in _BODY_NEEDS_HEADERS:

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from starlette.requests import HTTPConnection
@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachemw.asgi.handler import RequestHandler
 from cachemw.asgi.routes import build_rule_table, routes_behind
-from cachemw.core.keys import RequestHeaders
 from cachemw.core.metrics import Metrics
 from cachemw.core.policy import ConfigError
 from cachemw.core.rules import RuleTable
@@ -34,7 +33,7 @@ from cachemw.runtime.accesslog import AccessLog
 from cachemw.runtime.context import current_cache, enter, invalidate
 from cachemw.runtime.flights import CoalescedFailure
 from cachemw.runtime.looplag import LoopLag
-from cachemw.runtime.runtime import CacheRuntime
+from cachemw.runtime.runtime import CacheRuntime, Identity
 from cachemw.runtime.shell import CacheShell
 from cachemw.runtime.supervisor import Supervisor
 from cachemw.store import Store, StoreError
@@ -132,9 +131,9 @@ class CacheMiddleware(CacheShell):
             except ValueError as exc:  # another store or prefix than before, or an unsupported URL
                 raise ConfigError(f"{settings.source or 'settings'}: write_behind {writes.name!r}: {exc}") from None
         custom = options.identity
-        identity: Callable[[RequestHeaders, Scope], str | None] | None = None
+        identity: Identity | None = None
         if custom is not None:
-            identity = lambda headers, scope: custom(HTTPConnection(scope))  # noqa: E731
+            identity = lambda headers, scope: custom(HTTPConnection(cast(Scope, scope)))  # noqa: E731
         self._handler = RequestHandler(self.app, runtime, identity)
         self.runtime = runtime
         self._table = table

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
+from cachemw.core import decide, http
 from cachemw.core.breaker import CircuitBreaker
 from cachemw.core.entry import DecodedMemo, Entry, EntryDecodeError, decode_entry
-from cachemw.core.keys import KeyCache, SessionIdentity
+from cachemw.core.keys import KeyCache, RequestHeaders, Scope, SessionIdentity
 from cachemw.core.metrics import Metrics, RouteMetrics
+from cachemw.core.policy import Policy
 from cachemw.core.rules import RouteMatch, RouteRule, RuleTable
 from cachemw.core.settings import Settings, masked_url
 from cachemw.runtime.accesslog import AccessLog
@@ -35,9 +38,12 @@ from cachemw.store.guarded import GuardedStore
 from cachemw.store.l1 import L1
 from cachemw.store.opening import open_store
 
-__all__ = ["CacheRuntime", "origin_busy_answer"]
+__all__ = ["CacheRuntime", "Identity", "origin_busy_answer"]
 
 logger = logging.getLogger("cachemw.runtime")
+
+Identity = Callable[[RequestHeaders, Scope], "str | None"]
+"""The app's own ``identity``, as a shell hands it to the runtime: from the request's headers and scope."""
 
 _PROBE_TIMEOUT = 2.0  # the startup probe of the store: a background job, not a request's budget
 
@@ -105,6 +111,17 @@ class CacheRuntime:
 
     def credentials_of(self, rule: RouteRule) -> SessionIdentity:
         return self._route_credentials.get(id(rule), self.credentials)
+
+    def identify(self, rule: RouteRule, policy: Policy, headers: RequestHeaders, scope: Scope,
+                 identity_of: Identity | None) -> tuple[str | None, bytes | None]:
+        """Who a request is for, and why it must bypass the cache (None: it may be answered from it).
+
+        One place for both shells: a credentialed request never reaches a shared entry.
+        ``identity_of``: the app's own identity function; None: the credentials are the identity.
+        """
+        credentials = self._route_credentials.get(id(rule), self.credentials)(headers, scope.get("query_string", b""))
+        identity = credentials if identity_of is None else identity_of(headers, scope)
+        return identity, decide.for_request(policy, identity, credentials, http.has_body(headers.values))
 
     def decode(self, key: str, data: bytes) -> Entry | None:
         entry = self.decoded.entries.get(data)

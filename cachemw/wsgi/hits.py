@@ -22,14 +22,13 @@ from cachemw.core.decide import Step
 from cachemw.core.entry import Entry, EntryDecodeError, decode_entry
 from cachemw.core.keys import RequestHeaders
 from cachemw.core.rules import RouteMatch
-from cachemw.runtime.runtime import CacheRuntime
+from cachemw.runtime.runtime import CacheRuntime, Identity
 from cachemw.store.blocking import BlockingGet
 from cachemw.wsgi.exchange import StartResponse, respond
 from cachemw.wsgi.loop import BackgroundLoop
 
 __all__ = ["ThreadHits", "blocking_client"]
 
-Identity = Callable[[RequestHeaders, dict[str, Any]], "str | None"]
 
 _PLAIN_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -63,9 +62,8 @@ class ThreadHits:
             return None
         started = time.perf_counter()
         headers = RequestHeaders(scope)
-        credentials = runtime.credentials_of(match.rule)(headers, scope.get("query_string", b""))
-        identity = credentials if self.identity is None else self.identity(headers, scope)
-        if decide.for_request(policy, identity, credentials, http.has_body(headers.values)) is not None:
+        identity, bypass = runtime.identify(match.rule, policy, headers, scope, self.identity)
+        if bypass is not None:
             return None
         key = runtime.keys.key(scope, headers, policy, match.rule.label, runtime.prefix, identity).key
         now = time.time()
