@@ -37,7 +37,7 @@ from cachemw.runtime.shell import CacheShell
 from cachemw.runtime.supervisor import Supervisor
 from cachemw.store.base import Store
 from cachemw.writebehind import WriteBehind
-from cachemw.wsgi.environ import scope_of
+from cachemw.wsgi.environ import route_of, scope_of
 from cachemw.wsgi.exchange import DONE, RAISED, Exchange, ThreadedApp, current_exchange, respond
 from cachemw.wsgi.hits import ThreadHits, blocking_client
 from cachemw.wsgi.loop import BackgroundLoop
@@ -146,10 +146,11 @@ class CacheMiddleware(CacheShell):
         table = self.cache.table
         enter(self)  # current_cache(), invalidate() and detach() in the view's thread reach this cache
         self.cache.supervisor.bind()
-        scope = scope_of(environ)
-        match = None if table is None else table.match_scope(scope)
+        route = route_of(environ)
+        match = None if table is None else table.match_scope(route)
         if match is None:
             return self.app(environ, start_response)
+        scope = scope_of(environ, route)
         scope["cachemw.environ"] = environ
         hits = self._hits
         if hits is not None:
