@@ -48,7 +48,7 @@ _SERVE = Step.SERVE
 def for_method(method: str, policy: Policy) -> tuple[Step, bytes]:
     """By the method and the route's policy: look up, invalidate, or bypass (with its Cache-Status)."""
     if method in CACHED_METHODS:
-        if policy.ttl > 0:  # policy.cacheable, without the property's call on every request
+        if policy.cacheable:
             return _LOOK_UP, b""
         return Step.BYPASS, http.STATUS_BYPASS
     if method.upper() in UNSAFE_METHODS:  # h11 passes a lowercase method through; apps upper it

@@ -81,10 +81,11 @@ class Policy:
     origin_timeout: float = 30.0
     origin_concurrency: int = 0  # origin calls of this route at once in a process; 0: only the global bound
     preset: str | None = field(default=None, compare=False)
+    # Derived once, at construction: every request reads it (a property would be a call each time).
+    cacheable: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def cacheable(self) -> bool:
-        return self.ttl > 0  # decide.for_method tests ``ttl > 0`` itself (once per request): change both
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cacheable", self.ttl > 0)
 
     @property
     def usable_for(self) -> float:
@@ -111,7 +112,7 @@ PRESETS: Mapping[str, Policy] = {
     "days": Policy(ttl=86400.0, stale_while_revalidate=7 * 86400.0, stale_if_error=7 * 86400.0, preset="days"),
 }
 
-POLICY_FIELDS: frozenset[str] = frozenset(f.name for f in fields(Policy)) - {"preset"}
+POLICY_FIELDS: frozenset[str] = frozenset(f.name for f in fields(Policy) if f.init) - {"preset"}
 
 
 def _string_list(value: object, *, lower: bool = False) -> tuple[str, ...]:
