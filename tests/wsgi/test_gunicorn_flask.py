@@ -111,3 +111,16 @@ def test_a_preloaded_app_starts_its_cache_in_each_forked_worker(redis_url: str) 
         states = {httpx.get(f"{base}/slow/2", timeout=30).headers.get("x-cache") for _ in range(10)}
         assert states == {"HIT"}
     assert _runs(redis_url, "slow") == 1
+
+
+@pytest.mark.parametrize("worker_class,threads", WORKERS, ids=[name for name, _ in WORKERS])
+def test_a_frozen_redis_mid_traffic_every_request_answers(killable: RedisServer, redis_url: str, worker_class: str,
+                                                         threads: int) -> None:
+    """SIGSTOP: connections stay open and nothing answers. Hits in the request thread and the loop's lookups
+    each give up within the budget, and the breaker soon sends every request straight to the app."""
+    with gunicorn(APP, killable.url, worker_class=worker_class, threads=threads,
+                  env={"CACHEMW_COUNTS_URL": redis_url}) as (base, _process):
+        try:
+            answers_through_a_kill(base, {f"/items/{item}": {"item": item} for item in (1, 2)}, killable.pause)
+        finally:
+            killable.resume()
