@@ -11,23 +11,12 @@ thread) and of its private redis-server per request. Hits use 100 warmed ids; mi
 new id per request, with the view's 2 ms sleep kept (``--db-ms``), so the uncached case
 is the baseline a miss is compared with.
 
-Two labelled **experiments** change cachemw's WSGI hit path at run time (monkeypatches, not
-cachemw's code) to put a figure on two costs ``bench/results/wsgi.md`` names:
-
-- ``cachemw-hit+memo``: what ``ThreadHits._stored`` decodes is also kept in the runtime's
-  decoded-entry memo (today only the loop's path fills it, so every in-thread hit decodes);
-- ``cachemw-hit+nowake``: the per-hit ``loop.call_soon_threadsafe(runtime.log, ...)`` of
-  ``ThreadHits.answer`` goes to a list drained every 50 ms by the loop instead of waking the
-  loop thread once per hit (plus the memo fix).
-
 Writes nothing; prints a table (Markdown) to paste where it is needed.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import io
 import itertools
 import os
@@ -36,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +35,7 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 
-CASES = ("fast", "uncached-miss", "cachemw-hit", "cachemw-hit+memo", "cachemw-hit+nowake", "flask-caching-hit",
-         "cachemw-miss", "flask-caching-miss")
+CASES = ("fast", "uncached-miss", "cachemw-hit", "flask-caching-hit", "cachemw-miss", "flask-caching-miss")
 
 
 def environ(path: str) -> dict[str, Any]:
@@ -78,62 +66,6 @@ def call(app: Any, path: str) -> str:
     return status[0]
 
 
-@contextlib.contextmanager
-def experiment(case: str) -> Iterator[None]:
-    """The labelled variants: cachemw's WSGI hit path patched for this case only."""
-    if not case.startswith("cachemw-hit+"):
-        yield
-        return
-    from cachemw.wsgi import hits
-
-    original_decode, original_answer = hits.decode_entry, hits.ThreadHits.answer
-    memos: list[Any] = []  # the runtime's decoded-entry memo, found on the first hit (one app at a time)
-
-    def decode_and_keep(data: bytes) -> Any:
-        entry = original_decode(data)
-        if memos:
-            memos[0].put(data, entry)  # accounting not thread-safe: an experiment, not a fix
-        return entry
-
-    def answer_noting_memo(self: Any, scope: Any, match: Any, start_response: Any) -> Any:
-        if not memos:
-            memos.append(self.runtime.decoded)
-        return original_answer(self, scope, match, start_response)
-
-    hits.decode_entry = decode_and_keep  # type: ignore[assignment]
-    hits.ThreadHits.answer = answer_noting_memo  # type: ignore[method-assign]
-    if case == "cachemw-hit+nowake":
-        pending: list[tuple[Any, ...]] = []
-
-        class Batched:
-            def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-                self.loop = loop
-
-            def call_soon_threadsafe(self, function: Any, *args: Any) -> None:
-                pending.append((function, *args))
-
-        def answer(self: Any, scope: Any, match: Any, start_response: Any) -> Any:
-            real = self.loop
-            if not isinstance(real, Batched):
-                self.loop = Batched(real)
-
-                def drain() -> None:
-                    taken, pending[:] = list(pending), []
-                    for function, *args in taken:
-                        function(*args)
-                    real.call_later(0.05, drain)
-
-                real.call_soon_threadsafe(drain)
-            return answer_noting_memo(self, scope, match, start_response)
-
-        hits.ThreadHits.answer = answer  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        hits.decode_entry = original_decode  # type: ignore[assignment]
-        hits.ThreadHits.answer = original_answer  # type: ignore[method-assign]
-
-
 def _redis_cpu(pid: int | None) -> float:
     if pid is None:
         return 0.0
@@ -146,48 +78,47 @@ def measure(case: str, redis: common.RedisProcess, seconds: float, threads: int,
 
     variant = ("cachemw" if case.startswith("cachemw") else "flask_caching" if case.startswith("flask-caching")
                else "uncached")
-    with experiment(case):
-        app = wsgi_flask.create(variant)
-        if case.endswith("miss"):
-            counter = itertools.count(10_000_000 + int(time.time() * 1000) % 1_000_000 * 1000)
-            paths: Callable[[], str] = lambda: f"/item/{next(counter)}"  # noqa: E731
-        else:
-            prefix = "/fast/" if case == "fast" else "/item/"
-            ring = itertools.cycle([f"{prefix}{i}" for i in range(ids)])
-            paths = ring.__next__
-        if case.endswith("hit") or "-hit+" in case:
-            for i in range(ids):
-                call(app, f"/item/{i}")
-            time.sleep(0.5)  # the fills are stored in the background
-        done = [0]
-        lock = threading.Lock()
+    app = wsgi_flask.create(variant)
+    if case.endswith("miss"):
+        counter = itertools.count(10_000_000 + int(time.time() * 1000) % 1_000_000 * 1000)
+        paths: Callable[[], str] = lambda: f"/item/{next(counter)}"  # noqa: E731
+    else:
+        prefix = "/fast/" if case == "fast" else "/item/"
+        ring = itertools.cycle([f"{prefix}{i}" for i in range(ids)])
+        paths = ring.__next__
+    if case.endswith("hit"):
+        for i in range(ids):
+            call(app, f"/item/{i}")
+        time.sleep(0.5)  # the fills are stored in the background
+    done = [0]
+    lock = threading.Lock()
 
-        def client(stop: float) -> None:
-            n = 0
-            while time.perf_counter() < stop:
-                call(app, paths())
-                n += 1
-            with lock:
-                done[0] += n
+    def client(stop: float) -> None:
+        n = 0
+        while time.perf_counter() < stop:
+            call(app, paths())
+            n += 1
+        with lock:
+            done[0] += n
 
-        def drive(duration: float) -> float:
-            done[0] = 0
-            stop = time.perf_counter() + duration
-            workers = [threading.Thread(target=client, args=(stop,)) for _ in range(threads)]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            return done[0]
+    def drive(duration: float) -> float:
+        done[0] = 0
+        stop = time.perf_counter() + duration
+        workers = [threading.Thread(target=client, args=(stop,)) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return done[0]
 
-        drive(0.5)
-        redis_pid = redis.proc.pid if redis.proc else None
-        cpu0, redis0, wall0 = time.process_time(), _redis_cpu(redis_pid), time.perf_counter()
-        requests = drive(seconds)
-        cpu1, redis1, wall1 = time.process_time(), _redis_cpu(redis_pid), time.perf_counter()
-        close = getattr(app.wsgi_app, "close", None)
-        if close is not None:
-            close()
+    drive(0.5)
+    redis_pid = redis.proc.pid if redis.proc else None
+    cpu0, redis0, wall0 = time.process_time(), _redis_cpu(redis_pid), time.perf_counter()
+    requests = drive(seconds)
+    cpu1, redis1, wall1 = time.process_time(), _redis_cpu(redis_pid), time.perf_counter()
+    close = getattr(app.wsgi_app, "close", None)
+    if close is not None:
+        close()
     return {"app_us": (cpu1 - cpu0) / requests * 1e6, "redis_us": (redis1 - redis0) / requests * 1e6,
             "rps": requests / (wall1 - wall0)}
 

@@ -4,9 +4,15 @@ Under overload a cache must take load off the database, not queue more onto it
 (nginx's ``proxy_cache_lock``, Varnish's backend ``max_connections``). Past the
 bound a request with a usable stale entry gets the entry; the others wait a
 bounded time for a slot and are then answered 503 with ``Retry-After``.
+
+The WSGI shell's request threads take slots from the same pools
+(``take_in_thread``), so one bound covers the misses its loop carries and those its
+threads lead.
 """
 
 from __future__ import annotations
+
+import threading
 
 import anyio
 
@@ -25,6 +31,19 @@ class _Pool:
             self._semaphore = anyio.Semaphore(self.limit)
         return self._semaphore
 
+    @property
+    def existing(self) -> anyio.Semaphore | None:
+        return self._semaphore
+
+
+def _take_all(semaphores: tuple[anyio.Semaphore, ...]) -> Slot | None:
+    """All of them or none; never releases (a release may wake a waiter, which only the loop's thread may)."""
+    if any(semaphore.value == 0 for semaphore in semaphores):
+        return None
+    for semaphore in semaphores:
+        semaphore.acquire_nowait()
+    return Slot(semaphores)
+
 
 class Slot:
     """The right to call the origin once; ``release()`` when the call is over."""
@@ -33,6 +52,11 @@ class Slot:
 
     def __init__(self, held: tuple[anyio.Semaphore, ...]) -> None:
         self._held = held
+
+    @property
+    def waited_on(self) -> bool:
+        """Does a request wait for a slot of this one's pools (its release must wake it at once)?"""
+        return any(semaphore.statistics().tasks_waiting for semaphore in self._held)
 
     def release(self) -> None:
         held, self._held = self._held, ()
@@ -47,6 +71,7 @@ class OriginSlots:
         self._global = _Pool(limit) if limit > 0 else None
         self._routes: dict[str, _Pool] = {}
         self.rejected = 0  # requests answered 503 for want of a slot
+        self._taking = threading.Lock()  # a take without waiting, from the loop or from a request thread
 
     def bound_route(self, route: str, limit: int) -> None:
         if limit > 0:
@@ -54,18 +79,20 @@ class OriginSlots:
 
     def take_nowait(self, route: str) -> Slot | None:
         """A slot now, without a checkpoint (the common case costs no loop turn), or None."""
-        pools = self._pools(route)
-        taken: list[anyio.Semaphore] = []
-        for pool in pools:
-            semaphore = pool.semaphore()
-            try:
-                semaphore.acquire_nowait()
-            except anyio.WouldBlock:
-                for held in taken:
-                    held.release()
+        semaphores = tuple(pool.semaphore() for pool in self._pools(route))
+        with self._taking:
+            return _take_all(semaphores)
+
+    def take_in_thread(self, route: str) -> Slot | None:
+        """``take_nowait`` from a thread that is not the loop's; None also before the loop made the pools.
+
+        The slot's ``release`` must run on the loop's thread (it may wake a waiter there).
+        """
+        semaphores = tuple(pool.existing for pool in self._pools(route))
+        with self._taking:
+            if None in semaphores:
                 return None
-            taken.append(semaphore)
-        return Slot(tuple(taken))
+            return _take_all(semaphores)  # type: ignore[arg-type]
 
     async def take(self, route: str, wait: float) -> Slot | None:
         """A slot within ``wait`` seconds, or None."""

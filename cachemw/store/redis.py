@@ -38,7 +38,13 @@ from cachemw.store.redis_clients import (
 from cachemw.store.redis_cluster import fill_on_cluster, lock_on_cluster
 from cachemw.store.redis_loop import ConnectionGate, LoopClients, cancel_guards, gated_script
 from cachemw.store.redis_pubsub import Subscription
-from cachemw.store.redis_scripts import generation, millis, score
+from cachemw.store.redis_scripts import (
+    fill_call,
+    generation,
+    lookup_lock_call,
+    lookup_lock_result,
+    millis,
+)
 
 __all__ = ["CLUSTER_SCHEMES", "DEFAULT_CHANNEL", "DEFAULT_INVALIDATION_CHANNEL", "DRIVER_ERRORS", "SENTINEL_SCHEMES",
            "ConnectionGate", "RedisClients", "RedisStore", "close_client", "millis", "redis_clients"]
@@ -272,13 +278,8 @@ class RedisStore:
             return (None, value, ()) if value is not None else await self.lock(key, ttl, generation_keys, token)
         try:
             bound = self._on_loop()
-            reply = await self._script(
-                bound, bound.lock_all, [key, lock_key(key), wait_key(key), *generation_keys],
-                [token, millis(ttl), "1"])
-            if reply[0] == 2:
-                return None, reply[1], ()
-            taken, _, generations = reply
-            return (token if taken else None), None, tuple(generation(g) for g in generations)
+            keys, args = lookup_lock_call(key, ttl, generation_keys, token)
+            return lookup_lock_result(await self._script(bound, bound.lock_all, keys, args), token)
         except StoreError:
             raise
         except Exception as exc:  # also a foreign reply shape (a script of someone else's under our name)
@@ -291,16 +292,12 @@ class RedisStore:
         # them before our read is seen here (we delete the entry again), and one that
         # bumped them after our read finds the entry in its tag set (it deletes it).
         now = time.time()
-        expires = now + ttl
         try:
             bound = self._on_loop()
             if not self.cluster:
-                stored = await self._script(
-                    bound, bound.fill_all, [key, lock_key(key), wait_key(key), *tag_sets, *generation_keys],
-                    [value, millis(ttl), token or "", self.channel, score(now, math.floor),
-                     score(expires, math.ceil), millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)],
-                    timeout)
-                return bool(stored)
+                keys, args = fill_call(key, value, ttl, token, self.channel, tag_sets, generation_keys, generations,
+                                       now)
+                return bool(await self._script(bound, bound.fill_all, keys, args, timeout))
             return await fill_on_cluster(bound, key, value, ttl, token, self.channel, tag_sets, generation_keys,
                                          generations, now, timeout)
         except StoreError:

@@ -7,9 +7,14 @@ the cluster's pipelined equivalents cannot drift apart.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["FILL_ALL_SCRIPT", "INDEX_SCRIPT", "LOCK_ALL_SCRIPT", "UNLOCK_SCRIPT", "generation", "millis", "score"]
+from cachemw.core.keyspace import lock_key, wait_key
+from cachemw.store.base import LockResult
+
+__all__ = ["FILL_ALL_SCRIPT", "INDEX_SCRIPT", "LOCK_ALL_SCRIPT", "UNLOCK_SCRIPT", "fill_call", "generation",
+           "lookup_lock_call", "lookup_lock_result", "millis", "score"]
 
 # The entry, its lock and its "someone waits" flag share the key's hash tag, so each
 # script stays in one slot. A lock attempt that finds the lock taken raises the flag; a
@@ -102,3 +107,29 @@ def score(seconds: float, rounding: Callable[[float], int]) -> str:
 def millis(seconds: float) -> int:
     """Redis milliseconds: rounded up, and at least 1 (PX 0 is an error; a tiny ttl should still store)."""
     return max(1, math.ceil(seconds * 1000))
+
+
+def lookup_lock_call(key: str, ttl: float, generation_keys: Sequence[str], token: str
+                     ) -> tuple[list[str], list[str | int]]:
+    """``LOCK_ALL_SCRIPT``'s keys and arguments for a lookup that also tries the lock (``get_or_lock``)."""
+    return [key, lock_key(key), wait_key(key), *generation_keys], [token, millis(ttl), "1"]
+
+
+def lookup_lock_result(reply: Any, token: str) -> LockResult:
+    """``get_or_lock``'s answer from the script's reply: ``(None, value, ())`` when the key holds a value,
+    else the lock attempt's ``(token or None, None, generations)``. A foreign shape raises ``ValueError``."""
+    if not isinstance(reply, list) or not reply:
+        raise ValueError(f"the lookup script answered {type(reply).__name__}")
+    if reply[0] == 2:
+        return None, reply[1], ()
+    taken, _, generations = reply
+    return (token if taken else None), None, tuple(generation(g) for g in generations)
+
+
+def fill_call(key: str, value: bytes, ttl: float, token: str | None, channel: str, tag_sets: Sequence[str],
+              generation_keys: Sequence[str], generations: Sequence[int], now: float
+              ) -> tuple[list[str], list[bytes | str | int]]:
+    """``FILL_ALL_SCRIPT``'s keys and arguments: store unless a generation moved, index, release, announce."""
+    return ([key, lock_key(key), wait_key(key), *tag_sets, *generation_keys],
+            [value, millis(ttl), token or "", channel, score(now, math.floor), score(now + ttl, math.ceil),
+             millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)])

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import queue
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -31,9 +31,12 @@ from cachemw.asgi.lifespan import answer_lifespan
 from cachemw.wsgi.environ import environ_for, status_line, wsgi_headers
 from cachemw.wsgi.loop import BackgroundLoop
 
-__all__ = ["DONE", "RAISED", "RUN", "SENT", "ClientDisconnected", "Exchange", "ThreadedApp", "respond"]
+__all__ = ["DONE", "RAISED", "RUN", "SENT", "ClientDisconnected", "Exchange", "ThreadedApp", "batches", "capturing",
+           "emit", "final", "respond", "run_now"]
 
 RUN, SENT, DONE, RAISED = "run", "sent", "done", "raised"
+
+T = TypeVar("T")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 StartResponse = Callable[..., Any]
@@ -93,15 +96,8 @@ class Exchange:
         environ = self.environ if scope is self.scope else environ_for(scope, self.environ)
         captured: list[Any] = []
         written: list[bytes] = []
-
-        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
-            if exc_info is not None and captured and captured[2]:
-                raise exc_info[1].with_traceback(exc_info[2])
-            captured[:] = [status, headers, False]
-            return written.append
-
         try:
-            result = app(environ, capture)
+            result = app(environ, capturing(captured, written))
         except Exception as exc:
             yield from self._hand_over(exc, start_response, False)
             return
@@ -124,16 +120,16 @@ class Exchange:
         """The app's chunks to the handler, the handler's answer to the client; None once it answered in full."""
         started = False
         try:
-            for batch in _batches(result, captured, written):
+            for batch in batches(result, captured, written):
                 self.post(batch)
-                if _final(batch[-1]):
+                if final(batch[-1]):
                     self.handed = True
                     return started
                 kind, value = self.replies.get()
                 if kind == RAISED:
                     self.handed = True
                     raise value
-                started = yield from _emit(value, start_response, started)
+                started = yield from emit(value, start_response, started)
                 if kind == DONE:
                     self.handed = True
                     return None  # the handler answered otherwise (a fallback): the app's rest is not sent
@@ -155,7 +151,7 @@ class Exchange:
             kind, value = self.replies.get()
             if kind == RAISED:
                 raise value
-            started = yield from _emit(value, start_response, started)
+            started = yield from emit(value, start_response, started)
             if kind == DONE:
                 return
 
@@ -181,11 +177,23 @@ class _Response:
             self._exchange.closed()
 
 
-def _final(message: Message) -> bool:
+def capturing(captured: list[Any], written: list[bytes]) -> StartResponse:
+    """A ``start_response`` that keeps the app's status and headers in ``captured`` (and whether they were sent)
+    and what it writes through the legacy ``write()`` in ``written``."""
+    def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None and captured and captured[2]:
+            raise exc_info[1].with_traceback(exc_info[2])
+        captured[:] = [status, headers, False]
+        return written.append
+
+    return capture
+
+
+def final(message: Message) -> bool:
     return message["type"] == "http.response.body" and not message.get("more_body", False)
 
 
-def _batches(result: Iterable[bytes], captured: list[Any], written: list[bytes]) -> Iterator[list[Message]]:
+def batches(result: Iterable[bytes], captured: list[Any], written: list[bytes]) -> Iterator[list[Message]]:
     """The app's response as message batches: its start with the first chunk, the last chunk marked final."""
     pending: bytes | None = None
     first = True
@@ -218,7 +226,7 @@ def _start_message(captured: list[Any]) -> Message:
             "headers": [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]}
 
 
-def _emit(messages: list[Message], start_response: StartResponse, started: bool) -> Generator[bytes, None, bool]:
+def emit(messages: list[Message], start_response: StartResponse, started: bool) -> Generator[bytes, None, bool]:
     """Send the handler's messages to the WSGI server: ``start_response`` once, then the bodies."""
     for message in messages:
         if message["type"] == "http.response.start":
@@ -230,6 +238,17 @@ def _emit(messages: list[Message], start_response: StartResponse, started: bool)
             if body:
                 yield body
     return started
+
+
+def run_now(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never waits (a responder sending into a list) to its end, here, without a loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coroutine.close()
+    raise RuntimeError("cachemw: a response meant to be made without a loop waited on something")
 
 
 def respond(messages: list[Message], start_response: StartResponse) -> list[bytes]:
@@ -278,7 +297,7 @@ class ThreadedApp:
                         raise batch
                     for message in batch:
                         await send(message)
-                    if _final(batch[-1]):
+                    if final(batch[-1]):
                         return
                     exchange.replies.put((SENT, exchange.take()))
         finally:

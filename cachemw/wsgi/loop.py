@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -99,7 +100,8 @@ class BackgroundLoop:
         """Run the plain ``function(*args)`` on the loop's thread as soon as it can; returns at once."""
         loop = self._asyncio_loop
         assert loop is not None
-        loop.call_soon_threadsafe(function, *args)
+        with contextlib.suppress(RuntimeError):  # the loop has stopped (the process exits): a lock it would
+            loop.call_soon_threadsafe(function, *args)  # release expires by itself
 
     def later(self, function: Callable[..., object], *args: Any) -> None:
         """Run the plain ``function(*args)`` on the loop's thread within ``LATER_INTERVAL``, without waking it.

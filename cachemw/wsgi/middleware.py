@@ -39,8 +39,8 @@ from cachemw.store.base import Store
 from cachemw.writebehind import WriteBehind
 from cachemw.wsgi.environ import route_of, scope_of
 from cachemw.wsgi.exchange import DONE, RAISED, Exchange, ThreadedApp, current_exchange, respond
-from cachemw.wsgi.hits import ThreadHits, blocking_client
 from cachemw.wsgi.loop import BackgroundLoop
+from cachemw.wsgi.threadpath import ThreadPath, blocking_client
 
 __all__ = ["CacheMiddleware"]
 
@@ -83,7 +83,7 @@ class CacheMiddleware(CacheShell):
             lambda connection: by_environ(_environ_of(connection)))
         self._thread_identity = None if by_environ is None else (
             lambda headers, scope: by_environ(scope["cachemw.environ"]))
-        self._hits: ThreadHits | None = None
+        self._thread_path: ThreadPath | None = None
         self.cache = AsgiCacheMiddleware(
             self._threaded, config=config, redis_url=redis_url, store=store, key_prefix=key_prefix,
             identity=asgi_identity, settings=settings, access_log_json=access_log_json,
@@ -133,11 +133,11 @@ class CacheMiddleware(CacheShell):
 
     def close(self) -> None:
         """Drain the background work and stop the cache's loop (also done at interpreter exit)."""
-        loop, hits = self._loop, self._hits
+        loop, thread_path = self._loop, self._thread_path
         if loop is not None:
             loop.stop()
-        if hits is not None and hits.client is not None:
-            hits.client.close()
+        if thread_path is not None and thread_path.client is not None:
+            thread_path.client.close()
 
     # -- WSGI --------------------------------------------------------------------------------------
 
@@ -152,9 +152,9 @@ class CacheMiddleware(CacheShell):
             return self.app(environ, start_response)
         scope = scope_of(environ, route)
         scope["cachemw.environ"] = environ
-        hits = self._hits
-        if hits is not None:
-            answered = hits.answer(scope, match, start_response)
+        thread_path = self._thread_path
+        if thread_path is not None:
+            answered = thread_path.answer(environ, scope, match, start_response)
             if answered is not None:
                 return answered
         exchange = Exchange(environ, scope, loop)
@@ -201,7 +201,8 @@ class CacheMiddleware(CacheShell):
                 supervisor.home_thread = loop.thread_id
                 runtime = self.cache.runtime
                 if runtime is not None:
-                    self._hits = ThreadHits(runtime, blocking_client(runtime), loop, self._thread_identity)
+                    self._thread_path = ThreadPath(self.app, runtime, blocking_client(runtime), loop,
+                                                   self._thread_identity)
         return loop
 
     async def _startup(self, task_group: TaskGroup) -> None:

@@ -31,14 +31,14 @@ def make_app(redis_url: str = REDIS_URL, counts_url: str | None = None, **settin
     def ran(view: str) -> int:
         return int(counts.incr(f"calls:{view}"))
 
-    _cached_views(app, ran)
+    _cached_views(app, ran, counts)
     _other_views(app, ran, counts)
     app.wsgi_app = CacheMiddleware(  # type: ignore[method-assign]
         app.wsgi_app, redis_url=redis_url, settings=Settings(**{"store_timeout": 0.5, **settings}))
     return app
 
 
-def _cached_views(app: Flask, ran: Callable[[str], int]) -> None:
+def _cached_views(app: Flask, ran: Callable[[str], int], counts: redis.Redis) -> None:
     @app.get("/ready")
     def ready() -> Any:
         return "ok"
@@ -64,6 +64,13 @@ def _cached_views(app: Flask, ran: Callable[[str], int]) -> None:
         run = ran("slow")
         time.sleep(SLOW_VIEW)  # a slow database read: concurrent requests arrive while it runs
         return jsonify(n=n, run=run, pid=os.getpid())
+
+    @app.get("/gate/<int:n>")
+    @cache(ttl="5m")
+    def gate(n: int) -> Any:
+        run = ran("gate")
+        counts.blpop([f"gate:{n}"], timeout=60)  # held until the test opens it (LPUSH gate:<n>)
+        return jsonify(n=n, run=run)
 
     @app.get("/stream")
     @cache(ttl="5m")
