@@ -9,21 +9,18 @@ change when it stores and removes itself (no resurrection).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 from cachemw.core.keys import path_tag, route_tag
 from cachemw.core.keyspace import ALL_TAG, entry_pattern, tag_keys
 from cachemw.core.rules import normalise_template
+from cachemw.core.tags import FIELD, fill_template
 from cachemw.store import Store
 from cachemw.store.l1 import L1
 from cachemw.store.retrying import within_deadline
 
 __all__ = ["Invalidator", "targets_for_unsafe_request"]
-
-_PARAM = re.compile(r"{([^{}:]+)(?::[^{}]*)?}")
-
 
 class Invalidator:
     """Purges entries in the shared store and this process's L1; other processes hear it by pub/sub."""
@@ -87,22 +84,18 @@ def targets_for_unsafe_request(invalidates: Iterable[str], params: Mapping[str, 
     """
     tags: list[str] = []
     for template in invalidates:
-        names = _PARAM.findall(template)
+        names = FIELD.findall(template)
         known = all(name in params for name in names)
         if template.startswith("/"):
             if known:
-                tags.append(path_tag(mounted_at + _fill(template, params)))
+                tags.append(path_tag(mounted_at + fill_template(template, params)))
             else:
                 tags.append(route_tag(normalise_template(template)))
         elif known:
-            tags.append(_fill(template, params))
+            tags.append(fill_template(template, params))
     return tags
-
-
-def _fill(template: str, params: Mapping[str, str]) -> str:
-    return _PARAM.sub(lambda m: params[m.group(1)], template)
 
 
 def format_tags(templates: Sequence[str], params: Mapping[str, str]) -> tuple[str, ...]:
     """A rule's ``tags`` for one request; a template naming an unknown parameter is kept as written."""
-    return tuple(_fill(t, params) if all(n in params for n in _PARAM.findall(t)) else t for t in templates)
+    return tuple(fill_template(t, params) if all(n in params for n in FIELD.findall(t)) else t for t in templates)
