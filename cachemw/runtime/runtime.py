@@ -10,11 +10,14 @@ and the access log live here, one set per middleware instance. ``observe/`` and
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+from anyio.abc import TaskStatus
+from anyio.from_thread import BlockingPortal
 
 from cachemw.core import decide, http
 from cachemw.core.breaker import CircuitBreaker
@@ -102,10 +105,23 @@ class CacheRuntime:
         self._route_credentials = {id(rule): self.credentials.including(names)
                                    for rule in table.rules if (names := _credential_names(rule))}
         self._warned_corrupt = False
+        # How code in other threads reaches this runtime's loop (a purge after a sync ORM commit).
+        self.portal: BlockingPortal | None = None
+        self.loop_thread = 0
         supervisor.add_service("notifications", self.store.listen)
         supervisor.add_service("releases", self.locks.send_pending_releases)
         supervisor.add_service("access-log", access_log.consume)
         supervisor.add_service("loop-lag", loop_lag.measure)
+        supervisor.add_service("portal", self._serve_portal)
+
+    async def _serve_portal(self, *, task_status: TaskStatus[None]) -> None:
+        async with BlockingPortal() as portal:
+            self.portal, self.loop_thread = portal, threading.get_ident()
+            task_status.started()
+            try:
+                await portal.sleep_until_stopped()
+            finally:
+                self.portal = None
 
     # -- per request -------------------------------------------------------------------------------
 

@@ -41,6 +41,10 @@ class CacheShell(abc.ABC):
     def prepare(self, routes_owner: Any) -> RuleTable:
         """Build the rule table and the runtime once (``routes_owner``: what holds the app's routes)."""
 
+    def start(self) -> None:  # noqa: B027 - a no-op by default, not abstract
+        """Start the cache now, where the shell owns its loop (the WSGI shell); the ASGI shell starts with the
+        app's lifespan. For code that purges before any request came (a worker, a script)."""
+
     @property
     @abc.abstractmethod
     def supervisor(self) -> Supervisor:

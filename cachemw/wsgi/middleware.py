@@ -131,6 +131,10 @@ class CacheMiddleware(CacheShell):
 
         return self._started_loop().call(in_this_cache)
 
+    def start(self) -> None:
+        """Start the cache's loop in this process now, rather than on the first request."""
+        self._started_loop()
+
     def close(self) -> None:
         """Drain the background work and stop the cache's loop (also done at interpreter exit)."""
         loop, thread_path = self._loop, self._thread_path
