@@ -15,9 +15,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "cachemw"
 
 # Lowest first: a layer may import itself and those before it, never those after it.
-LAYERS = ("core", "store", "runtime", "writebehind", "observe", "frameworks", "asgi", "wsgi", "cli")
+LAYERS = ("core", "store", "runtime", "writebehind", "observe", "frameworks", "asgi", "wsgi", "orm", "cli")
 # Facades for the public names (``from cachemw import CacheMiddleware``; ``cachemw.dashboard.dashboard_app()``).
-FACADES = {"cachemw", "cachemw.dashboard", "cachemw.django"}
+FACADES = {"cachemw", "cachemw.dashboard", "cachemw.django", "cachemw.sqlalchemy"}
+# An ORM is imported by its own hook module only (and the facade that shows it): the rest of cachemw runs without it.
+ORM_HOMES = {"sqlalchemy": {"cachemw.orm.sqlalchemy", "cachemw.sqlalchemy"}}
 # The core is pure: nothing that does I/O or belongs to a framework.
 CORE_MAY_NOT_IMPORT = {"anyio", "asyncio", "redis", "hiredis", "starlette", "fastapi", "httpx", "socket", "uvicorn",
                        "threading", "subprocess", "trio", "uvloop", "flask", "werkzeug", "django"}
@@ -91,3 +93,11 @@ def test_the_check_sees_an_upward_import() -> None:
     upward = {name for name in found if _layer(name) == "asgi"}
     assert upward == {"cachemw.asgi.middleware", "cachemw.asgi.middleware.CacheMiddleware", "cachemw.asgi",
                       "cachemw.asgi.handler"}
+
+
+@pytest.mark.parametrize("orm", sorted(ORM_HOMES))
+def test_an_orm_is_imported_by_its_hook_only(orm: str) -> None:
+    importers = sorted(_module_name(path) for path in MODULES
+                       if any(name.split(".")[0] == orm for name in _imports(path)))
+    assert set(importers) <= ORM_HOMES[orm], f"{orm} is imported outside its hook: {importers}"
+    assert importers, f"no module imports {orm}: the contract names the wrong home"
