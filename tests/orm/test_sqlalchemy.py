@@ -302,7 +302,7 @@ async def _true(value: bool) -> bool:
     return value
 
 
-def test_a_write_from_another_process_reaches_every_servers_l1(database: Database, redis_url: str,
+def test_a_write_from_another_process_reaches_every_servers_l1(database: Database, mode: str, redis_url: str,
                                                               budgets: Budgets) -> None:
     """``python worker.py``: a process that serves no HTTP commits; the app's L1 copy goes too."""
 
@@ -312,8 +312,8 @@ def test_a_write_from_another_process_reaches_every_servers_l1(database: Databas
             assert len(s.app.l1) == 1, "the page is in this server's L1"
             started = time.monotonic()
             done = await anyio.to_thread.run_sync(lambda: subprocess.run(
-                [sys.executable, "-m", "tests.orm.reprice_worker", database.sync_url, redis_url, PREFIX, "1",
-                 "9.90"], cwd=ROOT, capture_output=True, text=True, timeout=budgets.process_start,
+                [sys.executable, "-m", "tests.orm.reprice_worker", mode,
+                 database.sync_url if mode == "sync" else database.async_url, redis_url, PREFIX, "1", "9.90"], cwd=ROOT, capture_output=True, text=True, timeout=budgets.process_start,
                 env={**os.environ, "PYTHONPATH": str(ROOT)}))
             assert done.returncode == 0, done.stderr
             assert "purged 1" in done.stdout, done.stdout + done.stderr
