@@ -17,6 +17,11 @@ WSGI, in the project's ``wsgi.py`` (gunicorn, uWSGI, mod_wsgi)::
 ``settings.CACHEMW`` (a dict of ``CacheMiddleware``'s keywords: ``config``,
 ``redis_url``, ``key_prefix``, ...) gives the defaults; keywords given here win.
 ``cachemw routes --django mysite.settings`` shows the table this builds.
+
+Data changes invalidate the cache: in an ``AppConfig.ready()``,
+``invalidate_on_commit({Product: ["product:{id}"]})`` (or ``settings.CACHEMW_MODEL_TAGS``)
+purges the tags of the rows each transaction saved or deleted, after it commits
+(``cachemw.orm.django``).
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ from cachemw.asgi.lifespan import AnswersLifespan
 from cachemw.asgi.middleware import CacheMiddleware
 from cachemw.core.policy import ConfigError
 from cachemw.frameworks.django import route_table
+from cachemw.orm.django import DjangoHook, invalidate_on_commit, serve_purges_through
+from cachemw.orm.purger import Purger
 from cachemw.wsgi import CacheMiddleware as WSGICacheMiddleware
 
-__all__ = ["asgi_application", "middleware_options", "route_table", "wsgi_application"]
+__all__ = ["DjangoHook", "Purger", "asgi_application", "invalidate_on_commit", "middleware_options", "route_table",
+           "wsgi_application"]
 
 
 
@@ -57,11 +65,15 @@ def asgi_application(app: ASGIApp, *, urlconf: str | None = None, **options: Any
     from django.core.handlers.asgi import ASGIHandler  # type: ignore[import-untyped]
 
     inner = AnswersLifespan(app) if isinstance(app, ASGIHandler) else app
-    return CacheMiddleware(inner, route_table=lambda settings: route_table(settings, urlconf),
-                           **middleware_options(**options))
+    middleware = CacheMiddleware(inner, route_table=lambda settings: route_table(settings, urlconf),
+                                 **middleware_options(**options))
+    serve_purges_through(middleware)  # invalidate_on_commit() hooks purge through this process's cache
+    return middleware
 
 
 def wsgi_application(app: Any, *, urlconf: str | None = None, **options: Any) -> WSGICacheMiddleware:
     """Django's WSGI application behind the cache (``get_wsgi_application()``), as ``asgi_application``."""
-    return WSGICacheMiddleware(app, route_table=lambda settings: route_table(settings, urlconf, wsgi=True),
-                               **middleware_options(**options))
+    middleware = WSGICacheMiddleware(app, route_table=lambda settings: route_table(settings, urlconf, wsgi=True),
+                                     **middleware_options(**options))
+    serve_purges_through(middleware)
+    return middleware

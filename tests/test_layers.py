@@ -19,7 +19,10 @@ LAYERS = ("core", "store", "runtime", "writebehind", "observe", "frameworks", "a
 # Facades for the public names (``from cachemw import CacheMiddleware``; ``cachemw.dashboard.dashboard_app()``).
 FACADES = {"cachemw", "cachemw.dashboard", "cachemw.django", "cachemw.sqlalchemy"}
 # An ORM is imported by its own hook module only (and the facade that shows it): the rest of cachemw runs without it.
-ORM_HOMES = {"sqlalchemy": {"cachemw.orm.sqlalchemy", "cachemw.sqlalchemy"}}
+ORM_HOMES = {"sqlalchemy": {"cachemw.orm.sqlalchemy", "cachemw.sqlalchemy"},
+             # Django is also the routes' framework: its URLconf, the WSGI handler it is found behind, `--django`.
+             "django": {"cachemw.orm.django", "cachemw.django", "cachemw.frameworks.django", "cachemw.wsgi.middleware",
+                        "cachemw.cli.common"}}
 # The core is pure: nothing that does I/O or belongs to a framework.
 CORE_MAY_NOT_IMPORT = {"anyio", "asyncio", "redis", "hiredis", "starlette", "fastapi", "httpx", "socket", "uvicorn",
                        "threading", "subprocess", "trio", "uvloop", "flask", "werkzeug", "django"}

@@ -1,4 +1,5 @@
-"""Minimal Django settings: no database, no apps; CommonMiddleware for APPEND_SLASH's redirects."""
+"""Minimal Django settings: CommonMiddleware for APPEND_SLASH's redirects; the ORM hook tests' models (their
+databases are added by tests/orm/test_django.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ SECRET_KEY = "tests-only-not-secret"
 DEBUG = False
 ALLOWED_HOSTS = ["*"]
 ROOT_URLCONF = "tests.apps.djangoproject.urls"
-INSTALLED_APPS: list[str] = []
+INSTALLED_APPS: list[str] = ["tests.apps.djangoshop"]
 MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
 DATABASES: dict[str, Any] = {}
 USE_TZ = True
