@@ -36,12 +36,12 @@ from cachemw.asgi.lifespan import AnswersLifespan
 from cachemw.asgi.middleware import CacheMiddleware
 from cachemw.core.policy import ConfigError
 from cachemw.frameworks.django import route_table
-from cachemw.orm.django import DjangoHook, invalidate_on_commit, serve_purges_through
+from cachemw.orm.django import DjangoHook, PurgingQuerySet, invalidate_on_commit, serve_purges_through
 from cachemw.orm.purger import Purger
 from cachemw.wsgi import CacheMiddleware as WSGICacheMiddleware
 
-__all__ = ["DjangoHook", "Purger", "asgi_application", "invalidate_on_commit", "middleware_options", "route_table",
-           "wsgi_application"]
+__all__ = ["DjangoHook", "Purger", "PurgingQuerySet", "asgi_application", "invalidate_on_commit",
+           "middleware_options", "route_table", "wsgi_application"]
 
 
 

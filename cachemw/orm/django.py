@@ -8,10 +8,10 @@ values are read in ``pre_save`` (one query, only for models whose templates name
 a column other than the primary key), so a moved foreign key purges both sides.
 Outside a transaction (autocommit) each statement's rows are purged at once.
 
-Not seen, as Django sends no signal for them: ``QuerySet.update()``,
-``bulk_create()`` and ``bulk_update()``, and raw SQL; purge their tags yourself
-(``Purger.purge``), or tag the pages with the model's coarse tag
-``table:<db_table>`` and purge that.
+Django sends no signal for ``QuerySet.update()``, ``bulk_create()`` and
+``bulk_update()``: a model whose manager is ``PurgingQuerySet.as_manager()`` purges
+its coarse tags (``table:<db_table>`` and the templates naming no column) after
+them, since their rows are unknown. Raw SQL is not seen.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from django.db import models  # type: ignore[import-untyped]
+
 from cachemw.core.policy import ConfigError
 from cachemw.core.tags import TableTags
 from cachemw.orm.purger import Purger
 from cachemw.runtime.shell import CacheShell
 
-__all__ = ["DjangoHook", "invalidate_on_commit", "serve_purges_through"]
+__all__ = ["DjangoHook", "PurgingQuerySet", "invalidate_on_commit", "serve_purges_through"]
 
 logger = logging.getLogger("cachemw.orm")
 
@@ -138,7 +140,7 @@ class DjangoHook:
     # -- one purge per transaction ---------------------------------------------------------------------
 
     def _add(self, using: str, tags: Iterable[str]) -> None:
-        from django.db import transaction  # type: ignore[import-untyped]
+        from django.db import transaction
 
         try:
             connection = transaction.get_connection(using)
@@ -162,6 +164,33 @@ class DjangoHook:
             tags = self.tables.get(concrete) if concrete is not None else None
             self.tables[model] = tags
         return tags
+
+
+class PurgingQuerySet(models.QuerySet):  # type: ignore[misc]
+    """A QuerySet whose ``update()``, ``bulk_create()`` and ``bulk_update()`` purge the model's coarse tags after
+    the commit: ``objects = PurgingQuerySet.as_manager()``."""
+
+    def update(self, **kwargs: Any) -> int:
+        count: int = super().update(**kwargs)
+        _bulk(self.model, self.db)
+        return count
+
+    def bulk_create(self, *args: Any, **kwargs: Any) -> list[Any]:
+        created: list[Any] = super().bulk_create(*args, **kwargs)
+        _bulk(self.model, self.db)
+        return created
+
+    def bulk_update(self, *args: Any, **kwargs: Any) -> int:
+        count: int = super().bulk_update(*args, **kwargs)
+        _bulk(self.model, self.db)
+        return count
+
+
+def _bulk(model: Any, using: str) -> None:
+    for hook in _hooks:
+        tags = hook._of(model)
+        if tags is not None:
+            hook._add(using, tags.coarse())
 
 
 def _linked(through: Any, instance: Any, model: Any, using: str) -> set[Any] | None:

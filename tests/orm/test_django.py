@@ -268,6 +268,34 @@ async def test_one_purge_per_transaction(alias: str, redis_url: str, budgets: Bu
         assert (await s.page("/stats"))[1] == {"orders": 2}
 
 
+async def test_bulk_statements_purge_the_coarse_tags(alias: str, redis_url: str, budgets: Budgets) -> None:
+    async with shop(alias, redis_url, budgets) as s:
+        assert await s.cached("/products") == [[1, "8.50"], [2, "39.00"]]
+        assert await s.cached("/stats") == {"orders": 1}
+
+        def reprice_all(alias: str) -> None:
+            from django.db.models import F  # type: ignore[import-untyped]
+
+            from tests.apps.djangoshop.models import Product
+
+            Product.objects.using(alias).update(price=F("price") * 2)  # no signal: PurgingQuerySet's update()
+
+        await s.write(reprice_all)
+        assert (await s.page("/products"))[1] == [[1, "17.00"], [2, "78.00"]]
+
+        def many_orders(alias: str) -> None:
+            from django.db import transaction
+
+            from tests.apps.djangoshop.models import Order
+
+            with transaction.atomic(using=alias):
+                Order.objects.using(alias).bulk_create([Order(pk=n, customer_id=2, product_id=2, qty=1)
+                                                        for n in (2, 3)])
+
+        await s.write(many_orders)
+        assert (await s.page("/stats"))[1] == {"orders": 3}  # "stats" names no column: coarse
+
+
 @pytest.mark.parametrize("writer", ["this app", "another cache"])
 async def test_a_fill_that_read_before_the_commit_is_not_stored_after_the_purge(
         alias: str, redis_url: str, budgets: Budgets, writer: str) -> None:

@@ -6,6 +6,8 @@ from typing import Any
 
 from django.db import models  # type: ignore[import-untyped]
 
+from cachemw.django import PurgingQuerySet
+
 
 class Customer(models.Model):  # type: ignore[misc]
     __cachemw_tags__ = ("customer:{id}",)  # the declarative form
@@ -30,6 +32,8 @@ class Product(models.Model):  # type: ignore[misc]
     price = models.DecimalField(max_digits=10, decimal_places=2)
     categories = models.ManyToManyField(Category, related_name="products")
 
+    objects = PurgingQuerySet.as_manager()  # update() and the bulk methods purge table:products
+
     class Meta:
         app_label = "djangoshop"
         db_table = "products"  # the tables the pages are tagged with (table:products)
@@ -39,6 +43,8 @@ class Order(models.Model):  # type: ignore[misc]
     customer = models.ForeignKey(Customer, on_delete=models.CASCADE)
     product = models.ForeignKey(Product, on_delete=models.CASCADE)
     qty = models.IntegerField()
+
+    objects = PurgingQuerySet.as_manager()
 
     class Meta:
         app_label = "djangoshop"
