@@ -6,6 +6,8 @@ This is what a user does after reading the README, so it runs the real server
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tests.sample_checks import (
     stats_cached_by_file_rule,
     unknown_product_is_404,
 )
-from tests.sample_server import Server, run_sample_app
+from tests.sample_server import REPO_ROOT, Server, answers_until_hit, run_sample_app, sample_env
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +96,17 @@ def test_dashboard_and_metrics_are_served_where_the_log_says(server: Server) -> 
     assert state.status_code == 200
     assert any(rule["route"] == "/products/{id:int}" for rule in state.json()["snapshot"]["routes"])
     assert "/_cachemw/" in index.text and "/metrics" in index.text
+
+
+def test_a_price_changed_by_the_reprice_script_shows_on_the_next_request(tmp_path: Path, redis_url: str,
+                                                                        budgets: Budgets) -> None:
+    """The tour: `python -m sample_app.reprice 1 9.90` (SQLAlchemy, another process); the shop calls no invalidate()."""
+    with run_sample_app(tmp_path, redis_url=redis_url) as server, server.client() as client:
+        assert answers_until_hit(client, "/products/1", budgets.condition)[-1].json()["price"] == 8.5
+        done = subprocess.run([sys.executable, "-m", "sample_app.reprice", "1", "9.90"], cwd=REPO_ROOT,
+                              env=sample_env(tmp_path, redis_url), capture_output=True, text=True,
+                              timeout=budgets.process_start, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.splitlines() == ["product 1: 8.50 -> 9.90", f"purged product:1 at {redis_url}"]
+        answer = client.get("/products/1")
+        assert (answer.headers["x-cache"], answer.json()["price"]) == ("MISS", 9.9)
