@@ -75,11 +75,11 @@ class Purger:
             runtime = self._runtime()
             if runtime is None:
                 return
-            portal = runtime.portal
-            if portal is not None and threading.get_ident() != runtime.loop_thread:
-                portal.call(self._purge_now, runtime, wanted)
+            token = runtime.loop_token
+            if token is not None and threading.get_ident() != runtime.loop_thread:
+                anyio.from_thread.run(self._purge_now, runtime, wanted, token=token)
                 return
-            try:  # a worker thread of the loop the cache runs on, without a lifespan (no portal)
+            try:  # a worker thread of the loop the cache runs on, without a lifespan (no token)
                 anyio.from_thread.run(self._purge_now, runtime, wanted)
                 return
             except RuntimeError:
@@ -99,7 +99,7 @@ class Purger:
         if not wanted:
             return
         runtime = self._current_runtime()
-        if runtime is not None and (runtime.portal is None or threading.get_ident() == runtime.loop_thread):
+        if runtime is not None and (runtime.loop_token is None or threading.get_ident() == runtime.loop_thread):
             try:
                 await self._purge_now(runtime, wanted)
             except Exception:

@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.from_thread import BlockingPortal
+from anyio.lowlevel import EventLoopToken, current_token
 
 from cachemw.core import decide, http
 from cachemw.core.breaker import CircuitBreaker
@@ -105,23 +105,20 @@ class CacheRuntime:
         self._route_credentials = {id(rule): self.credentials.including(names)
                                    for rule in table.rules if (names := _credential_names(rule))}
         self._warned_corrupt = False
-        # How code in other threads reaches this runtime's loop (a purge after a sync ORM commit).
-        self.portal: BlockingPortal | None = None
+        # How code in other threads reaches this runtime's loop (a purge after a sync ORM commit):
+        # anyio.from_thread.run(..., token=loop_token); noted when the supervisor starts.
+        self.loop_token: EventLoopToken | None = None
         self.loop_thread = 0
         supervisor.add_service("notifications", self.store.listen)
         supervisor.add_service("releases", self.locks.send_pending_releases)
         supervisor.add_service("access-log", access_log.consume)
         supervisor.add_service("loop-lag", loop_lag.measure)
-        supervisor.add_service("portal", self._serve_portal)
+        supervisor.add_service("loop", self._note_loop)
 
-    async def _serve_portal(self, *, task_status: TaskStatus[None]) -> None:
-        async with BlockingPortal() as portal:
-            self.portal, self.loop_thread = portal, threading.get_ident()
-            task_status.started()
-            try:
-                await portal.sleep_until_stopped()
-            finally:
-                self.portal = None
+    async def _note_loop(self, *, task_status: TaskStatus[None]) -> None:
+        """Which loop and thread this runtime runs on; done at once (a token holds nothing that runs)."""
+        self.loop_token, self.loop_thread = current_token(), threading.get_ident()
+        task_status.started()
 
     # -- per request -------------------------------------------------------------------------------
 
