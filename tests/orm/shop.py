@@ -70,10 +70,12 @@ TAGS: dict[Any, list[str]] = {
 
 
 def seed(session: Session) -> None:
-    session.add_all([Customer(id=1, name="Ada"), Customer(id=2, name="Grace"),
-                     Product(id=1, name="Espresso cup", price=Decimal("8.50")),
-                     Product(id=2, name="Pour-over kettle", price=Decimal("39.00"))])
-    session.flush()  # without relationships the flush does not order rows by their foreign keys
+    session.add_all([Customer(id=1, name="Ada"), Customer(id=2, name="Grace")])
+    # The products' ids come from the database (1 and 2 in a new table), so a new one's is 3 on PostgreSQL too.
+    session.add(Product(name="Espresso cup", price=Decimal("8.50")))
+    session.flush()  # one at a time, in order; and before the order that refers to them
+    session.add(Product(name="Pour-over kettle", price=Decimal("39.00")))
+    session.flush()
     session.add(Order(id=1, customer_id=1, product_id=1, qty=2))
 
 

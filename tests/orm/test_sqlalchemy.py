@@ -160,17 +160,20 @@ async def test_inserted_rows_show_on_the_next_request(database: Database, mode: 
         assert (await s.cached("/customers/2"))["orders"] == []
         assert await s.cached("/stats") == {"orders": 1}
         assert (await s.cached("/customers/3")) == {"name": None, "orders": []}
+        assert (await s.cached("/products/3")) == {"missing": True}  # a 404 is cached too
 
         def add(session: Session) -> None:
-            session.add_all([Product(id=3, name="Grinder", price=Decimal("120.00")), Customer(id=3, name="Edsger")])
+            grinder = Product(name="Grinder", price=Decimal("120.00"))  # its id comes from the database
+            session.add_all([grinder, Customer(id=3, name="Edsger")])
             session.flush()
-            session.add(Order(id=2, customer_id=2, product_id=3, qty=1))
+            session.add(Order(id=2, customer_id=2, product_id=grinder.id, qty=1))
 
         await s.writer.write(add)
         assert (await s.page("/products"))[1] == [[1, "8.50"], [2, "39.00"], [3, "120.00"]]
         assert (await s.page("/customers/2"))[1]["orders"] == [2]
         assert (await s.page("/stats"))[1] == {"orders": 2}
         assert (await s.page("/customers/3"))[1]["name"] == "Edsger"  # declared on the class
+        assert (await s.page("/products/3"))[1] == {"id": 3, "price": "120.00"}
 
 
 async def test_a_row_whose_foreign_key_moved_purges_both_sides(database: Database, mode: str, redis_url: str,
