@@ -20,7 +20,7 @@ from sqlalchemy import Engine, create_engine, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, load_only, sessionmaker
 
-from cachemw import CacheMiddleware, Settings
+from cachemw import CacheMiddleware, ConfigError, Settings
 from cachemw.sqlalchemy import CommitHook, Purger, invalidate_on_commit
 
 try:  # tests/ is a package
@@ -319,3 +319,9 @@ async def test_a_purge_the_store_missed_at_commit_is_retried_in_the_background(
             killable.resume()
         await eventually(lambda: truthy(purges.done == 1), what="the retried purge landed")
         assert await s.page("/products/1") == ("MISS", {"id": 1, "price": "9.90"})
+
+
+def test_a_template_naming_no_column_fails_at_the_call() -> None:
+    factory = sessionmaker()
+    with pytest.raises(ConfigError, match=r"tags for Product: tag 'product:\{sku\}' names 'sku'"):
+        invalidate_on_commit(factory, tags={Product: ["product:{sku}"]}, cache=Purger(redis_url="redis://unused"))
