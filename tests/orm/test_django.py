@@ -18,7 +18,7 @@ import django  # type: ignore[import-untyped]
 import httpx
 import pytest
 
-from cachemw import CacheMiddleware, Settings
+from cachemw import CacheMiddleware, ConfigError, Settings
 from cachemw.django import DjangoHook, Purger, invalidate_on_commit
 
 try:  # tests/ is a package
@@ -343,3 +343,28 @@ async def test_a_save_from_another_process_shows(alias: str, redis_url: str, bud
             "9.90"], budgets)
         assert "purged 1" in said, said
         await s.changes_to("/products/1", {"id": 1, "price": "9.90", "categories": ["cups"]})
+
+
+async def test_tags_from_settings_and_the_projects_middleware(alias: str, redis_url: str, budgets: Budgets) -> None:
+    """``settings.CACHEMW_MODEL_TAGS`` and no ``cache=``: the hook purges through ``wsgi_application``'s middleware."""
+    from django.core.wsgi import get_wsgi_application  # type: ignore[import-untyped]
+    from django.test import override_settings  # type: ignore[import-untyped]
+
+    from cachemw.django import wsgi_application
+
+    with override_settings(CACHEMW_MODEL_TAGS={"djangoshop.Product": ["product:{id}"]}):
+        hook = invalidate_on_commit()
+    try:
+        application = wsgi_application(get_wsgi_application(), redis_url=redis_url)
+        assert hook.purger.cache is application
+        with override_settings(CACHEMW_MODEL_TAGS={"djangoshop.Nothing": ["x"]}), \
+                pytest.raises(ConfigError, match=r"CACHEMW_MODEL_TAGS: 'djangoshop.Nothing' names no model"):
+            invalidate_on_commit()
+        async with shop(alias, redis_url, budgets, cache=Purger(application)) as s:
+            assert (await s.cached("/products/1"))["price"] == "8.50"
+            before = hook.purger.purged
+            await s.write(set_price(1, "9.90"))
+            assert hook.purger.purged == before + 1  # the settings' hook purged too, through the project's cache
+    finally:
+        hook.disconnect()
+        application.close()
