@@ -48,7 +48,8 @@ def encode_command(args: Sequence[bytes | str | int | float]) -> bytes:
     hiredis's encoder, in C: a miss's scripts carry a dozen arguments, which cost the
     request path more encoded one by one in Python than the rest of their sending.
     """
-    return hiredis.pack_command(tuple(args))
+    packed: bytes = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]  # its stub types a 1-tuple
+    return packed
 
 
 class _Connection(asyncio.Protocol):
