@@ -85,7 +85,7 @@ class CacheRuntime:
                 self.origin.bound_route(rule.template, rule.policy.origin_concurrency)
         self.origin_busy = origin_busy_answer(settings.retry_after)
         self.fills = Fills(self.store, self.guarded, self.locks, supervisor, self.l1, metrics, self.origin,
-                           prefix=self.prefix)
+                           prefix=self.prefix, pass_ttl=settings.pass_ttl)
         self.planner = Planner(self.prefix)
         self.keys = KeyCache()
         self.decoded = DecodedMemo()

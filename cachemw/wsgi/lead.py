@@ -97,7 +97,7 @@ class LedMiss:
         responder, plan, runtime, loop, slot = self._responder, self._plan, self._runtime, self._loop, self._slot
         entry = responder.entry(tags=plan.tags)  # None unless complete and storable
         if entry is None:  # not storable, the app raised, or the client left: the lock goes now
-            loop.notify(_given_up, runtime, plan, slot)
+            loop.notify(_given_up, runtime, plan, slot, responder.uncacheable)
         else:
             if slot.waited_on:
                 loop.notify(slot.release)
@@ -113,7 +113,11 @@ def _filled(runtime: CacheRuntime, plan: FillPlan, slot: Slot, entry: Entry) -> 
     runtime.fills.submit(plan, entry)
 
 
-def _given_up(runtime: CacheRuntime, plan: FillPlan, slot: Slot) -> None:
-    """On the loop: a led miss that stores nothing gives its origin slot and its lock back at once."""
+def _given_up(runtime: CacheRuntime, plan: FillPlan, slot: Slot, uncacheable: bool) -> None:
+    """On the loop: a led miss that stores nothing gives its origin slot and its lock back at once (an
+    uncacheable response through the pass marker, which releases it)."""
     slot.release()
-    runtime.locks.give_up(plan)
+    if uncacheable:
+        runtime.fills.pass_through(plan)
+    else:
+        runtime.locks.give_up(plan)
