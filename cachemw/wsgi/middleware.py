@@ -1,10 +1,13 @@
 """``cachemw.wsgi.CacheMiddleware``: the same cache for any PEP 3333 app (Flask, Django), on one core.
 
 The decisions, headers, keys and store layout are the ASGI shell's, so an entry a
-Flask server stores is a hit for a FastAPI server of the same site. They run on
-this process's cache loop (``BackgroundLoop``); each request's thread waits for
-them and runs the app itself when the cache says so (``Exchange``). Routes without
-a policy go straight to the app, without a hop to the loop.
+Flask server stores is a hit for a FastAPI server of the same site. A fresh hit, and
+the usual miss of a route that has been missing, are answered in the request's own
+thread (``ThreadPath``, ``LedMiss``), which hands what follows the response to this
+process's cache loop (``BackgroundLoop``) without waiting on it. Everything else is
+decided by the ASGI handler on that loop, the request's thread waiting for its word
+and running the app itself when told (``Exchange``). Routes without a policy go
+straight to the app.
 """
 
 from __future__ import annotations
