@@ -56,10 +56,16 @@ class Slot:
         self._held = held
         self._guard = guard  # the counts a request thread's take changes too
 
-    @property
-    def waited_on(self) -> bool:
-        """Does a request wait for a slot of this one's pools (its release must wake it at once)?"""
-        return any(semaphore.statistics().tasks_waiting for semaphore in self._held)
+    def release_in_thread(self) -> bool:
+        """Release from a thread that is not the loop's, unless a request there waits for a slot (whose wake-up
+        only the loop's thread may do: then False, and the caller hands ``release`` to the loop)."""
+        with self._guard:
+            if any(semaphore.statistics().tasks_waiting for semaphore in self._held):
+                return False
+            held, self._held = self._held, ()
+            for semaphore in held:
+                semaphore.release()  # nobody waits: this only counts the slot free again
+        return True
 
     def release(self) -> None:
         held, self._held = self._held, ()
