@@ -56,6 +56,17 @@ class MiddlewareOptions:
     redis_url: str | None
     identity: Callable[[HTTPConnection], str | None] | None
 
+    def resolve(self, config: str | os.PathLike[str] | None = None) -> Settings:
+        """The settings a middleware given these options runs with: ``settings``, else the ``config`` file
+        (``CACHEMW_REDIS_URL`` over it), then ``redis_url`` and ``key_prefix`` over either. ``config``: read
+        this file instead of what the middleware was given (``cachemw routes --config``)."""
+        settings = load_settings(config) if config is not None else self.settings or load_settings(self.config)
+        if self.redis_url is not None:
+            settings = replace(settings, redis_url=self.redis_url)
+        if self.key_prefix is not None:
+            settings = replace(settings, key_prefix=self.key_prefix)
+        return settings
+
 
 class CacheMiddleware(CacheShell):
     """Answer requests from a cache by per-route freshness policies.
@@ -123,11 +134,7 @@ class CacheMiddleware(CacheShell):
         if self._table is not None:
             return self._table
         options = self.options
-        settings = options.settings or load_settings(options.config)
-        if options.redis_url is not None:
-            settings = replace(settings, redis_url=options.redis_url)
-        if options.key_prefix is not None:
-            settings = replace(settings, key_prefix=options.key_prefix)
+        settings = options.resolve()
         if self.route_table is not None:
             table = self.route_table(settings)
         else:
