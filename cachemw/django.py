@@ -31,22 +31,21 @@ from starlette.types import ASGIApp
 
 from cachemw.asgi.lifespan import AnswersLifespan
 from cachemw.asgi.middleware import CacheMiddleware
-from cachemw.frameworks.django import OPTIONS, DjangoRoutes, route_table, settings_cachemw
+from cachemw.frameworks.django import DjangoRoutes, route_table, settings_cachemw
 from cachemw.wsgi import CacheMiddleware as WSGICacheMiddleware
 
 __all__ = ["asgi_application", "middleware_options", "route_table", "wsgi_application"]
 
 
 def middleware_options(**given: Any) -> dict[str, Any]:
-    """``settings.CACHEMW`` under the keywords ``given`` (None: not given), as the middleware takes them; a key
-    it does not take is a ConfigError naming it."""
-    configured = settings_cachemw()
-    return {name: given[name] if given.get(name) is not None else configured[name]
-            for name in OPTIONS if given.get(name) is not None or name in configured}
+    """``settings.CACHEMW`` under the keywords ``given`` (None: not given): the options a Django project's cache
+    runs with. A key of ``settings.CACHEMW`` the middleware does not take is a ConfigError naming it."""
+    return {**settings_cachemw(), **{name: value for name, value in given.items() if value is not None}}
 
 
 def asgi_application(app: ASGIApp, *, urlconf: str | None = None, **options: Any) -> CacheMiddleware:
-    """Django's ASGI application behind the cache, its policies from the URLconf (default ``ROOT_URLCONF``)."""
+    """Django's ASGI application behind the cache, its policies from the URLconf (default ``ROOT_URLCONF``),
+    ``settings.CACHEMW`` for the keywords not given."""
     from django.core.handlers.asgi import ASGIHandler  # type: ignore[import-untyped]
 
     inner = AnswersLifespan(app) if isinstance(app, ASGIHandler) else app
