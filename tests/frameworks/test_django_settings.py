@@ -7,6 +7,7 @@ session's real Redis.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -137,21 +138,28 @@ def test_wsgi_serves_with_settings_cachemw_its_supervisor_and_identity(form: str
                   "identity": _by_user}
     with override_settings(CACHEMW=configured):
         app = FORMS[form]()
-        http = Client(app)
-        try:
-            first = http.get("/archive/2024/")  # cached by the rule of the config settings.CACHEMW names
-            assert first.status_code == 200 and first.headers["X-Cache"] == "MISS"
-            eventually_sync(lambda: _stored(counts, "/archive/<year>/"),
-                            what="the entry stored in the settings' Redis, under the settings' prefix")
-            assert http.get("/archive/2024/").headers["X-Cache"] == "HIT"
-            assert supervisor.counters_for("fill").done >= 1  # the fill ran under the settings' supervisor
-            # /me/ is private: the settings' identity (of an HTTPConnection, as under ASGI) keys it.
-            assert http.get("/me/", headers={"X-User": "alice"}).headers["X-Cache"] == "MISS"
-            eventually_sync(lambda: http.get("/me/", headers={"X-User": "alice"}).headers["X-Cache"] == "HIT",
-                            what="alice's private entry stored")
-            assert http.get("/me/", headers={"X-User": "bob"}).headers["X-Cache"] == "MISS"
-        finally:
-            app.close()
+    # The WSGI shell makes itself current_cache() in the thread that calls it, as in a server's thread: the
+    # requests run in a context of their own, so this test's thread does not keep it for the tests after it.
+    contextvars.copy_context().run(_serve_with_settings, app, supervisor, counts)
+
+
+def _serve_with_settings(app: Any, supervisor: Supervisor, counts: redis.Redis) -> None:
+    http = Client(app)
+    try:
+        first = http.get("/archive/2024/")  # cached by the rule of the config settings.CACHEMW names
+        assert first.status_code == 200 and first.headers["X-Cache"] == "MISS"
+        eventually_sync(lambda: _stored(counts, "/archive/<year>/"),
+                        what="the entry stored in the settings' Redis, under the settings' prefix")
+        assert http.get("/archive/2024/").headers["X-Cache"] == "HIT"
+        eventually_sync(lambda: supervisor.counters_for("fill").done >= 1,
+                        what="the fill counted as done by the settings' supervisor")
+        # /me/ is private: the settings' identity (of an HTTPConnection, as under ASGI) keys it.
+        assert http.get("/me/", headers={"X-User": "alice"}).headers["X-Cache"] == "MISS"
+        eventually_sync(lambda: http.get("/me/", headers={"X-User": "alice"}).headers["X-Cache"] == "HIT",
+                        what="alice's private entry stored")
+        assert http.get("/me/", headers={"X-User": "bob"}).headers["X-Cache"] == "MISS"
+    finally:
+        app.close()
 
 
 @pytest.mark.anyio
