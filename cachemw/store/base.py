@@ -48,7 +48,15 @@ class StoreError(Exception):
 
 
 class StoreTimeout(StoreError, TimeoutError):
-    """The store did not answer within its time budget (a store that keeps the budget itself raises it)."""
+    """The store did not answer within its time budget (a store that keeps the budget itself raises it).
+
+    ``lateness``: how late this process's own event loop ran while the call waited, as the
+    store measured it (None: not measured): not the store's failure, for the breaker to weigh.
+    """
+
+    def __init__(self, message: str, *, lateness: float | None = None) -> None:
+        super().__init__(message)
+        self.lateness = lateness
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,10 @@ while is not called at all (the breaker), so it is not hammered while it recover
 and requests do not each wait out the budget. Work after the response has its own,
 longer deadline and retries (``within_deadline``). A timeout while this process's
 own event loop runs late is this process's lateness, not the store's: counted
-apart, and not held against the store's breaker.
+apart, and not held against the store's breaker. Where the store waits a grace for
+a reply our lateness delayed (the pipelined connection), a reply that came after
+the budget and was used is counted too (``late_replies``): a hit served, not an
+origin call.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import anyio
 
 from cachemw.core.breaker import CircuitBreaker
 from cachemw.core.metrics import Metrics
-from cachemw.store.base import LockResult, Store
+from cachemw.store.base import LockResult, Store, StoreTimeout
 from cachemw.store.retrying import within_deadline
 
 __all__ = ["GuardedStore", "Report"]
@@ -52,6 +55,7 @@ class GuardedStore:
         self.node_breakers: dict[str, CircuitBreaker] = {}
         self.errors = 0
         self.loop_lag_timeouts = 0  # store timeouts that were this process's lateness, not the store's
+        self.late_replies = 0  # replies after the budget, still used: the loop ran late, the store answered
         self._lag_reported_at = -float("inf")
         store.notifications.on_connected.append(self._reconnected)
 
@@ -69,7 +73,10 @@ class GuardedStore:
         except Exception as exc:  # whatever the driver raises (another loop, trio, a bug): the app answers
             self.failed(breaker, exc, began)
             return None, True
-        self.metrics.store_latency.observe(time.perf_counter() - began)
+        elapsed = time.perf_counter() - began
+        self.metrics.store_latency.observe(elapsed)
+        if elapsed > self.budget:
+            self._late_reply(elapsed)
         breaker.success()
         return value, False
 
@@ -106,8 +113,12 @@ class GuardedStore:
             if not background:  # a background call's attempts were each counted already
                 self.failed(breaker, exc, began)  # as in get: any store failure sends the request to the app
             return None
-        if lookup:
-            self.metrics.store_latency.observe(time.perf_counter() - began)
+        if not background:
+            elapsed = time.perf_counter() - began
+            if lookup:
+                self.metrics.store_latency.observe(elapsed)
+            if elapsed > self.budget:
+                self._late_reply(elapsed)
         breaker.success()
         return result
 
@@ -165,19 +176,30 @@ class GuardedStore:
             breaker = self.breaker if key is None else self.breaker_for(key)
         if began and isinstance(error, TimeoutError):
             now = time.perf_counter()
-            allowed = self.budget if budget is None else budget
-            # How late our own loop ran: the deadline's own overshoot, or what the lag monitor saw lately.
-            lag = max(now - began - allowed, self._recent_lag())
+            # How late our own loop ran: as the store measured it while this call waited (the
+            # pipelined connection: when it wrote the command, when it looked at the deadline), or
+            # else the deadline's own overshoot or what the lag monitor saw lately.
+            lag = error.lateness if isinstance(error, StoreTimeout) else None
+            if lag is None:
+                lag = max(now - began - (self.budget if budget is None else budget), self._recent_lag())
             if lag >= self.budget / 2:
                 # This process's event loop was saturated, not (or not only) the store slow. The
                 # request still goes to the app, but opening the breaker would send every other one
                 # there too, just when the process is overloaded.
                 self.loop_lag_timeouts += 1
-                if now - self._lag_reported_at >= _LAG_LOG_INTERVAL:
-                    self._lag_reported_at = now
-                    self._report("loop lag", lag, self.loop_lag_timeouts, self.errors)
+                self._lagged(now, lag)
                 return
         breaker.failure(time.monotonic())
+
+    def _late_reply(self, elapsed: float) -> None:
+        """A reply after the budget, used: the store answered, our loop was late to hear it (the grace)."""
+        self.late_replies += 1
+        self._lagged(time.perf_counter(), elapsed - self.budget)
+
+    def _lagged(self, now: float, lag: float) -> None:
+        if now - self._lag_reported_at >= _LAG_LOG_INTERVAL:
+            self._lag_reported_at = now
+            self._report("loop lag", lag, self.late_replies, self.loop_lag_timeouts, self.errors)
 
     def count_error(self) -> None:
         """A store failure off the request path (a purge after a write): counted, not held against the breaker."""

@@ -1,0 +1,109 @@
+"""Our own lateness is not Redis's failure (issue 15, item 4), on a real Redis, asyncio and uvloop.
+
+A budget our busy event loop spent (the lookup issued, then the loop held by other work
+before it could write it) is waited out by a grace for the reply, so a hit stays a hit
+and the breaker stays closed; the metrics and the log say it was loop lag.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import time
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cachemw import CacheMiddleware, Settings, cache
+from cachemw.observe import snapshot
+from tests.budgets import Budgets
+from tests.helpers import client, eventually, find_middleware, lifespan
+
+pytestmark = pytest.mark.anyio
+
+BUDGET = 0.05  # the default request budget: the stalls below are three of it
+STALL = 3 * BUDGET
+
+calls: collections.Counter[str] = collections.Counter()
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    calls.clear()
+
+
+@cache(ttl="1h")
+async def item(request: Request) -> Response:
+    calls["item"] += 1
+    return JSONResponse({"item": request.path_params["id"]})
+
+
+class BusyLoop:
+    """An ASGI wrapper: while ``stall`` is set, each request starts a task that holds the event loop
+    for that long (a synchronous sleep: another request's CPU work). Its step runs in the loop
+    iteration after the request's own first one: after the request's lookup is issued, before the
+    auto-pipelined connection writes it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.stall = 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.stall:
+            await self.app(scope, receive, send)
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_hold_the_loop, self.stall)
+            await self.app(scope, receive, send)
+
+
+async def _hold_the_loop(seconds: float) -> None:
+    time.sleep(seconds)  # noqa: ASYNC251  (holds the event loop on purpose)
+
+
+def make_app(url: str, **settings: Any) -> tuple[Starlette, BusyLoop]:
+    app = Starlette(routes=[Route("/item/{id}", item)])
+    app.add_middleware(CacheMiddleware, redis_url=url, settings=Settings(store_timeout=BUDGET, **settings))
+    return app, BusyLoop(app)
+
+
+async def _state(http: httpx.AsyncClient, path: str) -> str:
+    return str((await http.get(path)).headers.get("x-cache"))
+
+
+async def _is(value: bool) -> bool:
+    return value
+
+
+async def test_a_hit_our_busy_loop_made_late_is_served_from_the_cache_not_the_app(
+        redis_url: str, budgets: Budgets, caplog: pytest.LogCaptureFixture) -> None:
+    app, busy = make_app(redis_url, store_grace=budgets.store_timeout)
+    with caplog.at_level(logging.WARNING, logger="cachemw"):
+        async with lifespan(busy), client(busy) as http:
+            for path in [f"/item/{n}" for n in range(5)]:
+                await http.get(path)
+                await eventually(functools.partial(_is_hit, http, path), what="the entry being stored")
+            origin = calls["item"]
+            busy.stall = STALL
+            states = [await _state(http, f"/item/{n}") for n in range(5)]
+            busy.stall = 0.0
+            cache_layer = find_middleware(app)
+            store = snapshot(cache_layer)["store"]
+            await eventually(lambda: _is("event loop lagging" in caplog.text), what="the loop-lag warning")
+    assert states == ["HIT"] * 5  # each one's lookup waited out our lateness: no fall back to the app
+    assert calls["item"] == origin
+    assert store["breaker"] == "closed" and store["errors"] == 0
+    assert store["late_replies"] >= 5 and store["loop_lag_timeouts"] == 0  # it was the loop, and it says so
+    assert "store replies came after the budget and were still used" in caplog.text
+
+
+async def _is_hit(http: httpx.AsyncClient, path: str) -> bool:
+    return await _state(http, path) == "HIT"
