@@ -9,7 +9,8 @@ own event loop runs late is this process's lateness, not the store's: counted
 apart, and not held against the store's breaker. Where the store waits a grace for
 a reply our lateness delayed (the pipelined connection), a reply that came after
 the budget and was used is counted too (``late_replies``): a hit served, not an
-origin call.
+origin call. A timeout while a fresh process makes its first connection is not
+held against the breaker either: the first burst after a deploy must not open it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class GuardedStore:
         self.errors = 0
         self.loop_lag_timeouts = 0  # store timeouts that were this process's lateness, not the store's
         self.late_replies = 0  # replies after the budget, still used: the loop ran late, the store answered
+        self.first_connect_timeouts = 0  # timeouts of a fresh process's first connect: not the store's failure
         self._lag_reported_at = -float("inf")
         store.notifications.on_connected.append(self._reconnected)
 
@@ -174,6 +176,11 @@ class GuardedStore:
         self.metrics.store_errors += 1
         if breaker is None:
             breaker = self.breaker if key is None else self.breaker_for(key)
+        if isinstance(error, StoreTimeout) and error.first_connect:
+            # A fresh process connecting (startup connects first; without a lifespan, the first burst
+            # does): a connect slower than a request's budget is not a failing store.
+            self.first_connect_timeouts += 1
+            return
         if began and isinstance(error, TimeoutError):
             now = time.perf_counter()
             # How late our own loop ran: as the store measured it while this call waited (the

@@ -304,6 +304,7 @@ class PipelinedRedis:
         self._timeout = timeout
         self.grace = timeout if grace is None else grace  # once, for a budget our own lateness spent (see above)
         self.stuck_after = max(stuck_after, timeout + self.grace)
+        self._connected_once = False  # a timeout before the first connect is a fresh process's, not the server's
         self._hello: list[bytes] = []
         if password is not None:
             auth = ["AUTH", username, password] if username else ["AUTH", password]
@@ -409,7 +410,8 @@ class PipelinedRedis:
                             attempt.set_result(None)
                     await asyncio.shield(attempt)  # a waiter that gives up leaves the attempt to the others
         except asyncio.TimeoutError:
-            raise StoreTimeout("connecting to redis took longer than the time budget") from None
+            raise StoreTimeout("connecting to redis took longer than the time budget",
+                               first_connect=not self._connected_once) from None
 
     async def _open(self, loop: asyncio.AbstractEventLoop, budget: float) -> _Connection:
         started = time.monotonic()
@@ -436,6 +438,7 @@ class PipelinedRedis:
         # Without a lifespan nobody calls aclose: the socket is closed when its loop ends.
         connection.guard = LoopGuard(loop, connection.aclose)
         self._connection = connection
+        self._connected_once = True
         return connection
 
     async def aclose(self) -> None:

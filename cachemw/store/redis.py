@@ -197,7 +197,9 @@ class RedisStore:
 
         A fresh process's first burst of requests then finds the connection open and
         the scripts known, instead of spending their short budgets on a connect and on
-        NOSCRIPT replies (and counting those against the breaker).
+        NOSCRIPT replies (and counting those against the breaker); its first fills find
+        their own connection open too. On redis-py's client (TLS, Cluster, Sentinel) the
+        scripts are loaded on every primary.
         """
         try:
             bound = self._on_loop()
@@ -205,9 +207,12 @@ class RedisStore:
             if bound.pipelined is not None:
                 for script in scripts:
                     await bound.pipelined.execute(encode_command(["SCRIPT", "LOAD", cast(str, script.script)]), timeout)
+                if bound.background_pipelined is not None:
+                    await bound.background_pipelined.execute(encode_command(["PING"]), timeout)
                 return
             async with bound.gated():
-                await bound.client.ping()
+                for script in scripts:
+                    await bound.client.script_load(script.script)
         except StoreError:
             raise
         except Exception as exc:

@@ -2,7 +2,8 @@
 
 A budget our busy event loop spent (the lookup issued, then the loop held by other work
 before it could write it) is waited out by a grace for the reply, so a hit stays a hit
-and the breaker stays closed; the metrics and the log say it was loop lag.
+and the breaker stays closed; the metrics and the log say it was loop lag. A fresh
+process's first connect, slower than a budget, does not open the breaker either.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cachemw import CacheMiddleware, Settings, cache
 from cachemw.observe import snapshot
 from tests.budgets import Budgets
+from tests.faults.proxy import FaultProxy
 from tests.helpers import client, eventually, find_middleware, lifespan
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -107,3 +110,36 @@ async def test_a_hit_our_busy_loop_made_late_is_served_from_the_cache_not_the_ap
 
 async def _is_hit(http: httpx.AsyncClient, path: str) -> bool:
     return await _state(http, path) == "HIT"
+
+
+async def test_a_fresh_process_whose_first_connect_is_slow_keeps_its_breaker_closed(
+        killable: RedisServer, budgets: Budgets) -> None:
+    """No lifespan (nothing connects before the first requests): the first burst waits on one connect,
+    here held up past every request's budget (its SELECT delayed). Each request goes to the app; none
+    is held against the store, whose breaker would send the next ones there too."""
+    proxy = FaultProxy(killable.port)
+    try:
+        app, _ = make_app(f"redis://127.0.0.1:{proxy.port}/1")
+        proxy.set("delay", delay=0.3)
+        statuses: list[int] = []
+        async with client(app) as http:
+
+            async def one(n: int) -> None:
+                statuses.append((await http.get(f"/item/{n}")).status_code)
+
+            async with anyio.create_task_group() as tg:
+                for n in range(20):
+                    tg.start_soon(one, n)
+            cache_layer = find_middleware(app)
+            assert statuses == [200] * 20 and calls["item"] == 20  # the app answered them all
+            assert cache_layer.store_errors >= 20
+            assert cache_layer.breaker.state == "closed"
+            proxy.set("pass")
+            await http.get("/item/0")
+            await eventually(lambda: _is_hit(http, "/item/0"), within=budgets.condition,
+                             what="the cache working once connected")
+            store = cache_layer.store
+            assert store is not None
+            await store.aclose()  # no lifespan closes it: before the proxy goes
+    finally:
+        proxy.close()
