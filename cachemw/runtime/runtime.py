@@ -230,8 +230,8 @@ def _credential_names(rule: RouteRule) -> tuple[str, ...]:
 
 async def _log_loop_lag(lag: float, late_replies: int, lag_timeouts: int, errors: int) -> None:
     logger.warning("cachemw: event loop lagging (%.0f ms late): this process's own lateness, not the store's. So "
-                   "far %d store replies came after the budget and were still used (the store grace), and %d store "
-                   "timeouts were this lateness, which the circuit breaker does not count (of %d store errors)",
+                   "far %d store replies came well after the budget and were still used (the store grace), and %d "
+                   "store timeouts were this lateness, which the circuit breaker does not count (of %d store errors)",
                    lag * 1000, late_replies, lag_timeouts, errors)
 
 

@@ -7,9 +7,9 @@ and requests do not each wait out the budget. Work after the response has its ow
 longer deadline and retries (``within_deadline``). A timeout while this process's
 own event loop runs late is this process's lateness, not the store's: counted
 apart, and not held against the store's breaker. Where the store waits a grace for
-a reply our lateness delayed (the pipelined connection), a reply that came after
-the budget and was used is counted too (``late_replies``): a hit served, not an
-origin call. A timeout while a fresh process makes its first connection is not
+a reply our lateness delayed (the pipelined connection), a reply that came half
+a budget or more past the budget and was used is counted too (``late_replies``):
+a hit served, not an origin call. A timeout while a fresh process makes its first connection is not
 held against the breaker either: the first burst after a deploy must not open it.
 """
 
@@ -57,6 +57,10 @@ class GuardedStore:
         self.errors = 0
         self.loop_lag_timeouts = 0  # store timeouts that were this process's lateness, not the store's
         self.late_replies = 0  # replies after the budget, still used: the loop ran late, the store answered
+        # A reply half a budget past the budget was waited for because our loop ran late: an
+        # overdue call is failed at the first look after its deadline unless that look, or the
+        # writing of its command, came half a budget late (then it was given the grace).
+        self._late = 1.5 * budget
         self.first_connect_timeouts = 0  # timeouts of a fresh process's first connect: not the store's failure
         self._lag_reported_at = -float("inf")
         store.notifications.on_connected.append(self._reconnected)
@@ -77,7 +81,7 @@ class GuardedStore:
             return None, True
         elapsed = time.perf_counter() - began
         self.metrics.store_latency.observe(elapsed)
-        if elapsed > self.budget:
+        if elapsed >= self._late:
             self._late_reply(elapsed)
         breaker.success()
         return value, False
@@ -119,7 +123,7 @@ class GuardedStore:
             elapsed = time.perf_counter() - began
             if lookup:
                 self.metrics.store_latency.observe(elapsed)
-            if elapsed > self.budget:
+            if elapsed >= self._late:
                 self._late_reply(elapsed)
         breaker.success()
         return result
@@ -185,10 +189,12 @@ class GuardedStore:
             now = time.perf_counter()
             # How late our own loop ran: as the store measured it while this call waited (the
             # pipelined connection: when it wrote the command, when it looked at the deadline), or
-            # else the deadline's own overshoot or what the lag monitor saw lately.
+            # else the deadline's own overshoot; or what the lag monitor saw lately (a process that
+            # lagged a moment ago runs on a saturated machine, where a slow reply is no dead store).
             lag = error.lateness if isinstance(error, StoreTimeout) else None
             if lag is None:
-                lag = max(now - began - (self.budget if budget is None else budget), self._recent_lag())
+                lag = now - began - (self.budget if budget is None else budget)
+            lag = max(lag, self._recent_lag())
             if lag >= self.budget / 2:
                 # This process's event loop was saturated, not (or not only) the store slow. The
                 # request still goes to the app, but opening the breaker would send every other one
@@ -199,7 +205,7 @@ class GuardedStore:
         breaker.failure(time.monotonic())
 
     def _late_reply(self, elapsed: float) -> None:
-        """A reply after the budget, used: the store answered, our loop was late to hear it (the grace)."""
+        """A reply well after the budget, used: the store answered, our loop was late (the grace waited)."""
         self.late_replies += 1
         self._lagged(time.perf_counter(), elapsed - self.budget)
 
