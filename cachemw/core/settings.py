@@ -54,6 +54,9 @@ class Settings:
     redis_url: str | None = None
     key_prefix: str = "cachemw"
     store_timeout: float = 0.05
+    # How much longer a request-path store call waits for its reply when our own event loop ran late while
+    # it waited (its budget spent by us, not by the store); None: one more store_timeout; 0: no grace.
+    store_grace: float | None = None
     # Store calls after the response (fills, lock releases, refreshes, purges): retried within this deadline.
     background_timeout: float = 2.0
     memory_max_bytes: int = 64 * 1024 * 1024
@@ -89,7 +92,7 @@ class Settings:
 _DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "background_timeout": (0.0, 300.0), "lock_timeout": (0.0, 300.0),
                       "grace_period": (0.0, 3600.0), "origin_wait": (0.0, 300.0)}
 # 0 switches these off.
-_OPTIONAL_DURATION_SETTINGS = {"metrics_interval": (0.0, 3600.0), "pass_ttl": (0.0, 3600.0)}
+_OPTIONAL_DURATION_SETTINGS = {"metrics_interval": (0.0, 3600.0), "pass_ttl": (0.0, 3600.0), "store_grace": (0.0, 10.0)}
 _COUNT_SETTINGS = {
     "memory_max_bytes": (1024, 2**40),
     "l1_max_bytes": (1024, 2**40),
