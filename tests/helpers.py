@@ -14,6 +14,7 @@ import anyio
 import httpx
 from starlette.types import ASGIApp, Message
 
+from cachemw.core.entry import PASS_MARKER
 from cachemw.store import Store
 from cachemw.store.base import StoreCapabilities
 
@@ -202,11 +203,15 @@ async def credentials_stay_off_shared_entries(http: Any, path: str, first: dict[
 
 
 class SpyStore:
-    """Wraps a store and remembers the keys written, so tests can reach an entry."""
+    """Wraps a store and remembers the keys written, so tests can reach an entry.
+
+    ``keys_set``: entries stored; ``keys_passed``: keys marked as not storable for a while (hit-for-pass).
+    """
 
     def __init__(self, inner: Store, *, keeps_budget: bool | None = None) -> None:
         self.inner = inner
         self.keys_set: list[str] = []
+        self.keys_passed: list[str] = []
         self._keeps_budget = keeps_budget  # None: as the inner store says
 
     async def get(self, key: str) -> bytes | None:
@@ -224,7 +229,8 @@ class SpyStore:
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str | None, *args: Any, **kwargs: Any) -> bool:
         stored: bool = await self.inner.fill(key, value, ttl, token, *args, **kwargs)
-        self.keys_set.append(key)  # once done: a test that waits for it then finds the entry
+        # Once done: a test that waits for it then finds the entry.
+        (self.keys_passed if value == PASS_MARKER else self.keys_set).append(key)
         return stored
 
     @property

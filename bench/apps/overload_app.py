@@ -101,6 +101,7 @@ def create_cachemw() -> FastAPI:
         store = data["store"]
         return {"breaker": store["breaker"], "breaker_transitions": store["breaker_transitions"],
                 "store_errors": store["errors"], "loop_lag_timeouts": getattr(middleware, "loop_lag_timeouts", None),
+                "late_replies": store.get("late_replies"),
                 "origin_busy": data["totals"]["origin_busy"], "collapsed": data["totals"]["collapsed"],
                 "shed": data["supervisor"]["totals"]["shed"], "waiting_on_fills": store["waiting_on_fills"]}
 

@@ -30,12 +30,13 @@ from cachemw.asgi.responses import (
 )
 from cachemw.core import decide, http
 from cachemw.core.decide import Step
-from cachemw.core.entry import Entry
+from cachemw.core.entry import Entry, is_pass_marker
 from cachemw.core.keys import RequestHeaders, mounted_at
 from cachemw.core.policy import Policy
 from cachemw.core.rules import RouteMatch
 from cachemw.runtime.flights import CoalescedFailure, Flight
 from cachemw.runtime.invalidation import targets_for_unsafe_request
+from cachemw.runtime.locks import PassThrough
 from cachemw.runtime.plan import FillPlan
 from cachemw.runtime.runtime import CacheRuntime, Identity
 
@@ -121,6 +122,9 @@ class RequestHandler:
             plan, data, failed = await self.read_or_lock(key, policy, match, scope)
         else:
             data, failed = await runtime.guarded.get(key)
+        if is_pass_marker(data):
+            await self.pass_to_app(scope, receive, send, match, policy, key, started, plan)
+            return
         entry = None if data is None else runtime.decode(key, data)
         if failed and remote_l1:
             entry = runtime.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
@@ -182,6 +186,10 @@ class RequestHandler:
         flight = flights.start(plan)
         try:
             shared = await runtime.locks.lock_or_wait(plan)
+            if isinstance(shared, PassThrough):
+                flight.finish(None)  # this process's waiters go to the app too, at once
+                await self.pass_to_app(scope, receive, send, plan.match, plan.policy, key, started, None)
+                return
             if shared is not None:
                 flight.finish(shared)
                 status = await serve(shared, scope, headers, send, time.time(), MISS, http.STATUS_COLLAPSED)
@@ -301,11 +309,39 @@ class RequestHandler:
         entry = responder.entry(tags=plan.tags)
         if entry is not None:
             runtime.fills.submit(plan, entry)
+        elif responder.uncacheable:
+            runtime.fills.pass_through(plan)
         else:
             runtime.locks.give_up(plan)
         runtime.log(plan.match, plan.key, "MISS", responder.status, origin_time, started, responder.size)
         failed = responder.status >= 500
         return entry, failed, responder.failure() if failed else None
+
+    async def pass_to_app(self, scope: Scope, receive: Receive, send: Send, match: RouteMatch, policy: Policy,
+                          key: str, started: float, plan: FillPlan | None) -> None:
+        """A key whose last response could not be stored: to the app, within the origin bound, no lock, no
+        flight, nothing stored (hit-for-pass, until the marker expires or a purge drops it).
+
+        ``plan``: the lookup's, whose waiter registration is dropped (its lookup found the marker, no lock).
+        """
+        runtime = self.runtime
+        if plan is not None:
+            runtime.locks.drop_lookup_lock(plan)
+        template = match.rule.template
+        slot = runtime.origin.take_nowait(template) or await runtime.origin.take(template, runtime.settings.origin_wait)
+        if slot is None:
+            runtime.route_metrics(match.rule).origin_busy += 1
+            busy = runtime.origin_busy
+            status = await replay_failure(busy, scope, send, http.STATUS_ORIGIN_BUSY)
+            runtime.log(match, key, "MISS", status, None, started, len(busy.body))
+            return
+        marker = StatusMarker(send, MISS, http.STATUS_PASS)
+        origin_started = time.perf_counter()
+        try:
+            await self.app(without_unkeyed_overrides(scope, policy), receive, marker.send)
+        finally:
+            slot.release()
+        runtime.log(match, key, "MISS", marker.status, time.perf_counter() - origin_started, started, marker.size)
 
     async def serve_fallback(self, entry: Entry, scope: Scope, headers: RequestHeaders, send: Send,
                              origin_status: int | None, match: RouteMatch, key: str, started: float) -> None:

@@ -23,11 +23,13 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachemw.asgi.handler import RequestHandler
+from cachemw.asgi.lifespan import AnswersLifespan
 from cachemw.asgi.routes import build_rule_table, routes_behind
 from cachemw.core.metrics import Metrics
 from cachemw.core.policy import ConfigError
 from cachemw.core.rules import RuleTable
 from cachemw.core.settings import Settings, load_settings
+from cachemw.frameworks.django import DjangoRoutes, is_django_handler, settings_cachemw
 from cachemw.observe import enable_fleet_metrics, enable_history
 from cachemw.runtime.accesslog import AccessLog
 from cachemw.runtime.context import current_cache, enter, invalidate
@@ -54,6 +56,17 @@ class MiddlewareOptions:
     redis_url: str | None
     identity: Callable[[HTTPConnection], str | None] | None
 
+    def resolve(self, config: str | os.PathLike[str] | None = None) -> Settings:
+        """The settings a middleware given these options runs with: ``settings``, else the ``config`` file
+        (``CACHEMW_REDIS_URL`` over it), then ``redis_url`` and ``key_prefix`` over either. ``config``: read
+        this file instead of what the middleware was given (``cachemw routes --config``)."""
+        settings = load_settings(config) if config is not None else self.settings or load_settings(self.config)
+        if self.redis_url is not None:
+            settings = replace(settings, redis_url=self.redis_url)
+        if self.key_prefix is not None:
+            settings = replace(settings, key_prefix=self.key_prefix)
+        return settings
+
 
 class CacheMiddleware(CacheShell):
     """Answer requests from a cache by per-route freshness policies.
@@ -64,6 +77,10 @@ class CacheMiddleware(CacheShell):
     keeps credentialed requests off shared ones); by default the session
     cookie, else the ``Authorization`` header. ``route_table(settings)`` builds the
     rule table for an app whose routes are not Starlette's (``cachemw.django``).
+
+    Around Django's own handler (``get_asgi_application()``) it is what
+    ``cachemw.django.asgi_application`` makes: the URLconf's routes, the lifespan
+    answered for Django, and ``settings.CACHEMW`` for every keyword not passed.
     """
 
     def __init__(
@@ -77,18 +94,33 @@ class CacheMiddleware(CacheShell):
         identity: Callable[[HTTPConnection], str | None] | None = None,
         settings: Settings | None = None,
         supervisor: Supervisor | None = None,
-        access_log_json: bool = False,
-        write_behind: Sequence[WriteBehind[Any]] = (),
+        access_log_json: bool | None = None,
+        write_behind: Sequence[WriteBehind[Any]] | None = None,
         route_table: Callable[[Settings], RuleTable] | None = None,
     ) -> None:
+        if route_table is None and is_django_handler(app, "asgi"):
+            # get_asgi_application() wrapped by hand: what cachemw.django.asgi_application() makes of it.
+            app, route_table = AnswersLifespan(app), DjangoRoutes()
+        if isinstance(route_table, DjangoRoutes):
+            # A Django project's cache: settings.CACHEMW gives every keyword not passed here (None: not passed).
+            configured = settings_cachemw()
+            config = configured.get("config") if config is None else config
+            redis_url = configured.get("redis_url") if redis_url is None else redis_url
+            store = configured.get("store") if store is None else store
+            key_prefix = configured.get("key_prefix") if key_prefix is None else key_prefix
+            identity = configured.get("identity") if identity is None else identity
+            settings = configured.get("settings") if settings is None else settings
+            supervisor = configured.get("supervisor") if supervisor is None else supervisor
+            access_log_json = configured.get("access_log_json") if access_log_json is None else access_log_json
+            write_behind = configured.get("write_behind") if write_behind is None else write_behind
         self.app = app
         self.route_table = route_table  # the app's routes when they are not Starlette's (Django, the WSGI shell)
-        self.write_behinds = tuple(write_behind)
+        self.write_behinds = tuple(write_behind or ())
         self.options = MiddlewareOptions(config, settings, key_prefix, redis_url, identity)
         self._given_store = store
         self._given_supervisor = supervisor
         self._supervisor = supervisor or Supervisor()
-        self.access_log = AccessLog(json_lines=access_log_json)
+        self.access_log = AccessLog(json_lines=bool(access_log_json))
         self.metrics = Metrics()
         self.loop_lag = LoopLag()
         self.runtime: CacheRuntime | None = None
@@ -102,11 +134,7 @@ class CacheMiddleware(CacheShell):
         if self._table is not None:
             return self._table
         options = self.options
-        settings = options.settings or load_settings(options.config)
-        if options.redis_url is not None:
-            settings = replace(settings, redis_url=options.redis_url)
-        if options.key_prefix is not None:
-            settings = replace(settings, key_prefix=options.key_prefix)
+        settings = options.resolve()
         if self.route_table is not None:
             table = self.route_table(settings)
         else:

@@ -238,6 +238,12 @@ class FillResponder:
             else:
                 self._failure_chunks.append(body)
 
+    @property
+    def uncacheable(self) -> bool:
+        """The whole response went out, and it may not be stored (a Set-Cookie, private, no-store, too large,
+        a status outside ``statuses``): the key passes to the app for a while. A 5xx and HEAD are not that."""
+        return self.complete and not self.storable and not self._head and self.status < 500
+
     def failure(self) -> Entry | None:
         """The app's whole 5xx answer, to replay (never store) to the requests that waited on this one."""
         if not self.complete or self._failure_chunks is None:

@@ -18,9 +18,10 @@ from typing import Any, TypeAlias
 from cachemw.asgi.middleware import CacheMiddleware, MiddlewareOptions
 from cachemw.asgi.routes import build_rule_table
 from cachemw.core.rules import RuleTable
-from cachemw.core.settings import REDIS_URL_ENV, Settings, load_settings
+from cachemw.core.settings import REDIS_URL_ENV, Settings, load_settings, masked_url
 from cachemw.frameworks.flask import find_flask_app
 from cachemw.frameworks.flask import route_table as flask_route_table
+from cachemw.store.base import Store
 from cachemw.wsgi.middleware import CacheMiddleware as WsgiCacheMiddleware
 
 __all__ = [
@@ -30,12 +31,14 @@ __all__ = [
     "app_middleware_options",
     "app_routes",
     "app_rule_table",
+    "app_store",
     "app_table",
     "app_write_behinds",
     "django_rule_table",
     "load_app",
     "one_line",
     "operator_settings",
+    "store_description",
 ]
 
 # What ``add_subparsers`` returns: each command module adds its commands to it (argparse names no public type).
@@ -143,23 +146,32 @@ def app_table(app: Any, settings: Settings) -> RuleTable:
     return build_rule_table(app_routes(app), settings)
 
 
-def _settings_for(options: MiddlewareOptions, config: str | None) -> Settings:
-    """``config`` if given, else the settings or the config file the middleware was given."""
-    if config is not None:
-        return load_settings(config)
-    if options.settings is not None:
-        return options.settings
-    return load_settings(options.config)
+def app_store(app: Any) -> Store | None:
+    """The store object the app's CacheMiddleware was given (``store=``), if any."""
+    cache = _cache_of(app)
+    if cache is not None:
+        return cache.store
+    store: Store | None = _added_middleware_arguments(app).get("store")
+    return store
+
+
+def store_description(settings: Settings, store: Store | None) -> str:
+    """The store a middleware with these settings (and this ``store=``) runs on: its URL, password masked."""
+    if store is not None:
+        return f"{type(store).__name__} (given as store=)"
+    return masked_url(settings.redis_url) if settings.redis_url else "memory"
 
 
 def app_rule_table(app: Any, config: str | None) -> tuple[RuleTable, Settings]:
-    """The rule table the app's CacheMiddleware would build, with the config it names (or ``config``)."""
-    settings = _settings_for(app_middleware_options(app), config)
+    """The rule table the app's CacheMiddleware would build and the settings it runs with (``config``: that file
+    instead of the one it names; its ``redis_url=`` and ``key_prefix=`` still win, as at its startup)."""
+    settings = app_middleware_options(app).resolve(config)
     return app_table(app, settings), settings
 
 
-def django_rule_table(settings_module: str, config: str | None) -> tuple[RuleTable, Settings]:
-    """The rule table ``cachemw.django`` builds for a Django project: ``settings.CACHEMW`` its defaults."""
+def django_rule_table(settings_module: str, config: str | None) -> tuple[RuleTable, Settings, Store | None]:
+    """The rule table ``cachemw.django`` builds for a Django project, the settings it runs with and the store it
+    is given: ``settings.CACHEMW`` its options."""
     os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -172,11 +184,11 @@ def django_rule_table(settings_module: str, config: str | None) -> tuple[RuleTab
         django.setup()
     except (ImportError, ImproperlyConfigured) as exc:
         raise CommandFailed(f"cannot set up Django with settings {settings_module!r}: {one_line(exc)}") from None
-    from cachemw.django import middleware_options
-    from cachemw.frameworks.django import route_table
+    from cachemw.frameworks.django import route_table, settings_cachemw
 
-    settings = _settings_for(_options_from(middleware_options()), config)
-    return route_table(settings), settings
+    options = settings_cachemw()
+    settings = _options_from(options).resolve(config)
+    return route_table(settings), settings, options.get("store")
 
 
 def operator_settings(args: argparse.Namespace) -> tuple[Any, RuleTable | None, Settings]:
@@ -189,13 +201,7 @@ def operator_settings(args: argparse.Namespace) -> tuple[Any, RuleTable | None, 
     table: RuleTable | None = None
     if args.app:
         app = load_app(args.app)
-        table, settings = app_rule_table(app, args.config)
-        # What CacheMiddleware.prepare applies over its settings: keys are made with this prefix.
-        options = app_middleware_options(app)
-        if options.redis_url is not None:
-            settings = replace(settings, redis_url=options.redis_url)
-        if options.key_prefix is not None:
-            settings = replace(settings, key_prefix=options.key_prefix)
+        table, settings = app_rule_table(app, args.config)  # its redis_url= and key_prefix= applied
     else:
         settings = load_settings(args.config)
     env_url = os.environ.get(REDIS_URL_ENV)

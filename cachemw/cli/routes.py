@@ -7,7 +7,15 @@ import argparse
 import json
 from typing import Any
 
-from cachemw.cli.common import CommandFailed, Subcommands, app_rule_table, django_rule_table, load_app
+from cachemw.cli.common import (
+    CommandFailed,
+    Subcommands,
+    app_rule_table,
+    app_store,
+    django_rule_table,
+    load_app,
+    store_description,
+)
 from cachemw.core.describe import describe_policy
 from cachemw.core.policy import Policy
 
@@ -50,12 +58,16 @@ def run(args: argparse.Namespace) -> int:
     if (args.app is None) == (args.django is None):
         raise CommandFailed("name an app (MODULE:ATTRIBUTE) or a Django project (--django SETTINGS), one of them")
     if args.django is not None:
-        table, settings = django_rule_table(args.django, args.config)
+        table, settings, given_store = django_rule_table(args.django, args.config)
     else:
-        table, settings = app_rule_table(load_app(args.app), args.config)
+        app = load_app(args.app)
+        table, settings = app_rule_table(app, args.config)
+        given_store = app_store(app)
+    store = store_description(settings, given_store)
     if args.json:
         print(json.dumps({
             "config": settings.source,
+            "store": store,
             "routes": [
                 {"route": rule.template, "methods": sorted(rule.methods or []), "name": rule.name,
                  "source": rule.source, "policy": _policy_json(rule.policy),
@@ -79,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
             # The route authenticates with these (its FastAPI security schemes): requests that carry one are
             # a user's.
             print(f"    credentials: {credentials[index]}")
-    print(f"\nconfig: {settings.source or '(none: defaults)'}; store: "
-          f"{'redis' if settings.redis_url else 'memory'}")
+    print(f"\nconfig: {settings.source or '(none: defaults)'}; store: {store}")
     for warning in table.warnings:
         print(f"warning: {warning}")
     return 0

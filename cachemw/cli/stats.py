@@ -145,7 +145,8 @@ def render_stats(data: dict[str, Any], prefix: str) -> str:
     if lag and lag.get("count"):  # which of the two: our own lateness or the store's
         lines.append(f"loop lag      p50 {_ms(quantile(lag, 0.5))}, p99 {_ms(quantile(lag, 0.99))}; "
                      f"{store.get('loop_lag_timeouts', 0)} of the store errors were timeouts of this lag, "
-                     "not the store's (not counted by the breaker)")
+                     "not the store's (not counted by the breaker); "
+                     f"{store.get('late_replies', 0)} replies came late and were used (the grace)")
     kinds_text = "; ".join(
         f"{kind} {c['queued']} queued, {c['running']} running, {c['done']} done, {c['failed']} failed, "
         f"{c['shed']} shed" + (f", {c['abandoned']} abandoned" if c["abandoned"] else "")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from cachemw.core.sizes import DICT_SLOT, alloc, bytes_cost, str_cost, tuple_cost
 
-__all__ = ["DecodedMemo", "Entry", "EntryDecodeError", "decode_entry", "encode_entry", "entry_cost"]
+__all__ = ["PASS_MARKER", "DecodedMemo", "Entry", "EntryDecodeError", "decode_entry", "encode_entry", "entry_cost",
+           "is_pass_marker"]
 
 _MAGIC = b"CMW"
 VERSION = 1
@@ -22,6 +23,15 @@ _HEAD = struct.Struct("<3sBdHHHI")  # magic, version, stored_at, status, n_heade
 _LEN2 = struct.Struct("<HH")
 _LEN1 = struct.Struct("<H")
 MAX_HEADERS = 256
+
+# What a key holds for a while when its response could not be stored (a Set-Cookie, private, a status
+# outside ``statuses``): its requests go to the app at once, not one after another behind the fill lock
+# (Varnish's hit-for-pass). Not an entry: a cachemw that does not know it decodes it as a foreign value.
+PASS_MARKER = b"CMP\x01"
+
+
+def is_pass_marker(data: bytes | None) -> bool:
+    return data == PASS_MARKER
 
 
 class EntryDecodeError(ValueError):

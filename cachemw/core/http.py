@@ -163,6 +163,7 @@ STATUS_BYPASS_REQUEST = b"cachemw; fwd=request"
 STATUS_BYPASS_METHOD = b"cachemw; fwd=method"
 # Another request's fill answered this one (RFC 9211 "collapsed").
 STATUS_COLLAPSED = b"cachemw; fwd=uri-miss; collapsed"
+STATUS_PASS = b"cachemw; fwd=uri-miss; detail=pass"  # the key's last response could not be stored: no lock
 STATUS_ORIGIN_BUSY = b"cachemw; fwd=uri-miss; detail=origin-busy"  # past origin_concurrency: a 503 of ours
 
 

@@ -54,6 +54,9 @@ class Settings:
     redis_url: str | None = None
     key_prefix: str = "cachemw"
     store_timeout: float = 0.05
+    # How much longer a request-path store call waits for its reply when our own event loop ran late while
+    # it waited (its budget spent by us, not by the store); None: one more store_timeout; 0: no grace.
+    store_grace: float | None = None
     # Store calls after the response (fills, lock releases, refreshes, purges): retried within this deadline.
     background_timeout: float = 2.0
     memory_max_bytes: int = 64 * 1024 * 1024
@@ -73,6 +76,8 @@ class Settings:
     # gets the entry, the others wait origin_wait for a slot, then get a 503 with Retry-After: retry_after.
     origin_concurrency: int = 1024
     origin_wait: float = 5.0
+    # A key whose response could not be stored passes to the app for this long, without a lock; 0: never.
+    pass_ttl: float = 30.0
     retry_after: int = 1
     metrics_interval: float = 5.0  # how often each process writes its counters to Redis (0: never)
     # After the app's startup, gc.freeze(): full collections then skip what startup made (modules, routes,
@@ -86,7 +91,8 @@ class Settings:
 # Bounded durations and counts: (lowest, highest) allowed.
 _DURATION_SETTINGS = {"store_timeout": (0.0, 10.0), "background_timeout": (0.0, 300.0), "lock_timeout": (0.0, 300.0),
                       "grace_period": (0.0, 3600.0), "origin_wait": (0.0, 300.0)}
-_OPTIONAL_DURATION_SETTINGS = {"metrics_interval": (0.0, 3600.0)}  # 0 switches it off
+# 0 switches these off.
+_OPTIONAL_DURATION_SETTINGS = {"metrics_interval": (0.0, 3600.0), "pass_ttl": (0.0, 3600.0), "store_grace": (0.0, 10.0)}
 _COUNT_SETTINGS = {
     "memory_max_bytes": (1024, 2**40),
     "l1_max_bytes": (1024, 2**40),

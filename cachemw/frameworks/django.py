@@ -10,10 +10,14 @@ and the view. Nothing else in cachemw imports Django.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from cachemw.core.policy import ConfigError
 from cachemw.core.rules import (
     RouteFinder,
     RouteRule,
@@ -25,9 +29,63 @@ from cachemw.core.rules import (
 )
 from cachemw.core.settings import Settings
 
-__all__ = ["regex_template", "route_table"]
+__all__ = ["OPTIONS", "DjangoRoutes", "is_django_handler", "regex_template", "route_table", "settings_cachemw"]
+
+# What settings.CACHEMW may hold: the keywords both shells (``cachemw.CacheMiddleware``,
+# ``cachemw.wsgi.CacheMiddleware``) take, but the app and its route table.
+OPTIONS = ("config", "redis_url", "store", "key_prefix", "identity", "settings", "supervisor", "access_log_json",
+           "write_behind")
 
 _PARAMETER = re.compile(r"<(?:[^>:]+:)?([^>]+)>")  # Django's own: <converter:name> or <name>
+
+
+@dataclass(frozen=True, slots=True)
+class DjangoRoutes:
+    """A shell's ``route_table`` for a Django project: ``route_table(settings, urlconf, wsgi=wsgi)``.
+
+    A cache whose routes are these is a Django project's: it takes ``settings.CACHEMW``
+    for the keywords it was not given (``settings_cachemw``).
+    """
+
+    urlconf: str | None = None
+    wsgi: bool = False
+
+    def __call__(self, settings: Settings) -> RuleTable:
+        return route_table(settings, self.urlconf, wsgi=self.wsgi)
+
+
+def is_django_handler(app: object, kind: str) -> bool:
+    """Whether ``app`` is Django's own handler of that kind (``"asgi"``: ``get_asgi_application()``, ``"wsgi"``:
+    ``get_wsgi_application()``); False without importing Django when nothing has."""
+    if "django" not in sys.modules:
+        return False
+    if kind == "asgi":
+        from django.core.handlers.asgi import ASGIHandler  # type: ignore[import-untyped]
+
+        return isinstance(app, ASGIHandler)
+    from django.core.handlers.wsgi import WSGIHandler  # type: ignore[import-untyped]
+
+    return isinstance(app, WSGIHandler)
+
+
+def settings_cachemw() -> dict[str, Any]:
+    """``settings.CACHEMW``, checked: a dict whose keys are among ``OPTIONS`` (a ConfigError names any other)."""
+    from django.conf import settings as django_settings  # type: ignore[import-untyped]
+
+    configured = getattr(django_settings, "CACHEMW", None) or {}
+    if not isinstance(configured, Mapping):
+        raise ConfigError(f"settings.CACHEMW: expected a dict of CacheMiddleware keywords, got "
+                          f"{type(configured).__name__}")
+    unknown = [key for key in configured if key not in OPTIONS]
+    if unknown:
+        key = unknown[0]
+        hint = ""
+        if key in {field.name for field in dataclasses.fields(Settings)}:
+            hint = (f". HINT: {key!r} is a setting of the config file: put it under [cachemw] in the file "
+                    "that 'config' names, or pass 'settings': a cachemw Settings")
+        raise ConfigError(f"settings.CACHEMW: unknown key {key!r}; the keys are: {', '.join(sorted(OPTIONS))}"
+                          f"{hint}")
+    return dict(configured)
 
 
 def route_table(settings: Settings, urlconf: str | None = None, *, wsgi: bool = False) -> RuleTable:
@@ -38,7 +96,7 @@ def route_table(settings: Settings, urlconf: str | None = None, *, wsgi: bool = 
     (the path after ``root_path``, ``SCRIPT_NAME``), where the ASGI handler takes
     ``FORCE_SCRIPT_NAME`` off the path instead when it is set.
     """
-    from django.conf import settings as django_settings  # type: ignore[import-untyped]
+    from django.conf import settings as django_settings
     from django.urls import get_resolver  # type: ignore[import-untyped]
     from django.urls.resolvers import LocalePrefixPattern  # type: ignore[import-untyped]
 

@@ -175,6 +175,7 @@ def aggregate(documents: Iterable[dict[str, Any]], *, now: float | None = None) 
             "listening": sum(1 for s in stores if s.get("listening")),
             "errors": sum(int(s.get("errors", 0)) for s in stores),
             "loop_lag_timeouts": sum(int(s.get("loop_lag_timeouts", 0)) for s in stores),
+            "late_replies": sum(int(s.get("late_replies", 0)) for s in stores),
             "latency": _histogram(s["latency"] for s in stores if isinstance(s.get("latency"), dict)),
             "loop_lag": _histogram(s["loop_lag"] for s in stores if isinstance(s.get("loop_lag"), dict)),
         },

@@ -126,6 +126,10 @@ def _store_families(store: dict[str, Any]) -> Iterator[Metric]:
     yield CounterMetricFamily("cachemw_store_loop_lag_timeouts", "Store timeouts that were this process's own event "
                               "loop lag, not the store's (the breaker does not count them).",
                               value=store.get("loop_lag_timeouts", 0))
+    yield CounterMetricFamily("cachemw_store_late_replies", "Store replies that came half a budget or more past "
+                              "the request budget while this process's event loop ran late, and were used (the "
+                              "store grace).",
+                              value=store.get("late_replies", 0))
     if "loop_lag" in store:
         lag = HistogramMetricFamily("cachemw_loop_lag_seconds", "How late this process's event loop ran a timer.")
         lag.add_metric([], _buckets(store["loop_lag"]), store["loop_lag"]["sum"])

@@ -252,6 +252,8 @@ def _store(cache: CacheShell) -> dict[str, Any]:
         "errors": cache.store_errors,
         # Of those, timeouts that were this process's own lateness (not counted by the breaker).
         "loop_lag_timeouts": cache.loop_lag_timeouts,
+        # Replies half a budget or more past the budget, used: this process ran late (the store grace waited).
+        "late_replies": cache.late_replies,
         "loop_lag": cache.loop_lag.histogram.snapshot(),
         "latency": cache.metrics.store_latency.snapshot(),
         "problem": cache.store_problem,  # why the startup probe could not reach it, if it could not

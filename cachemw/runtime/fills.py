@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from cachemw.core.entry import Entry, encode_entry, entry_cost
+from cachemw.core.entry import PASS_MARKER, Entry, encode_entry, entry_cost
 from cachemw.core.keyspace import tag_keys
 from cachemw.core.metrics import Metrics, RouteMetrics
 from cachemw.runtime.locks import FillLocks, fresh_entry
@@ -34,7 +34,7 @@ class Fills:
     """Fills and refreshes of one runtime."""
 
     def __init__(self, store: Store, guarded: GuardedStore, locks: FillLocks, supervisor: Supervisor, l1: L1,
-                 metrics: Metrics, origin: OriginSlots, *, prefix: str) -> None:
+                 metrics: Metrics, origin: OriginSlots, *, prefix: str, pass_ttl: float) -> None:
         self.store = store
         self.guarded = guarded
         self.locks = locks
@@ -43,6 +43,7 @@ class Fills:
         self.metrics = metrics
         self.origin = origin
         self.prefix = prefix
+        self.pass_ttl = pass_ttl
         self.refreshing: set[str] = set()  # keys with a refresh queued or running in this process
         self._l1_on = guarded.remote  # only a remote store has an L1 in front of it
 
@@ -60,7 +61,6 @@ class Fills:
             self.locks.give_up(plan)
 
     async def fill(self, plan: FillPlan, entry: Entry) -> None:
-        store, guarded = self.store, self.guarded
         if plan.generations is None:
             return
         try:
@@ -69,27 +69,50 @@ class Fills:
             if plan.token is not None:
                 await self.locks.unlock(plan.key, plan.token)
             return
-        tag_sets = [tag_keys(self.prefix, tag)[0] for tag in entry.tags]
-        if guarded.is_open(plan.key):
-            # Don't hammer a store that is down: the next miss after it recovers refills. The
-            # lock is still released (one small command), or its waiters would wait it out.
-            if plan.token is not None:
-                await self.locks.unlock(plan.key, plan.token)
-            return
-        generations, token, ttl = plan.generations, plan.token, plan.policy.usable_for
-        try:
-            stored = await guarded.in_background(plan.key, lambda left: store.fill(
-                plan.key, data, ttl, token, tag_sets, plan.generation_keys, generations, timeout=left))
-        except Exception:  # counted by the guarded store; this fill is lost, the next miss refills
-            if plan.token is not None:
-                await self.locks.unlock(plan.key, plan.token)  # a lost fill must not leave its lock to expire
-            return
+        stored = await self._store(plan, data, plan.policy.usable_for, entry.tags)
         if stored:
             route_metrics = self.route_metrics(plan)
             route_metrics.stored_entries += 1
             route_metrics.stored_bytes += len(data)
         if stored and plan.policy.sync > 0 and self._l1_on:
             self.l1.put(plan.key, entry, plan.policy.sync)
+
+    def pass_through(self, plan: FillPlan) -> None:
+        """The key's response could not be stored: remember that for ``pass_ttl`` (hit-for-pass).
+
+        Its next requests, here and on every other server, go to the app at once
+        instead of taking the lock one after another; the marker is stored by the same
+        script as a fill, so it releases the lock, wakes the waiters (who find it and
+        go to the app), and a purge of the key's tags forgets it.
+        """
+        if plan.generations is None or plan.token is None or self.pass_ttl <= 0 or not self.supervisor.submit(
+                "fill", self.store_pass, plan, key=plan.key, timeout=math.inf, size=FILL_PLAN_BYTES):
+            self.locks.give_up(plan)
+            return
+        plan.filling = True
+
+    async def store_pass(self, plan: FillPlan) -> None:
+        await self._store(plan, PASS_MARKER, self.pass_ttl, plan.tags)
+
+    async def _store(self, plan: FillPlan, data: bytes, ttl: float, tags: tuple[str, ...]) -> bool:
+        """``data`` under the plan's key unless a generation moved; the lock is released either way."""
+        store, guarded = self.store, self.guarded
+        assert plan.generations is not None
+        if guarded.is_open(plan.key):
+            # Don't hammer a store that is down: the next miss after it recovers refills. The
+            # lock is still released (one small command), or its waiters would wait it out.
+            if plan.token is not None:
+                await self.locks.unlock(plan.key, plan.token)
+            return False
+        tag_sets = [tag_keys(self.prefix, tag)[0] for tag in tags]
+        generations, token = plan.generations, plan.token
+        try:
+            return await guarded.in_background(plan.key, lambda left: store.fill(
+                plan.key, data, ttl, token, tag_sets, plan.generation_keys, generations, timeout=left))
+        except Exception:  # counted by the guarded store; this fill is lost, the next miss refills
+            if plan.token is not None:
+                await self.locks.unlock(plan.key, plan.token)  # a lost fill must not leave its lock to expire
+            return False
 
     # -- stale-while-revalidate ------------------------------------------------------------------
 

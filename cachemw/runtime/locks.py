@@ -18,17 +18,26 @@ from anyio.abc import TaskStatus
 
 from cachemw.core import decide
 from cachemw.core.decide import Step
-from cachemw.core.entry import Entry, EntryDecodeError, decode_entry
+from cachemw.core.entry import Entry, EntryDecodeError, decode_entry, is_pass_marker
 from cachemw.core.policy import Policy
 from cachemw.runtime.plan import FillPlan
 from cachemw.runtime.supervisor import Supervisor
 from cachemw.store.base import LockResult, Store
 from cachemw.store.guarded import GuardedStore
 
-__all__ = ["FillLocks", "fresh_entry", "new_token"]
+__all__ = ["PASS_THROUGH", "FillLocks", "PassThrough", "fresh_entry", "new_token"]
 
 _RELEASES_AT_ONCE = 64  # shed lock releases sent concurrently by the release service
 _RELEASE_TIMEOUT = 2.0  # one shed lock release: past it the lock expires by itself
+
+
+class PassThrough:
+    """``lock_or_wait``'s answer for a key remembered as uncacheable: call the app, without the lock, store nothing."""
+
+    __slots__ = ()
+
+
+PASS_THROUGH = PassThrough()
 
 
 def new_token() -> str:
@@ -87,12 +96,13 @@ class FillLocks:
             plan.waiter.close()
             plan.waiter = None
 
-    async def lock_or_wait(self, plan: FillPlan) -> Entry | None:
+    async def lock_or_wait(self, plan: FillPlan) -> Entry | PassThrough | None:
         """Take the key's fill lock, or wait for the process holding it.
 
-        Returns an entry another process stored meanwhile; None when the app
-        must be called (with the lock in ``plan.token``, or without it when the
-        owner died or the store is down).
+        Returns an entry another process stored meanwhile; ``PASS_THROUGH`` when the
+        fill waited on found the response not storable; None when the app must be
+        called (with the lock in ``plan.token``, or without it when the owner died
+        or the store is down).
         """
         store = self.store
         locked = plan.looked_up
@@ -115,6 +125,9 @@ class FillLocks:
                         return None  # the store is failing: the app answers
                 token, current, plan.generations = locked
                 locked = None
+                if is_pass_marker(current):
+                    self.release(plan.key, token)
+                    return PASS_THROUGH
                 entry = fresh_entry(current, plan.policy)
                 if entry is not None:
                     # Filled since our lookup: nothing to do but release the lock if we took it.

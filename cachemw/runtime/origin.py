@@ -36,32 +36,42 @@ class _Pool:
         return self._semaphore
 
 
-def _take_all(semaphores: tuple[anyio.Semaphore, ...]) -> Slot | None:
-    """All of them or none; never releases (a release may wake a waiter, which only the loop's thread may)."""
-    if any(semaphore.value == 0 for semaphore in semaphores):
-        return None
-    for semaphore in semaphores:
-        semaphore.acquire_nowait()
-    return Slot(semaphores)
+def _take_all(semaphores: tuple[anyio.Semaphore, ...], guard: threading.Lock) -> Slot | None:
+    """All of them or none, under ``guard``; never releases (a release may wake a waiter, which only the
+    loop's thread may)."""
+    with guard:
+        if any(semaphore.value == 0 for semaphore in semaphores):
+            return None
+        for semaphore in semaphores:
+            semaphore.acquire_nowait()
+    return Slot(semaphores, guard)
 
 
 class Slot:
     """The right to call the origin once; ``release()`` when the call is over."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_guard", "_held")
 
-    def __init__(self, held: tuple[anyio.Semaphore, ...]) -> None:
+    def __init__(self, held: tuple[anyio.Semaphore, ...], guard: threading.Lock) -> None:
         self._held = held
+        self._guard = guard  # the counts a request thread's take changes too
 
-    @property
-    def waited_on(self) -> bool:
-        """Does a request wait for a slot of this one's pools (its release must wake it at once)?"""
-        return any(semaphore.statistics().tasks_waiting for semaphore in self._held)
+    def release_in_thread(self) -> bool:
+        """Release from a thread that is not the loop's, unless a request there waits for a slot (whose wake-up
+        only the loop's thread may do: then False, and the caller hands ``release`` to the loop)."""
+        with self._guard:
+            if any(semaphore.statistics().tasks_waiting for semaphore in self._held):
+                return False
+            held, self._held = self._held, ()
+            for semaphore in held:
+                semaphore.release()  # nobody waits: this only counts the slot free again
+        return True
 
     def release(self) -> None:
         held, self._held = self._held, ()
-        for semaphore in held:
-            semaphore.release()
+        with self._guard:
+            for semaphore in held:
+                semaphore.release()
 
 
 class OriginSlots:
@@ -71,7 +81,7 @@ class OriginSlots:
         self._global = _Pool(limit) if limit > 0 else None
         self._routes: dict[str, _Pool] = {}
         self.rejected = 0  # requests answered 503 for want of a slot
-        self._taking = threading.Lock()  # a take without waiting, from the loop or from a request thread
+        self._taking = threading.Lock()  # takes without waiting and releases: from the loop and from request threads
 
     def bound_route(self, route: str, limit: int) -> None:
         if limit > 0:
@@ -79,9 +89,7 @@ class OriginSlots:
 
     def take_nowait(self, route: str) -> Slot | None:
         """A slot now, without a checkpoint (the common case costs no loop turn), or None."""
-        semaphores = tuple(pool.semaphore() for pool in self._pools(route))
-        with self._taking:
-            return _take_all(semaphores)
+        return _take_all(tuple(pool.semaphore() for pool in self._pools(route)), self._taking)
 
     def take_in_thread(self, route: str) -> Slot | None:
         """``take_nowait`` from a thread that is not the loop's; None also before the loop made the pools.
@@ -89,10 +97,9 @@ class OriginSlots:
         The slot's ``release`` must run on the loop's thread (it may wake a waiter there).
         """
         semaphores = tuple(pool.existing for pool in self._pools(route))
-        with self._taking:
-            if None in semaphores:
-                return None
-            return _take_all(semaphores)  # type: ignore[arg-type]
+        if None in semaphores:
+            return None
+        return _take_all(semaphores, self._taking)  # type: ignore[arg-type]
 
     async def take(self, route: str, wait: float) -> Slot | None:
         """A slot within ``wait`` seconds, or None."""
@@ -103,15 +110,16 @@ class OriginSlots:
                     semaphore = pool.semaphore()
                     await semaphore.acquire()
                     taken.append(semaphore)
-                slot, taken = Slot(tuple(taken)), []  # the slot holds them now
+                slot, taken = Slot(tuple(taken), self._taking), []  # the slot holds them now
                 return slot
             self.rejected += 1
             return None
         finally:
             # Timed out, or cancelled from outside (the request's task) while waiting for the
             # global pool: the route's slot it already holds must not be lost for good.
-            for held in taken:
-                held.release()
+            with self._taking:
+                for held in taken:
+                    held.release()
 
     def _pools(self, route: str) -> tuple[_Pool, ...]:
         own = self._routes.get(route)

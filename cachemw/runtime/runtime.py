@@ -88,7 +88,7 @@ class CacheRuntime:
                 self.origin.bound_route(rule.template, rule.policy.origin_concurrency)
         self.origin_busy = origin_busy_answer(settings.retry_after)
         self.fills = Fills(self.store, self.guarded, self.locks, supervisor, self.l1, metrics, self.origin,
-                           prefix=self.prefix)
+                           prefix=self.prefix, pass_ttl=settings.pass_ttl)
         self.planner = Planner(self.prefix)
         self.keys = KeyCache()
         self.decoded = DecodedMemo()
@@ -204,6 +204,11 @@ class CacheRuntime:
         """Store timeouts that were this process's lateness, not the store's."""
         return self.guarded.loop_lag_timeouts
 
+    @property
+    def late_replies(self) -> int:
+        """Store replies after the budget that were used: this process's loop ran late, the store answered."""
+        return self.guarded.late_replies
+
     # -- startup and shutdown ----------------------------------------------------------------------
 
     async def probe_store(self) -> None:
@@ -236,10 +241,11 @@ def _credential_names(rule: RouteRule) -> tuple[str, ...]:
     return tuple(name if where == "header" else f"{where}:{name}" for where, name in rule.credentials)
 
 
-async def _log_loop_lag(lag: float, lag_timeouts: int, errors: int) -> None:
-    logger.warning("cachemw: event loop lagging (%.0f ms late): a store timeout was this process's own lateness, "
-                   "not the store's; the circuit breaker does not count it (%d of %d store errors so far)",
-                   lag * 1000, lag_timeouts, errors)
+async def _log_loop_lag(lag: float, late_replies: int, lag_timeouts: int, errors: int) -> None:
+    logger.warning("cachemw: event loop lagging (%.0f ms late): this process's own lateness, not the store's. So "
+                   "far %d store replies came well after the budget and were still used (the store grace), and %d "
+                   "store timeouts were this lateness, which the circuit breaker does not count (of %d store errors)",
+                   lag * 1000, late_replies, lag_timeouts, errors)
 
 
 async def _log_breaker(previous: str, state: str, errors: int, lag_timeouts: int) -> None:

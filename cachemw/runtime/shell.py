@@ -92,3 +92,8 @@ class CacheShell(abc.ABC):
     def loop_lag_timeouts(self) -> int:
         """Store timeouts that were this process's lateness, not the store's."""
         return 0 if self.runtime is None else self.runtime.loop_lag_timeouts
+
+    @property
+    def late_replies(self) -> int:
+        """Store replies after the budget that were used: this process's loop ran late, the store answered."""
+        return 0 if self.runtime is None else self.runtime.late_replies

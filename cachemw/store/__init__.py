@@ -16,14 +16,14 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", 
 
 
 def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int, prefix: str = "cachemw",
-                   background_timeout: float = 2.0) -> Store:
+                   background_timeout: float = 2.0, grace: float | None = None) -> Store:
     """The store a configuration names: no URL means the in-process memory store."""
     if url is None:
         return MemoryStore(max_bytes=memory_max_bytes)
     scheme = urlsplit(url).scheme.lower()
     if scheme in _REDIS_SCHEMES:
         # Announcements under the prefix: apps sharing a Redis don't hear each other.
-        store = RedisStore.from_url(url, timeout=timeout, background_timeout=background_timeout)
+        store = RedisStore.from_url(url, timeout=timeout, background_timeout=background_timeout, grace=grace)
         store.channel = fill_channel(prefix)
         store.invalidation_channel = invalidation_channel(prefix)
         return store

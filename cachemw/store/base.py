@@ -48,7 +48,18 @@ class StoreError(Exception):
 
 
 class StoreTimeout(StoreError, TimeoutError):
-    """The store did not answer within its time budget (a store that keeps the budget itself raises it)."""
+    """The store did not answer within its time budget (a store that keeps the budget itself raises it).
+
+    ``lateness``: how late this process's own event loop ran while the call waited, as the
+    store measured it (None: not measured); ``first_connect``: it ran out while the
+    process made its first connection to the store. Either way not the store's failure
+    alone, for the breaker to weigh.
+    """
+
+    def __init__(self, message: str, *, lateness: float | None = None, first_connect: bool = False) -> None:
+        super().__init__(message)
+        self.lateness = lateness
+        self.first_connect = first_connect
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,11 @@ while is not called at all (the breaker), so it is not hammered while it recover
 and requests do not each wait out the budget. Work after the response has its own,
 longer deadline and retries (``within_deadline``). A timeout while this process's
 own event loop runs late is this process's lateness, not the store's: counted
-apart, and not held against the store's breaker.
+apart, and not held against the store's breaker. Where the store waits a grace for
+a reply our lateness delayed (the pipelined connection), a reply that came half
+a budget or more past the budget and was used is counted too (``late_replies``):
+a hit served, not an origin call. A timeout while a fresh process makes its first connection is not
+held against the breaker either: the first burst after a deploy must not open it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import anyio
 
 from cachemw.core.breaker import CircuitBreaker
 from cachemw.core.metrics import Metrics
-from cachemw.store.base import LockResult, Store
+from cachemw.store.base import LockResult, Store, StoreTimeout
 from cachemw.store.retrying import within_deadline
 
 __all__ = ["GuardedStore", "Report"]
@@ -52,6 +56,12 @@ class GuardedStore:
         self.node_breakers: dict[str, CircuitBreaker] = {}
         self.errors = 0
         self.loop_lag_timeouts = 0  # store timeouts that were this process's lateness, not the store's
+        self.late_replies = 0  # replies after the budget, still used: the loop ran late, the store answered
+        # A reply half a budget past the budget was waited for because our loop ran late: an
+        # overdue call is failed at the first look after its deadline unless that look, or the
+        # writing of its command, came half a budget late (then it was given the grace).
+        self._late = 1.5 * budget
+        self.first_connect_timeouts = 0  # timeouts of a fresh process's first connect: not the store's failure
         self._lag_reported_at = -float("inf")
         store.notifications.on_connected.append(self._reconnected)
 
@@ -69,7 +79,10 @@ class GuardedStore:
         except Exception as exc:  # whatever the driver raises (another loop, trio, a bug): the app answers
             self.failed(breaker, exc, began)
             return None, True
-        self.metrics.store_latency.observe(time.perf_counter() - began)
+        elapsed = time.perf_counter() - began
+        self.metrics.store_latency.observe(elapsed)
+        if elapsed >= self._late:
+            self._late_reply(elapsed)
         breaker.success()
         return value, False
 
@@ -106,8 +119,12 @@ class GuardedStore:
             if not background:  # a background call's attempts were each counted already
                 self.failed(breaker, exc, began)  # as in get: any store failure sends the request to the app
             return None
-        if lookup:
-            self.metrics.store_latency.observe(time.perf_counter() - began)
+        if not background:
+            elapsed = time.perf_counter() - began
+            if lookup:
+                self.metrics.store_latency.observe(elapsed)
+            if elapsed >= self._late:
+                self._late_reply(elapsed)
         breaker.success()
         return result
 
@@ -163,21 +180,39 @@ class GuardedStore:
         self.metrics.store_errors += 1
         if breaker is None:
             breaker = self.breaker if key is None else self.breaker_for(key)
+        if isinstance(error, StoreTimeout) and error.first_connect:
+            # A fresh process connecting (startup connects first; without a lifespan, the first burst
+            # does): a connect slower than a request's budget is not a failing store.
+            self.first_connect_timeouts += 1
+            return
         if began and isinstance(error, TimeoutError):
             now = time.perf_counter()
-            allowed = self.budget if budget is None else budget
-            # How late our own loop ran: the deadline's own overshoot, or what the lag monitor saw lately.
-            lag = max(now - began - allowed, self._recent_lag())
+            # How late our own loop ran: as the store measured it while this call waited (the
+            # pipelined connection: when it wrote the command, when it looked at the deadline), or
+            # else the deadline's own overshoot; or what the lag monitor saw lately (a process that
+            # lagged a moment ago runs on a saturated machine, where a slow reply is no dead store).
+            lag = error.lateness if isinstance(error, StoreTimeout) else None
+            if lag is None:
+                lag = now - began - (self.budget if budget is None else budget)
+            lag = max(lag, self._recent_lag())
             if lag >= self.budget / 2:
                 # This process's event loop was saturated, not (or not only) the store slow. The
                 # request still goes to the app, but opening the breaker would send every other one
                 # there too, just when the process is overloaded.
                 self.loop_lag_timeouts += 1
-                if now - self._lag_reported_at >= _LAG_LOG_INTERVAL:
-                    self._lag_reported_at = now
-                    self._report("loop lag", lag, self.loop_lag_timeouts, self.errors)
+                self._lagged(now, lag)
                 return
         breaker.failure(time.monotonic())
+
+    def _late_reply(self, elapsed: float) -> None:
+        """A reply well after the budget, used: the store answered, our loop was late (the grace waited)."""
+        self.late_replies += 1
+        self._lagged(time.perf_counter(), elapsed - self.budget)
+
+    def _lagged(self, now: float, lag: float) -> None:
+        if now - self._lag_reported_at >= _LAG_LOG_INTERVAL:
+            self._lag_reported_at = now
+            self._report("loop lag", lag, self.late_replies, self.loop_lag_timeouts, self.errors)
 
     def count_error(self) -> None:
         """A store failure off the request path (a purge after a write): counted, not held against the breaker."""

@@ -108,12 +108,14 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.05, max_connections: int = 256,
-                 background_timeout: float = 2.0) -> RedisStore:
+                 background_timeout: float = 2.0, grace: float | None = None) -> RedisStore:
         """A store with its own bounded pool and time budget.
 
         ``timeout`` is the request path's budget; calls given a ``timeout`` of their own
         (fills, releases, refreshes and purges after the response) run on a pool whose
-        reads may wait ``background_timeout``.
+        reads may wait ``background_timeout``. ``grace`` (default: one more ``timeout``;
+        0: none): how much longer a request-path call on one server waits for its reply
+        when this process's own event loop ran late while it waited (``cachemw.store.pipeline``).
 
         ``redis://``, ``rediss://``, ``unix://`` (redis-py's query-string options win
         over these settings); ``redis+cluster://h1:p1,h2:p2`` for Redis Cluster (any
@@ -121,7 +123,7 @@ class RedisStore:
         master a Sentinel group names. ``rediss+cluster``/``rediss+sentinel`` for TLS.
         """
         def make() -> RedisClients:
-            return redis_clients(url, timeout=timeout, max_connections=max_connections)
+            return redis_clients(url, timeout=timeout, max_connections=max_connections, grace=grace)
 
         clients = make()
         store = cls(clients.client, max_connections=max_connections, pipelined=clients.pipelined, clients=make,
@@ -195,7 +197,9 @@ class RedisStore:
 
         A fresh process's first burst of requests then finds the connection open and
         the scripts known, instead of spending their short budgets on a connect and on
-        NOSCRIPT replies (and counting those against the breaker).
+        NOSCRIPT replies (and counting those against the breaker); its first fills find
+        their own connection open too. On redis-py's client (TLS, Cluster, Sentinel) the
+        scripts are loaded on every primary.
         """
         try:
             bound = self._on_loop()
@@ -203,9 +207,12 @@ class RedisStore:
             if bound.pipelined is not None:
                 for script in scripts:
                     await bound.pipelined.execute(encode_command(["SCRIPT", "LOAD", cast(str, script.script)]), timeout)
+                if bound.background_pipelined is not None:
+                    await bound.background_pipelined.execute(encode_command(["PING"]), timeout)
                 return
             async with bound.gated():
-                await bound.client.ping()
+                for script in scripts:
+                    await bound.client.script_load(script.script)
         except StoreError:
             raise
         except Exception as exc:

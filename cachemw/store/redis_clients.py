@@ -87,8 +87,9 @@ class RedisClients:
             await close_client(other)
 
 
-def redis_clients(url: str, *, timeout: float, max_connections: int = 256) -> RedisClients:
-    """What ``RedisStore.from_url(url, timeout=..., max_connections=...)`` connects with (see there for URLs)."""
+def redis_clients(url: str, *, timeout: float, max_connections: int = 256, grace: float | None = None
+                  ) -> RedisClients:
+    """What ``RedisStore.from_url(url, timeout=..., max_connections=..., grace=...)`` connects with (see there)."""
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     if max_connections < 1:
@@ -119,14 +120,14 @@ def redis_clients(url: str, *, timeout: float, max_connections: int = 256) -> Re
     kwargs["decode_responses"] = False
     client = Redis(connection_pool=BlockingConnectionPool(**kwargs))
     return RedisClients(client, lambda socket_timeout: blocking_twin(client, socket_timeout),
-                        pipelined=_pipelined(kwargs, timeout))
+                        pipelined=_pipelined(kwargs, timeout, grace))
 
 
-def _pipelined(kwargs: dict[str, Any], timeout: float) -> PipelinedRedis | None:
+def _pipelined(kwargs: dict[str, Any], timeout: float, grace: float | None) -> PipelinedRedis | None:
     """The request path's connection for a plain TCP or Unix socket server; TLS stays on redis-py."""
     connection_class = kwargs.get("connection_class", Connection)
     common: dict[str, Any] = {"db": int(kwargs.get("db") or 0), "username": kwargs.get("username"),
-                              "password": kwargs.get("password"), "timeout": timeout}
+                              "password": kwargs.get("password"), "timeout": timeout, "grace": grace}
     if connection_class is UnixDomainSocketConnection:
         return PipelinedRedis(path=kwargs["path"], **common)
     if connection_class is Connection:

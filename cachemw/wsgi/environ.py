@@ -16,6 +16,10 @@ from typing import Any
 __all__ = ["environ_for", "route_of", "scope_of", "status_line", "wsgi_headers"]
 
 _SPECIAL = {"CONTENT_TYPE": b"content-type", "CONTENT_LENGTH": b"content-length"}
+# Header names as ASGI spells them, by their CGI names: the same few dozen on every request. Bounded,
+# as clients choose the names.
+_HEADER_NAMES: dict[str, bytes] = {}
+_HEADER_NAMES_KEPT = 512
 _STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
 
@@ -37,9 +41,15 @@ def scope_of(environ: Mapping[str, Any], route: dict[str, Any]) -> dict[str, Any
     ``route``: ``route_of(environ)``, extended in place into the scope.
     """
     headers: list[tuple[bytes, bytes]] = []
+    names = _HEADER_NAMES
     for name, value in environ.items():
         if name.startswith("HTTP_"):
-            headers.append((name[5:].replace("_", "-").lower().encode("latin-1"), value.encode("latin-1")))
+            header = names.get(name)
+            if header is None:
+                header = name[5:].replace("_", "-").lower().encode("latin-1")
+                if len(names) < _HEADER_NAMES_KEPT:
+                    names[name] = header
+            headers.append((header, value.encode("latin-1")))
         elif name in _SPECIAL and value:
             headers.append((_SPECIAL[name], value.encode("latin-1")))
     protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")

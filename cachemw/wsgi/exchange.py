@@ -12,7 +12,9 @@ context intact). The two sides pass whole batches of messages:
   (what to send the client so far), ``DONE`` (the rest; the handler is finished) or
   ``RAISED``.
 
-A hit is one round trip to the loop; a miss of a one-chunk response, two.
+A request carried this way (a stale entry, a lock held elsewhere, a failing store,
+a bypass) is one round trip to the loop, or two with a one-chunk response of the
+app; fresh hits and led misses do not come here (``cachemw.wsgi.threadpath``).
 """
 
 from __future__ import annotations

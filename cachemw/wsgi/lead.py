@@ -5,8 +5,11 @@ request, the app's turn, its response, the answer) and a lock round trip of its 
 For the usual miss (a route that has been missing, a key that holds nothing, a lock
 that is free) the request thread's lookup takes the lock in the same round trip
 (``get_or_lock``); the thread then calls the app itself, marks and copies its
-response as the handler's ``FillResponder`` does, and hands the finished fill (store,
-lock release, counts, log) to the loop without waiting for it.
+response as the handler's ``FillResponder`` does, frees its origin slot itself, and
+hands the copy to store and the log to the loop in its next batch
+(``BackgroundLoop.later``, every 20 ms), where many requests' fills share one write
+on the pipelined connection. It wakes the loop only when its lock must go back at
+once (nothing to store) or a request there waits for an origin slot.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from starlette.types import Message
 
 from cachemw.asgi.responses import FillResponder, without_unkeyed_overrides
 from cachemw.core import http
-from cachemw.core.entry import Entry
 from cachemw.runtime.origin import Slot
 from cachemw.runtime.plan import FillPlan
 from cachemw.runtime.runtime import CacheRuntime
@@ -95,25 +97,23 @@ class LedMiss:
             return
         self._finished = True
         responder, plan, runtime, loop, slot = self._responder, self._plan, self._runtime, self._loop, self._slot
+        # The slot is free again before the next request of this thread can ask for one.
+        if not slot.release_in_thread():
+            loop.notify(slot.release)
         entry = responder.entry(tags=plan.tags)  # None unless complete and storable
         if entry is None:  # not storable, the app raised, or the client left: the lock goes now
-            loop.notify(_given_up, runtime, plan, slot)
+            loop.notify(_given_up, runtime, plan, responder.uncacheable)
         else:
-            if slot.waited_on:
-                loop.notify(slot.release)
-            loop.later(_filled, runtime, plan, slot, entry)
+            loop.later(runtime.fills.submit, plan, entry)
         if responder.complete:
             loop.later(runtime.log, plan.match, plan.key, "MISS", responder.status,
                        time.perf_counter() - self._origin_started, self._started, responder.size)
 
 
-def _filled(runtime: CacheRuntime, plan: FillPlan, slot: Slot, entry: Entry) -> None:
-    """On the loop, in its next batch: the led miss's fill, queued as the handler queues its own."""
-    slot.release()
-    runtime.fills.submit(plan, entry)
-
-
-def _given_up(runtime: CacheRuntime, plan: FillPlan, slot: Slot) -> None:
-    """On the loop: a led miss that stores nothing gives its origin slot and its lock back at once."""
-    slot.release()
-    runtime.locks.give_up(plan)
+def _given_up(runtime: CacheRuntime, plan: FillPlan, uncacheable: bool) -> None:
+    """On the loop: a led miss that stores nothing gives its lock back at once (an uncacheable response
+    through the pass marker, which releases it)."""
+    if uncacheable:
+        runtime.fills.pass_through(plan)
+    else:
+        runtime.locks.give_up(plan)

@@ -1,10 +1,13 @@
 """``cachemw.wsgi.CacheMiddleware``: the same cache for any PEP 3333 app (Flask, Django), on one core.
 
 The decisions, headers, keys and store layout are the ASGI shell's, so an entry a
-Flask server stores is a hit for a FastAPI server of the same site. They run on
-this process's cache loop (``BackgroundLoop``); each request's thread waits for
-them and runs the app itself when the cache says so (``Exchange``). Routes without
-a policy go straight to the app, without a hop to the loop.
+Flask server stores is a hit for a FastAPI server of the same site. A fresh hit, and
+the usual miss of a route that has been missing, are answered in the request's own
+thread (``ThreadPath``, ``LedMiss``), which hands what follows the response to this
+process's cache loop (``BackgroundLoop``) without waiting on it. Everything else is
+decided by the ASGI handler on that loop, the request's thread waiting for its word
+and running the app itself when told (``Exchange``). Routes without a policy go
+straight to the app.
 """
 
 from __future__ import annotations
@@ -12,27 +15,27 @@ from __future__ import annotations
 import functools
 import os
 import queue
-import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.requests import HTTPConnection
-from starlette.types import Message
+from starlette.types import Message, Scope
 
 from cachemw.asgi.middleware import CacheMiddleware as AsgiCacheMiddleware
 from cachemw.core.metrics import Metrics
 from cachemw.core.policy import ConfigError
 from cachemw.core.rules import RuleTable
 from cachemw.core.settings import Settings
+from cachemw.frameworks.django import DjangoRoutes, is_django_handler
 from cachemw.frameworks.flask import find_flask_app
 from cachemw.runtime.accesslog import AccessLog
 from cachemw.runtime.context import enter
 from cachemw.runtime.looplag import LoopLag
-from cachemw.runtime.runtime import CacheRuntime
+from cachemw.runtime.runtime import CacheRuntime, Identity
 from cachemw.runtime.shell import CacheShell
 from cachemw.runtime.supervisor import Supervisor
 from cachemw.store.base import Store
@@ -56,10 +59,12 @@ class CacheMiddleware(CacheShell):
     """Answer a WSGI app's requests from a cache by per-route freshness policies.
 
     ``app.wsgi_app = CacheMiddleware(app.wsgi_app, redis_url=...)`` for Flask;
-    ``application = CacheMiddleware(get_wsgi_application(), ...)`` for Django. The
-    options are the ASGI middleware's; ``identity(environ)`` returns who a request
-    is for, and ``route_table(settings)`` builds the rule table for an app that is
-    neither Flask nor Django.
+    ``application = CacheMiddleware(get_wsgi_application(), ...)`` for Django, which
+    is ``cachemw.django.wsgi_application``: ``settings.CACHEMW`` gives every keyword
+    not passed. The options are the ASGI middleware's; ``identity(environ)`` returns
+    who a request is for (an identity from ``settings.CACHEMW`` takes an
+    ``HTTPConnection``, as under ASGI), and ``route_table(settings)`` builds the rule
+    table for an app that is neither Flask nor Django.
     """
 
     def __init__(
@@ -72,8 +77,9 @@ class CacheMiddleware(CacheShell):
         key_prefix: str | None = None,
         identity: Callable[[dict[str, Any]], str | None] | None = None,
         settings: Settings | None = None,
-        access_log_json: bool = False,
-        write_behind: Sequence[WriteBehind[Any]] = (),
+        supervisor: Supervisor | None = None,
+        access_log_json: bool | None = None,
+        write_behind: Sequence[WriteBehind[Any]] | None = None,
         route_table: Callable[[Settings], RuleTable] | None = None,
     ) -> None:
         self.app = app
@@ -81,14 +87,19 @@ class CacheMiddleware(CacheShell):
         by_environ = identity
         asgi_identity = None if by_environ is None else (
             lambda connection: by_environ(_environ_of(connection)))
-        self._thread_identity = None if by_environ is None else (
-            lambda headers, scope: by_environ(scope["cachemw.environ"]))
         self._thread_path: ThreadPath | None = None
+        # The ASGI shell takes settings.CACHEMW for what is not passed here when the routes are Django's.
         self.cache = AsgiCacheMiddleware(
             self._threaded, config=config, redis_url=redis_url, store=store, key_prefix=key_prefix,
-            identity=asgi_identity, settings=settings, access_log_json=access_log_json,
+            identity=asgi_identity, settings=settings, supervisor=supervisor, access_log_json=access_log_json,
             write_behind=write_behind, route_table=route_table or _route_table_for(app))
         self.options = self.cache.options
+        self._thread_identity: Identity | None = None
+        if by_environ is not None:
+            self._thread_identity = lambda headers, scope: by_environ(scope["cachemw.environ"])
+        elif self.options.identity is not None:  # settings.CACHEMW's: a function of an HTTPConnection, as for ASGI
+            of_connection = self.options.identity
+            self._thread_identity = lambda headers, scope: of_connection(HTTPConnection(cast(Scope, scope)))
         self.metrics: Metrics = self.cache.metrics
         self.access_log: AccessLog = self.cache.access_log
         self.loop_lag: LoopLag = self.cache.loop_lag
@@ -270,17 +281,8 @@ def _route_table_for(app: object) -> Callable[[Settings], RuleTable]:
         from cachemw.frameworks.flask import route_table as flask_routes
 
         return functools.partial(flask_routes, flask_app)
-    if "django" in sys.modules and _is_django_handler(app):
-        from cachemw.frameworks.django import route_table as django_table
-
-        django_routes: Callable[[Settings], RuleTable] = functools.partial(
-            django_table, wsgi=True)  # PATH_INFO is resolved
-        return django_routes
+    if is_django_handler(app, "wsgi"):
+        return DjangoRoutes(wsgi=True)  # PATH_INFO is resolved; settings.CACHEMW applies
     raise TypeError(f"cachemw: cannot find the routes of {app!r}: it is neither a Flask app nor Django's "
                     "WSGI handler. HINT: pass route_table=, a function of the settings that returns a RuleTable")
 
-
-def _is_django_handler(app: object) -> bool:
-    from django.core.handlers.base import BaseHandler  # type: ignore[import-untyped]
-
-    return isinstance(app, BaseHandler)

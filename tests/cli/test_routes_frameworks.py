@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.test_cli import assert_clean_failure, run
+from tests.cli.test_cli import REPO, assert_clean_failure, run
 
 DJANGO = "tests.apps.djangoproject.settings"
 DJANGO_CONFIG = Path(__file__).resolve().parents[1] / "apps" / "djangoproject" / "cachemw.toml"
@@ -155,3 +155,93 @@ def test_check_finds_a_rule_naming_no_flask_route(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert_clean_failure(result)
     assert "rule 1 (route '/plain/')" in result.stderr and "/items/{item_id}" in result.stderr
+
+
+# -- the store in the footer: the one the middleware will use, password masked ---------------------
+
+
+def _with_password(redis_url: str) -> str:
+    return redis_url.replace("redis://", "redis://:s3cret@", 1)
+
+
+def _masked(redis_url: str) -> str:
+    return redis_url.replace("redis://", "redis://:***@", 1)
+
+
+FLASK_ON_REDIS = """
+from flask import Flask
+
+from cachemw import cache
+from cachemw.wsgi import CacheMiddleware
+
+app = Flask(__name__)
+app.wsgi_app = CacheMiddleware(app.wsgi_app, redis_url={url!r})
+
+
+@app.get("/products/<int:id>")
+@cache("minutes", tags=["product:{{id}}"])
+def product(id):
+    return {{"id": id}}
+"""
+
+
+def _footer_and_json(*arguments: str, cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[str, str]:
+    text = run("routes", *arguments, cwd=cwd, extra_env=extra_env)
+    assert text.returncode == 0, text.stderr
+    as_json = run("routes", *arguments, "--json", cwd=cwd, extra_env=extra_env)
+    assert as_json.returncode == 0, as_json.stderr
+    assert "s3cret" not in text.stdout + as_json.stdout
+    [footer] = [line for line in text.stdout.splitlines() if line.startswith("config: ")]
+    store: str = json.loads(as_json.stdout)["store"]
+    return footer, store
+
+
+@pytest.mark.parametrize("target", ["myflask:app", "myflask:app.wsgi_app"])
+def test_routes_names_the_redis_a_flask_apps_middleware_was_given(tmp_path: Path, redis_url: str,
+                                                                  target: str) -> None:
+    (tmp_path / "myflask.py").write_text(FLASK_ON_REDIS.format(url=_with_password(redis_url)), encoding="utf-8")
+    footer, store = _footer_and_json(target, cwd=tmp_path)
+    assert footer == f"config: (none: defaults); store: {_masked(redis_url)}"
+    assert store == _masked(redis_url)
+
+
+def test_routes_names_a_store_object_the_middleware_was_given(tmp_path: Path) -> None:
+    source = FLASK_APP.replace("CacheMiddleware(wrapped.wsgi_app)",
+                               "CacheMiddleware(wrapped.wsgi_app, store=MemoryStore())")
+    (tmp_path / "myflask.py").write_text(source.replace("from cachemw import cache",
+                                                        "from cachemw import MemoryStore, cache"), encoding="utf-8")
+    footer, store = _footer_and_json("myflask:wrapped", cwd=tmp_path)
+    assert footer == "config: (none: defaults); store: MemoryStore (given as store=)"
+    assert store == "MemoryStore (given as store=)"
+
+
+DJANGO_SETTINGS_ON_REDIS = """
+from tests.apps.djangoproject.settings import *  # noqa: F403
+
+CACHEMW = {{**CACHEMW, "redis_url": {url!r}}}  # noqa: F405
+"""
+DJANGO_WSGI_ON_REDIS = """
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.apps.djangoproject.settings")
+
+from django.core.wsgi import get_wsgi_application
+
+from cachemw.django import wsgi_application
+
+application = wsgi_application(get_wsgi_application(), redis_url={url!r})
+"""
+
+
+def test_routes_names_the_redis_of_settings_cachemw(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "onredis.py").write_text(DJANGO_SETTINGS_ON_REDIS.format(url=_with_password(redis_url)),
+                                         encoding="utf-8")
+    footer, store = _footer_and_json("--django", "onredis", cwd=tmp_path, extra_env={"PYTHONPATH": str(REPO)})
+    assert footer == f"config: {DJANGO_CONFIG}; store: {_masked(redis_url)}" and store == _masked(redis_url)
+
+
+def test_routes_names_the_redis_a_django_wsgi_application_was_given(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "mysite_wsgi.py").write_text(DJANGO_WSGI_ON_REDIS.format(url=_with_password(redis_url)),
+                                             encoding="utf-8")
+    footer, store = _footer_and_json("mysite_wsgi:application", cwd=tmp_path, extra_env={"PYTHONPATH": str(REPO)})
+    assert footer == f"config: {DJANGO_CONFIG}; store: {_masked(redis_url)}" and store == _masked(redis_url)

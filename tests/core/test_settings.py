@@ -334,6 +334,8 @@ def test_unknown_setting_in_cachemw_table(tmp_path: Path) -> None:
         ("metrics_interval", '"-1s"', "'-1s'"),
         ("metrics_interval", '"2h"', "'2h'"),
         ("metrics_interval", '"often"', "'often'"),
+        ("store_grace", '"-50ms"', "'-50ms'"),
+        ("store_grace", '"11s"', "'11s'"),
     ],
 )
 def test_bad_setting_names_file_field_and_value(
@@ -350,6 +352,13 @@ def test_bad_setting_names_file_field_and_value(
 def test_metrics_interval_takes_zero_for_off_and_durations(tmp_path: Path, toml_value: str, seconds: float) -> None:
     path = write(tmp_path, f"[cachemw]\nmetrics_interval = {toml_value}\n")
     assert load_settings(path, environ=NO_ENV).metrics_interval == seconds
+
+
+@pytest.mark.parametrize(("toml_value", "seconds"), [(None, None), ("0", 0.0), ('"100ms"', 0.1)])
+def test_store_grace_is_one_more_budget_unless_set(tmp_path: Path, toml_value: str | None,
+                                                   seconds: float | None) -> None:
+    path = write(tmp_path, "[cachemw]\n" + ("" if toml_value is None else f"store_grace = {toml_value}\n"))
+    assert load_settings(path, environ=NO_ENV).store_grace == seconds  # None: the store's default, one budget
 
 
 @pytest.mark.parametrize("url", ["redis://h:6379/0", "rediss://h:6380", "unix:///run/redis.sock"])

@@ -124,8 +124,8 @@ def test_keywords_win_over_settings_cachemw() -> None:
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ({"redis": "redis://x"}, "Django setting CACHEMW: unknown key 'redis'; the keys are: "),
-    ("redis://x", "Django setting CACHEMW: expected a dict of CacheMiddleware keywords, got str"),
+    ({"redis": "redis://x"}, "settings.CACHEMW: unknown key 'redis'; the keys are: "),
+    ("redis://x", "settings.CACHEMW: expected a dict of CacheMiddleware keywords, got str"),
 ])
 def test_a_bad_settings_cachemw_is_a_config_error(value: object, message: str) -> None:
     with override_settings(CACHEMW=value), pytest.raises(ConfigError) as failure:

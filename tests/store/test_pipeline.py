@@ -404,3 +404,53 @@ async def test_a_reply_that_arrived_during_a_stalled_io_callback_is_not_a_timeou
         if server_side is not None:
             server_side.close()
         listener.close()
+
+
+async def test_a_command_our_busy_loop_wrote_late_waits_its_grace_for_the_reply(
+        redis_url: str, redis_server: RedisServer, budgets: Budgets) -> None:
+    """Issue 15, item 4: a command issued, then the loop busy elsewhere for three budgets before it
+    could write it: its budget is spent by us, not by Redis, which answers at once once asked."""
+    with redis_server.client() as setup:
+        setup.set("k", "v")
+    client = _connection(redis_server, timeout=0.05, grace=budgets.store_timeout)
+    try:
+        assert await client.get("warm") is None  # connected
+        for _ in range(3):
+            step = asyncio.ensure_future(client.get("k"))
+            await anyio.lowlevel.cancel_shielded_checkpoint()  # the command is issued, not yet written
+            time.sleep(0.15)  # noqa: ASYNC251  (other work of this process holds the loop meanwhile)
+            assert await step == b"v"
+    finally:
+        await client.aclose()
+
+
+async def test_a_frozen_server_costs_an_on_time_command_its_budget_and_a_late_one_one_grace(
+        redis_url: str, killable: RedisServer) -> None:
+    """A store that is really slow: a command the loop sent and watched on time fails at its budget,
+    and the store is blamed (no lateness of ours); one our lateness delayed waits its grace once, then
+    fails the same way, at the budget and one grace, not at ``stuck_after``."""
+    # Budgets longer than the default, so that the machine's own hiccups are well under half of one.
+    budget, grace, stall = 0.2, 0.5, 0.6
+    client = _connection(killable, timeout=budget, grace=grace, stuck_after=10)
+    try:
+        assert await client.get("warm") is None  # connected
+        killable.pause()
+        try:
+            started = anyio.current_time()
+            with pytest.raises(StoreTimeout) as on_time:
+                await client.get("k")
+            assert anyio.current_time() - started < budget + grace  # its budget, no grace
+            step = asyncio.ensure_future(client.get("k"))
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+            started = anyio.current_time()
+            time.sleep(stall)  # noqa: ASYNC251  (the loop busy: the command is written late)
+            with pytest.raises(StoreTimeout) as late:
+                await step
+            waited = anyio.current_time() - started
+            assert stall + grace <= waited < stall + 2 * grace + budget, waited  # the stall and one grace
+            assert on_time.value.lateness == 0.0  # the store's failure: the loop was on time
+            assert late.value.lateness == 0.0  # and during the grace: the store's again
+        finally:
+            killable.resume()
+    finally:
+        await client.aclose()

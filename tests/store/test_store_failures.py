@@ -113,3 +113,18 @@ async def test_garbage_on_our_channel_is_counted_in_the_snapshot(redis_url: str)
                          what="the garbage counted")
         store = app.store
         assert snapshot(app)["store"]["problem"] is None and store is not None and store.listening
+
+
+async def test_startup_loads_the_scripts_on_every_primary_of_a_cluster(cluster_url: str, redis_cluster: Any) -> None:
+    """On redis-py's client too (Cluster, TLS, Sentinel): a fresh process's first lock attempts must
+    not each meet NOSCRIPT and load the script within their 50 ms budget."""
+    primaries = redis_cluster.primaries()
+    for node in primaries:
+        with node.client() as raw:
+            raw.script_flush()
+    app = CacheMiddleware(Starlette(routes=[Route("/page", page)]), redis_url=cluster_url)
+    async with lifespan(app):  # no request yet: startup alone
+        assert app.store_problem is None
+        for node in primaries:
+            with node.client() as raw:
+                assert raw.info("memory")["number_of_cached_scripts"] >= 3, node.port
