@@ -6,6 +6,9 @@
   keeps it out of the cache, and a ``WriteBehind`` keeps it in Redis: an added item is
   visible at once through every server, and reaches SQLite a moment later
   (``/cart/lag`` shows how far behind the database is);
+- ``POST /products/{id}/price``: a price change through SQLAlchemy; its commit hook
+  (``cachemw.sqlalchemy.invalidate_on_commit``) purges the product's tag, so the next
+  ``GET /products/{id}`` answers the new price, with no ``invalidate()`` in the handler;
 - ``/api/products/{product_id}``: the same product route written for FastAPI.
 
 Every query sleeps ``SAMPLE_DB_DELAY`` seconds (default 0.3), so a cache hit is
@@ -22,16 +25,19 @@ from pathlib import Path
 from typing import TypedDict
 
 import anyio.to_thread
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from cachemw import CacheMiddleware, StoreError, Write, WriteBehind, cache, load_settings
-from cachemw.observe import metrics_app
+from cachemw.observe import find_cache, metrics_app
 from cachemw.observe.dashboard import dashboard_app
+from cachemw.sqlalchemy import invalidate_on_commit
 from sample_app.api import fastapi_app
 from sample_app.db import CartLines, Database, cart_json, create_and_seed, database
+from sample_app.models import Product
 from sample_app.shop import (
     CONFIG_PATH,
     SESSION_COOKIE,
@@ -42,6 +48,7 @@ from sample_app.shop import (
     env_db_path,
     env_delay,
     index_text,
+    new_price,
     queries_json,
     session_of,
     with_item,
@@ -51,6 +58,7 @@ __all__ = ["CONFIG_PATH", "SESSION_COOKIE", "create_app"]
 
 ROUTES = (
     'GET  /products/{id}          a product; @cache("minutes") on the handler',
+    'POST /products/{id}/price    a new price: {"price": 9.5}; SQLAlchemy, whose commit hook purges product:{id}',
     'GET  /api/products/{id}      the same, as a FastAPI route; @cache(ttl="5m")',
     'GET  /stats                  order statistics; cachemw.toml rule, policy "hours"',
     'GET  /cart                   your cart (session cookie); cachemw.toml rule, policy "realtime"',
@@ -65,6 +73,7 @@ ROUTES = (
 class State(TypedDict):
     db: Database
     carts: WriteBehind[CartLines]
+    sessions: async_sessionmaker[AsyncSession]
 
 
 class _Carts:
@@ -92,7 +101,9 @@ def carts(request: Request) -> WriteBehind[CartLines]:
 async def index(request: Request) -> Response:
     """What to try, with the server's own address, so the commands can be pasted as they are."""
     base = str(request.base_url).rstrip("/")
-    return PlainTextResponse(index_text("cachemw sample app", ROUTES, database(request).delay, base))
+    tries = (f"curl -s {base}/products/1/price -H 'content-type: application/json' -d '{{\"price\": 9.5}}'",
+             f"curl -si {base}/products/1 | grep -iE 'x-cache|price'        # a MISS with the new price")
+    return PlainTextResponse(index_text("cachemw sample app", ROUTES, database(request).delay, base, tries))
 
 
 @cache("minutes", tags=["product:{id}"])
@@ -103,6 +114,25 @@ async def product(request: Request) -> Response:
     if row is None:
         return JSONResponse({"error": f"no product {product_id}"}, status_code=404)
     return JSONResponse(row)
+
+
+async def set_price(request: Request) -> Response:
+    """A new price, written with SQLAlchemy: the commit hook purges ``product:{id}`` before the answer."""
+    product_id: int = request.path_params["id"]
+    try:
+        cents = new_price(await request.json())
+    except ValueError:
+        return JSONResponse({"error": "the body must be JSON"}, status_code=400)
+    except BadInput as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    sessions: async_sessionmaker[AsyncSession] = request.state.sessions
+    async with sessions() as session:
+        row = await session.get(Product, product_id)
+        if row is None:
+            return JSONResponse({"error": f"no product {product_id}"}, status_code=404)
+        row.price_cents = cents
+        await session.commit()  # returns once the product's entries are purged
+    return JSONResponse({"id": product_id, "price": cents / 100})
 
 
 async def stats(request: Request) -> Response:
@@ -207,13 +237,23 @@ def create_app(*, db_path: str | os.PathLike[str] | None = None, db_delay: float
             # The Redis the middleware uses (config file, then CACHEMW_REDIS_URL). The flusher runs
             # inside the lifespan, so its last flush at shutdown comes before the database goes away.
             settings = load_settings(CONFIG_PATH)
-            async with cart_store.writes.running(redis_url=settings.redis_url, key_prefix=settings.key_prefix):
-                yield {"db": cart_store.db, "carts": cart_store.writes}
+            engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+            sessions = async_sessionmaker(engine, expire_on_commit=False)
+            # Built by now (Starlette builds its middleware before the lifespan runs): the price changes'
+            # purges go through it, to this process's L1 and memory store as well as Redis.
+            hook = invalidate_on_commit(sessions, cache=find_cache(app))
+            try:
+                async with cart_store.writes.running(redis_url=settings.redis_url, key_prefix=settings.key_prefix):
+                    yield {"db": cart_store.db, "carts": cart_store.writes, "sessions": sessions}
+            finally:
+                hook.remove()
+                await engine.dispose()
 
     app = Starlette(
         routes=[
             Route("/", index),
             Route("/products/{id:int}", product),
+            Route("/products/{id:int}/price", set_price, methods=["POST"]),
             Route("/stats", stats),
             Route("/cart", cart_view, methods=["GET"]),
             Route("/cart/items", cart_add, methods=["POST"]),

@@ -15,27 +15,13 @@ from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from sqlalchemy import String, create_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
 
 from cachemw.core.settings import load_settings, masked_url
 from cachemw.sqlalchemy import Purger, invalidate_on_commit
+from sample_app.models import Product
 from sample_app.shop import CONFIG_PATH, env_db_path
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Product(Base):
-    """The shop's ``products`` table (sample_app/db.py makes it)."""
-
-    __tablename__ = "products"
-    __cachemw_tags__ = ("product:{id}",)  # what a change to a row purges
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String)
-    price_cents: Mapped[int]
 
 
 def _price(text: str) -> int:

@@ -98,6 +98,24 @@ def test_dashboard_and_metrics_are_served_where_the_log_says(server: Server) -> 
     assert "/_cachemw/" in index.text and "/metrics" in index.text
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_price_posted_to_the_shop_shows_on_the_next_request(store: str, tmp_path: Path,
+                                                              request: pytest.FixtureRequest,
+                                                              budgets: Budgets) -> None:
+    """`POST /products/1/price` writes with SQLAlchemy; its commit hook, not the handler, purges product:1."""
+    redis_url = request.getfixturevalue("redis_url") if store == "redis" else None
+    with run_sample_app(tmp_path, redis_url=redis_url) as server, server.client() as client:
+        assert answers_until_hit(client, "/products/2", budgets.condition)[-1].json()["price"] == 39.0
+        changed = client.post("/products/2/price", json={"price": 35.5})
+        assert (changed.status_code, changed.json()) == (200, {"id": 2, "price": 35.5})
+        answer = client.get("/products/2")
+        assert (answer.headers["x-cache"], answer.json()["price"]) == ("MISS", 35.5)
+        assert client.post("/products/99/price", json={"price": 1}).status_code == 404
+        assert client.post("/products/2/price", json={"price": -1}).status_code == 422
+        assert client.post("/products/2/price", content=b"{").status_code == 400
+        assert client.get("/products/2").json()["price"] == 35.5
+
+
 def test_a_price_changed_by_the_reprice_script_shows_on_the_next_request(tmp_path: Path, redis_url: str,
                                                                         budgets: Budgets) -> None:
     """The tour: `python -m sample_app.reprice 1 9.90` (SQLAlchemy, another process); the shop calls no invalidate()."""
