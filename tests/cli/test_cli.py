@@ -926,13 +926,17 @@ def fleet_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 @pytest.mark.anyio
-async def test_stats_adds_up_two_processes(redis_url: str, tmp_path: Path, fleet_module: Any) -> None:
+async def test_stats_adds_up_two_processes(shared_url: str, tmp_path: Path, fleet_module: Any) -> None:
+    """On one Redis, and on a Redis Cluster, where each report lives on the master of its key's slot."""
     from cachemw.observe import aggregate, read_fleet
+    from cachemw.store.redis_clients import redis_clients
     from tests.helpers import eventually
 
+    redis_url = shared_url
     config = _fleet_config(tmp_path)
     first, second = _fleet_member(fleet_module, redis_url), _fleet_member(fleet_module, redis_url)
-    direct = redis.asyncio.Redis.from_url(redis_url)
+    clients = redis_clients(redis_url, timeout=5.0)
+    direct = clients.client
     try:
         async with lifespan(first), client(first) as a, lifespan(second), client(second) as b:
             assert (await a.get("/items/1")).headers["x-cache"] == "MISS"
@@ -972,7 +976,7 @@ async def test_stats_adds_up_two_processes(redis_url: str, tmp_path: Path, fleet
             assert "breaker closed x2" in text.stdout
             assert "fill 0 queued, 0 running, 1 done, 0 failed, 0 shed" in text.stdout
     finally:
-        await direct.aclose()
+        await clients.aclose()
 
 
 def test_stats_with_no_process_reporting(redis_url: str, tmp_path: Path) -> None:
