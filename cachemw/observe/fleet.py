@@ -30,7 +30,7 @@ from cachemw.runtime.shell import CacheShell
 from cachemw.store.redis import DRIVER_ERRORS as _DRIVER_ERRORS
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from redis.asyncio import Redis, RedisCluster
 
 
 __all__ = ["aggregate", "enable_fleet_metrics", "fleet_key", "flush_fleet_metrics", "read_fleet"]
@@ -96,8 +96,8 @@ def enable_fleet_metrics(cache: CacheShell, interval: float = 5.0) -> None:
     cache.supervisor.add_service("observe:fleet", report)
 
 
-async def read_fleet(client: Redis, prefix: str) -> list[dict[str, Any]]:
-    """Every live process's document under ``prefix`` (raises the driver's errors)."""
+async def read_fleet(client: Redis | RedisCluster, prefix: str) -> list[dict[str, Any]]:
+    """Every live process's document under ``prefix`` (raises the driver's errors); on a Cluster, from every master."""
     keys = [key async for key in client.scan_iter(match=keyspace.fleet_pattern(prefix), count=1000)]
     documents: list[dict[str, Any]] = []
     for start in range(0, len(keys), 500):

@@ -117,25 +117,31 @@ class FillLocks:
         plan.looked_up = plan.waiter = None
         deadline = time.monotonic() + self.lock_timeout
         pause = 0.05 if store.listening else 0.01
+        holder_seen = False
         try:
             while True:
                 if locked is None:
                     locked = await self.lock(plan)
-                    if locked is None:
+                if locked is None:
+                    if not holder_seen or self.guarded.is_open(plan.key):
                         return None  # the store is failing: the app answers
-                token, current, plan.generations = locked
-                locked = None
-                if is_pass_marker(current):
-                    self.release(plan.key, token)
-                    return PASS_THROUGH
-                entry = fresh_entry(current, plan.policy)
-                if entry is not None:
-                    # Filled since our lookup: nothing to do but release the lock if we took it.
-                    self.release(plan.key, token)
-                    return entry
-                if token is not None:
-                    plan.token = token  # ours (first try, or the holder gave up or died): this request fills
-                    return None
+                    # One poll lost (a blip, or this process late) while another process fills the
+                    # key: calling the app now would add to the load the lock spares the origin.
+                else:
+                    token, current, plan.generations = locked
+                    locked = None
+                    if is_pass_marker(current):
+                        self.release(plan.key, token)
+                        return PASS_THROUGH
+                    entry = fresh_entry(current, plan.policy)
+                    if entry is not None:
+                        # Filled since our lookup: nothing to do but release the lock if we took it.
+                        self.release(plan.key, token)
+                        return entry
+                    if token is not None:
+                        plan.token = token  # ours (first try, or the holder gave up or died): this request fills
+                        return None
+                    holder_seen = True
                 # Another process holds the lock. Wait to be woken by its fill (or release),
                 # and look again now and then ourselves: an announcement can be lost, and a
                 # holder can vanish without one (its lock then expires, and we take it).

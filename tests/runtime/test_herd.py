@@ -15,6 +15,7 @@ from starlette.routing import Route
 from cachemw import CacheMiddleware, Settings, cache
 from tests.budgets import Budgets
 from tests.helpers import SpyStore, assert_counted, eventually, find_middleware, lifespan
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -190,3 +191,58 @@ async def test_waiters_are_answered_when_the_response_is_complete_not_after_its_
         task_gate.set()
     assert waiter[0].text == "page" and "collapsed" in waiter[0].headers["cache-status"]
     assert calls == 1
+
+
+async def test_a_poll_lost_while_another_server_fills_does_not_send_the_waiter_to_the_origin(
+        redis_server: RedisServer, redis_url: str, budgets: Budgets) -> None:
+    """Server B waits on A's fill; Redis stops answering for a moment; B keeps waiting instead of calling the app."""
+    from cachemw import RedisStore
+
+    calls: collections.Counter[str] = collections.Counter()
+    gate = anyio.Event()
+
+    def server(name: str) -> tuple[Starlette, RedisStore]:
+        @cache(ttl="5m")
+        async def item(request: Request) -> Response:
+            calls[name] += 1
+            await gate.wait()  # A's database read, held while B waits and Redis stalls
+            return PlainTextResponse(f"item from {name}")
+
+        store = RedisStore.from_url(redis_url, timeout=0.2 * budgets.scale)
+        app = Starlette(routes=[Route("/item", item)])
+        app.add_middleware(CacheMiddleware, store=store, settings=Settings(
+            lock_timeout=budgets.lock_timeout, store_timeout=0.2 * budgets.scale,
+            background_timeout=budgets.condition))
+        return app, store
+
+    (app_a, store_a), (app_b, store_b) = server("a"), server("b")
+    db = redis_server.client()
+    answers: dict[str, httpx.Response] = {}
+    try:
+        async with lifespan(app_a), lifespan(app_b), \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app_a), base_url="http://testserver") as a, \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app_b), base_url="http://testserver") as b, \
+                anyio.create_task_group() as tg:
+            async def get(name: str, http: httpx.AsyncClient) -> None:
+                answers[name] = await http.get("/item")
+
+            tg.start_soon(get, "a", a)
+            await eventually(lambda: _true(calls["a"] == 1), within=budgets.condition, what="A in the handler")
+            tg.start_soon(get, "b", b)
+            await eventually(lambda: _true(bool(db.keys("*:wait"))), within=budgets.condition,
+                             what="B waiting on A's fill")
+            errors_before = find_middleware(app_b).metrics.store_errors
+            redis_server.pause()
+            try:
+                await eventually(lambda: _true(find_middleware(app_b).metrics.store_errors > errors_before),
+                                 within=budgets.condition, what="one of B's polls lost")
+            finally:
+                redis_server.resume()
+            gate.set()
+            await eventually(lambda: _true("b" in answers), within=budgets.condition, what="B answered")
+    finally:
+        db.close()
+        await store_a.aclose()
+        await store_b.aclose()
+    assert calls == {"a": 1}, "B called the app although A was filling the key"
+    assert answers["a"].text == answers["b"].text == "item from a"
