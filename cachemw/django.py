@@ -2,15 +2,23 @@
 
 ASGI, in the project's ``asgi.py``::
 
+    import os
+
     from django.core.asgi import get_asgi_application
     from cachemw.django import asgi_application
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
 
     application = asgi_application(get_asgi_application())
 
 WSGI, in the project's ``wsgi.py`` (gunicorn, uWSGI, mod_wsgi)::
 
+    import os
+
     from django.core.wsgi import get_wsgi_application
     from cachemw.django import wsgi_application
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
 
     application = wsgi_application(get_wsgi_application())
 

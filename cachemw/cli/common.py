@@ -11,6 +11,8 @@ import argparse
 import importlib
 import os
 import sys
+import sysconfig
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeAlias
@@ -72,6 +74,10 @@ def load_app(path: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CommandFailed(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the app's own code failed at import: where, in one line, not our traceback
+        where = _app_frame(traceback.extract_tb(exc.__traceback__))
+        raise CommandFailed(f"cannot import {module_name!r}: it raised {type(exc).__name__}: {one_line(exc)} "
+                            f"({where.filename}:{where.lineno})") from None
     app: Any = module
     for part in attribute.split("."):
         try:
@@ -79,6 +85,13 @@ def load_app(path: str) -> Any:
         except AttributeError:
             raise CommandFailed(f"module {module_name!r} has no attribute {attribute!r}") from None
     return app
+
+
+def _app_frame(frames: traceback.StackSummary) -> traceback.FrameSummary:
+    """The innermost frame of the app's own code: not the standard library's, nor an installed package's."""
+    installed = tuple({sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")})
+    own = [f for f in frames if not f.filename.startswith("<") and not f.filename.startswith(installed)]
+    return (own or frames)[-1]
 
 
 def _added_middleware_arguments(app: Any) -> dict[str, Any]:

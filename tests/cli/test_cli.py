@@ -253,6 +253,16 @@ def test_routes_of_a_bad_app_path_is_a_clear_error(target: str, message: str) ->
     assert result.stdout == ""
 
 
+def test_routes_of_an_app_that_fails_at_import_says_where_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken_app_for_cli.py").write_text(
+        'import os\n\nDATABASE_URL = os.environ["NO_SUCH_VARIABLE_FOR_CLI"]\n', encoding="utf-8")
+    result = run("routes", "broken_app_for_cli:app", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert "cannot import 'broken_app_for_cli': it raised KeyError: 'NO_SUCH_VARIABLE_FOR_CLI'" in result.stderr
+    assert f"{tmp_path / 'broken_app_for_cli.py'}:3" in result.stderr
+
+
 # -- cachemw check ----------------------------------------------------------------------------
 
 
