@@ -9,6 +9,7 @@ import argparse
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
@@ -29,6 +30,7 @@ from cachemw.core.policy import Policy, freshness
 from cachemw.core.rules import RouteRule
 from cachemw.core.settings import Settings
 from cachemw.store import Store
+from cachemw.wsgi.environ import environ_for
 
 __all__ = ["add_command"]
 
@@ -51,7 +53,7 @@ def add_command(commands: Subcommands) -> None:
 
 
 def _identity_of(app: Any, settings: Settings, rule: RouteRule, headers: RequestHeaders,
-                 scope: dict[str, Any]) -> tuple[str | None, str | None]:
+                 scope: dict[str, Any], url: str) -> tuple[str | None, str | None]:
     """The request's credentials and who it is for, as the app's middleware decides them (its custom
     identity, if it has one): the session cookie, Authorization, the ``credentials`` setting and the
     route's FastAPI security schemes."""
@@ -62,7 +64,8 @@ def _identity_of(app: Any, settings: Settings, rule: RouteRule, headers: Request
     if custom is None:
         return credentials, credentials
     try:
-        value: str | None = custom(HTTPConnection(scope))
+        # A WSGI app's identity reads the environ, which the WSGI shell puts in the scope as this does.
+        value: str | None = custom(HTTPConnection({**scope, "cachemw.environ": _environ(url, scope)}))
     except Exception as exc:
         raise CommandFailed(f"the app's identity function failed on this request: {one_line(exc)}") from None
     return credentials, value
@@ -92,6 +95,15 @@ def _entry_report(data: bytes | None, policy: Policy, now: float) -> dict[str, A
     return report
 
 
+def _environ(url: str, scope: dict[str, Any]) -> dict[str, Any]:
+    """The WSGI environ a server would give for the request ``scope`` describes."""
+    split = urlsplit(url)
+    port = split.port or (443 if split.scheme == "https" else 80)
+    base = {"SCRIPT_NAME": "", "PATH_INFO": scope["path"], "SERVER_NAME": split.hostname or "",
+            "SERVER_PORT": str(port), "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": scope["scheme"]}
+    return environ_for(scope, base)
+
+
 def run(args: argparse.Namespace) -> int:
     scope = request_scope(args.url, args.header or ())
     app, table, settings = operator_settings(args)
@@ -107,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandFailed(f"no cache policy for {path}: its route {rule.template} is never cached "
                             f"(policy {policy.preset or 'with ttl 0'}, from {rule.source})", 1)
     headers = RequestHeaders(scope)
-    credentials, identity = _identity_of(app, settings, rule, headers, scope)
+    credentials, identity = _identity_of(app, settings, rule, headers, scope, args.url)
     # The middleware's own bypasses: such a request never reads or writes an entry.
     if policy.private and identity is None:
         raise CommandFailed(f"{path}: the route {rule.template} is private (one entry per user) and the request "

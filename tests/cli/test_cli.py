@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from cachemw.core.entry import decode_entry, encode_entry
-from tests.helpers import client, lifespan
+from tests.budgets import Budgets
+from tests.helpers import client, eventually_sync, lifespan
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "cachemw"
@@ -878,6 +879,49 @@ def test_inspect_of_private_entries(redis_url: str, tmp_path: Path, monkeypatch:
     assert data["state"] == "fresh"
     assert data["key"].startswith("custom:e:/me:{")
     assert json.loads(look("custom", "-H", "X-User: alice").stdout)["state"] == "absent"
+
+
+FLASK_PRIVATE_APP = '''
+from flask import Flask
+from cachemw import cache
+from cachemw.wsgi import CacheMiddleware
+
+app = Flask(__name__)
+
+@app.get("/me")
+@cache(ttl="5m", private=True)
+def me() -> str:
+    return "you"
+
+def by_user(environ):  # a WSGI app's identity reads the environ
+    return environ.get("HTTP_X_USER")
+
+app.wsgi_app = CacheMiddleware(app.wsgi_app, key_prefix="wpriv", identity=by_user)
+'''
+
+
+def test_inspect_of_a_private_entry_of_a_wsgi_app_whose_identity_reads_the_environ(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budgets: Budgets) -> None:
+    (tmp_path / "flask_private_for_cli.py").write_text(FLASK_PRIVATE_APP, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CACHEMW_REDIS_URL", redis_url)
+    module = importlib.import_module("flask_private_for_cli")
+    try:
+        answer = module.app.test_client().get("/me", base_url=BASE, headers={"X-User": "bob"})
+        assert (answer.status_code, answer.headers["x-cache"]) == (200, "MISS")
+        with redis.Redis.from_url(redis_url) as db:
+            eventually_sync(lambda: bool(db.keys("wpriv:e:*")), within=budgets.condition, what="the fill")
+    finally:
+        module.app.wsgi_app.close()
+
+    def look(*headers: str) -> subprocess.CompletedProcess[str]:
+        return run("inspect", BASE + "/me", "--app", "flask_private_for_cli:app", "--redis-url", redis_url,
+                   "--json", *headers, cwd=tmp_path)
+
+    result = look("-H", "X-User: bob")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["state"] == "fresh"
+    assert json.loads(look("-H", "X-User: alice").stdout)["state"] == "absent"
 
 
 # -- cachemw stats: the fleet's counters from Redis ------------------------------------------------
