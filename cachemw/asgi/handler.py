@@ -128,7 +128,8 @@ class RequestHandler:
             return
         entry = None if data is None else runtime.decode(key, data)
         if failed and remote_l1:
-            entry = runtime.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
+            # The store is down: the L1 may still answer within stale_if_error (past sync only if the rule says so).
+            entry = runtime.l1.last_resort(key, within_sync=not policy.stale_if_error)
         now = time.time()
         step = decide.for_stored(None if entry is None else entry.stored_at, policy, now, failed)
         if step is _SERVE and entry is not None:

@@ -87,10 +87,16 @@ class L1:
         self.hits += 1
         return slot.entry
 
-    def last_resort(self, key: str) -> Entry | None:
-        """Whatever is kept for the key, however old: for stale-if-error when the store fails."""
+    def last_resort(self, key: str, *, within_sync: bool = False) -> Entry | None:
+        """Whatever is kept for the key, however old: for stale-if-error when the store fails.
+
+        ``within_sync``: only a copy that still answers as fresh (a rule without ``stale_if_error`` has not
+        agreed to more: past ``sync`` the copy may have been purged by another server meanwhile).
+        """
         slot = self._slots.get(key)
-        return None if slot is None else slot.entry
+        if slot is None or (within_sync and (slot.epoch != self._epoch or slot.primary_until <= self._clock())):
+            return None
+        return slot.entry
 
     def put(self, key: str, entry: Entry, sync: float, ticket: int | None = None) -> None:
         """Keep ``entry`` for ``sync`` seconds; ``ticket``: ``seq`` as it was before the store read, so a copy

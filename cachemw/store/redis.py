@@ -344,9 +344,17 @@ class RedisStore:
                 for tag_set in tag_sets:
                     pipe.zrange(tag_set, 0, -1)
                 replies = await pipe.execute()
-            keys = {member for members in replies[len(generation_keys):] for member in members}
+            indexed = replies[len(generation_keys):]
+            # Only the members read leave the index, and before their entries go: a fill indexed meanwhile
+            # (current: the generations had moved) stays findable by the next purge, or is deleted with them.
+            # Deleting the whole set after the entries lost such a fill from the index for its whole ttl.
+            async with gate, client.pipeline(transaction=False) as pipe:
+                for tag_set, members in zip(tag_sets, indexed, strict=True):
+                    if members:
+                        pipe.zrem(tag_set, *members)
+                await pipe.execute()
+            keys = {member for members in indexed for member in members}
             dropped = await self._delete_each(bound, list(keys), timeout)
-            await self._delete_each(bound, list(tag_sets), timeout)
             await client.publish(self.invalidation_channel, message)
         except StoreError:
             raise
