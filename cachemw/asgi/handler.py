@@ -118,6 +118,7 @@ class RequestHandler:
                     runtime.log(match, key, "HIT", status, None, started, len(entry.body))
                     return
         plan: FillPlan | None = None
+        ticket = runtime.l1.seq  # an eviction heard while the read is in flight keeps its copy out of the L1
         if runtime.lookup_locks and match.rule.template in runtime.missing:
             plan, data, failed = await self.read_or_lock(key, policy, match, scope)
         else:
@@ -127,12 +128,13 @@ class RequestHandler:
             return
         entry = None if data is None else runtime.decode(key, data)
         if failed and remote_l1:
-            entry = runtime.l1.last_resort(key)  # the store is down: the L1 may still answer within stale_if_error
+            # The store is down: the L1 may still answer within stale_if_error (past sync only if the rule says so).
+            entry = runtime.l1.last_resort(key, within_sync=not policy.stale_if_error)
         now = time.time()
         step = decide.for_stored(None if entry is None else entry.stored_at, policy, now, failed)
         if step is _SERVE and entry is not None:
             if remote_l1:
-                runtime.l1.put(key, entry, policy.sync)
+                runtime.l1.put(key, entry, policy.sync, ticket)
             status = await serve(entry, scope, headers, send, now, HIT,
                                  http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
             runtime.log(match, key, "HIT", status, None, started, len(entry.body))

@@ -139,6 +139,7 @@ def render_stats(data: dict[str, Any], prefix: str) -> str:
     breaker = ", ".join(f"{state} x{n}" for state, n in store["breaker"].items()) or "-"
     latency = store["latency"]
     lines.append(f"store         {kinds}; breaker {breaker}; subscribed {store['listening']}/{len(processes)}; "
+                 f"tracking {store.get('tracking', 0)}/{len(processes)}; "
                  f"errors {store['errors']}; lookup p50 {_ms(quantile(latency, 0.5))}, "
                  f"p99 {_ms(quantile(latency, 0.99))}")
     lag = store.get("loop_lag")

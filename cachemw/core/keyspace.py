@@ -20,9 +20,9 @@ from __future__ import annotations
 import functools
 import hashlib
 
-__all__ = ["ALL_TAG", "entry_key", "entry_pattern", "everything_pattern", "fill_channel", "fleet_key",
-           "fleet_pattern", "invalidation_channel", "lock_key", "tag_keys", "wait_key", "writebehind_base",
-           "writebehind_pattern"]
+__all__ = ["ALL_TAG", "entry_key", "entry_pattern", "entry_prefix", "everything_pattern", "fill_channel",
+           "fleet_key", "fleet_pattern", "invalidation_channel", "is_entry_key", "lock_key", "tag_keys", "wait_key",
+           "writebehind_base", "writebehind_pattern"]
 
 ALL_TAG = "*"  # every entry under the prefix: bumped by a purge of everything
 
@@ -30,6 +30,16 @@ ALL_TAG = "*"  # every entry under the prefix: bumped by a purge of everything
 def entry_key(prefix: str, label: str, digest: str) -> str:
     """An entry: readable up to its route, then the request's digest as its Cluster hash tag."""
     return f"{prefix}:e:{label}:{{{digest}}}"
+
+
+def entry_prefix(prefix: str) -> str:
+    """What every entry key (and its lock and wait flag) starts with: the prefix Redis tracks for the L1."""
+    return f"{prefix}:e:"
+
+
+def is_entry_key(key: bytes) -> bool:
+    """An entry key, not its lock or wait flag: entry keys end with their hash tag."""
+    return key.endswith(b"}")
 
 
 def entry_pattern(prefix: str) -> str:

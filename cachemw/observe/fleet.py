@@ -173,6 +173,7 @@ def aggregate(documents: Iterable[dict[str, Any]], *, now: float | None = None) 
             "kinds": dict(Counter(str(s.get("kind")) for s in stores)),
             "breaker": dict(Counter(str(s.get("breaker")) for s in stores)),
             "listening": sum(1 for s in stores if s.get("listening")),
+            "tracking": sum(1 for s in stores if s.get("tracking")),
             "errors": sum(int(s.get("errors", 0)) for s in stores),
             "loop_lag_timeouts": sum(int(s.get("loop_lag_timeouts", 0)) for s in stores),
             "late_replies": sum(int(s.get("late_replies", 0)) for s in stores),

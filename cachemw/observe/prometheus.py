@@ -141,6 +141,8 @@ def _store_families(store: dict[str, Any]) -> Iterator[Metric]:
     yield breaker
     yield GaugeMetricFamily("cachemw_store_listening", "1 while invalidations from other processes arrive.",
                             value=1.0 if store["listening"] else 0.0)
+    yield GaugeMetricFamily("cachemw_store_tracking", "1 while Redis reports changed entry keys to this L1.",
+                            value=1.0 if store.get("tracking") else 0.0)
     yield CounterMetricFamily("cachemw_store_rejected_messages", "Messages on cachemw's pub/sub channels that were "
                               "not well-formed announcements: dropped.", value=store.get("rejected_messages", 0))
     yield GaugeMetricFamily("cachemw_waiting_on_fills", "Requests waiting for another request's origin call.",

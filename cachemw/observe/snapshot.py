@@ -258,11 +258,14 @@ def _store(cache: CacheShell) -> dict[str, Any]:
         "latency": cache.metrics.store_latency.snapshot(),
         "problem": cache.store_problem,  # why the startup probe could not reach it, if it could not
         "rejected_messages": 0,
+        "tracking": False,
         "waiting_on_fills": cache.metrics.waiting_on_fills,
     }
     if store is None:
         return info
     info["listening"] = bool(store.listening)
+    # Redis reports changed entry keys on that link: the L1's copies go when they change, not after `sync`.
+    info["tracking"] = bool(getattr(store, "tracking", False))
     # Announcements on our channels that did not decode: garbage someone published, dropped and counted.
     info["rejected_messages"] = store.notifications.rejected
     if isinstance(store, RedisStore):

@@ -69,13 +69,14 @@ class Fills:
             if plan.token is not None:
                 await self.locks.unlock(plan.key, plan.token)
             return
+        ticket = self.l1.seq
         stored = await self._store(plan, data, plan.policy.usable_for, entry.tags)
         if stored:
             route_metrics = self.route_metrics(plan)
             route_metrics.stored_entries += 1
             route_metrics.stored_bytes += len(data)
         if stored and plan.policy.sync > 0 and self._l1_on:
-            self.l1.put(plan.key, entry, plan.policy.sync)
+            self.l1.put(plan.key, entry, plan.policy.sync, ticket)
 
     def pass_through(self, plan: FillPlan) -> None:
         """The key's response could not be stored: remember that for ``pass_ttl`` (hit-for-pass).

@@ -59,6 +59,13 @@ def origin_busy_answer(retry_after: int) -> Entry:
         body=body, stored_at=0.0, etag=b"", tags=())
 
 
+def link_bound(table: RuleTable) -> float:
+    """How long the announcement link may be silent before the L1 stops trusting it: a quarter of the smallest
+    ``sync``, within 50 ms and 1 s."""
+    syncs = [rule.policy.sync for rule in table.rules if rule.policy is not None and rule.policy.sync > 0]
+    return min(1.0, max(0.05, min(syncs, default=4.0) / 4))
+
+
 class CacheRuntime:
     """One cache: its store and everything that works on it, for one shell instance."""
 
@@ -97,6 +104,9 @@ class CacheRuntime:
         notifications = self.store.notifications
         notifications.on_invalidate.append(self.l1.drop_tags)
         notifications.on_lost.append(self.l1.lost_sync)
+        notifications.on_connected.append(self.l1.lost_sync)  # what was read while deaf was never tracked
+        notifications.on_evict.append(self.l1.evict)
+        notifications.link_bound = link_bound(table)
         notifications.on_invalidate.append(self.flights.detach)
         self.invalidator = Invalidator(self.store, self.prefix, self.l1, on_local=self.flights.detach,
                                        timeout=settings.background_timeout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from cachemw.core.keyspace import fill_channel, invalidation_channel
+from cachemw.core.keyspace import entry_prefix, fill_channel, invalidation_channel
 from cachemw.store.base import Store, StoreError, requires_asyncio, unsupported_event_loop
 from cachemw.store.memory import MemoryStore
 from cachemw.store.redis import RedisStore
@@ -26,6 +26,7 @@ def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int, pr
         store = RedisStore.from_url(url, timeout=timeout, background_timeout=background_timeout, grace=grace)
         store.channel = fill_channel(prefix)
         store.invalidation_channel = invalidation_channel(prefix)
+        store.track(entry_prefix(prefix))
         return store
     accepted = ", ".join(f"{s}://" for s in _REDIS_SCHEMES)
     # Don't echo the whole URL: it may carry a password.

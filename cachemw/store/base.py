@@ -30,6 +30,7 @@ __all__ = [
     "StoreTimeout",
     "decode_fill",
     "decode_invalidation",
+    "decode_tracked_keys",
     "requires_asyncio",
     "unsupported_event_loop",
 ]
@@ -150,6 +151,28 @@ def decode_invalidation(data: object) -> list[str] | None:
     return tags
 
 
+MAX_TRACKED_KEYS = 1 << 16
+"""Most keys one tracking message may name; a longer list is dropped (and the L1 flushed: see ``keys_message``)."""
+
+
+def decode_tracked_keys(data: object) -> list[str] | None:
+    """The keys a tracking invalidation names (Redis sends a list of key names), or None for anything else.
+
+    ``__redis__:invalidate`` is an ordinary channel anyone may publish to: bounded, UTF-8, a flat list.
+    """
+    if not isinstance(data, list) or len(data) > MAX_TRACKED_KEYS:
+        return None
+    keys: list[str] = []
+    for item in data:
+        if not isinstance(item, bytes) or len(item) > MAX_FILL_MESSAGE:
+            return None
+        try:
+            keys.append(item.decode("utf-8"))
+        except ValueError:
+            return None
+    return keys
+
+
 def decode_fill(data: object) -> str | None:
     """The entry key a fill announcement names, or None for anything else (bounded, UTF-8)."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_FILL_MESSAGE:
@@ -173,6 +196,11 @@ class Notifications:
         self.on_invalidate: list[Callable[[Sequence[str]], None]] = []
         self.on_lost: list[Callable[[], None]] = []
         self.on_connected: list[Callable[[], None]] = []
+        # Keys Redis says changed (client-side caching): the L1 evicts them; None is a flush of everything.
+        self.on_evict: list[Callable[[Sequence[str] | None], None]] = []
+        self.link_bound = 0.25
+        """How long the announcement link may stay silent (no PING answer) before what it carried no longer
+        counts as heard: the runtime sets a fraction of its smallest ``sync``."""
         self.rejected = 0
         self._warned = False
 
@@ -202,6 +230,21 @@ class Notifications:
             size = len(data) if isinstance(data, (bytes, bytearray, memoryview, str)) else None
             logger.warning("cachemw: dropped %s (%s bytes; counted in notifications.rejected, logged once)",
                            what, size, exc_info=exc_info)
+
+    def keys_message(self, data: object) -> None:
+        """A tracking invalidation as it arrived: ``None`` (Redis flushed the database) evicts everything.
+
+        One that does not decode is counted as rejected and evicts everything too: it might have named
+        our keys, and an L1 that forgets is only slower, never wrong.
+        """
+        keys = None if data is None else decode_tracked_keys(data)
+        if keys is None and data is not None:
+            self._reject("a tracking message that does not decode", data)
+        for callback in self.on_evict:
+            try:
+                callback(keys)
+            except Exception:
+                self._reject("a tracking message whose handling failed", data, exc_info=True)
 
     def waiter(self, key: str) -> FillWaiter:
         return FillWaiter(self.waiters, key)

@@ -22,7 +22,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis, RedisCluster
 
-from cachemw.core.keyspace import fill_channel, invalidation_channel, lock_key, wait_key
+from cachemw.core.keyspace import entry_prefix, fill_channel, invalidation_channel, lock_key, wait_key
 from cachemw.store.base import LockResult, Notifications, StoreCapabilities, StoreError
 from cachemw.store.loops import LoopGuard, running_loop
 from cachemw.store.pipeline import PipelinedRedis, encode_command
@@ -101,7 +101,7 @@ class RedisStore:
         self.channel = channel
         self.invalidation_channel = invalidation_channel
         self.notifications = Notifications()
-        self._subscription = Subscription(self.notifications)
+        self._subscription = Subscription(self.notifications, entry_prefix("cachemw"))
         # A store garbage-collected while its loop runs has its connections closed there and then.
         self._guards: list[LoopGuard] = []
         weakref.finalize(self, cancel_guards, self._guards)
@@ -344,9 +344,17 @@ class RedisStore:
                 for tag_set in tag_sets:
                     pipe.zrange(tag_set, 0, -1)
                 replies = await pipe.execute()
-            keys = {member for members in replies[len(generation_keys):] for member in members}
+            indexed = replies[len(generation_keys):]
+            # Only the members read leave the index, and before their entries go: a fill indexed meanwhile
+            # (current: the generations had moved) stays findable by the next purge, or is deleted with them.
+            # Deleting the whole set after the entries lost such a fill from the index for its whole ttl.
+            async with gate, client.pipeline(transaction=False) as pipe:
+                for tag_set, members in zip(tag_sets, indexed, strict=True):
+                    if members:
+                        pipe.zrem(tag_set, *members)
+                await pipe.execute()
+            keys = {member for members in indexed for member in members}
             dropped = await self._delete_each(bound, list(keys), timeout)
-            await self._delete_each(bound, list(tag_sets), timeout)
             await client.publish(self.invalidation_channel, message)
         except StoreError:
             raise
@@ -386,6 +394,16 @@ class RedisStore:
     def listening(self) -> bool:
         """True while subscribed: only then do other processes' announcements arrive."""
         return self._subscription.listening
+
+    @property
+    def tracking(self) -> bool:
+        """True while Redis itself reports changes to the entry keys on the live link (``redis_pubsub``)."""
+        return self._subscription.tracking
+
+    def track(self, prefix: str | None) -> None:
+        """Ask Redis to report changes to keys under ``prefix`` (the entry keys) from the next subscription on;
+        None: don't (the L1 then keeps the ``sync`` bound alone)."""
+        self._subscription.tracking_prefix = prefix
 
     async def listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Subscribe to fill and invalidation announcements; resubscribe after any loss, until cancelled.

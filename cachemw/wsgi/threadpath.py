@@ -83,11 +83,12 @@ class ThreadPath:
                 if not self._leads or keyed.query_string is not None:
                     return None  # the loop's lookup takes the lock in the same round trip
                 return self._look_up_or_lead(environ, scope, match, policy, headers, key, started, start_response)
+            ticket = runtime.l1.seq  # read in this thread: an eviction since keeps the copy out (L1.put)
             entry = self._stored(key)
             if entry is None or decide.for_stored(entry.stored_at, policy, now, False) is not Step.SERVE:
                 return None
             if policy.sync > 0:
-                self.loop.later(runtime.l1.put, key, entry, policy.sync)
+                self.loop.later(runtime.l1.put, key, entry, policy.sync, ticket)
         return self._serve(entry, scope, headers, match, policy, key, now, started, start_response)
 
     def _serve(self, entry: Entry, scope: dict[str, Any], headers: RequestHeaders, match: RouteMatch,
@@ -108,6 +109,7 @@ class ThreadPath:
             return None
         plan = runtime.planner.plan(key, policy, match, scope["path"])
         token = new_token()
+        ticket = runtime.l1.seq
         try:
             taken, data, plan.generations = client.get_or_lock(key, runtime.locks.lock_timeout,
                                                                plan.generation_keys, token)
@@ -121,7 +123,7 @@ class ThreadPath:
             if entry is None or decide.for_stored(entry.stored_at, policy, now, False) is not Step.SERVE:
                 return None
             if policy.sync > 0:
-                loop.later(runtime.l1.put, key, entry, policy.sync)
+                loop.later(runtime.l1.put, key, entry, policy.sync, ticket)
             return self._serve(entry, scope, headers, match, policy, key, now, started, start_response)
         if taken is None:
             return None  # another request fills it: the loop waits for that fill
