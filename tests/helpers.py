@@ -6,7 +6,7 @@ import functools
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -260,6 +260,27 @@ def store_of(app: Any) -> Store:
     store = find_middleware(app).store
     assert store is not None, "the cache has not started"
     return store
+
+
+@asynccontextmanager
+async def serving(apps: list[Any], stores: list[Any]) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """Apps with their own store connections and lifespans, like separate servers: a client each, once all
+    are subscribed to the store's announcements. The stores are closed after the lifespans (their last
+    fills are stored first)."""
+    try:
+        async with AsyncExitStack() as stack:
+            for app in apps:
+                await stack.enter_async_context(lifespan(app))
+            clients = [await stack.enter_async_context(client(app)) for app in apps]
+            for app in apps:
+                async def subscribed(app: Any = app) -> bool:
+                    return store_of(app).listening
+
+                await eventually(subscribed, what="subscribed")
+            yield clients
+    finally:
+        for store in stores:
+            await store.aclose()
 
 
 def eventually_sync(condition: Callable[[], bool], *, within: float | None = None, what: str = "condition") -> None:

@@ -401,14 +401,21 @@ class RequestHandler:
         policy = match.rule.policy
         assert policy is not None
         invalidator = runtime.invalidator
-        tags = targets_for_unsafe_request(policy.invalidates, match.path_params, mounted_at(scope))
+        params, mounted = match.path_params, mounted_at(scope)
+        tags = targets_for_unsafe_request(policy.invalidates, params, mounted)
+        # A target both rules name (a path and its route, say) goes hard: the harder purge wins.
+        soft_tags = [tag for tag in targets_for_unsafe_request(policy.invalidates_soft, params, mounted)
+                     if tag not in tags]
         marker = StatusMarker(send, BYPASS, http.STATUS_BYPASS_METHOD)
 
         async def send_after_invalidating(message: Message) -> None:
             if (message["type"] == "http.response.body" and not message.get("more_body", False)
-                    and 200 <= marker.status < 400 and tags):
+                    and 200 <= marker.status < 400 and (tags or soft_tags)):
                 try:
-                    await invalidator.tags(*tags)
+                    if tags:
+                        await invalidator.tags(*tags)
+                    if soft_tags:
+                        await invalidator.tags(*soft_tags, soft=True)
                 except Exception:
                     runtime.guarded.count_error()  # the entries expire by themselves; the response still goes out
             await marker.send(message)

@@ -1,6 +1,7 @@
-"""``cachemw purge (--tag T | --route R | --url U | --all)``: drop entries from the shared Redis store.
+"""``cachemw purge (--tag T | --route R | --url U | --all) [--soft]``: drop entries from the shared Redis store.
 
-Running apps drop their in-process copies when they hear the broadcast.
+Running apps drop their in-process copies when they hear the broadcast. ``--soft``
+marks the entries stale instead: served STALE while one refresh per key replaces them.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ __all__ = ["add_command"]
 
 def add_command(commands: Subcommands) -> None:
     purge = commands.add_parser(
-        "purge", help="drop entries from the shared Redis store, by tag, route, URL or all",
+        "purge", help="drop entries from the shared Redis store, by tag, route, URL or all (--soft: mark them stale)",
         description="Drop entries from the shared Redis store. Running apps drop their in-process copies "
-                    "when they hear the broadcast. The in-process memory store cannot be purged from here.")
+                    "when they hear the broadcast. With --soft the entries are marked stale instead: each is "
+                    "served STALE within its route's stale_while_revalidate while one refresh per key (across "
+                    "servers) replaces it, so a hot tag costs the origin one call per key; entries of a route "
+                    "without stale_while_revalidate are dropped. The in-process memory store cannot be purged "
+                    "from here.")
     what = purge.add_mutually_exclusive_group(required=True)
     what.add_argument("--tag", action="append", metavar="TAG", help="every entry carrying TAG, e.g. product:1 "
                       "(repeatable)")
@@ -34,10 +39,14 @@ def add_command(commands: Subcommands) -> None:
     what.add_argument("--url", action="append", metavar="URL", help="every entry of a URL's path, whatever its "
                       "query string, varied headers or users (repeatable)")
     what.add_argument("--all", action="store_true", help="every entry under the key prefix")
+    purge.add_argument("--soft", action="store_true",
+                       help="mark the entries stale instead of dropping them (see above); those that cannot be "
+                            "served stale are dropped")
     purge.add_argument("--app", help="the app as MODULE:ATTRIBUTE, to use the config its CacheMiddleware names")
     purge.add_argument("--config", help="a cachemw.toml or pyproject.toml (default: the app's, else defaults)")
     purge.add_argument("--redis-url", help=REDIS_URL_HELP)
-    purge.add_argument("--json", action="store_true", help='machine-readable output: {"dropped": N}')
+    purge.add_argument("--json", action="store_true",
+                       help='machine-readable output: {"dropped": N} (--soft adds "soft": true)')
     purge.set_defaults(run=run)
 
 
@@ -97,20 +106,22 @@ def run(args: argparse.Namespace) -> int:
         if not await prefix_in_use(store, settings.key_prefix):
             return None
         invalidator = Invalidator(store, settings.key_prefix, timeout=settings.background_timeout)
+        soft = args.soft
         if args.all:
-            return await invalidator.everything()
+            return await invalidator.everything(soft=soft)
         if args.route:
-            return await invalidator.routes(*args.route)
+            return await invalidator.routes(*args.route, soft=soft)
         if paths:
-            return await invalidator.tags(*(path_tag(path) for path in paths))
-        return await invalidator.tags(*args.tag)
+            return await invalidator.tags(*(path_tag(path) for path in paths), soft=soft)
+        return await invalidator.tags(*args.tag, soft=soft)
 
     dropped = with_store(settings, "purge", purge)
     if dropped is None:
         raise unused_prefix(settings)
     if args.json:
-        print(json.dumps({"dropped": dropped, "prefix": settings.key_prefix}))
+        print(json.dumps({"dropped": dropped, "prefix": settings.key_prefix, **({"soft": True} if args.soft else {})}))
     else:
-        print(f"dropped {dropped} entr{'y' if dropped == 1 else 'ies'} {what}, under the key prefix "
-              f"{settings.key_prefix!r}")
+        entries = f"{dropped} entr{'y' if dropped == 1 else 'ies'} {what}"
+        done = f"marked {entries} stale (dropped those without a stale window)" if args.soft else f"dropped {entries}"
+        print(f"{done}, under the key prefix {settings.key_prefix!r}")
     return 0

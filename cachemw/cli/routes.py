@@ -49,6 +49,7 @@ def _policy_json(policy: Policy | None) -> dict[str, Any] | None:
         "private": policy.private,
         "tags": list(policy.tags),
         "invalidates": list(policy.invalidates),
+        "invalidates_soft": list(policy.invalidates_soft),
         "max_body": policy.max_body,
         "statuses": sorted(policy.statuses),
     }

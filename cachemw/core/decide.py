@@ -52,7 +52,7 @@ def for_method(method: str, policy: Policy) -> tuple[Step, bytes]:
             return _LOOK_UP, b""
         return Step.BYPASS, http.STATUS_BYPASS
     if method.upper() in UNSAFE_METHODS:  # h11 passes a lowercase method through; apps upper it
-        return (Step.INVALIDATE, b"") if policy.invalidates else (Step.BYPASS, http.STATUS_BYPASS_METHOD)
+        return (Step.INVALIDATE, b"") if policy.invalidating else (Step.BYPASS, http.STATUS_BYPASS_METHOD)
     return Step.BYPASS, http.STATUS_BYPASS_METHOD
 
 

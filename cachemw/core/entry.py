@@ -14,12 +14,26 @@ from dataclasses import dataclass
 
 from cachemw.core.sizes import DICT_SLOT, alloc, bytes_cost, str_cost, tuple_cost
 
-__all__ = ["PASS_MARKER", "DecodedMemo", "Entry", "EntryDecodeError", "decode_entry", "encode_entry", "entry_cost",
-           "is_pass_marker"]
+__all__ = ["ENTRY_LEADER", "HEAD_SIZE", "PASS_MARKER", "STORED_AT_OFFSET", "WINDOWS_OFFSET", "DecodedMemo",
+           "Entry", "EntryDecodeError", "decode_entry", "encode_entry", "entry_cost", "is_pass_marker", "soften"]
 
 _MAGIC = b"CMW"
-VERSION = 1
-_HEAD = struct.Struct("<3sBdHHHI")  # magic, version, stored_at, status, n_headers, n_tags, body length
+VERSION = 2
+_V1 = 1  # before the windows: still read (entries of a fleet mid-upgrade), never written
+# magic, version, stored_at, status, n_headers, n_tags, body length; from version 2 the policy's ttl and
+# stale_while_revalidate the entry was stored under follow, so a store can mark it stale by itself (soften).
+_HEAD_V1 = struct.Struct("<3sBdHHHI")
+_WINDOWS = struct.Struct("<dd")
+_HEAD = struct.Struct(_HEAD_V1.format + "dd")
+_STORED_AT = struct.Struct("<d")
+STORED_AT_OFFSET = 4
+"""Where ``stored_at`` (a little-endian double) sits in an entry's bytes: a store rewrites it in place."""
+WINDOWS_OFFSET = _HEAD_V1.size
+"""Where a version 2 entry's ttl and stale_while_revalidate (two little-endian doubles) sit."""
+ENTRY_LEADER = _MAGIC + bytes([VERSION])
+"""The first bytes of every entry this version writes."""
+HEAD_SIZE = _HEAD.size
+"""The fixed header's length: no entry is shorter."""
 _LEN2 = struct.Struct("<HH")
 _LEN1 = struct.Struct("<H")
 MAX_HEADERS = 256
@@ -100,20 +114,24 @@ class DecodedMemo:
             self.bytes_used += size
 
 
-def encode_entry(entry: Entry) -> bytes:
-    """Raises ValueError for an entry the format cannot hold (such a response is not stored)."""
+def encode_entry(entry: Entry, *, ttl: float = 0.0, stale_while_revalidate: float = 0.0) -> bytes:
+    """Raises ValueError for an entry the format cannot hold (such a response is not stored).
+
+    ``ttl`` and ``stale_while_revalidate``: the policy it is stored under, which a soft
+    purge needs to make it stale (0: it cannot be served stale, a soft purge drops it).
+    """
     if len(entry.headers) > MAX_HEADERS:
         raise ValueError("too many headers to store")
     try:
-        return _encode(entry)
+        return _encode(entry, ttl, stale_while_revalidate)
     except struct.error as exc:
         raise ValueError(f"entry cannot be stored: {exc}") from None
 
 
-def _encode(entry: Entry) -> bytes:
+def _encode(entry: Entry, ttl: float, stale_while_revalidate: float) -> bytes:
     parts = [
         _HEAD.pack(_MAGIC, VERSION, entry.stored_at, entry.status, len(entry.headers), len(entry.tags),
-                   len(entry.body)),
+                   len(entry.body), ttl, stale_while_revalidate),
         _LEN1.pack(len(entry.etag)),
         entry.etag,
     ]
@@ -131,14 +149,20 @@ def _encode(entry: Entry) -> bytes:
 
 def decode_entry(data: bytes) -> Entry:
     try:
-        magic, version, stored_at, status, n_headers, n_tags, body_len = _HEAD.unpack_from(data, 0)
+        magic, version, stored_at, status, n_headers, n_tags, body_len = _HEAD_V1.unpack_from(data, 0)
         if magic != _MAGIC:
             raise EntryDecodeError("not a cachemw entry")
-        if version != VERSION:
+        if version == VERSION:
+            ttl, stale_while_revalidate = _WINDOWS.unpack_from(data, WINDOWS_OFFSET)
+            if not (0 <= ttl < math.inf and 0 <= stale_while_revalidate < math.inf):
+                raise EntryDecodeError("implausible entry header")
+            offset = _HEAD.size
+        elif version == _V1:
+            offset = _HEAD_V1.size
+        else:
             raise EntryDecodeError(f"entry format version {version}, expected {VERSION}")
         if not 100 <= status <= 599 or n_headers > MAX_HEADERS or not math.isfinite(stored_at):
             raise EntryDecodeError("implausible entry header")
-        offset = _HEAD.size
         (etag_len,) = _LEN1.unpack_from(data, offset)
         offset += _LEN1.size
         etag = data[offset : offset + etag_len]
@@ -165,3 +189,23 @@ def decode_entry(data: bytes) -> Entry:
     if offset + body_len != len(data):
         raise EntryDecodeError("truncated or malformed entry")
     return Entry(status, tuple(headers), body, stored_at, etag, tuple(tags))
+
+
+def soften(data: bytes, stale_from: float) -> bytes | None:
+    """``data`` made stale as of ``stale_from`` (a soft purge), or None where it cannot be served stale: drop it.
+
+    Its ``stored_at`` becomes ``stale_from - ttl`` (unless it is older already), so it is
+    served STALE for its ``stale_while_revalidate`` from then on and refreshed once. An
+    entry without a stale window, of version 1, a pass marker or foreign bytes: None.
+    ``SOFTEN_SCRIPT`` (``cachemw.store.redis_scripts``) does the same in Redis.
+    """
+    if len(data) < HEAD_SIZE or data[:STORED_AT_OFFSET] != ENTRY_LEADER:
+        return None
+    (stored_at,) = _STORED_AT.unpack_from(data, STORED_AT_OFFSET)
+    ttl, stale_while_revalidate = _WINDOWS.unpack_from(data, WINDOWS_OFFSET)
+    if not (stale_while_revalidate > 0 and 0 <= ttl < math.inf):
+        return None
+    stale = stale_from - ttl
+    if stored_at <= stale:
+        return data
+    return data[:STORED_AT_OFFSET] + _STORED_AT.pack(stale) + data[STORED_AT_OFFSET + _STORED_AT.size:]

@@ -15,6 +15,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_STATUSES",
+    "INVALIDATING_FIELDS",
     "PRESETS",
     "ConfigError",
     "Freshness",
@@ -64,7 +65,7 @@ class Policy:
     """How one route is cached. Durations are seconds.
 
     ``ttl == 0`` means the route is never answered from a shared cache (the
-    ``realtime`` preset); such a policy still carries ``invalidates``.
+    ``realtime`` preset); such a policy still carries ``invalidates`` (and ``invalidates_soft``).
     """
 
     ttl: float = 0.0
@@ -76,6 +77,8 @@ class Policy:
     private: bool = False
     tags: tuple[str, ...] = ()
     invalidates: tuple[str, ...] = ()
+    # As ``invalidates``, softly: those entries are marked stale (served STALE while one refresh replaces them).
+    invalidates_soft: tuple[str, ...] = ()
     max_body: int = DEFAULT_MAX_BODY
     statuses: frozenset[int] = DEFAULT_STATUSES
     origin_timeout: float = 30.0
@@ -83,9 +86,11 @@ class Policy:
     preset: str | None = field(default=None, compare=False)
     # Derived once, at construction: every request reads it (a property would be a call each time).
     cacheable: bool = field(init=False, repr=False, compare=False)
+    invalidating: bool = field(init=False, repr=False, compare=False)  # an unsafe request invalidates something
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cacheable", self.ttl > 0)
+        object.__setattr__(self, "invalidating", bool(self.invalidates or self.invalidates_soft))
 
     @property
     def usable_for(self) -> float:
@@ -111,6 +116,9 @@ PRESETS: Mapping[str, Policy] = {
     # Nearly static content.
     "days": Policy(ttl=86400.0, stale_while_revalidate=7 * 86400.0, stale_if_error=7 * 86400.0, preset="days"),
 }
+
+INVALIDATING_FIELDS = frozenset({"invalidates", "invalidates_soft"})
+"""What an unsafe route's policy may declare without a ttl: a rule of only these still does something."""
 
 POLICY_FIELDS: frozenset[str] = frozenset(f.name for f in fields(Policy) if f.init) - {"preset"}
 
@@ -174,6 +182,7 @@ _PARSERS: dict[str, Any] = {
     "private": _bool,
     "tags": _string_list,
     "invalidates": _string_list,
+    "invalidates_soft": _string_list,
     "max_body": _positive_int,
     "statuses": _statuses,
     "origin_concurrency": _positive_int,
@@ -197,7 +206,12 @@ def policy_from_fields(values: Mapping[str, object], *, base: Policy, where: str
             raise ConfigError(f"{where}: field {name!r}: {exc}") from None
     if "origin_timeout" in changes and changes["origin_timeout"] <= 0:
         raise ConfigError(f"{where}: field 'origin_timeout': must be more than 0 seconds")
-    return replace(base, **changes)
+    policy = replace(base, **changes)
+    both = sorted(set(policy.invalidates) & set(policy.invalidates_soft))
+    if both:
+        raise ConfigError(f"{where}: field 'invalidates_soft': {', '.join(map(repr, both))} is in 'invalidates' "
+                          "too; a target is purged either hard (invalidates) or soft (invalidates_soft), not both")
+    return policy
 
 
 class Freshness(enum.Enum):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cachemw.core.keys import strip_root_path
-from cachemw.core.policy import ConfigError, Policy, policy_from_fields
+from cachemw.core.policy import INVALIDATING_FIELDS, ConfigError, Policy, policy_from_fields
 from cachemw.core.settings import FileRule, Settings, resolve_preset
 
 __all__ = ["MOUNT", "ROUTE", "UNKNOWN", "UNMODELLED", "CacheSpec", "RouteFinder", "RouteMatch", "RouteNode",
@@ -69,7 +69,7 @@ def cache(policy: str | None = None, /, **fields: Any) -> Callable[[_T], _T]:
                               f"the built-in presets are {known}, or one of [cachemw.policies] in the config "
                               "file; a ttl is written @cache(ttl=\"5m\")")
         policy_from_fields(fields, base=Policy(), where=where)  # fail at import, not at startup
-        if policy is None and "ttl" not in fields and "invalidates" not in fields:
+        if policy is None and "ttl" not in fields and not INVALIDATING_FIELDS & fields.keys():
             raise ConfigError(f"{where}: neither a ttl nor a preset: this policy would never cache. HINT: "
                               f"@cache(ttl=\"5m\", ...), or a preset: @cache(\"minutes\") (built in: {known}, or "
                               "one of [cachemw.policies] in the config file); @cache(\"realtime\") if the route must "

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cachemw.core.keys import CREDENTIAL_KINDS, credential_parts
-from cachemw.core.policy import PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
+from cachemw.core.policy import INVALIDATING_FIELDS, PRESETS, ConfigError, Policy, parse_duration, policy_from_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -283,7 +283,7 @@ def _rules(raw: object, presets: Mapping[str, Policy], source: str) -> tuple[Fil
         named = "policy" in fields_
         base = resolve_preset(fields_.pop("policy", None), presets, here)
         policy = policy_from_fields(fields_, base=base, where=here)
-        if not named and "ttl" not in fields_ and "invalidates" not in fields_:
+        if not named and "ttl" not in fields_ and not INVALIDATING_FIELDS & fields_.keys():
             # As for @cache(): a rule that could never cache is a mistake, not a silent no-op.
             raise ConfigError(f"{here}: neither a 'policy' nor a 'ttl': this rule would never cache. HINT: "
                               'ttl = "5m", or policy = "minutes" (a preset); policy = "realtime" if the route '

@@ -29,17 +29,19 @@ def current_cache() -> CacheShell:
 
 
 async def invalidate(*, tags: tuple[str, ...] | list[str] = (), routes: tuple[str, ...] | list[str] = (),
-                     urls: tuple[str, ...] | list[str] = (), everything: bool = False) -> int:
+                     urls: tuple[str, ...] | list[str] = (), everything: bool = False, soft: bool = False) -> int:
     """Drop entries from a handler: by tag, route template, URL, or all. Returns how many were dropped.
 
     Done in the shared store and this process's L1 before it returns; other
     processes drop theirs when the broadcast reaches them (at most ``sync`` later).
+    ``soft``: mark them stale instead, served STALE within their ``stale_while_revalidate``
+    while one refresh per key replaces them (those without a stale window are dropped).
     """
     invalidator = current_cache().invalidator
     if invalidator is None:
         return 0
     if everything:
-        return await invalidator.everything()
+        return await invalidator.everything(soft=soft)
     wanted = [*tags, *(route_tag(normalise_template(r)) for r in routes)]
-    dropped = await invalidator.tags(*wanted) if wanted else 0
-    return dropped + (await invalidator.urls(*urls) if urls else 0)
+    dropped = await invalidator.tags(*wanted, soft=soft) if wanted else 0
+    return dropped + (await invalidator.urls(*urls, soft=soft) if urls else 0)

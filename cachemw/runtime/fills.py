@@ -64,7 +64,8 @@ class Fills:
         if plan.generations is None:
             return
         try:
-            data = encode_entry(entry)
+            policy = plan.policy
+            data = encode_entry(entry, ttl=policy.ttl, stale_while_revalidate=policy.stale_while_revalidate)
         except ValueError:
             if plan.token is not None:
                 await self.locks.unlock(plan.key, plan.token)

@@ -344,11 +344,18 @@ class Store(Protocol):
         """
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str, *,
-                         timeout: float | None = None) -> int:
-        """Bump the generations, delete every entry indexed under the tag sets, publish ``message``."""
+                         timeout: float | None = None, stale_from: float | None = None) -> int:
+        """Bump the generations, delete every entry indexed under the tag sets, publish ``message``.
 
-    async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None) -> int:
-        """Bump ``generation_key``, delete every entry whose key matches ``pattern``, publish ``message``."""
+        ``stale_from`` (a soft purge; passed only then): instead of deleting, mark each entry
+        stale as of that time (``cachemw.core.entry.soften``), deleting those that cannot be
+        served stale. Either way, how many entries it touched.
+        """
+
+    async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None,
+                    stale_from: float | None = None) -> int:
+        """Bump ``generation_key``, delete (``stale_from``: soften) every entry whose key matches ``pattern``,
+        publish ``message``."""
 
     async def publish_invalidation(self, message: str) -> None:
         """Tell other processes (their L1) what was invalidated."""

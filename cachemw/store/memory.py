@@ -12,13 +12,14 @@ import json
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
 
+from cachemw.core.entry import soften
 from cachemw.core.sizes import DICT_SLOT, FLOAT, LRU_SLOT, SET, SET_MEMBER, alloc, bytes_cost, str_cost, tuple_cost
 from cachemw.store.base import LOCAL, LockResult, Notifications, StoreCapabilities
 
@@ -168,21 +169,39 @@ class MemoryStore:
             self.notifications.filled(key)  # waiters find no entry and call the app themselves
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str, *,
-                         timeout: float | None = None) -> int:
+                         timeout: float | None = None, stale_from: float | None = None) -> int:
         for generation_key in generation_keys:
             self._generations[generation_key] = self._generations.get(generation_key, 0) + 1
         keys: set[str] = set()
         for tag_set in tag_sets:
             keys.update(self._tag_sets.get(tag_set, ()))
-        dropped = await self.delete(*keys)
+        dropped = await self.delete(*keys) if stale_from is None else self._soften(keys, stale_from)
         await self.publish_invalidation(message)
         return dropped
 
-    async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None) -> int:
+    async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None,
+                    stale_from: float | None = None) -> int:
         self._generations[generation_key] = self._generations.get(generation_key, 0) + 1
-        dropped = await self.delete(*[key for key in list(self._data) if fnmatch.fnmatchcase(key, pattern)])
+        keys = [key for key in list(self._data) if fnmatch.fnmatchcase(key, pattern)]
+        dropped = await self.delete(*keys) if stale_from is None else self._soften(keys, stale_from)
         await self.publish_invalidation(message)
         return dropped
+
+    def _soften(self, keys: Iterable[str], stale_from: float) -> int:
+        """A soft purge: each live entry marked stale as of ``stale_from`` in place, or dropped (``soften``)."""
+        now = self._clock()
+        touched = 0
+        for key in keys:
+            item = self._data.get(key)
+            if item is None or item[1] <= now:
+                continue
+            softened = soften(item[0], stale_from)
+            if softened is None:
+                self._discard(key)
+            elif softened is not item[0]:
+                self._data[key] = (softened, *item[1:])  # as long as before: its accounted size holds
+            touched += 1
+        return touched
 
     async def publish_invalidation(self, message: str) -> None:
         self.notifications.invalidated(json.loads(message))

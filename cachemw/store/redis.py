@@ -38,6 +38,7 @@ from cachemw.store.redis_clients import (
 from cachemw.store.redis_cluster import fill_on_cluster, lock_on_cluster
 from cachemw.store.redis_loop import ConnectionGate, LoopClients, cancel_guards, gated_script
 from cachemw.store.redis_pubsub import Subscription
+from cachemw.store.redis_purge import soften_each
 from cachemw.store.redis_scripts import (
     fill_call,
     generation,
@@ -334,7 +335,7 @@ class RedisStore:
         return pipelined.evalsha(script.sha, script.script, keys, args, timeout)
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str, *,
-                         timeout: float | None = None) -> int:
+                         timeout: float | None = None, stale_from: float | None = None) -> int:
         try:
             bound = self._on_loop()
             client, gate = bound.lane(timeout)
@@ -345,16 +346,20 @@ class RedisStore:
                     pipe.zrange(tag_set, 0, -1)
                 replies = await pipe.execute()
             indexed = replies[len(generation_keys):]
-            # Only the members read leave the index, and before their entries go: a fill indexed meanwhile
-            # (current: the generations had moved) stays findable by the next purge, or is deleted with them.
-            # Deleting the whole set after the entries lost such a fill from the index for its whole ttl.
-            async with gate, client.pipeline(transaction=False) as pipe:
-                for tag_set, members in zip(tag_sets, indexed, strict=True):
-                    if members:
-                        pipe.zrem(tag_set, *members)
-                await pipe.execute()
             keys = {member for members in indexed for member in members}
-            dropped = await self._delete_each(bound, list(keys), timeout)
+            if stale_from is not None:  # soft: the entries stay indexed, for a hard purge to find later
+                dropped = await soften_each(bound, list(keys), stale_from, timeout)
+            else:
+                # Only the members read leave the index, and before their entries go: a fill indexed
+                # meanwhile (current: the generations had moved) stays findable by the next purge, or is
+                # deleted with them. Deleting the whole set after the entries lost such a fill from the
+                # index for its whole ttl.
+                async with gate, client.pipeline(transaction=False) as pipe:
+                    for tag_set, members in zip(tag_sets, indexed, strict=True):
+                        if members:
+                            pipe.zrem(tag_set, *members)
+                    await pipe.execute()
+                dropped = await self._delete_each(bound, list(keys), timeout)
             await client.publish(self.invalidation_channel, message)
         except StoreError:
             raise
@@ -362,19 +367,26 @@ class RedisStore:
             raise StoreError(f"redis invalidate failed: {exc!r}") from exc
         return dropped
 
-    async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None) -> int:
+    async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None,
+                    stale_from: float | None = None) -> int:
         try:
             bound = self._on_loop()
             client, _ = bound.lane(timeout)
             await client.incr(generation_key)
+
+            def drop(keys: list[bytes]) -> Awaitable[int]:
+                if stale_from is not None:
+                    return soften_each(bound, keys, stale_from, timeout)
+                return self._delete_each(bound, keys, timeout)
+
             dropped = 0
             batch: list[bytes] = []
             async for found in client.scan_iter(match=pattern, count=1000):
                 batch.append(found)
                 if len(batch) >= 500:
-                    dropped += await self._delete_each(bound, batch, timeout)
+                    dropped += await drop(batch)
                     batch = []
-            dropped += await self._delete_each(bound, batch, timeout)
+            dropped += await drop(batch)
             await client.publish(self.invalidation_channel, message)
         except StoreError:
             raise

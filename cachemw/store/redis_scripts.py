@@ -10,11 +10,12 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cachemw.core.entry import ENTRY_LEADER, HEAD_SIZE, STORED_AT_OFFSET, WINDOWS_OFFSET
 from cachemw.core.keyspace import lock_key, wait_key
 from cachemw.store.base import LockResult
 
-__all__ = ["FILL_ALL_SCRIPT", "INDEX_SCRIPT", "LOCK_ALL_SCRIPT", "UNLOCK_SCRIPT", "fill_call", "generation",
-           "lookup_lock_call", "lookup_lock_result", "millis", "score"]
+__all__ = ["FILL_ALL_SCRIPT", "INDEX_SCRIPT", "LOCK_ALL_SCRIPT", "SOFTEN_SCRIPT", "UNLOCK_SCRIPT", "fill_call",
+           "generation", "lookup_lock_call", "lookup_lock_result", "millis", "score", "soften_args"]
 
 # The entry, its lock and its "someone waits" flag share the key's hash tag, so each
 # script stays in one slot. A lock attempt that finds the lock taken raises the flag; a
@@ -87,6 +88,33 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# A soft purge of one entry: ``cachemw.core.entry.soften`` in Redis. Its stored_at is rewritten in
+# place (SETRANGE keeps the key's expiry) to ARGV[1] - its ttl, unless it is older already; what
+# cannot be served stale (no stale window, an older format, a pass marker, anything foreign under our
+# name, a key of another type) is deleted. 0: no such key, 1: marked stale, 2: deleted. One key a
+# call, so on a Cluster each runs in its entry's slot.
+SOFTEN_SCRIPT = f"""
+local value = redis.pcall('GET', KEYS[1])
+if not value then return 0 end
+if type(value) ~= 'string' or #value < {HEAD_SIZE} or string.sub(value, 1, {len(ENTRY_LEADER)}) ~= ARGV[2] then
+  redis.call('DEL', KEYS[1])
+  return 2
+end
+local stored_at = struct.unpack('<d', value, {STORED_AT_OFFSET + 1})
+local ttl, stale_for = struct.unpack('<dd', value, {WINDOWS_OFFSET + 1})
+if not (stale_for > 0 and ttl >= 0 and ttl < math.huge) then
+  redis.call('DEL', KEYS[1])
+  return 2
+end
+local stale = tonumber(ARGV[1]) - ttl
+if stored_at > stale then redis.call('SETRANGE', KEYS[1], {STORED_AT_OFFSET}, struct.pack('<d', stale)) end
+return 1
+"""
+
+
+def soften_args(stale_from: float) -> list[bytes | str]:
+    """``SOFTEN_SCRIPT``'s arguments: the time exactly as Python has it (``repr`` round-trips), the leader."""
+    return [repr(stale_from), ENTRY_LEADER]
 
 
 def generation(value: object) -> int:

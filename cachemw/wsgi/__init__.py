@@ -22,7 +22,7 @@ def current_wsgi_cache() -> CacheMiddleware:
 
 
 def invalidate(*, tags: tuple[str, ...] | list[str] = (), routes: tuple[str, ...] | list[str] = (),
-               urls: tuple[str, ...] | list[str] = (), everything: bool = False) -> int:
+               urls: tuple[str, ...] | list[str] = (), everything: bool = False, soft: bool = False) -> int:
     """``cachemw.invalidate`` for a sync view: drops the entries before it returns; how many were dropped."""
-    fields: dict[str, Any] = {"tags": tags, "routes": routes, "urls": urls, "everything": everything}
+    fields: dict[str, Any] = {"tags": tags, "routes": routes, "urls": urls, "everything": everything, "soft": soft}
     return current_wsgi_cache().call(_invalidate, **fields)

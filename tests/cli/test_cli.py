@@ -700,6 +700,22 @@ def test_purge_by_url_ignores_the_query_and_decodes_the_path(filled: str) -> Non
     assert state_of("/stats", filled) == "fresh"
 
 
+def test_purge_soft_marks_entries_stale_and_drops_those_without_a_stale_window(filled: str) -> None:
+    result = run("purge", "--soft", "--tag", "product:1", "--tag", "product:3", "--app", "sample_app:app",
+                 "--redis-url", filled, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"dropped": 2, "prefix": "cachemw-sample", "soft": True}
+    assert state_of("/products/1", filled) == "stale"  # "minutes": served stale while one refresh runs
+    assert state_of("/api/products/3", filled) == "absent"  # ttl 5m and no stale_while_revalidate: gone
+    assert state_of("/products/2", filled) == "fresh"
+    result = run("purge", "--soft", "--all", "--redis-url", filled, "--app", "sample_app:app")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ("marked 3 entries (all entries) stale (dropped those without a stale window), "
+                             "under the key prefix 'cachemw-sample'\n")
+    assert [state_of(path, filled) for path in ("/products/1", "/products/2", "/stats")] == ["stale"] * 3
+    assert "--soft" in run("purge", "--help").stdout
+
+
 def test_purge_text_output(filled: str) -> None:
     result = run("purge", "--tag", "product:1", "--redis-url", filled, "--app", "sample_app:app")
     assert result.returncode == 0, result.stderr

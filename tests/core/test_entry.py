@@ -6,13 +6,15 @@ import math
 import pickle
 import random
 import struct
+from dataclasses import replace
 
 import pytest
 
-from cachemw.core.entry import MAX_HEADERS, Entry, EntryDecodeError, decode_entry, encode_entry
+from cachemw.core.entry import MAX_HEADERS, Entry, EntryDecodeError, decode_entry, encode_entry, soften
 
 MAGIC = b"CMW"
-VERSION = 1
+VERSION = 2
+HEAD = "<3sBdHHHIdd"  # magic, version, stored_at, status, n_headers, n_tags, body length, ttl, swr
 
 FULL = Entry(
     status=200,
@@ -102,7 +104,7 @@ def test_wrong_magic_is_rejected() -> None:
     rejected(b"cmw" + data[3:])
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 3, 255])
 def test_another_version_is_rejected(version: int) -> None:
     data = encode_entry(FULL)
     assert "version" in str(rejected(data[:3] + bytes([version]) + data[4:]))
@@ -148,13 +150,51 @@ def test_a_non_finite_stored_at_is_rejected(stored_at: float) -> None:
 
 
 def test_too_many_headers_is_rejected_before_reading_them() -> None:
-    head = struct.pack("<3sBdHHHI", MAGIC, VERSION, 1.0, 200, MAX_HEADERS + 1, 0, 0)
+    head = struct.pack(HEAD, MAGIC, VERSION, 1.0, 200, MAX_HEADERS + 1, 0, 0, 0.0, 0.0)
     rejected(head + b"\x00\x00" + b"\x00" * 4 * (MAX_HEADERS + 1))
 
 
 def test_a_tag_that_is_not_utf8_is_rejected() -> None:
-    head = struct.pack("<3sBdHHHI", MAGIC, VERSION, 1.0, 200, 0, 1, 0)
+    head = struct.pack(HEAD, MAGIC, VERSION, 1.0, 200, 0, 1, 0, 0.0, 0.0)
     rejected(head + struct.pack("<H", 0) + struct.pack("<H", 2) + b"\xff\xfe")
+
+
+def reencoded(entry: Entry, data: bytes) -> bytes:
+    """``entry`` encoded with the windows ``data`` carries (the decoded Entry has none)."""
+    ttl, swr = struct.unpack_from("<dd", data, struct.calcsize("<3sBdHHHI"))
+    return encode_entry(entry, ttl=ttl, stale_while_revalidate=swr)
+
+
+@pytest.mark.parametrize("windows", [(math.nan, 1.0), (1.0, math.inf), (-1.0, 1.0), (1.0, -0.5)])
+def test_implausible_windows_are_rejected(windows: tuple[float, float]) -> None:
+    data = bytearray(encode_entry(FULL, ttl=60, stale_while_revalidate=60))
+    struct.pack_into("<dd", data, struct.calcsize("<3sBdHHHI"), *windows)
+    rejected(bytes(data))
+
+
+def test_a_version_1_entry_still_decodes() -> None:
+    """Written by a cachemw before soft purges, during an upgrade: read as before, not a fleet of misses."""
+    data = encode_entry(FULL)
+    v1 = data[:3] + b"\x01" + data[4:struct.calcsize("<3sBdHHHI")] + data[struct.calcsize(HEAD):]
+    assert decode_entry(v1) == FULL
+
+
+def test_the_windows_round_trip_and_soften_uses_them() -> None:
+    data = encode_entry(FULL, ttl=60.0, stale_while_revalidate=30.0)
+    assert decode_entry(data) == FULL
+    purged_at = FULL.stored_at + 10  # fresh when purged: stale as of then, for its 30 s window
+    softened = soften(data, purged_at)
+    assert softened is not None and len(softened) == len(data)
+    assert decode_entry(softened) == replace(FULL, stored_at=purged_at - 60.0)
+    assert soften(softened, purged_at + 5) == softened  # already stale then: not made any younger
+    assert soften(data, FULL.stored_at + 1000) == data  # stale already: left as it is
+
+
+@pytest.mark.parametrize("data", [encode_entry(FULL, ttl=60.0), encode_entry(FULL)[:3] + b"\x01",
+                                  b"CMP\x01", b"", b"garbage" * 10],
+                         ids=["no-stale-window", "version-1", "pass-marker", "empty", "foreign"])
+def test_what_cannot_be_served_stale_is_not_softened(data: bytes) -> None:
+    assert soften(data, 2e9) is None
 
 
 def test_a_pickle_is_rejected_and_never_run() -> None:
@@ -188,7 +228,7 @@ def test_random_bytes_are_rejected() -> None:
         except EntryDecodeError:
             continue
         # A random blob may happen to be well formed: then it must decode to itself.
-        assert encode_entry(entry) == blob
+        assert reencoded(entry, blob) == blob
     for _ in range(2000):
         # Mutations of a real entry: flipped bytes anywhere, mostly in the lengths up front.
         data = bytearray(valid)
@@ -199,7 +239,7 @@ def test_random_bytes_are_rejected() -> None:
             entry = decode_entry(bytes(data))
         except EntryDecodeError:
             continue
-        assert encode_entry(entry) == bytes(data)
+        assert reencoded(entry, bytes(data)) == bytes(data)
 
 
 def test_every_accepted_blob_is_exactly_one_entry() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -20,7 +20,7 @@ from cachemw import CacheMiddleware, MemoryStore, RedisStore, Settings, cache, i
 from cachemw.core.keys import mounted_at
 from cachemw.runtime.invalidation import targets_for_unsafe_request
 from tests.budgets import Budgets
-from tests.helpers import TRANSPORTS, SpyStore, eventually, find_middleware, lifespan, requests_to, store_of
+from tests.helpers import TRANSPORTS, SpyStore, eventually, find_middleware, lifespan, requests_to, serving, store_of
 
 pytestmark = pytest.mark.anyio
 
@@ -86,18 +86,8 @@ async def servers(redis_url: str, count: int = 2, *, sync: float = SYNC, lock_ti
         if not tracking and isinstance(spy.inner, RedisStore):
             spy.inner.track(None)
     apps = [make_app(db, store, sync=sync, lock_timeout=lock_timeout) for store in stores]
-    try:
-        async with AsyncExitStack() as stack:
-            for app in apps:
-                await stack.enter_async_context(lifespan(app))
-            clients = [await stack.enter_async_context(client(app)) for app in apps]
-            for app in apps:
-                await eventually(lambda app=app: _true(store_of(app).listening),  # type: ignore[misc]
-                                 what="subscribed")
-            yield db, apps, clients, stores
-    finally:
-        for store in stores:  # after the lifespans: their last fills are stored first
-            await store.aclose()
+    async with serving(apps, stores) as clients:
+        yield db, apps, clients, stores
 
 
 async def _true(value: bool) -> bool:

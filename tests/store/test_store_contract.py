@@ -11,12 +11,21 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 import pytest
 import redis.exceptions
 
+from cachemw.core.entry import (
+    HEAD_SIZE,
+    PASS_MARKER,
+    WINDOWS_OFFSET,
+    Entry,
+    decode_entry,
+    encode_entry,
+    soften,
+)
 from cachemw.store import MemoryStore, RedisStore, Store, StoreError, store_from_url
 
 try:
@@ -241,6 +250,77 @@ async def test_purge_drops_the_matching_entries_and_moves_the_generation(harness
     assert await store.purge("p:*}", "{all}:g", json.dumps(["*"])) == 2
     assert [await store.get(key) for key in ("p:{1}", "p:{2}", "q:{3}")] == [None, None, b"v"]
     assert (await store.lock("p:{1}", 5, ["{all}:g"]))[2] == (1,)
+
+
+# --- soft purges: entries marked stale in place (cachemw.core.entry.soften) ----------------------
+
+SOFT_ENTRY = Entry(200, ((b"content-type", b"text/plain"),), b"old body", 0.0, b'"e"', ("t",))
+
+
+def entry_bytes(stored_at: float, stale_while_revalidate: float = 600.0) -> bytes:
+    return encode_entry(replace(SOFT_ENTRY, stored_at=stored_at), ttl=60.0,
+                        stale_while_revalidate=stale_while_revalidate)
+
+
+async def test_a_soft_invalidation_marks_entries_stale_and_drops_what_cannot_be(harness: Harness) -> None:
+    store = harness.store
+    now = time.time()
+    stale_from = now + 0.123456789  # any time: written exactly as Python computes it, in Redis as here
+    fresh, already_stale = entry_bytes(now), entry_bytes(now - 120)
+    values = {"{a}": fresh, "{b}": already_stale, "{c}": entry_bytes(now, stale_while_revalidate=0),
+              "{d}": fresh[:3] + b"\x01" + fresh[4:WINDOWS_OFFSET] + fresh[HEAD_SIZE:],  # an older cachemw's
+              "{e}": PASS_MARKER, "{f}": b"CMW\x02 but short", "{g}": b"\x80\x04\x95pickle"}
+    for key, value in values.items():
+        token, _, generations = await store.lock(key, 5, [])
+        assert await store.fill(key, value, 3600, token, ["{t}:tag"], [], generations)
+    assert await store.invalidate(["{t}:tag"], ["{t}:g"], json.dumps(["t"]), stale_from=stale_from) == len(values)
+    softened = await store.get("{a}")
+    assert softened == soften(fresh, stale_from)
+    assert decode_entry(softened or b"") == replace(SOFT_ENTRY, stored_at=stale_from - 60.0)
+    assert await store.get("{b}") == already_stale  # stale already: not made younger
+    assert [await store.get(key) for key in ("{c}", "{d}", "{e}", "{f}", "{g}")] == [None] * 5
+    assert (await store.lock("{x}", 5, ["{t}:g"]))[2] == (1,)  # the generation moved, as for a hard purge
+    if isinstance(store, RedisStore):
+        assert await store.client.pttl("{a}") > 3_500_000  # rewritten in place: its expiry kept
+    # Still indexed under its tag: a hard purge later finds it.
+    assert await store.invalidate(["{t}:tag"], ["{t}:g"], json.dumps(["t"])) == 2
+    assert await store.get("{a}") is None and await store.get("{b}") is None
+
+
+async def test_a_fill_a_soft_invalidation_overtook_is_not_stored(harness: Harness) -> None:
+    store = harness.store
+    old = entry_bytes(time.time())
+    token, _, generations = await store.lock("{a}", 5, ["{t}:g"])
+    assert await store.fill("{a}", old, 3600, token, ["{t}:tag"], ["{t}:g"], generations)
+    token, _, generations = await store.lock("{a}", 5, ["{t}:g"])  # a refresh: it reads the old row now
+    assert await store.invalidate(["{t}:tag"], ["{t}:g"], json.dumps(["t"]), stale_from=time.time()) == 1
+    refill = entry_bytes(time.time())
+    assert await store.fill("{a}", refill, 3600, token, ["{t}:tag"], ["{t}:g"], generations) is False
+    # The stale entry, or nothing (a Cluster's fill stores, compares, then deletes): never the refused fill.
+    left = await store.get("{a}")
+    assert left != refill and (left is None or decode_entry(left).stored_at < time.time() - 59)
+
+
+async def test_a_soft_purge_of_everything_marks_the_matching_entries(harness: Harness) -> None:
+    store = harness.store
+    now = time.time()
+    for key in ("p:{1}", "p:{2}", "q:{3}"):
+        await store.set(key, entry_bytes(now), 60)
+    assert await store.purge("p:*}", "{all}:g", json.dumps(["*"]), stale_from=now) == 2
+    assert [decode_entry(await store.get(key) or b"").stored_at for key in ("p:{1}", "p:{2}", "q:{3}")] == [
+        now - 60.0, now - 60.0, now]
+    assert (await store.lock("p:{1}", 5, ["{all}:g"]))[2] == (1,)
+
+
+async def test_redis_soft_invalidation_drops_a_foreign_key_of_another_type(shared_url: str) -> None:
+    store = RedisStore.from_url(shared_url, timeout=REDIS_TIMEOUT)
+    try:
+        await store.client.sadd("{w}", "not an entry")  # anyone who reaches the Redis can write under our names
+        await store.client.zadd("{t}:tag", {"{w}": 1e12})
+        assert await store.invalidate(["{t}:tag"], ["{t}:g"], json.dumps(["t"]), stale_from=time.time()) == 1
+        assert await store.client.exists("{w}") == 0
+    finally:
+        await store.aclose()
 
 
 async def test_aclose(harness: Harness) -> None:
