@@ -32,7 +32,7 @@ from cachemw.core.settings import Settings, load_settings
 from cachemw.frameworks.django import DjangoRoutes, is_django_handler, settings_cachemw
 from cachemw.observe import enable_fleet_metrics, enable_history
 from cachemw.runtime.accesslog import AccessLog
-from cachemw.runtime.context import current_cache, enter, invalidate
+from cachemw.runtime.context import current_cache, enter, invalidate, leave
 from cachemw.runtime.flights import CoalescedFailure
 from cachemw.runtime.looplag import LoopLag
 from cachemw.runtime.runtime import CacheRuntime, Identity
@@ -189,17 +189,22 @@ class CacheMiddleware(CacheShell):
             handler = self._handler
             assert handler is not None
             runtime = handler.runtime
-            runtime.supervisor.bind()
-            enter(self)
+            supervisor = runtime.supervisor
+            bound = supervisor.bind()
+            entered = enter(self)
             # A route without a policy goes straight to the app: no frame of ours in between.
             match = table.match_scope(scope)
-            supervisor = runtime.supervisor
-            if supervisor.running:
-                await (self.app(scope, receive, send) if match is None else handler.http(scope, receive, send, match))
-            else:
-                async with supervisor.inline_after_response():
+            try:
+                if supervisor.running:
                     await (self.app(scope, receive, send) if match is None
                            else handler.http(scope, receive, send, match))
+                else:
+                    async with supervisor.inline_after_response():
+                        await (self.app(scope, receive, send) if match is None
+                               else handler.http(scope, receive, send, match))
+            finally:
+                leave(entered)
+                supervisor.unbind(bound)
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:

@@ -9,7 +9,7 @@ from cachemw.core.rules import normalise_template
 from cachemw.runtime.shell import CacheShell
 from cachemw.runtime.supervisor import detach
 
-__all__ = ["current_cache", "detach", "enter", "invalidate"]
+__all__ = ["current_cache", "detach", "enter", "invalidate", "leave"]
 
 _current: ContextVar[CacheShell] = ContextVar("cachemw_cache")
 
@@ -17,6 +17,10 @@ _current: ContextVar[CacheShell] = ContextVar("cachemw_cache")
 enter = _current.set
 """``enter(shell)``: make ``shell`` the cache that ``current_cache()`` and ``invalidate()`` reach from this
 request. The ContextVar's own ``set``: every request calls it, and a function around it is a Python frame each."""
+
+leave = _current.reset
+"""``leave(token)``: undo ``enter`` when the request ends. An ASGI app called in the caller's own task (httpx's
+ASGITransport, a test) would otherwise leave its cache as the caller's ``current_cache()`` for later calls."""
 
 
 def current_cache() -> CacheShell:

@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -273,9 +273,13 @@ class Supervisor:
             return hop(lambda: self.submit(kind, function, *args, retries=retries))
         return self.submit(kind, function, *args, retries=retries)
 
-    def bind(self) -> None:
-        """Make this the supervisor ``detach()`` reaches from the current request."""
-        _current.set(self)
+    def bind(self) -> Token[Supervisor]:
+        """Make this the supervisor ``detach()`` reaches from the current request; ``unbind`` undoes it."""
+        return _current.set(self)
+
+    @staticmethod
+    def unbind(token: Token[Supervisor]) -> None:
+        _current.reset(token)
 
     @asynccontextmanager
     async def inline_after_response(self) -> AsyncIterator[None]:

@@ -182,7 +182,7 @@ def _sentinel_clients(url: str, timeout: float, max_connections: int) -> RedisCl
         raise ValueError("a redis+sentinel:// URL names the service: redis+sentinel://host:port/SERVICE[/DB]")
     service = unquote(path[0])
     db = int(path[1]) if len(path) > 1 else 0
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
         _hosts(parts.netloc, url), socket_timeout=timeout, socket_connect_timeout=timeout,
                         sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout})
     username = unquote(parts.username) if parts.username else None
