@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
+import redis.asyncio
 from starlette.types import ASGIApp, Message
 
 from cachemw.core.entry import PASS_MARKER
@@ -316,3 +317,27 @@ def assert_counted(app: Any, route: str, counter: str, count: int, stats_line: C
     fleet = aggregate([document, document], now=0.0)
     assert fleet["totals"][counter] == 2 * count
     assert stats_line(2 * count) in render_stats(fleet, "cachemw").splitlines()
+
+
+def node_urls(url: str) -> list[str]:
+    """A test URL's nodes as plain ``redis://`` URLs: the server itself, or every seed of a cluster URL."""
+    if url.startswith("redis+cluster://"):
+        return [f"redis://{seed}" for seed in url.split("//", 1)[1].split(",")]
+    return [url]
+
+
+@asynccontextmanager
+async def raw_redis(url: str) -> AsyncIterator[Any]:
+    """A plain redis-py asyncio client on a test URL, to act behind cachemw's back: Redis, or RedisCluster."""
+    client: Any
+    if url.startswith("redis+cluster://"):
+        seeds = [seed.rpartition(":") for seed in url.split("//", 1)[1].split(",")]
+        client = redis.asyncio.RedisCluster(startup_nodes=[redis.asyncio.cluster.ClusterNode(host, int(port))
+                                                           for host, _, port in seeds])
+        await client.initialize()  # the slot map, for callers that ask which node holds a key
+    else:
+        client = redis.asyncio.Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

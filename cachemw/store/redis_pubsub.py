@@ -23,9 +23,14 @@ The link is watched: a PING every third of ``Notifications.link_bound``; with no
 heard for that bound, the link is silent and counts as lost (``listening`` goes False:
 the L1 is bypassed and its copies never answer again), until anything is heard again
 (the same TCP stream: whatever was sent meanwhile comes first). Silent for long, the
-connection is dropped and made anew. On a Redis Cluster, invalidations would come from
-each key's own master: there the subscription stays as it was (one node, no tracking),
-and the L1 keeps the ``sync`` bound alone.
+connection is dropped and made anew.
+
+On a Redis Cluster the announcements arrive through redis-py's PubSub on one node
+(PUBLISH reaches every node), but each key's changes are known only to its own master:
+there one tracking link per master (its own connection, tracking redirected to itself,
+watched by the same PING) runs beside the subscription. A link that fails or goes
+silent ends the whole session, so the L1 is flushed and the session is made anew from
+the current slot map, which also follows a failover to a new set of masters.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from cachemw.core.keyspace import is_entry_key
 from cachemw.store.base import Notifications
 from cachemw.store.redis_clients import close_client
 
-__all__ = ["TRACKING_CHANNEL", "Subscription"]
+__all__ = ["TRACKING_CHANNEL", "Subscription", "TrackingLink", "track_here"]
 
 logger = logging.getLogger("cachemw.store.redis")  # where these lines were logged before the split
 
@@ -142,26 +147,7 @@ class Subscription:
                 await pool.release(conn)
 
     async def _track(self, conn: Any) -> bool:
-        """Turn on broadcast tracking of the entry keys, redirected to this connection, where Redis can."""
-        if self.tracking_prefix is None:
-            return False
-        try:
-            await conn.send_command("HELLO")  # no protocol version: tells the server's, changes nothing
-            hello = await conn.read_response(timeout=_SETUP_TIMEOUT)
-            if _major(hello) < 6:
-                return False
-            await conn.send_command("CLIENT", "ID")
-            own_id = int(await conn.read_response(timeout=_SETUP_TIMEOUT))
-            await conn.send_command("CLIENT", "TRACKING", "on", "REDIRECT", own_id, "BCAST", "PREFIX",
-                                    self.tracking_prefix)
-            answer = await conn.read_response(timeout=_SETUP_TIMEOUT)
-        except (ConnectionError, TimeoutError, OSError):
-            raise
-        except Exception as exc:  # an error reply: Redis before 6, or an ACL without CLIENT
-            logger.info("cachemw: Redis does not track keys for this connection (%r); the L1 keeps the sync bound",
-                        exc)
-            return False
-        return answer in (b"OK", "OK")
+        return self.tracking_prefix is not None and await track_here(conn, self.tracking_prefix)
 
     async def _watch(self, conn: Any) -> None:
         """PING every third of the bound; nothing heard for the bound: deaf until heard again."""
@@ -196,27 +182,114 @@ class Subscription:
             else:
                 notifications.invalidation_message(reply[2])
 
-    # -- a Redis Cluster: redis-py's PubSub on one node, no tracking --------------------------
+    # -- a Redis Cluster: redis-py's PubSub on one node, a tracking link per master ------------
 
     async def _cluster_session(self, client: RedisCluster, channel: str, invalidation_channel: str,
                                fills: bytes, ready: Callable[[], None]) -> None:
         pubsub = client.pubsub()
         try:
             await client.initialize()  # the slot map picks the node to subscribe on
+            if self._heard:  # a session before this one was lost: maybe with a master, so ask anew
+                await client.nodes_manager.initialize()
             await pubsub.subscribe(channel, invalidation_channel)
-            self._heard = time.monotonic()
-            self._heard_again()
-            ready()
-            async for message in pubsub.listen():
-                if message.get("type") != "message":
-                    continue
-                if message.get("channel") == fills:
-                    self.notifications.fill_message(message.get("data"))
-                else:
-                    self.notifications.invalidation_message(message.get("data"))
+            async with anyio.create_task_group() as group:
+                if self.tracking_prefix is not None:
+                    links = [TrackingLink(node, self.tracking_prefix, self.notifications)
+                             for node in client.get_primaries()]
+                    tracked = [await group.start(link.run) for link in links]
+                    self.tracking = bool(tracked) and all(tracked)
+                self._heard = time.monotonic()
+                self._heard_again()
+                ready()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    if message.get("channel") == fills:
+                        self.notifications.fill_message(message.get("data"))
+                    else:
+                        self.notifications.invalidation_message(message.get("data"))
+                raise ConnectionError("the cluster subscription ended")
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+
+class TrackingLink:
+    """One Cluster master's tracking link: its own connection, which Redis tells of changes to our keys.
+
+    It never ends quietly: a lost or silent link raises, and the session around it
+    (``Subscription._cluster_session``) flushes the L1 and starts again.
+    """
+
+    __slots__ = ("_heard", "node", "notifications", "prefix")
+
+    def __init__(self, node: Any, prefix: str, notifications: Notifications) -> None:
+        self.node = node
+        self.prefix = prefix
+        self.notifications = notifications
+        self._heard = 0.0
+
+    async def run(self, *, task_status: TaskStatus[bool] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start tracking (``started(True)``; False where this master cannot track), then read until lost."""
+        conn = self.node.connection_class(**self.node.connection_kwargs)  # ours alone: not from the node's pool
+        try:
+            with anyio.fail_after(_SETUP_TIMEOUT):
+                await conn.connect()
+            if not await track_here(conn, self.prefix):
+                task_status.started(False)
+                await anyio.sleep_forever()  # nothing to read: the L1 keeps the sync bound for this master
+            await conn.send_command("SUBSCRIBE", TRACKING_CHANNEL)
+            reply = await conn.read_response(timeout=_SETUP_TIMEOUT)
+            if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
+                raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+            self._heard = time.monotonic()
+            task_status.started(True)
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._watch, conn)
+                await self._read(conn)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    async def _watch(self, conn: Any) -> None:
+        while True:
+            bound = max(self.notifications.link_bound, 0.01)
+            await anyio.sleep(bound / 3)
+            if not conn.is_connected:
+                raise ConnectionError(f"the tracking link to {self.node.name} closed")
+            await conn.send_command("PING")
+            silent = time.monotonic() - self._heard
+            if silent > bound:
+                raise TimeoutError(f"the tracking link to {self.node.name} was silent for {silent:.3f} s")
+
+    async def _read(self, conn: Any) -> None:
+        while True:
+            reply = await conn.read_response(timeout=math.inf)
+            self._heard = time.monotonic()
+            if isinstance(reply, list) and len(reply) >= 3 and reply[0] == b"message" and reply[1] == TRACKING_CHANNEL:
+                data = reply[2]
+                self.notifications.keys_message(_entry_keys(data) if isinstance(data, list) else data)
+
+
+async def track_here(conn: Any, prefix: str) -> bool:
+    """Turn on broadcast tracking of the keys under ``prefix``, redirected to ``conn``, where Redis can."""
+    try:
+        await conn.send_command("HELLO")  # no protocol version: tells the server's, changes nothing
+        hello = await conn.read_response(timeout=_SETUP_TIMEOUT)
+        if _major(hello) < 6:
+            return False
+        await conn.send_command("CLIENT", "ID")
+        own_id = int(await conn.read_response(timeout=_SETUP_TIMEOUT))
+        await conn.send_command("CLIENT", "TRACKING", "on", "REDIRECT", own_id, "BCAST", "PREFIX",
+                                prefix)
+        answer = await conn.read_response(timeout=_SETUP_TIMEOUT)
+    except (ConnectionError, TimeoutError, OSError):
+        raise
+    except Exception as exc:  # an error reply: Redis before 6, or an ACL without CLIENT
+        logger.info("cachemw: Redis does not track keys for this connection (%r); the L1 keeps the sync bound",
+                    exc)
+        return False
+    return answer in (b"OK", "OK")
 
 
 def _entry_keys(data: Sequence[object]) -> list[object]:

@@ -14,10 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cachemw import CacheMiddleware, Settings, cache
-from tests.helpers import lifespan
+from cachemw import CacheMiddleware, RedisStore, Settings, cache
+from tests.helpers import eventually, lifespan, raw_redis
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import started
+from tests.runtime.test_invalidation import servers, version, warm
 
 pytestmark = pytest.mark.anyio
 
@@ -75,3 +76,45 @@ async def test_killing_a_master_during_traffic(cluster_with_replicas: LocalClust
         finally:
             victim.start()
 
+
+
+async def test_after_a_failover_the_new_master_tracks_our_keys(cluster_with_replicas: LocalCluster) -> None:
+    """Each master tracks its own keys: when one dies, its promoted replica must get a tracking link too."""
+    cluster = cluster_with_replicas
+    cluster.wait_ok()
+    cluster.flushall()
+    async with servers(cluster.url, sync=30.0) as (db, _apps, (_a, b), (_, store_b)):
+        store = store_b.inner
+        assert isinstance(store, RedisStore)
+        await eventually(lambda: _true(store.listening and store.tracking), what="tracking on every master")
+        await warm(b, store_b)
+        key = store_b.keys_set[-1]
+        async with raw_redis(cluster.url) as raw:
+            owner_port = int(raw.get_node_from_key(key).port)
+        owner = next(node for node in cluster.nodes if node.port == owner_port)
+        owner.stop()  # the entry's master dies; its replica takes over after the node timeout
+        try:
+            await eventually(lambda: _true(not store.tracking), what="B noticing a tracking link is gone")
+            await eventually(lambda: _true(store.listening and store.tracking), within=30,
+                             what="tracking on every master again, the promoted replica included")
+            await eventually(lambda: _hit(b), within=30, what="B answering from its L1 again")
+            # Behind cachemw's back, on the new master: only its tracking can tell B within sync.
+            db.versions[1] = 9
+            async with raw_redis(cluster.url) as raw:
+                assert await raw.delete(key) == 1
+            await eventually(lambda: _sees(b, 9), what="B evicting its copy on the new master's word")
+        finally:
+            owner.start()  # it rejoins as a replica
+            cluster.wait_ok()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _hit(b: httpx.AsyncClient) -> bool:
+    return (await version(b))[0] == "HIT"
+
+
+async def _sees(b: httpx.AsyncClient, expected: int) -> bool:
+    return (await version(b))[1] == expected
