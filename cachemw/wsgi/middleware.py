@@ -33,7 +33,7 @@ from cachemw.core.settings import Settings
 from cachemw.frameworks.django import DjangoRoutes, is_django_handler
 from cachemw.frameworks.flask import find_flask_app
 from cachemw.runtime.accesslog import AccessLog
-from cachemw.runtime.context import enter
+from cachemw.runtime.context import enter, leave
 from cachemw.runtime.looplag import LoopLag
 from cachemw.runtime.runtime import CacheRuntime, Identity
 from cachemw.runtime.shell import CacheShell
@@ -159,12 +159,10 @@ class CacheMiddleware(CacheShell):
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         loop = self._started_loop()
         table = self.cache.table
-        enter(self)  # current_cache(), invalidate() and detach() in the view's thread reach this cache
-        self.cache.supervisor.bind()
         route = route_of(environ)
         match = None if table is None else table.match_scope(route)
         if match is None:
-            return self.app(environ, start_response)
+            return self._view(environ, start_response)
         scope = scope_of(environ, route)
         scope["cachemw.environ"] = environ
         thread_path = self._thread_path
@@ -176,13 +174,27 @@ class CacheMiddleware(CacheShell):
         loop.spawn(self._carry, exchange)
         reply = _first_reply(exchange, loop)
         if reply is None:  # the cache's loop stopped: the app answers
-            return self.app(environ, start_response)
+            return self._view(environ, start_response)
         kind, value = reply
         if kind == DONE:
             return respond(value, start_response)
         if kind == RAISED:
             raise value
-        return exchange.run_app(self.app, value, start_response)
+        return exchange.run_app(self._view, value, start_response)
+
+    def _view(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """The app, called so that current_cache(), invalidate() and detach() in its view reach this cache.
+
+        Only while the app is called (where Flask and Django run the view): the thread's context
+        forgets it after, as a test calling the app in its own thread expects.
+        """
+        supervisor = self.cache.supervisor
+        entered, bound = enter(self), supervisor.bind()
+        try:
+            return self.app(environ, start_response)
+        finally:
+            leave(entered)
+            supervisor.unbind(bound)
 
     async def _carry(self, exchange: Exchange) -> None:
         """On the loop: the ASGI handler's decision for one request, told to the request's thread."""
@@ -216,7 +228,7 @@ class CacheMiddleware(CacheShell):
                 supervisor.home_thread = loop.thread_id
                 runtime = self.cache.runtime
                 if runtime is not None:
-                    self._thread_path = ThreadPath(self.app, runtime, blocking_client(runtime), loop,
+                    self._thread_path = ThreadPath(self._view, runtime, blocking_client(runtime), loop,
                                                    self._thread_identity)
         return loop
 

@@ -11,6 +11,8 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
+from cachemw.runtime.context import current_cache
+from cachemw.runtime.supervisor import current_supervisor
 from tests.apps.flask_shop import make_app
 from tests.budgets import Budgets
 from tests.helpers import eventually_sync
@@ -105,6 +107,19 @@ def test_a_sync_view_purges_by_tag(shop: tuple[Flask, FlaskClient, redis.Redis])
 def test_detach_from_a_sync_view_runs_after_the_response(shop: tuple[Flask, FlaskClient, redis.Redis]) -> None:
     _, client, counts = shop
     assert client.post("/later").json == {"taken": True}
+    eventually_sync(lambda: _runs(counts, "detached") == 1, what="the detached job running")
+
+
+def test_the_callers_thread_forgets_the_cache_after_a_request(shop: tuple[Flask, FlaskClient, redis.Redis]) -> None:
+    """The test client calls the app in this thread: later code here must not find a cache it never had."""
+    _, client, counts = shop
+    assert client.post("/later").json == {"taken": True}  # the view reached the cache through detach()
+    for path in ("/items/4", "/plain"):
+        assert client.get(path).status_code == 200
+    with pytest.raises(RuntimeError, match="no CacheMiddleware"):
+        current_cache()
+    with pytest.raises(RuntimeError):
+        current_supervisor()
     eventually_sync(lambda: _runs(counts, "detached") == 1, what="the detached job running")
 
 
