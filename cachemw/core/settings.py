@@ -83,6 +83,9 @@ class Settings:
     # After the app's startup, gc.freeze(): full collections then skip what startup made (modules, routes,
     # the app), which keeps their pauses, and so the tail latency, short. Process-wide; false to leave it.
     gc_freeze: bool = True
+    # Redis 6+ tells every server of a change to an entry key (client-side caching, broadcast mode), so L1
+    # copies are evicted at once, not up to ``sync`` later; false: no tracking link, the ``sync`` bound alone.
+    tracking: bool = True
     presets: Mapping[str, Policy] = field(default_factory=lambda: dict(PRESETS))
     rules: tuple[FileRule, ...] = ()
     source: str | None = None  # the file these came from
@@ -103,7 +106,7 @@ _COUNT_SETTINGS = {
     "origin_concurrency": (0, 1_000_000),
     "retry_after": (0, 86400),
 }
-_BOOL_SETTINGS = {"gc_freeze"}
+_BOOL_SETTINGS = {"gc_freeze", "tracking"}
 _URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
                 "rediss+sentinel://")
 _SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", "credentials", *_DURATION_SETTINGS,

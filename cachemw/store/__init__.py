@@ -16,8 +16,11 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", 
 
 
 def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int, prefix: str = "cachemw",
-                   background_timeout: float = 2.0, grace: float | None = None) -> Store:
-    """The store a configuration names: no URL means the in-process memory store."""
+                   background_timeout: float = 2.0, grace: float | None = None, tracking: bool = True) -> Store:
+    """The store a configuration names: no URL means the in-process memory store.
+
+    ``tracking``: Redis reports changes to the entry keys, where it can (``redis_pubsub``).
+    """
     if url is None:
         return MemoryStore(max_bytes=memory_max_bytes)
     scheme = urlsplit(url).scheme.lower()
@@ -26,7 +29,7 @@ def store_from_url(url: str | None, *, timeout: float, memory_max_bytes: int, pr
         store = RedisStore.from_url(url, timeout=timeout, background_timeout=background_timeout, grace=grace)
         store.channel = fill_channel(prefix)
         store.invalidation_channel = invalidation_channel(prefix)
-        store.track(entry_prefix(prefix))
+        store.track(entry_prefix(prefix) if tracking else None)
         return store
     accepted = ", ".join(f"{s}://" for s in _REDIS_SCHEMES)
     # Don't echo the whole URL: it may carry a password.

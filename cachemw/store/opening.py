@@ -22,7 +22,8 @@ def open_store(settings: Settings, *, timeout: float | None = None) -> Store:
             check_redis_url(settings.redis_url)
         return store_from_url(settings.redis_url, timeout=settings.store_timeout if timeout is None else timeout,
                               memory_max_bytes=settings.memory_max_bytes, prefix=settings.key_prefix,
-                              background_timeout=settings.background_timeout, grace=settings.store_grace)
+                              background_timeout=settings.background_timeout, grace=settings.store_grace,
+                              tracking=settings.tracking)
     except ValueError as exc:
         url = f" {masked_url(settings.redis_url)!r}" if settings.redis_url else ""
         raise ConfigError(f"{settings.source or 'settings'}: field 'redis_url'{url}: {exc}") from None

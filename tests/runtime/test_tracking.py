@@ -14,10 +14,14 @@ import json
 import httpx
 import pytest
 import redis.asyncio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
-from cachemw import RedisStore
+from cachemw import CacheMiddleware, RedisStore, Settings, cache
 from cachemw.core.entry import decode_entry, encode_entry
-from tests.helpers import SpyStore, eventually, find_middleware, node_urls, raw_redis
+from tests.helpers import SpyStore, client, eventually, find_middleware, lifespan, node_urls, raw_redis, store_of
 from tests.redis_server import RedisServer
 from tests.runtime.test_invalidation import Database, servers, version, warm
 
@@ -152,3 +156,25 @@ async def test_garbage_on_the_tracking_channel_and_foreign_keys_break_nothing(re
             await raw.aclose()
         await _changed_behind_our_back(redis_url, db, store_b.keys_set[-1], 5, b)
 
+
+
+@pytest.mark.parametrize("tracking", [True, False])
+async def test_the_tracking_setting_turns_the_link_on_and_off(redis_url: str, tracking: bool) -> None:
+    @cache(ttl="5m", sync=SYNC)
+    async def page(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("page")
+
+    app = Starlette(routes=[Route("/page", page)])
+    app.add_middleware(CacheMiddleware, redis_url=redis_url, settings=Settings(tracking=tracking))
+    async with lifespan(app), client(app) as http:
+        assert (await http.get("/page")).status_code == 200
+        store = store_of(app)
+        assert isinstance(store, RedisStore)
+        await eventually(lambda: _true(store.listening), what="the subscription listening")
+        if tracking:
+            await _tracked(store)
+        else:
+            assert not store.tracking
+        async with raw_redis(redis_url) as raw:
+            trackers = [entry for entry in await raw.client_list() if "t" in entry.get("flags", "")]
+        assert bool(trackers) is tracking
