@@ -1,6 +1,6 @@
 """Server-assisted L1 invalidation: Redis tracks the entry keys and every server's L1 evicts what changed.
 
-Two app instances on one real Redis (or a 3-master Cluster, where each master tracks its
+Two app instances on one real Redis (a Sentinel-named master, or a 3-master Cluster, where each master tracks its
 own keys), ``sync`` 30 s: only Redis's tracking messages can explain B dropping its L1
 copy within the condition budget. Each test fails with
 tracking off (``servers(..., tracking=False)``: B keeps answering its old copy).
@@ -70,7 +70,15 @@ async def _tracked(store: RedisStore) -> None:
 
 
 async def test_a_purge_on_a_evicts_bs_copy_without_any_broadcast(shared_url: str) -> None:
-    async with servers(shared_url, sync=SYNC, tracking=TRACKING) as (db, apps, (_a, b), (store_a, store_b)):
+    await _purge_on_a_reaches_b(shared_url)
+
+
+async def test_a_sentinel_named_master_is_tracked(sentinel_url: str) -> None:
+    await _purge_on_a_reaches_b(sentinel_url)
+
+
+async def _purge_on_a_reaches_b(url: str) -> None:
+    async with servers(url, sync=SYNC, tracking=TRACKING) as (db, apps, (_a, b), (store_a, store_b)):
         # A announces its purges on a channel nobody hears: only Redis's own messages reach B.
         _redis(store_a).invalidation_channel = "elsewhere:invalidations"
         await warm(b, store_b)
