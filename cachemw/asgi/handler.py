@@ -179,7 +179,7 @@ class RequestHandler:
                    fallback: Entry | None, started: float) -> None:
         runtime = self.runtime
         key = plan.key
-        scope = without_unkeyed_overrides(scope, plan.policy)
+        scope = without_unkeyed_overrides(scope, plan.policy, headers.values)
         flights = runtime.flights
         flight = flights.get(key)
         if flight is not None:
