@@ -120,7 +120,10 @@ class RequestHandler:
         plan: FillPlan | None = None
         ticket = runtime.l1.seq  # an eviction heard while the read is in flight keeps its copy out of the L1
         if runtime.lookup_locks and match.rule.template in runtime.missing:
-            plan, data, failed = await self.read_or_lock(key, policy, match, scope)
+            # A route that has been missing: where the key holds nothing, the lock is tried in the
+            # same round trip (inline: a coroutine of its own would be one more frame per miss).
+            plan = runtime.planner.plan(key, policy, match, scope["path"])
+            data, failed = await runtime.locks.get_or_lock(plan, runtime.missing)
         else:
             data, failed = await runtime.guarded.get(key)
         if is_pass_marker(data):
@@ -147,17 +150,6 @@ class RequestHandler:
         await self.miss(scope, receive, send, plan or runtime.planner.plan(key, policy, match, scope["path"]),
                         headers, entry if step is Step.FILL_WITH_FALLBACK else None, started)
 
-    async def read_or_lock(self, key: str, policy: Policy, match: RouteMatch, scope: Scope
-                           ) -> tuple[FillPlan, bytes | None, bool]:
-        """The lookup of a route that has been missing: where the key holds nothing, the lock is tried in the
-        same round trip."""
-        runtime = self.runtime
-        plan = runtime.planner.plan(key, policy, match, scope["path"])
-        data, failed = await runtime.locks.get_or_lock(plan)
-        if data is not None:
-            runtime.missing.discard(match.rule.template)
-        return plan, data, failed
-
     async def answer_stale(self, step: Step, entry: Entry, scope: Scope, headers: RequestHeaders, send: Send,
                            match: RouteMatch, key: str, started: float, now: float) -> None:
         """Answer from a stored entry that is not fresh: stale (one refresh starts), or as the fallback of a
@@ -179,7 +171,7 @@ class RequestHandler:
                    fallback: Entry | None, started: float) -> None:
         runtime = self.runtime
         key = plan.key
-        scope = without_unkeyed_overrides(scope, plan.policy)
+        scope = without_unkeyed_overrides(scope, plan.policy, headers.values)
         flights = runtime.flights
         flight = flights.get(key)
         if flight is not None:
@@ -197,9 +189,19 @@ class RequestHandler:
                 status = await serve(shared, scope, headers, send, time.time(), MISS, http.STATUS_COLLAPSED)
                 runtime.log(plan.match, key, "MISS", status, None, started, len(shared.body), "collapsed")
                 return
+            # The origin slot taken here when one is free (a miss's usual case): forward() is one
+            # more frame that every resumption of the app's call would pass through.
+            slot = runtime.origin.take_nowait(plan.match.rule.template)
             try:
-                entry, failed, failure = await self.forward(scope, receive, send, headers, plan, fallback, started,
-                                                            flight)
+                if slot is None:
+                    entry, failed, failure = await self.forward(scope, receive, send, headers, plan, fallback,
+                                                                started, flight)
+                else:
+                    try:
+                        entry, failed, failure = await self.call_origin(scope, receive, send, headers, plan,
+                                                                        fallback, started, flight)
+                    finally:
+                        slot.release()
             except BaseException as exc:
                 # The app raised, or this request was cancelled (the client left, waiting for a slot or
                 # the app): the lock goes at once, not after lock_timeout, unless a fill job has it.

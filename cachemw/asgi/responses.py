@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import anyio
@@ -41,10 +41,17 @@ MISS = b"MISS"
 BYPASS = b"BYPASS"
 
 
-def without_unkeyed_overrides(scope: Scope, policy: Policy) -> Scope:
-    """Headers that make apps answer for another host, scheme, URL or method never reach them unkeyed."""
+def without_unkeyed_overrides(scope: Scope, policy: Policy, names: Collection[bytes] | None = None) -> Scope:
+    """Headers that make apps answer for another host, scheme, URL or method never reach them unkeyed.
+
+    ``names``: the request's header names, where a caller has them gathered (``RequestHeaders.values``):
+    then the usual case, none of them, is one set operation in C.
+    """
     headers = scope.get("headers", ())
-    if not any(name in http.OVERRIDE_HEADERS for name, _ in headers):
+    if names is not None:
+        if http.OVERRIDE_HEADERS.isdisjoint(names):
+            return scope
+    elif not any(name in http.OVERRIDE_HEADERS for name, _ in headers):
         return scope
     keyed = {name.encode("latin-1") for name in policy.vary_headers}
     kept = [(name, value) for name, value in headers if name not in http.OVERRIDE_HEADERS or name in keyed]
@@ -131,9 +138,9 @@ class FillResponder:
     ``hold_errors`` a 5xx is swallowed, so a stale entry can answer instead.
     """
 
-    __slots__ = ("_chunks", "_entry", "_etag", "_failure_chunks", "_head", "_headers", "_held", "_hold_errors",
-                 "_policy", "_send", "cache_status", "complete", "deadline", "failed_status", "flight", "response_tags",
-                 "size", "started", "status", "storable", "stored_at")
+    __slots__ = ("_chunks", "_entry", "_etag", "_failure_chunks", "_given_etag", "_head", "_headers", "_held",
+                 "_hold_errors", "_policy", "_send", "cache_status", "complete", "deadline", "failed_status", "flight",
+                 "response_tags", "size", "started", "status", "storable", "stored_at")
 
     def __init__(self, send: Send, policy: Policy, *, head: bool, cache_status: bytes, hold_errors: bool) -> None:
         self._send = send
@@ -144,7 +151,8 @@ class FillResponder:
         self._chunks: list[bytes] = []
         self._failure_chunks: list[bytes] | None = None  # a copy of a 5xx answer, for the waiters to share
         self._entry: Entry | None = None
-        self._etag: bytes | None = None
+        self._etag: bytes | None = None  # made here, from the body
+        self._given_etag: bytes | None = None  # the app's own
         # Finished with the entry once the whole response went out. Not a callback: a closure over the
         # responder would make a reference cycle of every miss, left to the garbage collector to free.
         self.flight: Flight | None = None
@@ -188,8 +196,20 @@ class FillResponder:
             return None
         if self.deadline is not None:
             self.deadline.deadline = math.inf  # answered in time: let the body take what it takes
-        raw_headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != http.CACHE_TAG]
-        if len(raw_headers) != len(message.get("headers", ())):
+        # One pass over the app's headers for all that the copy needs from them.
+        raw_headers: list[tuple[bytes, bytes]] = []
+        tagged = announced = False
+        for name, value in message.get("headers", ()):
+            lowered = name.lower()
+            if lowered == http.CACHE_TAG:
+                tagged = True
+                continue
+            if lowered == b"content-length":
+                announced = True
+            elif lowered == b"etag" and self._given_etag is None:
+                self._given_etag = value
+            raw_headers.append((name, value))
+        if tagged:
             # Tags the handler adds to its own entry; the client never sees the header.
             self.response_tags = http.parse_cache_tags(message["headers"])
         self._headers = raw_headers
@@ -202,7 +222,7 @@ class FillResponder:
         # A response that announces its length (Starlette's Response) sends its body at once:
         # hold the start to add the ETag. A stream may wait long for its first chunk (events,
         # long polls): its start goes out now, without an ETag on this miss.
-        if self.storable and http.header_values(raw_headers, b"content-length"):
+        if self.storable and announced:
             self._held = start
             return None
         return start
@@ -214,7 +234,7 @@ class FillResponder:
         self._copy(body)
         if self._held is not None:
             held, self._held = self._held, None
-            if not more and self.storable and http.response_etag(self._headers) is None:
+            if not more and self.storable and self._given_etag is None:
                 self._etag = http.make_etag(body)  # the entry's too: the body is this one chunk
                 held["headers"].append((b"etag", self._etag))
             await self._send(held)
@@ -259,7 +279,7 @@ class FillResponder:
         if self._entry is not None:
             return self._entry
         body = b"".join(self._chunks)
-        etag = self._etag or http.response_etag(self._headers) or http.make_etag(body)
+        etag = self._etag or self._given_etag or http.make_etag(body)
         self._entry = Entry(
             status=self.status,
             headers=http.stored_headers(self._headers, etag, len(body), self.status),

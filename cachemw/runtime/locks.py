@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Coroutine
 from random import getrandbits
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -69,21 +71,30 @@ class FillLocks:
         self.pending_releases: dict[str, str] = {}  # lock releases a full queue shed: key -> token
         self._releases_wanted: anyio.Event | None = None
 
-    async def lock(self, plan: FillPlan, *, lookup: bool = False, background: bool = False) -> LockResult | None:
-        """The plan's lock attempt; None if the store failed (the app answers)."""
-        return await self.guarded.lock(plan.key, self.lock_timeout, plan.generation_keys, new_token(), lookup=lookup,
+    def lock(self, plan: FillPlan, *, lookup: bool = False, background: bool = False
+             ) -> Coroutine[Any, Any, LockResult | None]:
+        """The plan's lock attempt, to await; None if the store failed (the app answers).
+
+        Not a coroutine itself: a miss's lookup awaits the guarded store's directly, one frame fewer.
+        """
+        return self.guarded.lock(plan.key, self.lock_timeout, plan.generation_keys, new_token(), lookup=lookup,
                                        background=background, release=self.release)
 
-    async def get_or_lock(self, plan: FillPlan) -> tuple[bytes | None, bool]:
+    async def get_or_lock(self, plan: FillPlan, missing: set[str] | None = None) -> tuple[bytes | None, bool]:
         """A lookup for a route that has been missing: where the key holds nothing, the lock is tried too.
 
-        That attempt's result waits in ``plan.looked_up`` for ``lock_or_wait``.
+        That attempt's result waits in ``plan.looked_up`` for ``lock_or_wait``. ``missing``: the
+        routes whose lookups try the lock; the plan's route leaves it when its key holds a value.
         """
         waiter = self.store.notifications.waiter(plan.key)  # before the attempt: no announcement slips past
         result = await self.lock(plan, lookup=True)
         if result is None or result[1] is not None:
             waiter.close()
-            return (None, True) if result is None else (result[1], False)
+            if result is None:
+                return None, True
+            if missing is not None:
+                missing.discard(plan.match.rule.template)
+            return result[1], False
         plan.looked_up, plan.waiter = result, waiter
         return None, False
 

@@ -40,8 +40,9 @@ def _take_all(semaphores: tuple[anyio.Semaphore, ...], guard: threading.Lock) ->
     """All of them or none, under ``guard``; never releases (a release may wake a waiter, which only the
     loop's thread may)."""
     with guard:
-        if any(semaphore.value == 0 for semaphore in semaphores):
-            return None
+        for semaphore in semaphores:  # a loop, not any() over a generator: every miss comes here
+            if semaphore.value == 0:
+                return None
         for semaphore in semaphores:
             semaphore.acquire_nowait()
     return Slot(semaphores, guard)
@@ -80,16 +81,21 @@ class OriginSlots:
     def __init__(self, limit: int) -> None:
         self._global = _Pool(limit) if limit > 0 else None
         self._routes: dict[str, _Pool] = {}
+        self._semaphores: dict[str, tuple[anyio.Semaphore, ...]] = {}  # per route, once its pools made them
         self.rejected = 0  # requests answered 503 for want of a slot
         self._taking = threading.Lock()  # takes without waiting and releases: from the loop and from request threads
 
     def bound_route(self, route: str, limit: int) -> None:
         if limit > 0:
             self._routes[route] = _Pool(limit)
+            self._semaphores.pop(route, None)
 
     def take_nowait(self, route: str) -> Slot | None:
         """A slot now, without a checkpoint (the common case costs no loop turn), or None."""
-        return _take_all(tuple(pool.semaphore() for pool in self._pools(route)), self._taking)
+        semaphores = self._semaphores.get(route)
+        if semaphores is None:  # a pool keeps the semaphore it made: the tuple is made once per route
+            semaphores = self._semaphores[route] = tuple(pool.semaphore() for pool in self._pools(route))
+        return _take_all(semaphores, self._taking)
 
     def take_in_thread(self, route: str) -> Slot | None:
         """``take_nowait`` from a thread that is not the loop's; None also before the loop made the pools.

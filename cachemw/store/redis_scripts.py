@@ -151,7 +151,11 @@ def lookup_lock_result(reply: Any, token: str) -> LockResult:
     if reply[0] == 2:
         return None, reply[1], ()
     taken, _, generations = reply
-    return (token if taken else None), None, tuple(generation(g) for g in generations)
+    # Tags never invalidated (a miss's usual case) read back as nils: no call per generation then.
+    if generations.count(None) == len(generations):
+        return (token if taken else None), None, (0,) * len(generations)
+    known = tuple(map(generation, generations))
+    return (token if taken else None), None, known
 
 
 def fill_call(key: str, value: bytes, ttl: float, token: str | None, channel: str, tag_sets: Sequence[str],
@@ -160,4 +164,4 @@ def fill_call(key: str, value: bytes, ttl: float, token: str | None, channel: st
     """``FILL_ALL_SCRIPT``'s keys and arguments: store unless a generation moved, index, release, announce."""
     return ([key, lock_key(key), wait_key(key), *tag_sets, *generation_keys],
             [value, millis(ttl), token or "", channel, score(now, math.floor), score(now + ttl, math.ceil),
-             millis(ttl + 60), len(tag_sets), *(str(g) for g in generations)])
+             millis(ttl + 60), len(tag_sets), *map(str, generations)])
