@@ -32,7 +32,7 @@ from opentelemetry.trace import SpanKind, TracerProvider
 
 from cachemw.core.metrics import BUCKETS, RouteMetrics
 from cachemw.runtime.shell import CacheShell
-from cachemw.runtime.supervisor import JobFunction
+from cachemw.runtime.supervisor import JobCounters, JobFunction
 
 __all__ = ["SPAN_KINDS", "instrument"]
 
@@ -41,6 +41,7 @@ SPAN_KINDS = {"fill": "cachemw.fill", "refresh": "cachemw.refresh", "purge": "ca
 _OUTCOMES = ("done", "failed", "shed", "abandoned")
 _WITHIN = (*(repr(float(bound)) for bound in BUCKETS), "+Inf")
 
+Reading = Iterable[tuple[float, dict[str, str]]]
 _instrumented: weakref.WeakSet[CacheShell] = weakref.WeakSet()
 
 
@@ -51,6 +52,8 @@ def instrument(cache: CacheShell, *, meter_provider: MeterProvider | None = None
     By default to the global providers the app set up (``opentelemetry.metrics.set_meter_provider``, ...).
     Call it once the cache's supervisor is final: from the app's lifespan startup
     (``instrument(find_cache(app))``), or let ``otel = true`` in the settings do it.
+    Several caches of one process (two mounted apps) report to one provider together: their
+    counts of a route template add up.
     """
     if cache.runtime is None:
         raise RuntimeError("cachemw.otel.instrument: this CacheMiddleware has not started yet. HINT: call it from "
@@ -60,12 +63,13 @@ def instrument(cache: CacheShell, *, meter_provider: MeterProvider | None = None
     _instrumented.add(cache)
     from cachemw import __version__
 
-    meter = metrics.get_meter("cachemw", __version__, meter_provider=meter_provider)
-    _observe_routes(meter, cache)
-    _observe_process(meter, cache)
-    origin = meter.create_histogram("cachemw.origin.duration", unit="s",
-                                    description="Time the app took on misses and bypasses.",
-                                    explicit_bucket_boundaries_advisory=list(BUCKETS))
+    provider = meter_provider or metrics.get_meter_provider()
+    reporter = _reporters.get(provider)
+    if reporter is None:
+        reporter = _reporters[provider] = _Reporter(metrics.get_meter("cachemw", __version__,
+                                                                      meter_provider=provider))
+    reporter.caches.add(cache)
+    origin = reporter.origin
     cache.metrics.tee_origin(lambda route_metrics: _recorder(origin, route_metrics))
     tracer = trace.get_tracer("cachemw", __version__, tracer_provider=tracer_provider)
     cache.supervisor.wrap_job = _JobSpans(tracer).wrap
@@ -103,78 +107,101 @@ def outcomes(route_metrics: RouteMetrics) -> Iterator[tuple[str, str, int]]:
     yield "bypass", "origin", m.bypass
 
 
-def _observe_routes(meter: metrics.Meter, cache: CacheShell) -> None:
-    def routes() -> list[RouteMetrics]:
-        return list(cache.metrics.routes.values())  # a copy: the loop may add a route while a reader collects
+def _routes(cache: CacheShell) -> list[RouteMetrics]:
+    return list(cache.metrics.routes.values())  # a copy: the loop may add a route while a reader collects
 
-    def requests(options: CallbackOptions) -> Iterable[Observation]:
-        for m in routes():
-            attributes = _route_attributes(m)
-            for outcome, tier, count in outcomes(m):
-                yield Observation(count, {**attributes, "cachemw.outcome": outcome, "cachemw.tier": tier})
 
-    def refreshes(options: CallbackOptions) -> Iterable[Observation]:
-        for m in routes():
-            attributes = _route_attributes(m)
-            yield Observation(m.refresh_ok, {**attributes, "cachemw.result": "ok"})
-            yield Observation(m.refresh_failed, {**attributes, "cachemw.result": "failed"})
+def _requests(cache: CacheShell) -> Reading:
+    for m in _routes(cache):
+        attributes = _route_attributes(m)
+        for outcome, tier, count in outcomes(m):
+            yield count, {**attributes, "cachemw.outcome": outcome, "cachemw.tier": tier}
 
-    def per_route(read: Callable[[RouteMetrics], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+
+def _refreshes(cache: CacheShell) -> Reading:
+    for m in _routes(cache):
+        attributes = _route_attributes(m)
+        yield m.refresh_ok, {**attributes, "cachemw.result": "ok"}
+        yield m.refresh_failed, {**attributes, "cachemw.result": "failed"}
+
+
+def _per_route(read: Callable[[RouteMetrics], int]) -> Callable[[CacheShell], Reading]:
+    return lambda cache: [(read(m), _route_attributes(m)) for m in _routes(cache)]
+
+
+def _jobs(read: Callable[[JobCounters], Reading]) -> Callable[[CacheShell], Reading]:
+    def reading(cache: CacheShell) -> Reading:
+        for kind, counts in list(cache.supervisor.counters.items()):
+            for value, extra in read(counts):
+                yield value, {"cachemw.job.kind": kind, **extra}
+
+    return reading
+
+
+def _lookups(cache: CacheShell) -> Reading:
+    counts = list(cache.metrics.store_latency.counts)
+    return [(n, {"cachemw.within": within}) for n, within in zip(counts, _WITHIN, strict=True)]
+
+
+def _one(read: Callable[[CacheShell], float]) -> Callable[[CacheShell], Reading]:
+    return lambda cache: [(read(cache), {})]
+
+
+class _Reporter:
+    """The instruments of one meter provider, made once, reading every cache instrumented for it."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.caches: weakref.WeakSet[CacheShell] = weakref.WeakSet()
+        counter, up_down = meter.create_observable_counter, meter.create_observable_up_down_counter
+        counter("cachemw.requests", [self.summed(_requests)], unit="{request}",
+                description="Requests of cached routes, by outcome and tier.")
+        counter("cachemw.refreshes", [self.summed(_refreshes)], unit="{refresh}",
+                description="Background refreshes of stale entries, by result.")
+        counter("cachemw.stored.entries", [self.summed(_per_route(lambda m: m.stored_entries))], unit="{entry}",
+                description="Entries stored.")
+        counter("cachemw.stored.size", [self.summed(_per_route(lambda m: m.stored_bytes))], unit="By",
+                description="Bytes of the entries stored.")
+        counter("cachemw.origin.busy", [self.summed(_per_route(lambda m: m.origin_busy))], unit="{request}",
+                description="Requests past origin_concurrency: answered stale, or 503, instead of calling the app.")
+        counter("cachemw.fills.shed", [self.summed(_per_route(lambda m: m.fills_shed))], unit="{fill}",
+                description="Misses answered but not stored: the background queue was full.")
+        up_down("cachemw.jobs.queued", [self.summed(_jobs(lambda c: [(c.queued, {})]))], unit="{job}",
+                description="Background jobs waiting: the queue's depth.")
+        up_down("cachemw.jobs.running", [self.summed(_jobs(lambda c: [(c.running, {})]))], unit="{job}",
+                description="Background jobs running.")
+        counter("cachemw.jobs",
+                [self.summed(_jobs(lambda c: [(getattr(c, o), {"cachemw.job.outcome": o}) for o in _OUTCOMES]))],
+                unit="{job}", description="Background jobs done, failed, shed (queue full) or abandoned (at "
+                                          "shutdown).")
+        counter("cachemw.store.lookups", [self.summed(_lookups)], unit="{lookup}",
+                description="Store lookups on the request path, by the bucket of their duration (cachemw.within: "
+                            "its upper bound in seconds).")
+        counter("cachemw.store.lookup.time", [self.summed(_one(lambda c: c.metrics.store_latency.sum))], unit="s",
+                description="Time spent in store lookups on the request path.")
+        counter("cachemw.store.errors", [self.summed(_one(lambda c: c.store_errors))], unit="{error}",
+                description="Store calls that failed or timed out.")
+        up_down("cachemw.l1.entries", [self.summed(_one(lambda c: len(c.l1)))], unit="{entry}",
+                description="Entries in this process's L1.")
+        up_down("cachemw.l1.size", [self.summed(_one(lambda c: c.l1.bytes_used))], unit="By",
+                description="Bytes the L1 holds.")
+        self.origin = meter.create_histogram("cachemw.origin.duration", unit="s",
+                                             description="Time the app took on misses and bypasses.",
+                                             explicit_bucket_boundaries_advisory=list(BUCKETS))
+
+    def summed(self, read: Callable[[CacheShell], Reading]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """A callback over every cache: one observation per attribute set, the caches' values added up."""
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(read(m), _route_attributes(m)) for m in routes()]
+            totals: dict[tuple[tuple[str, str], ...], float] = {}
+            for cache in list(self.caches):
+                for value, attributes in read(cache):
+                    key = tuple(sorted(attributes.items()))
+                    totals[key] = totals.get(key, 0) + value
+            return [Observation(value, dict(key)) for key, value in totals.items()]
 
         return callback
 
-    meter.create_observable_counter("cachemw.requests", [requests], unit="{request}",
-                                    description="Requests of cached routes, by outcome and tier.")
-    meter.create_observable_counter("cachemw.refreshes", [refreshes], unit="{refresh}",
-                                    description="Background refreshes of stale entries, by result.")
-    meter.create_observable_counter("cachemw.stored.entries", [per_route(lambda m: m.stored_entries)],
-                                    unit="{entry}", description="Entries stored.")
-    meter.create_observable_counter("cachemw.stored.size", [per_route(lambda m: m.stored_bytes)], unit="By",
-                                    description="Bytes of the entries stored.")
-    meter.create_observable_counter("cachemw.origin.busy", [per_route(lambda m: m.origin_busy)], unit="{request}",
-                                    description="Requests past origin_concurrency: answered stale, or 503, "
-                                                "instead of calling the app.")
-    meter.create_observable_counter("cachemw.fills.shed", [per_route(lambda m: m.fills_shed)], unit="{fill}",
-                                    description="Misses answered but not stored: the background queue was full.")
 
-
-def _observe_process(meter: metrics.Meter, cache: CacheShell) -> None:
-    def jobs(read: Callable[[Any], Iterable[tuple[int, dict[str, str]]]]
-             ) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            counters = list(cache.supervisor.counters.items())
-            return [Observation(value, {"cachemw.job.kind": kind, **extra})
-                    for kind, counts in counters for value, extra in read(counts)]
-
-        return callback
-
-    def lookups(options: CallbackOptions) -> Iterable[Observation]:
-        counts = list(cache.metrics.store_latency.counts)
-        return [Observation(n, {"cachemw.within": within}) for n, within in zip(counts, _WITHIN, strict=True)]
-
-    def one(read: Callable[[], float]) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        return lambda options: [Observation(read())]
-
-    meter.create_observable_up_down_counter("cachemw.jobs.queued", [jobs(lambda c: [(c.queued, {})])],
-                                            unit="{job}", description="Background jobs waiting: the queue's depth.")
-    meter.create_observable_up_down_counter("cachemw.jobs.running", [jobs(lambda c: [(c.running, {})])],
-                                            unit="{job}", description="Background jobs running.")
-    meter.create_observable_counter(
-        "cachemw.jobs", [jobs(lambda c: [(getattr(c, o), {"cachemw.job.outcome": o}) for o in _OUTCOMES])],
-        unit="{job}", description="Background jobs done, failed, shed (queue full) or abandoned (at shutdown).")
-    meter.create_observable_counter("cachemw.store.lookups", [lookups], unit="{lookup}",
-                                    description="Store lookups on the request path, by the bucket of their "
-                                                "duration (cachemw.within: its upper bound in seconds).")
-    meter.create_observable_counter("cachemw.store.lookup.time", [one(lambda: cache.metrics.store_latency.sum)],
-                                    unit="s", description="Time spent in store lookups on the request path.")
-    meter.create_observable_counter("cachemw.store.errors", [one(lambda: cache.store_errors)], unit="{error}",
-                                    description="Store calls that failed or timed out.")
-    meter.create_observable_up_down_counter("cachemw.l1.entries", [one(lambda: len(cache.l1))], unit="{entry}",
-                                            description="Entries in this process's L1.")
-    meter.create_observable_up_down_counter("cachemw.l1.size", [one(lambda: cache.l1.bytes_used)], unit="By",
-                                            description="Bytes the L1 holds.")
+_reporters: weakref.WeakKeyDictionary[MeterProvider, _Reporter] = weakref.WeakKeyDictionary()
 
 
 class _JobSpans:

@@ -252,6 +252,18 @@ async def test_without_a_request_span_a_fill_is_a_root_span(redis_url: str, tele
     assert fill.parent is None
 
 
+async def test_two_caches_of_one_process_add_up_on_one_provider(redis_url: str, telemetry: Telemetry) -> None:
+    (first, _), (second, _) = make_app(redis_url, telemetry), make_app(redis_url, telemetry)
+    async with lifespan(first), lifespan(second), client(first) as one, client(second) as two:
+        assert (await one.get("/products/1")).headers["x-cache"] == "MISS"
+        assert (await two.get("/products/1")).headers["x-cache"] == "MISS"
+        assert (await two.get("/cart")).headers["x-cache"] == "BYPASS"
+        counts = {(p.attributes["http.route"], p.attributes["cachemw.outcome"]): p.value
+                  for p in telemetry.points("cachemw.requests")}
+    assert counts[("/products/{id:int}", "miss")] == 2
+    assert counts[("/cart", "bypass")] == 1
+
+
 async def test_the_otel_setting_reports_to_the_global_providers(redis_url: str) -> None:
     reader = InMemoryMetricReader()
     exporter = InMemorySpanExporter()
