@@ -11,8 +11,8 @@ snapshot and Prometheus. Two things cannot wait for a collection:
 - origin durations: a histogram takes each value, so the origin calls (misses,
   bypasses) hand theirs over as they are observed; a hit never does. Store lookups,
   which every hit makes, are reported from the cache's own buckets instead
-  (``cachemw.store.lookups`` by ``cachemw.within``): an SDK ``record`` costs a few
-  microseconds, as much as a fifth of a hit.
+  (``cachemw.store.lookups`` by ``cachemw.within``): an SDK ``record`` costs about
+  9 µs here (SDK 1.45), more than half of what a Redis hit costs.
 - spans: a fill, refresh or purge job is wrapped when it is submitted, in the
   request's context, and runs in a span that is a child of the request's span
   (when one is active: an ASGI instrumentation around the app), although it runs
