@@ -13,6 +13,9 @@ Cases: ``raw`` (a constant-body ASGI callable: the floor), ``no-policy`` (a rout
 without a policy behind the middleware), ``no-mw`` (the same route, no middleware),
 ``memory-hit``, ``l1-hit``, ``redis-hit`` and ``redis-miss`` (a new id per request;
 the handler's 20 ms sleep is skipped, so this is the cache's own cost of a miss).
+A case with ``+otel`` (``l1-hit+otel``, ``redis-miss+otel``, ...) is the same with
+``cachemw.otel.instrument`` on, to the OpenTelemetry SDK (an in-memory metric reader,
+spans to an exporter that drops them): what OpenTelemetry adds to the request path.
 The figure per case is µs of CPU (this process + its redis-server) per request,
 median over rounds; results go to ``bench/results/hitpath.md`` unless ``--no-write``.
 """
@@ -41,6 +44,7 @@ import common  # noqa: E402
 import peer_common  # noqa: E402
 
 CASES = ("raw", "no-mw", "no-policy", "memory-hit", "l1-hit", "redis-hit", "redis-miss")
+OTEL = "+otel"
 
 
 def _scope(path: str) -> dict[str, Any]:
@@ -126,10 +130,42 @@ async def _drive(app: Any, paths: Callable[[], str], seconds: float, concurrency
     return done, sink
 
 
+@contextlib.contextmanager
+def _otel(app: Any, on: bool) -> Iterator[None]:
+    """``cachemw.otel.instrument`` on the app's cache, to an SDK that keeps metrics in memory and drops spans."""
+    if not on:
+        yield
+        return
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    import cachemw.otel
+    from cachemw.observe import find_cache
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    tracers = TracerProvider()
+    tracers.add_span_processor(SimpleSpanProcessor(Drop()))
+    cachemw.otel.instrument(find_cache(app), meter_provider=meters, tracer_provider=tracers)
+    try:
+        yield
+        reader.get_metrics_data()  # one collection, as a periodic reader would make: it must work
+    finally:
+        meters.shutdown()
+        tracers.shutdown()
+
+
 def _app_for(case: str, redis_url: str) -> tuple[Any, str, bool]:
     """(ASGI app, path prefix, needs lifespan)."""
     import peer_cachemw
     import peer_raw
+    case = case.removesuffix(OTEL)
     if case == "raw":
         return peer_raw.app, "/item/", False
     if case == "no-mw":
@@ -148,6 +184,7 @@ def _app_for(case: str, redis_url: str) -> tuple[Any, str, bool]:
 async def _measure(case: str, redis_url: str, redis_pid: int | None, seconds: float, concurrency: int,
                    ids: int) -> dict[str, float]:
     app, prefix, lifespan = _app_for(case, redis_url)
+    otel, case = case.endswith(OTEL), case.removesuffix(OTEL)
     if case == "redis-miss":
         counter = itertools.count(10_000_000 + int(time.time() * 1000) % 1_000_000 * 1000)
         paths: Callable[[], str] = lambda: f"{prefix}{next(counter)}"  # noqa: E731
@@ -155,13 +192,14 @@ async def _measure(case: str, redis_url: str, redis_pid: int | None, seconds: fl
         ring = itertools.cycle([f"{prefix}{i}" for i in range(ids)])
         paths = ring.__next__
     async with (_Lifespan(app) if lifespan else contextlib.nullcontext()):
-        await _drive(app, paths, 0.5, concurrency)  # warm: fills, L1, decode memo, JIT-free warm caches
-        calls_before = sum(peer_common.calls.values())
-        cpu0, redis0, wall0 = time.process_time(), _redis_cpu(redis_pid), time.perf_counter()
-        done, sink = await _drive(app, paths, seconds, concurrency)
-        cpu1, redis1, wall1 = time.process_time(), _redis_cpu(redis_pid), time.perf_counter()
-        handler_runs = sum(peer_common.calls.values()) - calls_before
-        await asyncio.sleep(0.2)  # let background fills finish before the app shuts down
+        with _otel(app, otel):
+            await _drive(app, paths, 0.5, concurrency)  # warm: fills, L1, decode memo, JIT-free warm caches
+            calls_before = sum(peer_common.calls.values())
+            cpu0, redis0, wall0 = time.process_time(), _redis_cpu(redis_pid), time.perf_counter()
+            done, sink = await _drive(app, paths, seconds, concurrency)
+            cpu1, redis1, wall1 = time.process_time(), _redis_cpu(redis_pid), time.perf_counter()
+            handler_runs = sum(peer_common.calls.values()) - calls_before
+            await asyncio.sleep(0.2)  # let background fills finish before the app shuts down
     if case.endswith("-hit") and handler_runs:
         raise SystemExit(f"{case}: the handler ran {handler_runs} times during a hit run")
     if set(sink.statuses) != {200}:
@@ -215,11 +253,17 @@ def _report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]]
         [f"{args.rounds} interleaved rounds x {args.seconds} s per case, {args.concurrency} concurrent clients "
          f"(asyncio tasks calling the ASGI app), {args.ids} ids for hits; no HTTP server, no load generator"])
     lines += [
-        "| case | µs CPU/request (app) | µs CPU/request (redis-server) | req/s in process |",
-        "|---|---|---|---|",
+        "| case | µs CPU/request (app) | µs CPU/request (redis-server) | req/s in process | app CPU vs without +otel |",
+        "|---|---|---|---|---|",
     ]
     for case in results:
-        lines.append(f"| {case} | {span(case, 'app_us')} | {span(case, 'redis_us')} | {med(case, 'rps'):.0f} |")
+        base = case.removesuffix(OTEL)
+        ratio = ""
+        if case != base and base in results:  # per round: the two ran next to each other
+            ratios = [on["app_us"] / off["app_us"] for on, off in zip(results[case], results[base], strict=True)]
+            ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+        lines.append(f"| {case} | {span(case, 'app_us')} | {span(case, 'redis_us')} | {med(case, 'rps'):.0f} "
+                     f"| {ratio} |")
     return lines
 
 

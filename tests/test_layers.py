@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cachemw"
 # Lowest first: a layer may import itself and those before it, never those after it.
 LAYERS = ("core", "store", "runtime", "writebehind", "observe", "frameworks", "asgi", "wsgi", "orm", "cli")
 # Facades for the public names (``from cachemw import CacheMiddleware``; ``cachemw.dashboard.dashboard_app()``).
-FACADES = {"cachemw", "cachemw.dashboard", "cachemw.django", "cachemw.sqlalchemy"}
+FACADES = {"cachemw", "cachemw.dashboard", "cachemw.django", "cachemw.otel", "cachemw.sqlalchemy"}
 # An ORM is imported by its own hook module only (and the facade that shows it): the rest of cachemw runs without it.
 ORM_HOMES = {"sqlalchemy": {"cachemw.orm.sqlalchemy", "cachemw.sqlalchemy"},
              # Django is also the routes' framework: its URLconf, the WSGI handler it is found behind, `--django`.

@@ -115,7 +115,7 @@ class RequestHandler:
                 if decide.for_entry(entry.stored_at, policy, now) is _SERVE:
                     status = await serve(entry, scope, headers, send, now, HIT,
                                          http.cache_status_hit(policy.ttl - (now - entry.stored_at)))
-                    runtime.log(match, key, "HIT", status, None, started, len(entry.body))
+                    runtime.log(match, key, "HIT", status, None, started, len(entry.body), "l1")
                     return
         plan: FillPlan | None = None
         ticket = runtime.l1.seq  # an eviction heard while the read is in flight keeps its copy out of the L1

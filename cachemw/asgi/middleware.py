@@ -165,6 +165,8 @@ class CacheMiddleware(CacheShell):
         self._handler = RequestHandler(self.app, runtime, identity)
         self.runtime = runtime
         self._table = table
+        if settings.otel:
+            _instrument(self, settings)
         return table
 
     # -- what tools and tests read -----------------------------------------------------------------
@@ -298,6 +300,18 @@ class CacheMiddleware(CacheShell):
 
 
 _frozen = False
+
+
+def _instrument(cache: CacheMiddleware, settings: Settings) -> None:
+    """``otel = true``: the cache reports through OpenTelemetry's global providers (imported only then)."""
+    try:
+        from cachemw.observe.otel import instrument
+    except ImportError as exc:
+        if exc.name is None or not exc.name.startswith("opentelemetry"):
+            raise
+        raise ConfigError(f"{settings.source or 'settings'}: otel = true needs the OpenTelemetry API. "
+                          "HINT: pip install 'cachemw[otel]'") from None
+    instrument(cache)
 
 
 def _freeze_startup_objects() -> None:

@@ -86,6 +86,9 @@ class Settings:
     # Redis 6+ tells every server of a change to an entry key (client-side caching, broadcast mode), so L1
     # copies are evicted at once, not up to ``sync`` later; false: no tracking link, the ``sync`` bound alone.
     tracking: bool = True
+    # Report the cache's metrics and background-work spans through OpenTelemetry (the ``otel`` extra), to the
+    # app's global meter and tracer providers; ``cachemw.otel.instrument`` for providers of one's own.
+    otel: bool = False
     presets: Mapping[str, Policy] = field(default_factory=lambda: dict(PRESETS))
     rules: tuple[FileRule, ...] = ()
     source: str | None = None  # the file these came from
@@ -106,7 +109,7 @@ _COUNT_SETTINGS = {
     "origin_concurrency": (0, 1_000_000),
     "retry_after": (0, 86400),
 }
-_BOOL_SETTINGS = {"gc_freeze", "tracking"}
+_BOOL_SETTINGS = {"gc_freeze", "tracking", "otel"}
 _URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
                 "rediss+sentinel://")
 _SETTING_KEYS = {"redis_url", "key_prefix", "session_cookie", "credentials", *_DURATION_SETTINGS,

@@ -114,7 +114,7 @@ def _job_families(supervisor: dict[str, Any]) -> Iterator[Metric]:
         for outcome in _OUTCOMES:
             jobs.add_metric([kind, outcome], counts[outcome])
     yield from (queued, running, jobs)
-    yield GaugeMetricFamily("cachemw_jobs_queue_size", "Most background jobs that may wait (per lane).",
+    yield GaugeMetricFamily("cachemw_jobs_queue_capacity", "Most background jobs that may wait (per lane).",
                             value=supervisor["queue_size"])
 
 
@@ -161,7 +161,8 @@ def _l1_families(l1: dict[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily("cachemw_l1_max_bytes", "Bound of the L1 in bytes.", value=l1["max_bytes"])
     yield CounterMetricFamily("cachemw_l1_hits", "HITs answered from the L1 (no Redis round trip).", value=l1["hits"])
     yield CounterMetricFamily("cachemw_l1_dropped", "L1 entries dropped by invalidations.", value=l1["dropped"])
-    yield GaugeMetricFamily("cachemw_l1_hit_share", "Share of HITs answered from the L1.", value=l1["hit_share"])
+    yield GaugeMetricFamily("cachemw_l1_hit_share_ratio", "Share of HITs answered from the L1 (0 to 1).",
+                            value=l1["hit_share"])
 
 
 def _write_behind_families(statuses: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -46,7 +46,7 @@ __all__ = [
 HOST = socket.gethostname()
 SNAPSHOT_VERSION = 1
 # The per-route counters that add up across processes (everything else is derived or a histogram).
-COUNTERS = ("requests", "hit", "stale", "miss", "bypass", "stale_if_error", "collapsed", "refresh_ok",
+COUNTERS = ("requests", "hit", "l1_hits", "stale", "miss", "bypass", "stale_if_error", "collapsed", "refresh_ok",
             "refresh_failed", "stored_bytes", "stored_entries", "origin_busy",
             "fills_shed")
 JOB_FIELDS = ("queued", "running", "done", "failed", "shed", "abandoned")

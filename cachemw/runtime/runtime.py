@@ -172,6 +172,8 @@ class CacheRuntime:
         if state == "HIT":
             metrics.hit += 1
             metrics.hit_latency.observe(elapsed)
+            if detail:  # "l1": answered from this process's L1
+                metrics.l1_hits += 1
         elif state == "STALE":
             metrics.stale += 1
             if detail:

@@ -204,6 +204,9 @@ class Supervisor:
         self.home_thread = 0
         # Per request, not per supervisor: concurrent requests without a lifespan each collect their own jobs.
         self._inline: ContextVar[list[_Job] | None] = ContextVar("cachemw_inline", default=None)
+        # What an observer puts around each job when it is submitted, in the submitter's context
+        # (``wrap(kind, key, function)`` returns what runs instead: a span around it, under the request's).
+        self.wrap_job: Callable[[str, str, JobFunction], JobFunction] | None = None
 
     def add_service(self, name: str, function: ServiceFunction) -> None:
         """A task that lives as long as the app (a subscriber, a flusher): restarted if it fails.
@@ -242,6 +245,9 @@ class Supervisor:
         lifespan, or shutting down): the caller decides whether to run it inline.
         """
         counters = self.counters_for(kind)
+        wrap = self.wrap_job
+        if wrap is not None:
+            function = wrap(kind, key, function)
         state = self._state
         if state is None or self._draining:
             inline = self._inline.get()

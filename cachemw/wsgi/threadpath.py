@@ -78,7 +78,9 @@ class ThreadPath:
         key = keyed.key
         now = time.time()
         entry = runtime.l1.get(key) if policy.sync > 0 and runtime.store.listening else None
+        tier = "l1"
         if entry is None or decide.for_entry(entry.stored_at, policy, now) is not Step.SERVE:
+            tier = ""
             if match.rule.template in runtime.missing:
                 if not self._leads or keyed.query_string is not None:
                     return None  # the loop's lookup takes the lock in the same round trip
@@ -89,14 +91,15 @@ class ThreadPath:
                 return None
             if policy.sync > 0:
                 self.loop.later(runtime.l1.put, key, entry, policy.sync, ticket)
-        return self._serve(entry, scope, headers, match, policy, key, now, started, start_response)
+        return self._serve(entry, scope, headers, match, policy, key, now, started, start_response, tier)
 
     def _serve(self, entry: Entry, scope: dict[str, Any], headers: RequestHeaders, match: RouteMatch,
-               policy: Policy, key: str, now: float, started: float, start_response: StartResponse) -> list[bytes]:
+               policy: Policy, key: str, now: float, started: float, start_response: StartResponse,
+               tier: str = "") -> list[bytes]:
         messages: list[Message] = []
         status = run_now(serve(entry, scope, headers, _collector(messages), now, HIT,
                                http.cache_status_hit(policy.ttl - (now - entry.stored_at))))
-        self.loop.later(self.runtime.log, match, key, "HIT", status, None, started, len(entry.body))
+        self.loop.later(self.runtime.log, match, key, "HIT", status, None, started, len(entry.body), tier)
         return respond(messages, start_response)
 
     def _look_up_or_lead(self, environ: dict[str, Any], scope: dict[str, Any], match: RouteMatch, policy: Policy,

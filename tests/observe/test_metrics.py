@@ -158,7 +158,8 @@ def route_of(data: dict[str, Any], template: str) -> dict[str, Any]:
 
 
 def counters(row: dict[str, Any]) -> dict[str, int]:
-    return {name: row[name] for name in COUNTERS if name not in ("stored_bytes", "origin_busy", "fills_shed")}
+    skipped = ("stored_bytes", "origin_busy", "fills_shed", "l1_hits")
+    return {name: row[name] for name in COUNTERS if name not in skipped}
 
 
 async def scripted(app: Starlette, clock: Clock) -> CacheShell:
