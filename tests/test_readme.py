@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -79,6 +80,7 @@ def _served(command: str, workdir: Path, budgets: Budgets) -> Iterator[int]:
 
 
 def _shell(command: str, port: int, workdir: Path) -> list[str]:
+    assert shutil.which("curl"), "the README's commands use curl. HINT: apt-get install -y curl"
     done = subprocess.run(["bash", "-c", command.replace("127.0.0.1:8000", f"127.0.0.1:{port}")], cwd=workdir,
                           capture_output=True, text=True, timeout=60, check=False)
     return [line.rstrip("\r") for line in done.stdout.splitlines()]
