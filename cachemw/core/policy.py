@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "Freshness",
     "Policy",
+    "field_expectations",
     "freshness",
     "parse_duration",
     "policy_from_fields",
@@ -187,6 +188,25 @@ _PARSERS: dict[str, Any] = {
     "statuses": _statuses,
     "origin_concurrency": _positive_int,
 }
+
+
+# What each parser accepts, for the reference documentation (docs/_hooks/), which lists the fields from
+# ``_PARSERS`` itself: a field added to the parsers shows up there, a documented one not parsed cannot.
+_ACCEPTS: dict[Any, str] = {
+    parse_duration: 'a duration ("90s", "5m", or seconds)',
+    _vary: 'a list of header names and "cookie:NAME"',
+    _string_list: "a list of strings",
+    _bool: "true or false",
+    _positive_int: "a whole number >= 0",
+    _statuses: "a list of HTTP status codes (100-599)",
+}
+
+
+def field_expectations() -> dict[str, str]:
+    """What each policy field accepts, in the order the parsers are declared."""
+    accepts = {name: _ACCEPTS[parser] for name, parser in _PARSERS.items()}
+    accepts["origin_timeout"] += ", more than 0"  # checked after parsing, in policy_from_fields
+    return accepts
 
 
 def policy_from_fields(values: Mapping[str, object], *, base: Policy, where: str) -> Policy:

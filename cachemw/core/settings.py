@@ -25,7 +25,7 @@ else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
 
 
-__all__ = ["FileRule", "Settings", "check_redis_url", "load_settings", "masked_url"]
+__all__ = ["FileRule", "Settings", "check_redis_url", "load_settings", "masked_url", "setting_expectations"]
 
 REDIS_URL_ENV = "CACHEMW_REDIS_URL"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -176,6 +176,30 @@ def settings_from_table(table: Mapping[str, Any], *, source: str, where: str) ->
     return Settings(**values)
 
 
+_CREDENTIALS_EXPECTED = 'a list of header names ("x-api-key" or "header:x-api-key"), "cookie:NAME" and "query:NAME"'
+_PREFIX_EXPECTED = "1-64 characters from A-Z a-z 0-9 _ . : -"
+_COOKIE_EXPECTED = "a cookie name"
+_URL_EXPECTED = "a URL starting with " + ", ".join(_URL_SCHEMES)
+
+
+def setting_expectations() -> dict[str, str]:
+    """What each top-level setting accepts, in the words of its validation error.
+
+    The reference documentation is generated from this (``docs/_hooks/``), so the page and the checks
+    cannot disagree: both read the same bounds.
+    """
+    expected: dict[str, str] = {"redis_url": _URL_EXPECTED, "key_prefix": _PREFIX_EXPECTED,
+                                "session_cookie": _COOKIE_EXPECTED, "credentials": _CREDENTIALS_EXPECTED}
+    expected.update(dict.fromkeys(_BOOL_SETTINGS, "true or false"))
+    for key, bounds in _DURATION_SETTINGS.items():
+        expected[key] = _duration_range(bounds, zero_is_never=False)
+    for key, bounds in _OPTIONAL_DURATION_SETTINGS.items():
+        expected[key] = _duration_range(bounds, zero_is_never=True)
+    for key, counts in _COUNT_SETTINGS.items():
+        expected[key] = _count_range(counts)
+    return expected
+
+
 def _setting(key: str, raw: object, where: str) -> object:
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{where}: field {key!r}: {raw!r} is not valid; expected {expected}")
@@ -187,9 +211,9 @@ def _setting(key: str, raw: object, where: str) -> object:
             raise bad("true or false")
         return raw
     if key == "key_prefix":
-        return _matching(raw, _PREFIX, bad, "1-64 characters from A-Z a-z 0-9 _ . : -")
+        return _matching(raw, _PREFIX, bad, _PREFIX_EXPECTED)
     if key == "session_cookie":
-        return _matching(raw, _TOKEN, bad, "a cookie name")
+        return _matching(raw, _TOKEN, bad, _COOKIE_EXPECTED)
     if key in _DURATION_SETTINGS:
         return _duration(raw, _DURATION_SETTINGS[key], bad)
     if key in _OPTIONAL_DURATION_SETTINGS:
@@ -205,8 +229,7 @@ def _redis_url(raw: object, key: str, where: str) -> str:
     """Not ``bad``: the message shows the URL masked, as a mistyped scheme still carries a password."""
     if not isinstance(raw, str) or not raw.startswith(_URL_SCHEMES):
         shown = masked_url(raw) if isinstance(raw, str) else raw
-        raise ConfigError(f"{where}: field {key!r}: {shown!r} is not valid; expected a URL starting with "
-                          + ", ".join(_URL_SCHEMES))
+        raise ConfigError(f"{where}: field {key!r}: {shown!r} is not valid; expected {_URL_EXPECTED}")
     return raw
 
 
@@ -225,23 +248,31 @@ def _duration(raw: object, bounds: tuple[float, float], bad: Callable[[str], Con
     except ValueError:
         raise bad('a duration such as "5s", or 0 for never' if zero_is_never
                   else 'a duration such as "50ms", "5s" or a number of seconds') from None
-    if zero_is_never:
-        if not low <= seconds <= high:
-            raise bad(f"a duration from {low:g} to {high:g} seconds")
-    elif not low < seconds <= high:
-        raise bad(f"a duration above {low:g} and at most {high:g} seconds")
+    if not (low <= seconds <= high if zero_is_never else low < seconds <= high):
+        raise bad(_duration_range(bounds, zero_is_never=zero_is_never))
     return seconds
+
+
+def _duration_range(bounds: tuple[float, float], *, zero_is_never: bool) -> str:
+    low, high = bounds
+    if zero_is_never:
+        return f"a duration from {low:g} to {high:g} seconds"
+    return f"a duration above {low:g} and at most {high:g} seconds"
+
+
+def _count_range(bounds: tuple[int, int]) -> str:
+    return f"a whole number from {bounds[0]} to {bounds[1]}"
 
 
 def _count(raw: object, bounds: tuple[int, int], bad: Callable[[str], ConfigError]) -> int:
     low, high = bounds
     if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:  # True is an int too
-        raise bad(f"a whole number from {low} to {high}")
+        raise bad(_count_range(bounds))
     return raw
 
 
 def _credentials(raw: object, bad: Callable[[str], ConfigError]) -> tuple[str, ...]:
-    expected = 'a list of header names ("x-api-key" or "header:x-api-key"), "cookie:NAME" and "query:NAME"'
+    expected = _CREDENTIALS_EXPECTED
     if not isinstance(raw, list):
         raise bad(expected)
     items: list[str] = []

@@ -38,6 +38,7 @@ from cachemw.observe.dashboard import dashboard_app, loopback_only
 from tests.helpers import eventually, lifespan
 
 CHROMIUM_ENV = "CACHEMW_CHROMIUM"
+SCREENSHOT_ENV = "CACHEMW_DASHBOARD_SCREENSHOT"  # where to keep the rendering test's screenshot, if set
 CHROMIUM_HINT = (f"no Chromium found (looked at ${CHROMIUM_ENV}, chromium, chromium-browser, google-chrome on PATH). "
                  "HINT: apt-get install -y chromium (Debian's package), or set "
                  f"{CHROMIUM_ENV}=/path/to/chrome")
@@ -489,6 +490,11 @@ def test_the_dashboard_renders_in_chromium(live: tuple[str, CacheMiddleware], tm
     assert colour_count(pixels, (0x1A, 0x7F, 0x37)) > 50, "no HIT line or ratio bar in green"
     assert colour_count(pixels, (0xCF, 0x22, 0x2E)) > 20, "no MISS line in red"
     assert colour_count(pixels, (0xDA, 0xFB, 0xE1)) > 50, "no green 'healthy' pill"
+    # The documentation's picture of the dashboard is this screenshot, once it passed the checks above:
+    # CACHEMW_DASHBOARD_SCREENSHOT=docs/img/dashboard.png .venv/bin/pytest tests/observe/test_dashboard.py
+    keep = os.environ.get(SCREENSHOT_ENV)
+    if keep:
+        shutil.copyfile(screenshot, keep)
 
 
 class Browser:

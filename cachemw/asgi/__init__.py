@@ -1,0 +1,1 @@
+"""The ASGI shell: CacheMiddleware (configuration only), responders, the route table from Starlette/FastAPI routes."""

@@ -1,0 +1,1 @@
+"""What both shells share: the runtime, supervisor, single-flight, refresh, invalidation, metrics, access log."""
