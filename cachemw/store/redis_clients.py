@@ -259,9 +259,19 @@ def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
 
 
 async def close_client(client: Any) -> None:
-    """Close a Redis or RedisCluster client and its connections."""
+    """Close a Redis or RedisCluster client and its connections.
+
+    A RedisCluster whose first command (its slot map) was cancelled has a startup node's
+    connection open but no default node, and its ``aclose`` then closes nothing: that
+    socket would outlive the store (and uvloop's ``close()`` waits for it forever). Its
+    nodes are closed here whatever state it reached.
+    """
     if isinstance(client, RedisCluster):
         await client.aclose()
+        nodes = client.nodes_manager
+        await asyncio.gather(*(node.disconnect() for node in
+                               {id(node): node for node in [*nodes.startup_nodes.values(),
+                                                            *nodes.nodes_cache.values()]}.values()))
     else:
         await client.aclose(close_connection_pool=True)
 
