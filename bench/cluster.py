@@ -1,6 +1,7 @@
-"""Redis Cluster vs a single Redis for cache hits, and 2 uvicorn workers vs 1 (issue 8's benchmark).
+"""Redis Cluster, Sentinel and TLS vs a single Redis for cache hits, and 2 uvicorn workers vs 1 (issues 8, 17).
 
-    .venv/bin/python bench/cluster.py            # ~3 min: 2 phases x 3 rounds x 2 cases x 8 s, plus warm-up
+    .venv/bin/python bench/cluster.py            # ~5 min: 3 rounds x (4 hit cases + 2 worker cases) x 8 s
+    .venv/bin/python bench/cluster.py --phases hits   # A-B only
 
 Phase "hits" (cases A and B), one app (``bench/apps/cluster_app.py``: ``GET /item/{id}``,
 ``@cache(ttl="1h")``, 20 ms handler, ~1 KB JSON) started twice under uvicorn
@@ -8,10 +9,15 @@ Phase "hits" (cases A and B), one app (``bench/apps/cluster_app.py``: ``GET /ite
 
 - A ``single``: on a private redis-server (CPU 0);
 - B ``cluster``: on a private 3-master Redis Cluster (``tests.redis_cluster.LocalCluster``,
-  every thread of the three nodes pinned to CPU 0), through ``redis+cluster://``.
+  every thread of the three nodes pinned to CPU 0), through ``redis+cluster://``;
+- B ``sentinel``: on a private redis-server named by a private redis-sentinel (both on
+  CPU 0), through ``redis+sentinel://``;
+- B ``tls``: on a private redis-server with a TLS port (certificate from a CA made with
+  ``trustme``), through ``rediss://...?ssl_ca_certs=``.
 
-Both warmed over 100 ids until every id answers HIT, then wrk (64 connections, CPU 1)
-interleaved A B A B ... for 3 rounds: median req/s, p50, p99 (min-max), ratio cluster / single.
+All warmed over 100 ids until every id answers HIT, then wrk (64 connections, CPU 1)
+interleaved A B B B A B B B ... for 3 rounds: median req/s, p50, p99 (min-max), each B's ratio to A, and
+the median (min-max) of the per-round ratios.
 
 Phase "workers" (case C), on the single Redis (still pinned to CPU 0): the same app
 with ``--workers 2`` and ``--workers 1``, **not pinned** (two workers need both cores,
@@ -53,11 +59,14 @@ from common import AppProcess, CpuMeter, HarnessError, LoadResult, RedisProcess,
 
 TARGET = "cluster_app:app"
 PREFIX = "/item/"
-HIT_CASES = ("single", "cluster")
+HIT_CASES = ("single", "cluster", "sentinel", "tls")
+OTHER_HIT_CASES = HIT_CASES[1:]
 WORKER_CASES = ("w1", "w2")
 LABEL = {
     "single": "A: 1 worker, single Redis (`redis://`)",
     "cluster": "B: 1 worker, 3-master Redis Cluster (`redis+cluster://`)",
+    "sentinel": "B: 1 worker, a Sentinel-named master (`redis+sentinel://`)",
+    "tls": "B: 1 worker, single Redis over TLS (`rediss://`)",
     "w1": "C: `--workers 1`, single Redis, app not pinned",
     "w2": "C: `--workers 2`, single Redis, app not pinned",
 }
@@ -270,6 +279,67 @@ class Cluster:
         return {node.port: entry_keys(node.port) for node in self.cluster.nodes}
 
 
+class TlsRedis(RedisProcess):
+    """A private redis-server with a TLS port beside its plain one (setup and the harness's PING use that)."""
+
+    def __init__(self, workdir: Path, *, cpu: str | None, binary: str) -> None:
+        super().__init__(workdir, cpu=cpu, binary=binary)
+        import trustme  # the test extra's
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        self.ca_file = workdir / "ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        cert.cert_chain_pems[0].write_to_path(str(workdir / "server.pem"))
+        cert.private_key_pem.write_to_path(str(workdir / "server.key"))
+        self.tls_port = common.free_port()
+
+    def args(self) -> list[str]:
+        return [*super().args(), "--tls-port", str(self.tls_port), "--tls-cert-file", str(self.workdir / "server.pem"),
+                "--tls-key-file", str(self.workdir / "server.key"), "--tls-ca-cert-file", str(self.ca_file),
+                "--tls-auth-clients", "no"]
+
+    @property
+    def tls_url(self) -> str:
+        return f"rediss://127.0.0.1:{self.tls_port}/0?ssl_ca_certs={self.ca_file}"
+
+
+class SentinelProcess:
+    """A private redis-sentinel naming a private redis-server ``bench``, pinned to ``cpu``."""
+
+    def __init__(self, workdir: Path, master_port: int, *, cpu: str | None, binary: str) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = common.free_port()
+        self.config = workdir / "sentinel.conf"
+        self.config.write_text("\n".join([f"port {self.port}", "bind 127.0.0.1", f"dir {workdir}",
+                                          f"sentinel monitor bench 127.0.0.1 {master_port} 1",
+                                          "sentinel down-after-milliseconds bench 5000", ""]))
+        self.command = [*common.taskset_prefix(cpu), binary, str(self.config), "--sentinel"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/bench"
+
+    def __enter__(self) -> SentinelProcess:
+        import redis
+
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError), redis.Redis(port=self.port, socket_timeout=1) as client:
+                if client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "bench"):
+                    return self
+            time.sleep(0.05)
+        self.__exit__()
+        raise HarnessError("redis-sentinel did not name its master within 15 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
 def entry_keys(port: int) -> int:
     """How many cache entries (``cachemw:e:*``) a private Redis on ``port`` holds."""
     import redis
@@ -438,14 +508,30 @@ def _table(summary: dict[str, Any], cases: tuple[str, str], ratio_label: str) ->
     return lines
 
 
+def _overview(each: dict[str, dict[str, Any] | None]) -> list[str]:
+    """Each topology's hit req/s against the single Redis's: of medians, and the per-round ratios."""
+    lines = ["| topology | ratio of medians (req/s) | per-round ratio: median (min-max) | target 0.9x |",
+             "|---|---|---|---|"]
+    for case, summary in each.items():
+        if summary is None:
+            continue
+        per = [x["rps"] for x in summary["per_round"]]
+        r = summary["ratio_of_medians"]["rps"]
+        verdict = "met" if median(per) >= 0.9 else "NOT met"
+        lines.append(f"| {LABEL[case]} | **{r:.2f}** | {_range(per, '.2f')} | {verdict} |")
+    return lines
+
+
 def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: list[Run],
-           hits: dict[str, Any] | None, workers: dict[str, Any] | None, checks: list[tuple[bool, str]],
+           each: dict[str, dict[str, Any] | None], workers: dict[str, Any] | None, checks: list[tuple[bool, str]],
            notes: dict[str, str]) -> str:
+    hits = each.get("cluster")
     lines = [
-        "# Redis Cluster vs single Redis (hits), and 2 uvicorn workers vs 1",
+        "# Redis Cluster, Sentinel and TLS vs single Redis (hits), and 2 uvicorn workers vs 1",
         "",
-        "Issue 8: hit throughput on a Redis Cluster vs a single Redis, same run; aggregate throughput of",
-        "2 workers vs 1 on this 2-core machine. Generated by `bench/cluster.py`.",
+        "Issues 8 and 17: hit throughput on a Redis Cluster, a Sentinel-named master and a TLS Redis vs a single",
+        "Redis, same run (target: each >= 0.9x); aggregate throughput of 2 workers vs 1 on this 2-core machine.",
+        "Generated by `bench/cluster.py`.",
         "",
         "## Setup",
         "",
@@ -464,15 +550,18 @@ def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: 
     ]
     if hits is not None:
         lines += [
-            "## A vs B: hits on a single Redis vs a 3-master Redis Cluster",
+            "## A vs B: hits on a single Redis vs a 3-master Cluster, a Sentinel-named master, a TLS Redis",
             "",
-            "Same app, 1 uvicorn worker on CPU 0, every Redis process on CPU 0, wrk on CPU 1; "
-            f"{args_rounds(runs, 'hits')} interleaved rounds (A B A B ...); median (min-max). CPU columns: share of "
-            "one core (median run).",
+            "Same app, 1 uvicorn worker on CPU 0, every Redis (and Sentinel) process on CPU 0, wrk on CPU 1; "
+            f"{args_rounds(runs, 'hits')} interleaved rounds (single cluster sentinel tls, repeated); median "
+            "(min-max). CPU columns: share of one core (median run).",
             "",
-            *_table(hits, ("single", "cluster"), "cluster / single"),
+            *_overview(each),
             "",
         ]
+        for case, summary in each.items():
+            if summary is not None:
+                lines += [f"### {LABEL[case]}", "", *_table(summary, ("single", case), f"{case} / single"), ""]
     if workers is not None:
         lines += [
             "## C: `--workers 2` vs `--workers 1` (single Redis)",
@@ -628,25 +717,34 @@ def run(args: argparse.Namespace) -> int:
         with single:
             facts["redis"] = f"single: private redis-server, no persistence, pinned to CPU {server_cpu}"
             if "hits" in args.phases:
-                with Cluster(workdir / "cluster", single.binary, server_cpu) as cluster:
+                watched = RedisProcess(workdir / "redis-sentinel-master", cpu=server_cpu, binary=single.binary)
+                tls = TlsRedis(workdir / "redis-tls", cpu=server_cpu, binary=single.binary)
+                with Cluster(workdir / "cluster", single.binary, server_cpu) as cluster, watched, tls, \
+                        SentinelProcess(workdir / "sentinel", watched.port, cpu=server_cpu,
+                                        binary=single.binary) as sentinel:
+                    facts["redis sentinel"] = (f"a private redis-sentinel (quorum 1) naming a private redis-server, "
+                                               f"both pinned to CPU {server_cpu}")
+                    facts["redis tls"] = (f"a private redis-server with `--tls-port` (certificate from a trustme CA), "
+                                          f"pinned to CPU {server_cpu}")
                     facts["redis cluster"] = (f"3 masters, no replicas (`tests/redis_cluster.py` LocalCluster: "
                                               f"redis-server --cluster-enabled yes + redis-cli --cluster create), "
                                               f"same binary, every thread pinned to CPU {server_cpu}")
-                    calls_a, calls_b = workdir / "calls-single", workdir / "calls-cluster"
-                    calls_a.mkdir()
-                    calls_b.mkdir()
-                    app_a = WorkersApp(TARGET, workdir=workdir / "app-single", workers=1, cpu=server_cpu,
-                                       ready_path="/_calls",
-                                       env={"CACHEMW_REDIS_URL": single.url, "CACHEMW_BENCH_CALLS_DIR": str(calls_a)})
-                    app_b = WorkersApp(TARGET, workdir=workdir / "app-cluster", workers=1, cpu=server_cpu,
-                                       ready_path="/_calls",
-                                       env={"CACHEMW_REDIS_URL": cluster.url, "CACHEMW_BENCH_CALLS_DIR": str(calls_b)})
-                    apps = {"single": app_a, "cluster": app_b}
-                    with app_a, app_b:
-                        url_b = re.sub(r":\d+", ":PORT", cluster.url)
-                        settings["server (A, B)"] = (f"`{shown(app_a, workdir)}`; B: the same with "
-                                                    f"`CACHEMW_REDIS_URL={url_b}`")
-                        print(f"A: {app_a.display_command()}\nB: {app_b.display_command()}", flush=True)
+                    urls = {"single": single.url, "cluster": cluster.url, "sentinel": sentinel.url, "tls": tls.tls_url}
+                    apps = {}
+                    for case, url in urls.items():
+                        (workdir / f"calls-{case}").mkdir()
+                        apps[case] = WorkersApp(TARGET, workdir=workdir / f"app-{case}", workers=1, cpu=server_cpu,
+                                                ready_path="/_calls",
+                                                env={"CACHEMW_REDIS_URL": url,
+                                                     "CACHEMW_BENCH_CALLS_DIR": str(workdir / f"calls-{case}")})
+                    app_a, app_b = apps["single"], apps["cluster"]
+                    with app_a, app_b, apps["sentinel"], apps["tls"]:
+                        shown_urls = "; ".join(f"{case}: `CACHEMW_REDIS_URL="
+                                               f"{re.sub(r':[0-9]+', ':PORT', url).replace(str(workdir), '$WORKDIR')}`"
+                                               for case, url in urls.items() if case != "single")
+                        settings["server (A, B)"] = f"`{shown(app_a, workdir)}`; B: the same with {shown_urls}"
+                        for case, app in apps.items():
+                            print(f"{case}: {app.display_command()}", flush=True)
                         for name, app in apps.items():
                             warm(app, name, args.ids)
                         keys_a = entry_keys(single.port)
@@ -666,7 +764,11 @@ def run(args: argparse.Namespace) -> int:
                                            connections=args.connections, threads=args.threads, cpu=client_cpu,
                                            count_header=None)
                         meters = {"single": CpuMeter({**app_a.pids(), "redis": single.proc.pid}),  # type: ignore[union-attr]
-                                  "cluster": CpuMeter({**app_b.pids(), **cluster.node_pids()})}
+                                  "cluster": CpuMeter({**app_b.pids(), **cluster.node_pids()}),
+                                  "sentinel": CpuMeter({**apps["sentinel"].pids(),
+                                                        "redis": watched.proc.pid,  # type: ignore[union-attr]
+                                                        "redis-sentinel": sentinel.proc.pid}),  # type: ignore[union-attr]
+                                  "tls": CpuMeter({**apps["tls"].pids(), "redis": tls.proc.pid})}  # type: ignore[union-attr]
                         for n in range(1, args.rounds + 1):
                             for case in HIT_CASES:
                                 runs.append(measure("hits", n, case, apps[case], meters[case], args, client_cpu,
@@ -715,20 +817,21 @@ def run(args: argparse.Namespace) -> int:
                                         "callback; wrk has CPU 1 to itself); C: not counted, since wrk shares the "
                                         "cores with the app there (handler counter and samples only)")
 
-        hits = summarize(runs, HIT_CASES)
+        each = {case: summarize(runs, ("single", case)) for case in OTHER_HIT_CASES}
         workers = summarize(runs, WORKER_CASES)
         checks = sanity_checks(runs, log_errors, extra_checks)
-        report = render(facts, settings, command, runs, hits, workers, checks, notes)
+        report = render(facts, settings, command, runs, each, workers, checks, notes)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)
         raw = {"facts": facts, "settings": settings, "notes": notes, "command": command,
-               "summary": {"hits": hits, "workers": workers},
+               "summary": {"hits": each, "workers": workers},
                "runs": [dict(asdict(r), load={k: v for k, v in asdict(r.load).items() if k != "raw"}) for r in runs],
                "checks": [{"ok": ok_, "text": t} for ok_, t in checks],
                "app_log_errors": {k: v[:50] for k, v in log_errors.items()}}
         args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
         print()
-        for title, summary, cases, label in (("A vs B", hits, HIT_CASES, "cluster/single"),
+        for title, summary, cases, label in (*((f"A vs {case}", each[case], ("single", case), f"{case}/single")
+                                               for case in OTHER_HIT_CASES),
                                              ("C", workers, WORKER_CASES, "w2/w1")):
             if summary is None:
                 continue

@@ -1,4 +1,4 @@
-"""An auto-pipelining Redis connection for the request path (one server, TCP or Unix socket).
+"""An auto-pipelining Redis connection for the request path (one server: TCP, TLS or a Unix socket).
 
 redis-py spends ~50 µs of CPU per command on the request path (a pooled connection
 checked out and back, retry and timeout wrappers, a stream writer and reader per
@@ -6,7 +6,11 @@ call), several times what the rest of a cache hit costs. Here every command of t
 event loop goes over one connection: commands issued in the same loop iteration
 leave in one write, replies are parsed by hiredis and matched to their callers in
 order. That is all the request path needs (GET, EVALSHA); everything else stays on
-redis-py.
+redis-py. Over TLS the socket is asyncio's SSL transport, with the context redis-py
+would build from the URL; a Sentinel-named master is looked up (``locate``) at each
+connect, and a ``-READONLY`` reply (the master was demoted) closes the connection so
+the next command finds the new one. A Cluster keeps one of these per master
+(``cachemw.store.pipeline_cluster``).
 
 Time budget: each command carries a deadline; one timer (re-armed, never one per
 command) fails the overdue ones with ``StoreTimeout``. A late reply is still read and
@@ -35,7 +39,8 @@ import math
 import sys
 import time
 from asyncio import _get_running_loop
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from ssl import SSLContext
 from typing import Any
 
 import hiredis
@@ -48,7 +53,7 @@ else:  # redis-py brings async-timeout on 3.10
 from cachemw.store.base import StoreError, StoreTimeout
 from cachemw.store.loops import LoopGuard, running_loop, running_or_none
 
-__all__ = ["PipelinedRedis", "encode_command"]
+__all__ = ["ErrorReply", "NoScript", "PipelinedRedis", "ReadOnly", "Redirected", "encode_command", "evalsha"]
 
 _MAX_IN_FLIGHT = 20_000  # beyond this the server is not keeping up: fail at once, don't queue
 
@@ -67,8 +72,9 @@ class _Connection(asyncio.Protocol):
     """One socket: a write buffer flushed once per loop iteration, and the callers awaiting replies in order."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stuck_after: float, timeout: float = 0.05,
-                 grace: float = 0.0) -> None:
+                 grace: float = 0.0, drop_on_readonly: bool = False) -> None:
         self.loop = loop
+        self.drop_on_readonly = drop_on_readonly  # a demoted master's connection: the next command finds the new one
         self.stuck_after = stuck_after
         self.timeout = timeout  # the budget of this connection's commands (a deadline minus it: when one was sent)
         self.grace = grace
@@ -118,7 +124,11 @@ class _Connection(asyncio.Protocol):
                 self.graced -= 1  # a reply the grace waited for
             if not future.done():  # else it timed out or its caller went away: the reply is dropped
                 if isinstance(reply, hiredis.ReplyError):
-                    _fail(future, _reply_error(reply))
+                    error = _reply_error(reply)
+                    _fail(future, error)
+                    if self.drop_on_readonly and isinstance(error, ReadOnly):
+                        self.close(StoreError("redis master was demoted (READONLY); connection closed"))
+                        return
                 else:
                     future.set_result(reply)
 
@@ -278,29 +288,84 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
     future.exception()
 
 
+def _seen(future: asyncio.Future[Any]) -> None:
+    """A reply nobody reads: its error (if any) marked as retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def evalsha(execute: Callable[[bytes, float], Awaitable[Any]], sha: str, script: str, keys: Sequence[str],
+                  args: Sequence[bytes | str | int | float], budget: float) -> Any:
+    """A script by its digest through ``execute(command, timeout)``; sent once in full when the server does not
+    know it (a restart, a failover, a new node). Both within ``budget``, which the first reply's wait uses up."""
+    began = time.monotonic()
+    try:
+        return await execute(encode_command(["EVALSHA", sha, len(keys), *keys, *args]), budget)
+    except NoScript:
+        left = budget - (time.monotonic() - began)
+        if left <= 0:
+            raise StoreTimeout("the script was unknown and its time budget spent") from None
+        return await execute(encode_command(["EVAL", script, len(keys), *keys, *args]), left)
+
+
 def _reply_error(reply: hiredis.ReplyError) -> StoreError:
     message = str(reply)
     if message.startswith("NOSCRIPT"):
         return NoScript(message)
-    return StoreError(f"redis error: {message}")
+    if message.startswith(("MOVED ", "ASK ")):
+        return Redirected(message)
+    if message.startswith("READONLY"):
+        return ReadOnly(f"redis error: {message}")
+    return ErrorReply(f"redis error: {message}")
 
 
-class NoScript(StoreError):
+class ErrorReply(StoreError):
+    """The server answered with an error: the connection is fine, and in step."""
+
+
+class NoScript(ErrorReply):
     """EVALSHA of a script the server does not have (yet, or any more after a restart)."""
+
+
+class ReadOnly(ErrorReply):
+    """A write sent to a replica: the master this connection reached has been demoted."""
+
+
+class Redirected(ErrorReply):
+    """A Cluster node's ``-MOVED slot host:port`` (the slot lives there now) or ``-ASK`` (this once, during a
+    migration)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"redis error: {message}")
+        kind, slot, address = message.split()[:3]
+        self.ask = kind == "ASK"
+        self.slot = int(slot)
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+
+
+Locate = Callable[[], Awaitable[tuple[str, int]]]
+"""Where the server is now (a Sentinel's answer): asked at each connect."""
 
 
 class PipelinedRedis:
     """Commands to one Redis server over one shared, auto-pipelined connection, each within ``timeout``.
 
     ``host``/``port`` or a Unix socket ``path``; ``username``/``password`` for AUTH,
-    ``db`` for SELECT. Connects on first use and again after a failure; every error
-    (refused, lost, timed out, an error reply) is a ``StoreError``.
+    ``db`` for SELECT; ``ssl`` for TLS (the server's certificate checked against
+    ``host``, as redis-py does); ``locate`` instead of ``host``/``port`` for a server
+    found anew at each connect (a Sentinel-named master: a ``-READONLY`` reply then
+    closes the connection). Connects on first use and again after a failure; every
+    error (refused, lost, timed out, an error reply) is a ``StoreError``.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 6379, path: str | None = None, db: int = 0,
                  username: str | None = None, password: str | None = None, timeout: float = 0.05,
-                 stuck_after: float = 1.0, grace: float | None = None) -> None:
+                 stuck_after: float = 1.0, grace: float | None = None, ssl: SSLContext | None = None,
+                 locate: Locate | None = None) -> None:
         self.host, self.port, self.path = host, port, path
+        self.ssl = ssl
+        self.locate = locate
         self._connection: _Connection | None = None
         self._timeout = timeout
         self.grace = timeout if grace is None else grace  # once, for a budget our own lateness spent (see above)
@@ -334,7 +399,8 @@ class PipelinedRedis:
         on time.
         """
         twin = PipelinedRedis(host=self.host, port=self.port, path=self.path, timeout=timeout,
-                              stuck_after=max(self.stuck_after, timeout), grace=0.0)  # retried within its deadline
+                              stuck_after=max(self.stuck_after, timeout), grace=0.0,  # retried within its deadline
+                              ssl=self.ssl, locate=self.locate)
         twin._hello = list(self._hello)
         return twin
 
@@ -364,21 +430,30 @@ class PipelinedRedis:
         data = key.encode()
         return await self.execute(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(data), data))  # type: ignore[no-any-return]
 
-    async def evalsha(self, sha: str, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float],
-                      timeout: float | None = None) -> Any:
-        """Run a script by its digest; sent once in full when the server does not know it.
+    def evalsha(self, sha: str, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float],
+                timeout: float | None = None) -> Awaitable[Any]:
+        """Run a script by its digest; sent once in full when the server does not know it (see ``evalsha``)."""
+        return evalsha(self.execute, sha, script, keys, args, self._timeout if timeout is None else timeout)
 
-        Both within ``timeout`` (default: the budget), which the first reply's wait uses up.
-        """
+    @property
+    def connected(self) -> bool:
+        """Open on the running loop: ``execute`` answers a future at once, without connecting first."""
+        connection = self._connection
+        return connection is not None and not connection.closed and connection.loop is _get_running_loop()
+
+    async def execute_after(self, first: bytes, command: bytes, timeout: float | None = None) -> Any:
+        """``command``'s reply, sent right behind ``first`` on one connection, nothing between them
+        (a Cluster's ``ASKING``, which holds for the next command only); ``first``'s reply is dropped."""
+        loop = running_loop()
         budget = self._timeout if timeout is None else timeout
-        began = time.monotonic()
-        try:
-            return await self.execute(encode_command(["EVALSHA", sha, len(keys), *keys, *args]), budget)
-        except NoScript:
-            left = budget - (time.monotonic() - began)
-            if left <= 0:
-                raise StoreTimeout("the script was unknown and its time budget spent") from None
-            return await self.execute(encode_command(["EVAL", script, len(keys), *keys, *args]), left)
+        connection = self._connection
+        if connection is None or connection.closed or connection.loop is not loop:
+            if self._closed:
+                raise StoreError("redis connection closed")
+            connection = await self._connect(loop, budget)
+        deadline = loop.time() + budget
+        connection.send(first, deadline).add_done_callback(_seen)
+        return await connection.send(command, deadline)
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, budget: float) -> _Connection:
         """Connect in the caller's own task and time budget; callers arriving meanwhile wait for that one.
@@ -417,13 +492,17 @@ class PipelinedRedis:
     async def _open(self, loop: asyncio.AbstractEventLoop, budget: float) -> _Connection:
         started = time.monotonic()
         connection: _Connection | None = None
+        follows = self.locate is not None
+
+        def protocol() -> _Connection:
+            return _Connection(loop, self.stuck_after, self.timeout, self.grace, drop_on_readonly=follows)
+
         try:
             if self.path is not None:
-                _, connection = await loop.create_unix_connection(
-                    lambda: _Connection(loop, self.stuck_after, self.timeout, self.grace), self.path)
+                _, connection = await loop.create_unix_connection(protocol, self.path)
             else:
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self.stuck_after, self.timeout, self.grace), self.host, self.port)
+                host, port = (self.host, self.port) if self.locate is None else await self._located()
+                _, connection = await loop.create_connection(protocol, host, port, ssl=self.ssl)
             for command in self._hello:
                 await connection.send(command, loop.time() + budget)
         except BaseException as exc:
@@ -441,6 +520,17 @@ class PipelinedRedis:
         self._connection = connection
         self._connected_once = True
         return connection
+
+    async def _located(self) -> tuple[str, int]:
+        """The server's address now, from ``locate`` (a Sentinel's answer); its failure is a ``StoreError``."""
+        assert self.locate is not None
+        try:
+            host, port = await self.locate()
+        except (StoreError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # the sentinels' driver: no master known, none reachable
+            raise StoreError(f"finding the redis master failed: {exc!r}") from exc
+        return str(host), int(port)
 
     async def aclose(self) -> None:
         self.abandon()

@@ -16,14 +16,14 @@ import time
 import weakref
 from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis, RedisCluster
 
 from cachemw.core.keyspace import entry_prefix, fill_channel, invalidation_channel, lock_key, wait_key
-from cachemw.store.base import LockResult, Notifications, StoreCapabilities, StoreError
+from cachemw.store.base import LockResult, Notifications, StoreCapabilities, StoreError, StoreTimeout
 from cachemw.store.loops import LoopGuard, running_loop
 from cachemw.store.pipeline import PipelinedRedis, encode_command
 from cachemw.store.redis_clients import (
@@ -35,7 +35,7 @@ from cachemw.store.redis_clients import (
     close_client,
     redis_clients,
 )
-from cachemw.store.redis_cluster import fill_on_cluster, lock_on_cluster
+from cachemw.store.redis_cluster import fill_on_cluster, lock_on_cluster, lock_routed
 from cachemw.store.redis_loop import ConnectionGate, LoopClients, cancel_guards, gated_script
 from cachemw.store.redis_pubsub import Subscription
 from cachemw.store.redis_purge import soften_each
@@ -49,6 +49,8 @@ from cachemw.store.redis_scripts import (
 
 __all__ = ["CLUSTER_SCHEMES", "DEFAULT_CHANNEL", "DEFAULT_INVALIDATION_CHANNEL", "DRIVER_ERRORS", "SENTINEL_SCHEMES",
            "ConnectionGate", "RedisClients", "RedisStore", "close_client", "millis", "redis_clients"]
+
+T = TypeVar("T")
 
 DEFAULT_CHANNEL = fill_channel("cachemw")
 DEFAULT_INVALIDATION_CHANNEL = invalidation_channel("cachemw")
@@ -94,8 +96,8 @@ class RedisStore:
         self._bound = LoopClients(client, pipelined, listen_with, (), max_connections, background_with,
                                   background_timeout)
         self.cluster = isinstance(client, RedisCluster)
-        # The pipelined connection keeps the time budget itself: callers need no timeout of their own.
-        self.bounded = self._bound.pipelined is not None
+        # The pipelined connections keep the time budget themselves: callers need no timeout of their own.
+        self.bounded = self._bound.pipelined is not None or self._bound.routed is not None
         self.lookup_locks = not self.cluster  # get_or_lock is one round trip on one server
         self.capabilities = StoreCapabilities(remote=True, keeps_budget=self.bounded, lookup_locks=self.lookup_locks,
                                               sharded=self.cluster)
@@ -130,13 +132,17 @@ class RedisStore:
         store = cls(clients.client, max_connections=max_connections, pipelined=clients.pipelined, clients=make,
                     background_timeout=background_timeout)
         store._bound = store._bound_to(clients)  # with the URL's own twins for listening and background work
+        if store._bound.routed is not None:  # a Cluster's request path keeps its budget too
+            store.bounded = True
+            store.capabilities = StoreCapabilities(remote=True, keeps_budget=True, lookup_locks=False, sharded=True)
         return store
 
     def _bound_to(self, clients: RedisClients) -> LoopClients:
         background_timeout = self.background_timeout
         return LoopClients(clients.client, clients.pipelined, lambda: clients.blocking_client(None),
                            clients.also_close, self._max_connections,
-                           lambda: clients.blocking_client(background_timeout), background_timeout)
+                           lambda: clients.blocking_client(background_timeout), background_timeout,
+                           routed=clients.routed)
 
     def _on_loop(self) -> LoopClients:
         """The clients of the running loop: made (and the old ones dropped) when it is not theirs."""
@@ -159,6 +165,9 @@ class RedisStore:
         """Which node serves ``key`` ("" on a single server): failures are counted per node."""
         if not self.cluster:
             return ""
+        routed = self._bound.routed
+        if routed is not None:
+            return routed.shard(key)
         try:
             return str(self._bound.client.get_node_from_key(key).name)
         except Exception:  # no slot map yet: count it with the cluster as a whole
@@ -185,6 +194,8 @@ class RedisStore:
                 bound = self._on_loop()
             if bound.pipelined is not None:
                 return await bound.pipelined.get(key)
+            if bound.routed is not None:
+                return await bound.routed.get(key)
             async with bound.gated():
                 value = await bound.client.get(key)
         except StoreError:
@@ -211,6 +222,8 @@ class RedisStore:
                 if bound.background_pipelined is not None:
                     await bound.background_pipelined.execute(encode_command(["PING"]), timeout)
                 return
+            if bound.routed is not None:
+                await bound.routed.connect(timeout, [cast(str, script.script) for script in scripts])
             async with bound.gated():
                 for script in scripts:
                     await bound.client.script_load(script.script)
@@ -268,7 +281,12 @@ class RedisStore:
                     [token, millis(ttl)], timeout)
                 return ((token if taken else None), value if isinstance(value, bytes) else None,
                         tuple(generation(g) for g in generations))
-            taken, value, generations = await lock_on_cluster(bound, key, ttl, generation_keys, token, timeout)
+            if bound.routed is not None and timeout is None:
+                taken, value, generations = await lock_routed(bound.routed, bound.lock_all, key, ttl, generation_keys,
+                                                              token)
+            else:
+                taken, value, generations = await _scoped(
+                    lock_on_cluster(bound, key, ttl, generation_keys, token, timeout), timeout, bound)
         except StoreError:
             raise
         except Exception as exc:
@@ -306,8 +324,8 @@ class RedisStore:
                 keys, args = fill_call(key, value, ttl, token, self.channel, tag_sets, generation_keys, generations,
                                        now)
                 return bool(await self._script(bound, bound.fill_all, keys, args, timeout))
-            return await fill_on_cluster(bound, key, value, ttl, token, self.channel, tag_sets, generation_keys,
-                                         generations, now, timeout)
+            return await _scoped(fill_on_cluster(bound, key, value, ttl, token, self.channel, tag_sets,
+                                                 generation_keys, generations, now, timeout), timeout, bound)
         except StoreError:
             raise
         except Exception as exc:
@@ -331,13 +349,18 @@ class RedisStore:
         ``timeout``: see ``Store``."""
         pipelined = bound.pipelined if timeout is None else bound.background_pipelined
         if pipelined is None:
-            return gated_script(bound, script, keys, args, timeout)
+            return _scoped(gated_script(bound, script, keys, args, timeout), timeout, bound)
         return pipelined.evalsha(script.sha, script.script, keys, args, timeout)
 
     async def invalidate(self, tag_sets: Sequence[str], generation_keys: Sequence[str], message: str, *,
                          timeout: float | None = None, stale_from: float | None = None) -> int:
+        bound = self._on_loop()
+        return await _scoped(self._invalidate(bound, tag_sets, generation_keys, message, timeout, stale_from),
+                             timeout, bound)
+
+    async def _invalidate(self, bound: LoopClients, tag_sets: Sequence[str], generation_keys: Sequence[str],
+                          message: str, timeout: float | None, stale_from: float | None) -> int:
         try:
-            bound = self._on_loop()
             client, gate = bound.lane(timeout)
             async with gate, client.pipeline(transaction=False) as pipe:
                 for generation_key in generation_keys:
@@ -369,8 +392,13 @@ class RedisStore:
 
     async def purge(self, pattern: str, generation_key: str, message: str, *, timeout: float | None = None,
                     stale_from: float | None = None) -> int:
+        bound = self._on_loop()
+        return await _scoped(self._purge(bound, pattern, generation_key, message, timeout, stale_from), timeout,
+                             bound)
+
+    async def _purge(self, bound: LoopClients, pattern: str, generation_key: str, message: str,
+                     timeout: float | None, stale_from: float | None) -> int:
         try:
-            bound = self._on_loop()
             client, _ = bound.lane(timeout)
             await client.incr(generation_key)
 
@@ -442,3 +470,15 @@ class RedisStore:
                 bound.abandon()
         except Exception as exc:
             raise StoreError(f"closing the redis client failed: {exc!r}") from exc
+
+
+async def _scoped(call: Awaitable[T], timeout: float | None, bound: LoopClients) -> T:
+    """A Cluster's background call on redis-py within its own ``timeout``: its store keeps the budget
+    (``keeps_budget``), so no caller's cancel scope bounds it any more."""
+    if timeout is None or bound.routed is None:
+        return await call
+    try:
+        with anyio.fail_after(timeout):
+            return await call
+    except TimeoutError as exc:
+        raise StoreTimeout(f"redis cluster call took longer than {timeout:.3f} s") from exc

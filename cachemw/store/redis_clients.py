@@ -1,9 +1,9 @@
 """Redis clients for a URL (one server, Cluster or Sentinel) with cachemw's pool and time budget.
 
-On one server over TCP or a Unix socket the request path's commands take the
-auto-pipelined connection of ``cachemw.store.pipeline`` instead, which keeps the time
-budget itself; what follows describes redis-py's part (everything else, and TLS,
-Cluster, Sentinel).
+The request path's commands take the auto-pipelined connection of
+``cachemw.store.pipeline`` instead (TCP, TLS, a Unix socket, a Sentinel-named master;
+one per master of a Cluster, ``cachemw.store.pipeline_cluster``), which keeps the time
+budget itself; what follows describes redis-py's part (everything else).
 
 A cache must answer within a request's budget or get out of the way, so the factory
 sets its own pool and time budget instead of redis-py's defaults (a pool that raises
@@ -36,13 +36,20 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import Connection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.connection import (
+    Connection,
+    RedisSSLContext,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from cachemw.store.pipeline import PipelinedRedis
+from cachemw.store.pipeline_cluster import PipelinedCluster
 
 __all__ = ["CLUSTER_SCHEMES", "DRIVER_ERRORS", "SENTINEL_SCHEMES", "RedisClients", "blocking_twin", "close_client",
            "redis_clients"]
@@ -66,16 +73,19 @@ class RedisClients:
       for subscriptions and blocking reads; its caller closes it (``close_client``);
     - ``aclose()``: closes ``client`` and what else was opened for it (the
       connections that ask the sentinels);
-    - ``pipelined``: on one server over TCP or a Unix socket, the auto-pipelining
-      connection the request path's commands take (None for TLS, Cluster, Sentinel).
+    - ``pipelined``: on one server (or a Sentinel-named master), the auto-pipelining
+      connection the request path's commands take; ``routed``: on a Cluster, those
+      connections to its masters.
     """
 
-    __slots__ = ("also_close", "blocking_client", "client", "cluster", "pipelined")
+    __slots__ = ("also_close", "blocking_client", "client", "cluster", "pipelined", "routed")
 
     def __init__(self, client: Redis | RedisCluster, blocking_client: Callable[[float | None], Redis | RedisCluster],
-                 also_close: Sequence[Any] = (), pipelined: PipelinedRedis | None = None) -> None:
+                 also_close: Sequence[Any] = (), pipelined: PipelinedRedis | None = None,
+                 routed: PipelinedCluster | None = None) -> None:
         self.client = client
         self.pipelined = pipelined
+        self.routed = routed
         self.blocking_client = blocking_client
         self.also_close = list(also_close)
         self.cluster = isinstance(client, RedisCluster)
@@ -96,9 +106,9 @@ def redis_clients(url: str, *, timeout: float, max_connections: int = 256, grace
         raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
     scheme = urlsplit(url).scheme.lower()
     if scheme in CLUSTER_SCHEMES:
-        return _cluster_clients(url, timeout, max_connections)
+        return _cluster_clients(url, timeout, max_connections, grace)
     if scheme in SENTINEL_SCHEMES:
-        return _sentinel_clients(url, timeout, max_connections)
+        return _sentinel_clients(url, timeout, max_connections, grace)
     kwargs: dict[str, Any] = {
         "max_connections": max_connections,
         "timeout": timeout,  # longest wait for a free pooled connection
@@ -124,15 +134,35 @@ def redis_clients(url: str, *, timeout: float, max_connections: int = 256, grace
 
 
 def _pipelined(kwargs: dict[str, Any], timeout: float, grace: float | None) -> PipelinedRedis | None:
-    """The request path's connection for a plain TCP or Unix socket server; TLS stays on redis-py."""
+    """The request path's connection for a TCP, TLS or Unix socket server (None for a connection class of
+    someone else's)."""
     connection_class = kwargs.get("connection_class", Connection)
     common: dict[str, Any] = {"db": int(kwargs.get("db") or 0), "username": kwargs.get("username"),
                               "password": kwargs.get("password"), "timeout": timeout, "grace": grace}
     if connection_class is UnixDomainSocketConnection:
         return PipelinedRedis(path=kwargs["path"], **common)
-    if connection_class is Connection:
-        return PipelinedRedis(host=kwargs.get("host", "localhost"), port=int(kwargs.get("port", 6379)), **common)
-    return None
+    if connection_class is SSLConnection:
+        common["ssl"] = ssl_context(kwargs)
+    elif connection_class is not Connection:
+        return None
+    return PipelinedRedis(host=kwargs.get("host", "localhost"), port=int(kwargs.get("port", 6379)), **common)
+
+
+def ssl_context(kwargs: dict[str, Any]) -> Any:
+    """The SSL context redis-py's ``SSLConnection`` builds from these ``ssl_*`` options (a URL's query):
+    its defaults too (``ssl_cert_reqs=required``, ``ssl_check_hostname=True``)."""
+    options = {name[4:]: value for name, value in kwargs.items() if name.startswith("ssl_")}
+    options.setdefault("cert_reqs", "required")
+    options.setdefault("check_hostname", True)
+    return RedisSSLContext(**options).get()
+
+
+def _url_ssl_options(url: str) -> dict[str, Any]:
+    """A ``rediss+cluster://`` or ``rediss+sentinel://`` URL's ``ssl_*`` query options, parsed as redis-py
+    parses a ``rediss://`` URL's."""
+    query = urlsplit(url).query
+    parsed = parse_url("rediss://localhost" + (f"/?{query}" if query else ""))
+    return {name: value for name, value in parsed.items() if name.startswith("ssl_")}
 
 
 def blocking_twin(client: Redis, socket_timeout: float | None) -> Redis:
@@ -151,16 +181,20 @@ def _connect_timeout(budget: float | None, socket_timeout: float | None) -> floa
     return max(budget, socket_timeout)
 
 
-def _cluster_clients(url: str, timeout: float, max_connections: int) -> RedisClients:
+def _cluster_clients(url: str, timeout: float, max_connections: int, grace: float | None) -> RedisClients:
     parts = urlsplit(url)
-    nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, url)]
+    seeds = _hosts(parts.netloc, url)
+    nodes = [ClusterNode(host, port) for host, port in seeds]
+    tls = parts.scheme.lower().startswith("rediss")
+    ssl_options = _url_ssl_options(url) if tls else {}
 
     def client(socket_timeout: float | None) -> RedisCluster:
         return RedisCluster(
             startup_nodes=nodes,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
-            ssl=parts.scheme.lower().startswith("rediss"),
+            ssl=tls,
+            **ssl_options,
             socket_timeout=socket_timeout,
             socket_connect_timeout=_connect_timeout(timeout, socket_timeout),
             max_connections=max_connections,
@@ -172,10 +206,13 @@ def _cluster_clients(url: str, timeout: float, max_connections: int) -> RedisCli
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
 
-    return RedisClients(client(timeout), client)
+    routed = PipelinedCluster(seeds, username=unquote(parts.username) if parts.username else None,
+                              password=unquote(parts.password) if parts.password else None, timeout=timeout,
+                              grace=grace, ssl=ssl_context(ssl_options) if tls else None)
+    return RedisClients(client(timeout), client, routed=routed)
 
 
-def _sentinel_clients(url: str, timeout: float, max_connections: int) -> RedisClients:
+def _sentinel_clients(url: str, timeout: float, max_connections: int, grace: float | None) -> RedisClients:
     parts = urlsplit(url)
     path = [segment for segment in parts.path.split("/") if segment]
     if not path:
@@ -187,18 +224,27 @@ def _sentinel_clients(url: str, timeout: float, max_connections: int) -> RedisCl
                         sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout})
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
+    tls = parts.scheme.lower().startswith("rediss")
+    ssl_options = _url_ssl_options(url) if tls else {}
 
     def client(socket_timeout: float | None) -> Redis:
         master: Redis = sentinel.master_for(
             service, db=db, socket_timeout=socket_timeout,
             socket_connect_timeout=_connect_timeout(timeout, socket_timeout),
             retry=Retry(NoBackoff(), 0), max_connections=max_connections, protocol=2,
-            ssl=parts.scheme.lower().startswith("rediss"), username=username, password=password,
+            ssl=tls, **ssl_options, username=username, password=password,
         )
         return master
 
+    async def master() -> tuple[str, int]:
+        host, port = await sentinel.discover_master(service)
+        return str(host), int(port)
+
+    # The master found anew at each connect: after a failover the next connect reaches the new one.
+    pipelined = PipelinedRedis(locate=master, db=db, username=username, password=password, timeout=timeout,
+                               grace=grace, ssl=ssl_context(ssl_options) if tls else None)
     # also_close: the connections that ask the sentinels.
-    return RedisClients(client(timeout), client, also_close=sentinel.sentinels)
+    return RedisClients(client(timeout), client, also_close=sentinel.sentinels, pipelined=pipelined)
 
 
 def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
@@ -213,9 +259,19 @@ def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
 
 
 async def close_client(client: Any) -> None:
-    """Close a Redis or RedisCluster client and its connections."""
+    """Close a Redis or RedisCluster client and its connections.
+
+    A RedisCluster whose first command (its slot map) was cancelled has a startup node's
+    connection open but no default node, and its ``aclose`` then closes nothing: that
+    socket would outlive the store (and uvloop's ``close()`` waits for it forever). Its
+    nodes are closed here whatever state it reached.
+    """
     if isinstance(client, RedisCluster):
         await client.aclose()
+        nodes = client.nodes_manager
+        await asyncio.gather(*(node.disconnect() for node in
+                               {id(node): node for node in [*nodes.startup_nodes.values(),
+                                                            *nodes.nodes_cache.values()]}.values()))
     else:
         await client.aclose(close_connection_pool=True)
 

@@ -8,14 +8,16 @@ of one script.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 from cachemw.core.keyspace import lock_key, wait_key
+from cachemw.store.pipeline_cluster import PipelinedCluster
 from cachemw.store.redis_loop import LoopClients
 from cachemw.store.redis_scripts import FILL_ALL_SCRIPT, INDEX_SCRIPT, LOCK_ALL_SCRIPT, generation, millis
 
-__all__ = ["fill_on_cluster", "lock_on_cluster"]
+__all__ = ["fill_on_cluster", "lock_on_cluster", "lock_routed"]
 
 
 async def lock_on_cluster(bound: LoopClients, key: str, ttl: float, generation_keys: Sequence[str], token: str,
@@ -29,6 +31,17 @@ async def lock_on_cluster(bound: LoopClients, key: str, ttl: float, generation_k
         for generation_key in generation_keys:
             pipe.get(generation_key)
         (taken, value, _), *generations = await pipe.execute()
+    return bool(taken), value if isinstance(value, bytes) else None, tuple(generation(g) for g in generations)
+
+
+async def lock_routed(routed: PipelinedCluster, script: Any, key: str, ttl: float, generation_keys: Sequence[str],
+                      token: str) -> tuple[bool, bytes | None, tuple[int, ...]]:
+    """``lock_on_cluster`` on the request path's connections: the script on the entry's node and each
+    generation read on its own, all sent at once (one round trip), each within the budget."""
+    locked, *generations = await asyncio.gather(
+        routed.evalsha(script.sha, script.script, [key, lock_key(key), wait_key(key)], [token, millis(ttl)]),
+        *(routed.get(generation_key) for generation_key in generation_keys))
+    taken, value, _ = locked
     return bool(taken), value if isinstance(value, bytes) else None, tuple(generation(g) for g in generations)
 
 

@@ -17,6 +17,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from cachemw.store.loops import LoopGuard
 from cachemw.store.pipeline import PipelinedRedis
+from cachemw.store.pipeline_cluster import PipelinedCluster
 from cachemw.store.redis_clients import close_client
 from cachemw.store.redis_scripts import FILL_ALL_SCRIPT, LOCK_ALL_SCRIPT, UNLOCK_SCRIPT
 
@@ -44,17 +45,19 @@ class LoopClients:
     """The clients of one event loop: redis-py's (and their scripts and gate) and the pipelined connection."""
 
     __slots__ = ("_background", "_background_client", "also_close", "background_pipelined", "client", "dropped",
-                 "fill_all", "gate", "guard", "listener_client", "lock_all", "loop", "pipelined", "unlock_script")
+                 "fill_all", "gate", "guard", "listener_client", "lock_all", "loop", "pipelined", "routed",
+                 "unlock_script")
 
     def __init__(self, client: Redis | RedisCluster, pipelined: PipelinedRedis | None,
                  listener_client: Callable[[], Redis | RedisCluster], also_close: Sequence[Any],
                  max_connections: int, background_client: Callable[[], Redis | RedisCluster],
-                 background_timeout: float) -> None:
+                 background_timeout: float, routed: PipelinedCluster | None = None) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None  # taken by the first call inside a loop
         self.guard: LoopGuard | None = None
         self.dropped = False  # closed by its guard (its loop ended): the next call makes new clients
         self.client: Any = client
         self.pipelined = pipelined if not isinstance(client, RedisCluster) else None
+        self.routed = routed if isinstance(client, RedisCluster) else None  # a Cluster's request path
         # Connects on first use, like the request path's.
         self.background_pipelined = self.pipelined.twin(background_timeout) if self.pipelined is not None else None
         self.listener_client = listener_client
@@ -105,6 +108,8 @@ class LoopClients:
                 await self.pipelined.aclose()
             if self.background_pipelined is not None:
                 await self.background_pipelined.aclose()
+            if self.routed is not None:
+                await self.routed.aclose()
         finally:
             await close_client(self.client)
             background, self._background = self._background, None
@@ -119,6 +124,8 @@ class LoopClients:
             self.pipelined.abandon()
         if self.background_pipelined is not None:
             self.background_pipelined.abandon()
+        if self.routed is not None:
+            self.routed.abandon()
         if self.guard is not None:
             self.guard.cancel()  # its loop, if it still runs, closes the rest
 

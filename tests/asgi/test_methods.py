@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import AsyncIterator
 
 import anyio
@@ -15,7 +16,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from cachemw import CacheMiddleware, cache
+from cachemw import CacheMiddleware, RedisStore, cache
+from tests.budgets import Budgets
 from tests.helpers import SpyStore, client, eventually
 
 pytestmark = pytest.mark.anyio
@@ -133,6 +135,39 @@ async def test_a_streamed_miss_sends_its_start_before_its_first_chunk(store: Spy
         await eventually(lambda: _true(any(not m.get("more_body", True) for m in sent[1:])),
                          what="the end of the stream")
         tg.cancel_scope.cancel()
+
+
+def test_a_cluster_store_lets_uvloop_close_after_a_streamed_miss_was_cancelled(cluster_url: str,
+                                                                                  budgets: Budgets) -> None:
+    """The suite once hung after the test above on uvloop, whose ``close()`` waits for every socket
+    still open. The cancelled request cut short redis-py's first CLUSTER SLOTS, and its clean-up
+    too (anyio cancels every await in a cancelled scope): the client then had an open connection
+    and no topology, and its ``aclose`` closed nothing. The store's close must close it anyway."""
+    import uvloop
+
+    async def cancelled_then_closed() -> None:
+        store = SpyStore(RedisStore.from_url(cluster_url, timeout=budgets.store_timeout), keeps_budget=True)
+        try:
+            await test_a_streamed_miss_sends_its_start_before_its_first_chunk(store)
+        finally:
+            await store.aclose()
+
+    failures: list[BaseException] = []
+    closed = threading.Event()
+
+    def run() -> None:
+        loop = uvloop.new_event_loop()
+        try:
+            loop.run_until_complete(cancelled_then_closed())
+        except BaseException as exc:  # reported by the test's thread below
+            failures.append(exc)
+        finally:
+            loop.close()
+            closed.set()
+
+    threading.Thread(target=run, daemon=True, name="a uvloop of its own").start()
+    assert closed.wait(budgets.condition), "uvloop's close() did not return: the store left a socket open"
+    assert not failures, failures
 
 
 async def _true(value: bool) -> bool:

@@ -290,12 +290,14 @@ async def test_a_server_that_is_not_redis_is_a_store_error(not_redis: int) -> No
         await client.aclose()
 
 
-async def test_tls_cluster_and_sentinel_urls_stay_on_redis_py() -> None:
+async def test_tls_cluster_and_sentinel_urls_take_the_pipelined_path() -> None:
+    """Issue 17, item 1: every topology's request path keeps its own budget (test_pipeline_topologies.py
+    checks each on real servers)."""
     for url in ("rediss://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1,127.0.0.1:2",
                 "redis+sentinel://127.0.0.1:1/mymaster"):
         store = RedisStore.from_url(url, timeout=0.05)
         try:
-            assert not store.bounded
+            assert store.bounded and store.capabilities.keeps_budget
         finally:
             await store.aclose()
 
