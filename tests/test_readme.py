@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -133,6 +134,10 @@ def test_the_benchmark_table_quotes_the_results_files() -> None:
     peers = {t["target"]: t["median"] for t in json.loads((RESULTS / "peers.json").read_text())["targets"]}
     runs = json.loads((RESULTS / "overload.json").read_text())["runs"]
     staleness = json.loads((RESULTS / "staleness.json").read_text())
+    miss = json.loads((RESULTS / "peers-miss.json").read_text())["targets"][0]
+    hits = json.loads((RESULTS / "cluster.json").read_text())["summary"]["hits"]
+    topologies = [statistics.median(r["rps"] for r in hits[name]["per_round"])
+                  for name in ("cluster", "sentinel", "tls")]
     purges = [run for phase in staleness["results"].values() for run in phase]
     cold = {lib: _range([r["cold_ratio"] for r in runs if r["library"] == lib])
             for lib in ("cachemw", "fastapi-cache2", "cashews")}
@@ -141,6 +146,9 @@ def test_the_benchmark_table_quotes_the_results_files() -> None:
             f"{peers['cachemw hit on Redis vs fastapi-cache2 hit on Redis (FastAPI, req/s)']:.2f}{TIMES}",
         "cachemw hit on Redis vs cashews hit on Redis (FastAPI, req/s)":
             f"{peers['cachemw hit on Redis vs cashews hit on Redis (FastAPI, req/s)']:.2f}{TIMES}",
+        "cachemw miss vs the uncached app (FastAPI, req/s; a CPU-bound server)": f"{miss['median']:.2f}{TIMES}",
+        "hit on a 3-master Cluster, a Sentinel-named master, TLS vs one Redis (req/s)":
+            ", ".join(f"{ratio:.2f}{TIMES}" for ratio in topologies),
         "200 concurrent requests on one cold key: handler runs":
             str(peers["200 concurrent requests on one cold key: handler runs (cachemw)"]),
         "origin calls per cold key under overload, two servers (cachemw, fastapi-cache2, cashews)":
