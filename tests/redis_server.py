@@ -125,6 +125,7 @@ class RedisServer:
         """Start the process (on the same port as before, if it ran before) and wait for PING."""
         if self.running:
             raise RuntimeError("redis-server is already running")
+        self._kill()  # reap a process that died by itself, and close its log
         if self.port == 0:
             self.port = free_port()
         assert self.port != _FORBIDDEN_PORT
