@@ -189,19 +189,9 @@ class RequestHandler:
                 status = await serve(shared, scope, headers, send, time.time(), MISS, http.STATUS_COLLAPSED)
                 runtime.log(plan.match, key, "MISS", status, None, started, len(shared.body), "collapsed")
                 return
-            # The origin slot taken here when one is free (a miss's usual case): forward() is one
-            # more frame that every resumption of the app's call would pass through.
-            slot = runtime.origin.take_nowait(plan.match.rule.template)
             try:
-                if slot is None:
-                    entry, failed, failure = await self.forward(scope, receive, send, headers, plan, fallback,
-                                                                started, flight)
-                else:
-                    try:
-                        entry, failed, failure = await self.call_origin(scope, receive, send, headers, plan,
-                                                                        fallback, started, flight)
-                    finally:
-                        slot.release()
+                entry, failed, failure = await self.forward(scope, receive, send, headers, plan, fallback, started,
+                                                            flight)
             except BaseException as exc:
                 # The app raised, or this request was cancelled (the client left, waiting for a slot or
                 # the app): the lock goes at once, not after lock_timeout, unless a fill job has it.

@@ -75,15 +75,8 @@ def entry_cost(entry: Entry) -> int:
     """
     headers = entry.headers
     size = _ENTRY + bytes_cost(entry.body) + bytes_cost(entry.etag) + tuple_cost(len(headers)) + _PAIR * len(headers)
-    # ``bytes_cost`` of each name and value, inline: every fill counts its headers, and two calls per
-    # header were most of this function's cost. Below 480 bytes a bytes object is one of pymalloc's 16 B
-    # steps (``alloc``); a longer one goes through ``bytes_cost``.
     for name, value in headers:
-        name_length, value_length = len(name), len(value)
-        if name_length < 480 and value_length < 480:
-            size += ((name_length + 48) & -16) + ((value_length + 48) & -16)
-        else:
-            size += bytes_cost(name) + bytes_cost(value)
+        size += bytes_cost(name) + bytes_cost(value)
     if entry.tags:
         size += tuple_cost(len(entry.tags)) + sum(str_cost(tag) for tag in entry.tags)
     return size

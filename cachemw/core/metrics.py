@@ -64,8 +64,7 @@ class TeedHistogram(Histogram):
             self.sum = of.sum
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.sum += seconds
+        Histogram.observe(self, seconds)
         self.sink(seconds)
 
 

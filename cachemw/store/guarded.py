@@ -23,8 +23,8 @@ import anyio
 
 from cachemw.core.breaker import CircuitBreaker
 from cachemw.core.metrics import Metrics
-from cachemw.store.base import LockResult, Store, StoreError, StoreTimeout
-from cachemw.store.retrying import FIRST_PAUSE, within_deadline
+from cachemw.store.base import LockResult, Store, StoreTimeout
+from cachemw.store.retrying import within_deadline
 
 __all__ = ["GuardedStore", "Report"]
 
@@ -139,22 +139,6 @@ class GuardedStore:
         if not self.remote:
             return await call(None)
         breaker = self.breaker_for(key)
-        budget = self.background_budget
-        if self.keeps_budget:
-            # The first attempt without the retry loop's closures and coroutines: every miss's fill
-            # takes this path, and nearly all of them are answered at once.
-            began = time.perf_counter()
-            try:
-                return await call(budget)
-            except Exception as exc:
-                self.failed(breaker, exc, began, budget=budget)
-                left = budget - (time.perf_counter() - began)
-                if not isinstance(exc, (StoreError, TimeoutError)) or left <= FIRST_PAUSE or breaker.state == "open":
-                    raise
-            await anyio.sleep(FIRST_PAUSE)
-            budget, pause = left - FIRST_PAUSE, FIRST_PAUSE * 4  # then as within_deadline goes on
-        else:
-            pause = FIRST_PAUSE
 
         async def attempt(left: float) -> T:
             began = time.perf_counter()
@@ -164,8 +148,8 @@ class GuardedStore:
                 self.failed(breaker, exc, began, budget=left)
                 raise
 
-        return await within_deadline(attempt, budget, scoped=not self.keeps_budget,
-                                     given_up=lambda: breaker.state == "open", pause=pause)
+        return await within_deadline(attempt, self.background_budget, scoped=not self.keeps_budget,
+                                     given_up=lambda: breaker.state == "open")
 
     async def _within_budget(self, call: Awaitable[T]) -> T:
         """A request-path store call, failing with TimeoutError after the budget whatever the driver does."""
