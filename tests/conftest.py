@@ -48,7 +48,7 @@ _ON_BOTH_LOOPS = frozenset({
     "test_pipeline", "test_store_contract", "test_redis_faults", "test_middleware", "test_freshness",
     "test_lookup_lock", "test_invalidation", "test_channel_input", "test_event_loops", "test_flights", "test_herd",
     "test_origin_limit", "test_methods", "test_credentials", "test_store_failures", "test_lifespan", "test_loop_lag",
-    "test_hit_for_pass", "test_pipeline_topologies",
+    "test_hit_for_pass", "test_pipeline_topologies", "test_request_context", "test_tracking", "test_soft_purge",
 })
 UVLOOP = ("asyncio", {"use_uvloop": True})
 
