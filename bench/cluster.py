@@ -19,6 +19,12 @@ All warmed over 100 ids until every id answers HIT, then wrk (64 connections, CP
 interleaved A B B B A B B B ... for 3 rounds: median req/s, p50, p99 (min-max), each B's ratio to A, and
 the median (min-max) of the per-round ratios.
 
+``--redis-cpu client`` puts every Redis (and Sentinel) process on the load generator's
+core (CPU 1) instead: in production a Cluster's nodes run on other hosts, and three
+redis-servers on the app's core charge the Cluster case for the nodes' own wake-ups
+and context switches (three event loops instead of one), which the single case does
+not pay. Both placements are worth reporting; the default keeps the earlier runs'.
+
 Phase "workers" (case C), on the single Redis (still pinned to CPU 0): the same app
 with ``--workers 2`` and ``--workers 1``, **not pinned** (two workers need both cores,
 so the load generator, still pinned to CPU 1, shares a core with them), interleaved
@@ -104,6 +110,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=common.RESULTS_DIR / "cluster.md",
                         help="Markdown results file; a .json with the raw runs goes next to it "
                              "(default: bench/results/cluster.md)")
+    parser.add_argument("--redis-cpu", choices=("app", "client"), default="app",
+                        help="where every Redis (and Sentinel) process runs: 'app', on the app's core (one "
+                             "machine: the app shares its core with every node); 'client', on the load "
+                             "generator's core, as Redis on other hosts leaves the app's core to the app "
+                             "(default: %(default)s)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep logs and redis files after the run")
     args = parser.parse_args(argv)
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -524,7 +535,7 @@ def _overview(each: dict[str, dict[str, Any] | None]) -> list[str]:
 
 def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: list[Run],
            each: dict[str, dict[str, Any] | None], workers: dict[str, Any] | None, checks: list[tuple[bool, str]],
-           notes: dict[str, str]) -> str:
+           notes: dict[str, str], redis_cpu: str | None, server_cpu: str | None) -> str:
     hits = each.get("cluster")
     lines = [
         "# Redis Cluster, Sentinel and TLS vs single Redis (hits), and 2 uvicorn workers vs 1",
@@ -552,7 +563,8 @@ def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: 
         lines += [
             "## A vs B: hits on a single Redis vs a 3-master Cluster, a Sentinel-named master, a TLS Redis",
             "",
-            "Same app, 1 uvicorn worker on CPU 0, every Redis (and Sentinel) process on CPU 0, wrk on CPU 1; "
+            f"Same app, 1 uvicorn worker on CPU 0, every Redis (and Sentinel) process on CPU {redis_cpu}, "
+            "wrk on CPU 1; "
             f"{args_rounds(runs, 'hits')} interleaved rounds (single cluster sentinel tls, repeated); median "
             "(min-max). CPU columns: share of one core (median run).",
             "",
@@ -566,7 +578,8 @@ def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: 
         lines += [
             "## C: `--workers 2` vs `--workers 1` (single Redis)",
             "",
-            "The app is **not pinned** here (two workers need both cores); redis-server stays on CPU 0 and wrk",
+            "The app is **not pinned** here (two workers need both cores); redis-server stays on CPU "
+            f"{redis_cpu} and wrk"
             "on CPU 1, so wrk and Redis share the two cores with the workers: the ratio is what a 2-core box",
             f"serving and loading itself gets, not the scaling of the app alone. {args_rounds(runs, 'workers')}"
             " interleaved rounds (w1 w2 w1 w2 ...); median (min-max). App CPU: all uvicorn processes summed.",
@@ -574,7 +587,7 @@ def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: 
             *_table(workers, ("w1", "w2"), "2 workers / 1 worker"),
             "",
         ]
-    lines += reading(hits, workers, runs)
+    lines += reading(hits, workers, runs, redis_on_app_core=redis_cpu == server_cpu)
     lines += [
         "## Runs (in the order they ran)",
         "",
@@ -597,7 +610,8 @@ def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: 
     return "\n".join(lines)
 
 
-def reading(hits: dict[str, Any] | None, workers: dict[str, Any] | None, runs: list[Run]) -> list[str]:
+def reading(hits: dict[str, Any] | None, workers: dict[str, Any] | None, runs: list[Run], *,
+            redis_on_app_core: bool) -> list[str]:
     """What the figures say and do not say (partly computed from them)."""
     lines = ["## Reading the numbers, and caveats", ""]
     if hits is not None:
@@ -623,7 +637,8 @@ def reading(hits: dict[str, Any] | None, workers: dict[str, Any] | None, runs: l
                       f"`RedisCluster` against {app_us['single']:.0f} µs with `Redis` (the two clients take "
                       "different code paths in redis-py), and B always runs right after A within a round. "
                       "Read it as \"no slower\", not as a speed-up to count on."]
-        lines += ["- All three masters run on one machine, on the app's core, over loopback: no network hop, no "
+        where = "the app's core" if redis_on_app_core else "the load generator's core"
+        lines += [f"- All three masters run on one machine, on {where}, over loopback: no network hop, no "
                   "spread over hosts, no replicas, no resharding (MOVED/ASK) during the runs. What a real cluster "
                   "buys (memory and write capacity, failover) is not measured here.",
                   "- Hits only. A miss on a cluster cannot use the single-server one-script lock and fill "
@@ -687,6 +702,7 @@ def run(args: argparse.Namespace) -> int:
     if common.wrk_path() is None:
         raise HarnessError(f"wrk not found; {common.WRK_INSTALL_HINT}")
     server_cpu, client_cpu = common.default_cpus()
+    redis_cpu = server_cpu if args.redis_cpu == "app" else client_cpu
     if server_cpu is None:
         print("WARNING: fewer than 2 CPUs or no taskset: nothing is pinned", file=sys.stderr, flush=True)
     command = shlex.join([".venv/bin/python", "bench/cluster.py", *sys.argv[1:]])
@@ -699,7 +715,7 @@ def run(args: argparse.Namespace) -> int:
     notes: dict[str, str] = {}
     settings: dict[str, str] = {}
     try:
-        single = RedisProcess(workdir / "redis", cpu=server_cpu)
+        single = RedisProcess(workdir / "redis", cpu=redis_cpu)
         facts = common.machine_description(redis_binary=single.binary)
         facts["load average at start"] = (f"{facts['load average at start']} (1, 5, 15 min; after waiting "
                                           f"{waited:.0f} s for other benchmarks)")
@@ -715,20 +731,20 @@ def run(args: argparse.Namespace) -> int:
                        f"then {args.warmup:g} s of unrecorded load per case",
         }
         with single:
-            facts["redis"] = f"single: private redis-server, no persistence, pinned to CPU {server_cpu}"
+            facts["redis"] = f"single: private redis-server, no persistence, pinned to CPU {redis_cpu}"
             if "hits" in args.phases:
-                watched = RedisProcess(workdir / "redis-sentinel-master", cpu=server_cpu, binary=single.binary)
-                tls = TlsRedis(workdir / "redis-tls", cpu=server_cpu, binary=single.binary)
-                with Cluster(workdir / "cluster", single.binary, server_cpu) as cluster, watched, tls, \
-                        SentinelProcess(workdir / "sentinel", watched.port, cpu=server_cpu,
+                watched = RedisProcess(workdir / "redis-sentinel-master", cpu=redis_cpu, binary=single.binary)
+                tls = TlsRedis(workdir / "redis-tls", cpu=redis_cpu, binary=single.binary)
+                with Cluster(workdir / "cluster", single.binary, redis_cpu) as cluster, watched, tls, \
+                        SentinelProcess(workdir / "sentinel", watched.port, cpu=redis_cpu,
                                         binary=single.binary) as sentinel:
                     facts["redis sentinel"] = (f"a private redis-sentinel (quorum 1) naming a private redis-server, "
-                                               f"both pinned to CPU {server_cpu}")
+                                               f"both pinned to CPU {redis_cpu}")
                     facts["redis tls"] = (f"a private redis-server with `--tls-port` (certificate from a trustme CA), "
-                                          f"pinned to CPU {server_cpu}")
+                                          f"pinned to CPU {redis_cpu}")
                     facts["redis cluster"] = (f"3 masters, no replicas (`tests/redis_cluster.py` LocalCluster: "
                                               f"redis-server --cluster-enabled yes + redis-cli --cluster create), "
-                                              f"same binary, every thread pinned to CPU {server_cpu}")
+                                              f"same binary, every thread pinned to CPU {redis_cpu}")
                     urls = {"single": single.url, "cluster": cluster.url, "sentinel": sentinel.url, "tls": tls.tls_url}
                     apps = {}
                     for case, url in urls.items():
@@ -820,7 +836,7 @@ def run(args: argparse.Namespace) -> int:
         each = {case: summarize(runs, ("single", case)) for case in OTHER_HIT_CASES}
         workers = summarize(runs, WORKER_CASES)
         checks = sanity_checks(runs, log_errors, extra_checks)
-        report = render(facts, settings, command, runs, each, workers, checks, notes)
+        report = render(facts, settings, command, runs, each, workers, checks, notes, redis_cpu, server_cpu)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)
         raw = {"facts": facts, "settings": settings, "notes": notes, "command": command,

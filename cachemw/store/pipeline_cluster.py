@@ -51,6 +51,8 @@ _ASKING = encode_command(["ASKING"])
 
 Slots = list["PipelinedRedis | None"]
 
+_SLOT_MEMO_SIZE = 65_536  # keys whose slot is remembered: a hit's key is looked up twice (breaker, command)
+
 
 class PipelinedCluster:
     """Commands to a Redis Cluster's masters, each over the auto-pipelined connection of its key's node.
@@ -78,6 +80,7 @@ class PipelinedCluster:
         self._refreshed_at = -math.inf
         self._wanted = False  # a refresh is due (one was asked for within the interval, or no node was open)
         self._closed = False
+        self._slot_of: dict[str, int] = {}
 
     @property
     def timeout(self) -> float:
@@ -85,9 +88,19 @@ class PipelinedCluster:
 
     # -- routing ----------------------------------------------------------------------------------
 
+    def slot(self, key: str) -> int:
+        """``key``'s hash slot, remembered: a hit's key is routed twice (its node's breaker, then its
+        command) and hot keys come back; CRC16 of the hash tag in Python is the costlier half of routing."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            if len(self._slot_of) >= _SLOT_MEMO_SIZE:
+                self._slot_of.clear()
+            slot = self._slot_of[key] = key_slot(key.encode())
+        return slot
+
     def shard(self, key: str) -> str:
         """The name (host:port) of the master serving ``key``; "" before the slot map is known."""
-        return self._names[key_slot(key.encode())]
+        return self._names[self.slot(key)]
 
     def masters(self) -> list[PipelinedRedis]:
         """The connections of the nodes that serve slots now."""
@@ -101,26 +114,25 @@ class PipelinedCluster:
             node = self._nodes[address] = PipelinedRedis(host=host, port=port, **self._options)
         return node
 
-    async def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Awaitable[bytes | None]:
         data = key.encode()
-        return await self.execute(data, b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(data), data))  # type: ignore[no-any-return]
+        return self.execute(self.slot(key), b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(data), data))
 
     def evalsha(self, sha: str, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float],
                 timeout: float | None = None) -> Awaitable[Any]:
         """A script on the node of its first key (all its keys share that key's hash tag)."""
-        slot_key = keys[0].encode()
+        slot = self.slot(keys[0])
 
         def execute(command: bytes, budget: float) -> Awaitable[Any]:
-            return self.execute(slot_key, command, budget)
+            return self.execute(slot, command, budget)
 
         return evalsha(execute, sha, script, keys, args, self._timeout if timeout is None else timeout)
 
-    async def execute(self, key: bytes, command: bytes, timeout: float | None = None) -> Any:
-        """The reply to an encoded command on the master of ``key``'s slot, within ``timeout`` (default: the
+    async def execute(self, slot: int, command: bytes, timeout: float | None = None) -> Any:
+        """The reply to an encoded command on the master of ``slot``, within ``timeout`` (default: the
         budget), a redirection followed once within it."""
         budget = self._timeout if timeout is None else timeout
         began = time.monotonic()
-        slot = key_slot(key)
         node = self._slots[slot]
         if node is None or (self._wanted and not self._refresh()):
             node = await self._node_for(slot, budget)  # learns the map first: none yet, or no node open to ask

@@ -164,6 +164,27 @@ async def test_cluster_lookups_take_one_connection_per_master(own_cluster: Local
         await store.aclose()
 
 
+async def test_cluster_routing_stays_right_for_keys_seen_again_after_many_others(own_cluster: LocalCluster,
+                                                                                 budgets: Budgets) -> None:
+    """Each key's slot is remembered (a hit routes its key twice); past the memo's bound it is forgotten and
+    learnt again, never answered from another key's slot."""
+    own_cluster.flushall()
+    store = RedisStore.from_url(own_cluster.url, timeout=budgets.store_timeout)
+    probes = [f"cachemw:e:item:{{probe-{i}}}" for i in range(6)]
+    try:
+        await store.connect(budgets.condition)
+        owners = {key: f"127.0.0.1:{node_of(own_cluster, key)[0].port}" for key in probes}
+        assert {key: store.shard(key) for key in probes} == owners
+        for i in range(70_000):  # more distinct keys than any bounded memo keeps
+            store.shard(f"cachemw:e:item:{{other-{i}}}")
+        assert {key: store.shard(key) for key in probes} == owners
+        for key in probes:
+            await store.set(key, key.encode(), 60)
+            assert await store.get(key) == key.encode()
+    finally:
+        await store.aclose()
+
+
 def _migrate(cluster: LocalCluster, key: str, *, finish: bool) -> tuple[RedisServer, RedisServer]:
     """Move ``key``'s slot (and the key) from its master to another; ``finish=False`` leaves it migrating (ASK)."""
     source, source_id = node_of(cluster, key)
