@@ -535,7 +535,7 @@ def _overview(each: dict[str, dict[str, Any] | None]) -> list[str]:
 
 def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: list[Run],
            each: dict[str, dict[str, Any] | None], workers: dict[str, Any] | None, checks: list[tuple[bool, str]],
-           notes: dict[str, str], redis_cpu: str | None, server_cpu: str | None) -> str:
+           notes: dict[str, str], redis_core: str | None, server_cpu: str | None) -> str:
     hits = each.get("cluster")
     lines = [
         "# Redis Cluster, Sentinel and TLS vs single Redis (hits), and 2 uvicorn workers vs 1",
@@ -563,7 +563,7 @@ def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: 
         lines += [
             "## A vs B: hits on a single Redis vs a 3-master Cluster, a Sentinel-named master, a TLS Redis",
             "",
-            f"Same app, 1 uvicorn worker on CPU 0, every Redis (and Sentinel) process on CPU {redis_cpu}, "
+            f"Same app, 1 uvicorn worker on CPU 0, every Redis (and Sentinel) process on CPU {redis_core}, "
             "wrk on CPU 1; "
             f"{args_rounds(runs, 'hits')} interleaved rounds (single cluster sentinel tls, repeated); median "
             "(min-max). CPU columns: share of one core (median run).",
@@ -579,7 +579,7 @@ def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: 
             "## C: `--workers 2` vs `--workers 1` (single Redis)",
             "",
             "The app is **not pinned** here (two workers need both cores); redis-server stays on CPU "
-            f"{redis_cpu} and wrk"
+            f"{redis_core} and wrk "
             "on CPU 1, so wrk and Redis share the two cores with the workers: the ratio is what a 2-core box",
             f"serving and loading itself gets, not the scaling of the app alone. {args_rounds(runs, 'workers')}"
             " interleaved rounds (w1 w2 w1 w2 ...); median (min-max). App CPU: all uvicorn processes summed.",
@@ -587,7 +587,7 @@ def render(facts: dict[str, str], settings: dict[str, str], command: str, runs: 
             *_table(workers, ("w1", "w2"), "2 workers / 1 worker"),
             "",
         ]
-    lines += reading(hits, workers, runs, redis_on_app_core=redis_cpu == server_cpu)
+    lines += reading(hits, workers, runs, redis_on_app_core=redis_core == server_cpu)
     lines += [
         "## Runs (in the order they ran)",
         "",
@@ -702,7 +702,7 @@ def run(args: argparse.Namespace) -> int:
     if common.wrk_path() is None:
         raise HarnessError(f"wrk not found; {common.WRK_INSTALL_HINT}")
     server_cpu, client_cpu = common.default_cpus()
-    redis_cpu = server_cpu if args.redis_cpu == "app" else client_cpu
+    redis_core = server_cpu if args.redis_cpu == "app" else client_cpu
     if server_cpu is None:
         print("WARNING: fewer than 2 CPUs or no taskset: nothing is pinned", file=sys.stderr, flush=True)
     command = shlex.join([".venv/bin/python", "bench/cluster.py", *sys.argv[1:]])
@@ -715,7 +715,7 @@ def run(args: argparse.Namespace) -> int:
     notes: dict[str, str] = {}
     settings: dict[str, str] = {}
     try:
-        single = RedisProcess(workdir / "redis", cpu=redis_cpu)
+        single = RedisProcess(workdir / "redis", cpu=redis_core)
         facts = common.machine_description(redis_binary=single.binary)
         facts["load average at start"] = (f"{facts['load average at start']} (1, 5, 15 min; after waiting "
                                           f"{waited:.0f} s for other benchmarks)")
@@ -731,20 +731,20 @@ def run(args: argparse.Namespace) -> int:
                        f"then {args.warmup:g} s of unrecorded load per case",
         }
         with single:
-            facts["redis"] = f"single: private redis-server, no persistence, pinned to CPU {redis_cpu}"
+            facts["redis"] = f"single: private redis-server, no persistence, pinned to CPU {redis_core}"
             if "hits" in args.phases:
-                watched = RedisProcess(workdir / "redis-sentinel-master", cpu=redis_cpu, binary=single.binary)
-                tls = TlsRedis(workdir / "redis-tls", cpu=redis_cpu, binary=single.binary)
-                with Cluster(workdir / "cluster", single.binary, redis_cpu) as cluster, watched, tls, \
-                        SentinelProcess(workdir / "sentinel", watched.port, cpu=redis_cpu,
+                watched = RedisProcess(workdir / "redis-sentinel-master", cpu=redis_core, binary=single.binary)
+                tls = TlsRedis(workdir / "redis-tls", cpu=redis_core, binary=single.binary)
+                with Cluster(workdir / "cluster", single.binary, redis_core) as cluster, watched, tls, \
+                        SentinelProcess(workdir / "sentinel", watched.port, cpu=redis_core,
                                         binary=single.binary) as sentinel:
                     facts["redis sentinel"] = (f"a private redis-sentinel (quorum 1) naming a private redis-server, "
-                                               f"both pinned to CPU {redis_cpu}")
+                                               f"both pinned to CPU {redis_core}")
                     facts["redis tls"] = (f"a private redis-server with `--tls-port` (certificate from a trustme CA), "
-                                          f"pinned to CPU {redis_cpu}")
+                                          f"pinned to CPU {redis_core}")
                     facts["redis cluster"] = (f"3 masters, no replicas (`tests/redis_cluster.py` LocalCluster: "
                                               f"redis-server --cluster-enabled yes + redis-cli --cluster create), "
-                                              f"same binary, every thread pinned to CPU {redis_cpu}")
+                                              f"same binary, every thread pinned to CPU {redis_core}")
                     urls = {"single": single.url, "cluster": cluster.url, "sentinel": sentinel.url, "tls": tls.tls_url}
                     apps = {}
                     for case, url in urls.items():
@@ -836,7 +836,7 @@ def run(args: argparse.Namespace) -> int:
         each = {case: summarize(runs, ("single", case)) for case in OTHER_HIT_CASES}
         workers = summarize(runs, WORKER_CASES)
         checks = sanity_checks(runs, log_errors, extra_checks)
-        report = render(facts, settings, command, runs, each, workers, checks, notes, redis_cpu, server_cpu)
+        report = render(facts, settings, command, runs, each, workers, checks, notes, redis_core, server_cpu)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)
         raw = {"facts": facts, "settings": settings, "notes": notes, "command": command,
