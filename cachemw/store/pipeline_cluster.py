@@ -51,8 +51,6 @@ _ASKING = encode_command(["ASKING"])
 
 Slots = list["PipelinedRedis | None"]
 
-_SLOT_MEMO_SIZE = 65_536  # keys whose slot is remembered: a hit's key is looked up twice (breaker, command)
-
 
 class PipelinedCluster:
     """Commands to a Redis Cluster's masters, each over the auto-pipelined connection of its key's node.
@@ -80,7 +78,8 @@ class PipelinedCluster:
         self._refreshed_at = -math.inf
         self._wanted = False  # a refresh is due (one was asked for within the interval, or no node was open)
         self._closed = False
-        self._slot_of: dict[str, int] = {}
+        self._last_key = ""  # the key routed last, and its slot: a request routes its key twice in a row
+        self._last_slot = key_slot(b"")
 
     @property
     def timeout(self) -> float:
@@ -89,14 +88,13 @@ class PipelinedCluster:
     # -- routing ----------------------------------------------------------------------------------
 
     def slot(self, key: str) -> int:
-        """``key``'s hash slot, remembered: a hit's key is routed twice (its node's breaker, then its
-        command) and hot keys come back; CRC16 of the hash tag in Python is the costlier half of routing."""
-        slot = self._slot_of.get(key)
-        if slot is None:
-            if len(self._slot_of) >= _SLOT_MEMO_SIZE:
-                self._slot_of.clear()
-            slot = self._slot_of[key] = key_slot(key.encode())
-        return slot
+        """``key``'s hash slot. A request routes its key twice in a row (its node's breaker, then its
+        command), and CRC16 of the hash tag in Python is the costlier half of routing: the last key's
+        slot is kept (one entry: nothing to bound)."""
+        if key != self._last_key:
+            self._last_slot = key_slot(key.encode())
+            self._last_key = key
+        return self._last_slot
 
     def shard(self, key: str) -> str:
         """The name (host:port) of the master serving ``key``; "" before the slot map is known."""
