@@ -171,7 +171,7 @@ class RequestHandler:
                    fallback: Entry | None, started: float) -> None:
         runtime = self.runtime
         key = plan.key
-        scope = without_unkeyed_overrides(scope, plan.policy, headers.values)
+        scope = without_unkeyed_overrides(scope, plan.policy)
         flights = runtime.flights
         flight = flights.get(key)
         if flight is not None:

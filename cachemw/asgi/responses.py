@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -41,17 +41,10 @@ MISS = b"MISS"
 BYPASS = b"BYPASS"
 
 
-def without_unkeyed_overrides(scope: Scope, policy: Policy, names: Collection[bytes] | None = None) -> Scope:
-    """Headers that make apps answer for another host, scheme, URL or method never reach them unkeyed.
-
-    ``names``: the request's header names, where a caller has them gathered (``RequestHeaders.values``):
-    then the usual case, none of them, is one set operation in C.
-    """
+def without_unkeyed_overrides(scope: Scope, policy: Policy) -> Scope:
+    """Headers that make apps answer for another host, scheme, URL or method never reach them unkeyed."""
     headers = scope.get("headers", ())
-    if names is not None:
-        if http.OVERRIDE_HEADERS.isdisjoint(names):
-            return scope
-    elif not any(name in http.OVERRIDE_HEADERS for name, _ in headers):
+    if not any(name in http.OVERRIDE_HEADERS for name, _ in headers):
         return scope
     keyed = {name.encode("latin-1") for name in policy.vary_headers}
     kept = [(name, value) for name, value in headers if name not in http.OVERRIDE_HEADERS or name in keyed]
