@@ -123,7 +123,7 @@ class RequestHandler:
             # A route that has been missing: where the key holds nothing, the lock is tried in the
             # same round trip (inline: a coroutine of its own would be one more frame per miss).
             plan = runtime.planner.plan(key, policy, match, scope["path"])
-            data, failed = await runtime.locks.get_or_lock(plan, runtime.missing)
+            data, failed = await runtime.locks.get_or_lock(plan)
         else:
             data, failed = await runtime.guarded.get(key)
         if is_pass_marker(data):

@@ -69,6 +69,9 @@ class FillLocks:
         self.supervisor = supervisor
         self.lock_timeout = lock_timeout
         self.pending_releases: dict[str, str] = {}  # lock releases a full queue shed: key -> token
+        # Routes whose last lookup missed: their next lookup also tries the lock (one round trip);
+        # a route leaves when a lookup finds a value.
+        self.missing: set[str] = set()
         self._releases_wanted: anyio.Event | None = None
 
     def lock(self, plan: FillPlan, *, lookup: bool = False, background: bool = False
@@ -80,11 +83,10 @@ class FillLocks:
         return self.guarded.lock(plan.key, self.lock_timeout, plan.generation_keys, new_token(), lookup=lookup,
                                        background=background, release=self.release)
 
-    async def get_or_lock(self, plan: FillPlan, missing: set[str] | None = None) -> tuple[bytes | None, bool]:
+    async def get_or_lock(self, plan: FillPlan) -> tuple[bytes | None, bool]:
         """A lookup for a route that has been missing: where the key holds nothing, the lock is tried too.
 
-        That attempt's result waits in ``plan.looked_up`` for ``lock_or_wait``. ``missing``: the
-        routes whose lookups try the lock; the plan's route leaves it when its key holds a value.
+        That attempt's result waits in ``plan.looked_up`` for ``lock_or_wait``.
         """
         waiter = self.store.notifications.waiter(plan.key)  # before the attempt: no announcement slips past
         result = await self.lock(plan, lookup=True)
@@ -92,8 +94,7 @@ class FillLocks:
             waiter.close()
             if result is None:
                 return None, True
-            if missing is not None:
-                missing.discard(plan.match.rule.template)
+            self.missing.discard(plan.match.rule.template)
             return result[1], False
         plan.looked_up, plan.waiter = result, waiter
         return None, False

@@ -99,8 +99,7 @@ class CacheRuntime:
         self.planner = Planner(self.prefix)
         self.keys = KeyCache()
         self.decoded = DecodedMemo()
-        # Routes whose last lookup missed: their next lookup also tries the lock (one round trip).
-        self.missing: set[str] = set()
+        self.missing = self.locks.missing  # the routes whose lookups try the lock too
         notifications = self.store.notifications
         notifications.on_invalidate.append(self.l1.drop_tags)
         notifications.on_lost.append(self.l1.lost_sync)
