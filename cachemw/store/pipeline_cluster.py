@@ -78,8 +78,9 @@ class PipelinedCluster:
         self._refreshed_at = -math.inf
         self._wanted = False  # a refresh is due (one was asked for within the interval, or no node was open)
         self._closed = False
-        self._last_key = ""  # the key routed last, and its slot: a request routes its key twice in a row
-        self._last_slot = key_slot(b"")
+        # the key routed last and its slot, as one pair: a request routes its key twice in a row, and WSGI
+        # request threads route too (their breakers), so a key is never paired with another's slot
+        self._last: tuple[str, int] = ("", key_slot(b""))
 
     @property
     def timeout(self) -> float:
@@ -91,10 +92,12 @@ class PipelinedCluster:
         """``key``'s hash slot. A request routes its key twice in a row (its node's breaker, then its
         command), and CRC16 of the hash tag in Python is the costlier half of routing: the last key's
         slot is kept (one entry: nothing to bound)."""
-        if key != self._last_key:
-            self._last_slot = key_slot(key.encode())
-            self._last_key = key
-        return self._last_slot
+        last_key, last_slot = self._last
+        if key == last_key:
+            return last_slot
+        slot = key_slot(key.encode())
+        self._last = (key, slot)
+        return slot
 
     def shard(self, key: str) -> str:
         """The name (host:port) of the master serving ``key``; "" before the slot map is known."""

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import anyio
 import pytest
@@ -181,6 +186,50 @@ async def test_cluster_routing_stays_right_for_keys_seen_again_after_many_others
         for key in probes:
             await store.set(key, key.encode(), 60)
             assert await store.get(key) == key.encode()
+    finally:
+        await store.aclose()
+
+
+def _switching_threads_inside(function_name: str) -> Callable[..., Any]:
+    """A tracer that hands the GIL on at every line of ``function_name``: threads interleave there as
+    they may on a free-threaded interpreter or after any future change of where CPython switches."""
+    def local(frame: FrameType, event: str, arg: object) -> Callable[..., Any]:
+        if event == "line":
+            time.sleep(0)
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Callable[..., Any] | None:
+        return local if frame.f_code.co_name == function_name else None
+
+    return tracer
+
+
+async def test_cluster_routing_is_right_from_many_threads(own_cluster: LocalCluster, budgets: Budgets) -> None:
+    """WSGI request threads ask the store which node serves their key (its breaker): a thread never gets
+    another thread's key's node, wherever the threads switch inside the routing."""
+    own_cluster.flushall()
+    store = RedisStore.from_url(own_cluster.url, timeout=budgets.store_timeout)
+    keys = [f"cachemw:e:item:{{thread-{i}}}" for i in range(6)]
+    try:
+        await store.connect(budgets.condition)
+        owners = {key: f"127.0.0.1:{node_of(own_cluster, key)[0].port}" for key in keys}
+        assert len(set(owners.values())) > 1
+        wrong: list[tuple[str, str]] = []
+
+        def route(key: str) -> None:
+            sys.settrace(_switching_threads_inside("slot"))
+            for _ in range(2_000):
+                node = store.shard(key)
+                if node != owners[key]:
+                    wrong.append((key, node))
+                    return
+
+        threads = [threading.Thread(target=route, args=(key,)) for key in keys]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert wrong == []
     finally:
         await store.aclose()
 
