@@ -382,31 +382,32 @@ class Supervisor:
                 state.idle.set()
 
     async def _run(self, job: _Job) -> None:
-        """Run a taken job (counted from queued to running to done or failed)."""
+        """Run a taken job (counted from queued to running to done or failed).
+
+        One coroutine for the counting and the attempts: a fill waits on the store inside
+        it, and every frame held across that wait is walked by the garbage collector.
+        """
         counters = self.counters_for(job.kind)
         counters.queued -= 1
         counters.running += 1
         try:
-            await self._attempts(job, counters)
+            for attempt in range(job.retries + 1):
+                try:
+                    if job.timeout == math.inf:  # bounded by itself (a store call with its own budget): no cancel scope
+                        await job.function(*job.args)
+                    else:
+                        with anyio.fail_after(job.timeout):
+                            await job.function(*job.args)
+                except Exception as exc:  # the barrier: one job's failure never reaches the others
+                    if attempt < job.retries:
+                        await anyio.sleep(min(self.retry_backoff * math.pow(2, attempt), 30.0))
+                        continue
+                    counters.failed += 1
+                    logger.warning("cachemw: background %s job failed (key %s): %r", job.kind, job.key or "-", exc,
+                                   exc_info=not isinstance(exc, TimeoutError))
+                    return
+                counters.done += 1
+                return
         finally:
             counters.running -= 1
             self.queued_bytes -= job.size  # held until the job is done, not only while it waits
-
-    async def _attempts(self, job: _Job, counters: JobCounters) -> None:
-        for attempt in range(job.retries + 1):
-            try:
-                if job.timeout == math.inf:  # bounded by itself (a store call with its own budget): no cancel scope
-                    await job.function(*job.args)
-                else:
-                    with anyio.fail_after(job.timeout):
-                        await job.function(*job.args)
-            except Exception as exc:  # the barrier: one job's failure never reaches the others
-                if attempt < job.retries:
-                    await anyio.sleep(min(self.retry_backoff * math.pow(2, attempt), 30.0))
-                    continue
-                counters.failed += 1
-                logger.warning("cachemw: background %s job failed (key %s): %r", job.kind, job.key or "-", exc,
-                               exc_info=not isinstance(exc, TimeoutError))
-                return
-            counters.done += 1
-            return
