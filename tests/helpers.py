@@ -234,6 +234,13 @@ class SpyStore:
         (self.keys_passed if value == PASS_MARKER else self.keys_set).append(key)
         return stored
 
+    def fill_nowait(self, key: str, value: bytes, ttl: float, token: str | None, *args: Any) -> Any:
+        """The inner store's (a Redis fill sent without a job), remembered once its reply is in, as ``fill``."""
+        sent = self.inner.fill_nowait(key, value, ttl, token, *args)  # type: ignore[attr-defined]
+        if sent is not None:
+            sent.add_done_callback(lambda _: (self.keys_passed if value == PASS_MARKER else self.keys_set).append(key))
+        return sent
+
     @property
     def capabilities(self) -> StoreCapabilities:
         """The inner store's, but remote: a wrapper stands for a store across a network (budget, breaker)."""

@@ -8,8 +8,12 @@ lock so one process refreshes it, and calls the origin through the shell.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import anyio
 
@@ -20,7 +24,7 @@ from cachemw.runtime.locks import FillLocks, fresh_entry
 from cachemw.runtime.origin import OriginSlots
 from cachemw.runtime.plan import FILL_PLAN_BYTES, FillPlan
 from cachemw.runtime.supervisor import Supervisor
-from cachemw.store.base import Store
+from cachemw.store.base import FillSender, ScriptMissing, Store, StoreError
 from cachemw.store.guarded import GuardedStore
 from cachemw.store.l1 import L1
 
@@ -46,19 +50,70 @@ class Fills:
         self.pass_ttl = pass_ttl
         self.refreshing: set[str] = set()  # keys with a refresh queued or running in this process
         self._l1_on = guarded.remote  # only a remote store has an L1 in front of it
+        self.sender = cast(FillSender, store) if store.capabilities.sends_fills else None
 
     def route_metrics(self, plan: FillPlan) -> RouteMetrics:
         return self.metrics.route(plan.match.rule.template, plan.policy.preset or "custom")
 
     def submit(self, plan: FillPlan, entry: Entry) -> None:
-        """Queue the fill of a response just sent; with the queue full, count it shed and give the lock back."""
+        """Send or queue the fill of a response just sent; with the queue full, count it shed and give the
+        lock back."""
         if plan.generations is not None:
-            plan.filling = self.supervisor.submit("fill", self.fill, plan, entry, key=plan.key, timeout=math.inf,
-                                                  size=entry_cost(entry) + FILL_PLAN_BYTES)
+            size = entry_cost(entry) + FILL_PLAN_BYTES
+            plan.filling = self._send(plan, entry, size) or self.supervisor.submit(
+                "fill", self.fill, plan, entry, key=plan.key, timeout=math.inf, size=size)
             if not plan.filling and self.supervisor.running:
                 self.route_metrics(plan).fills_shed += 1  # the queue was full
         if not plan.filling:
             self.locks.give_up(plan)
+
+    def _send(self, plan: FillPlan, entry: Entry, size: int) -> bool:
+        """The usual fill, written to the store now and finished by a callback: no job, no coroutine held
+        across its round trip. False where it must be a job (not sendable so, traced, breaker open)."""
+        sender = self.sender
+        supervisor = self.supervisor
+        if sender is None or supervisor.wrap_job is not None or self.guarded.is_open(plan.key):
+            return False
+        policy = plan.policy
+        try:
+            data = encode_entry(entry, ttl=policy.ttl, stale_while_revalidate=policy.stale_while_revalidate)
+        except ValueError:
+            return False  # the job finds it again and releases the lock
+        if not supervisor.start_detached("fill", size):
+            return False
+        assert plan.generations is not None
+        began = time.perf_counter()
+        try:
+            sent = sender.fill_nowait(plan.key, data, policy.usable_for, plan.token,
+                                      [tag_keys(self.prefix, tag)[0] for tag in entry.tags], plan.generation_keys,
+                                      plan.generations)
+        except StoreError:  # the connection closed, or too many commands in flight: the job waits its turn
+            sent = None
+        if sent is None:
+            supervisor.end_detached("fill", size, done=None)
+            return False
+        sent.add_done_callback(functools.partial(self._sent, plan, entry, size, len(data), self.l1.seq, began))
+        return True
+
+    def _sent(self, plan: FillPlan, entry: Entry, size: int, stored_bytes: int, ticket: int, began: float,
+              reply: asyncio.Future[Any]) -> None:
+        """A sent fill's reply: counted as a job's; a failure is retried by a job, within its own deadline."""
+        supervisor = self.supervisor
+        failure = StoreError("the fill's connection was closed") if reply.cancelled() else reply.exception()
+        error = failure if failure is None or isinstance(failure, Exception) else StoreError(repr(failure))
+        if error is None:
+            supervisor.end_detached("fill", size)
+            if reply.result():
+                # One loop turn later, as a job resuming would: the key's own invalidation (this write's,
+                # on the tracking link) read in the same poll is handled first, so the copy it evicts is
+                # never served from the L1 in between.
+                asyncio.get_running_loop().call_soon(self._stored, plan, entry, stored_bytes, ticket)
+            return
+        if not isinstance(error, ScriptMissing):  # a restart's lost script is sent again in full, not a failure
+            self.guarded.failed(self.guarded.breaker_for(plan.key), error, began, budget=self.guarded.background_budget)
+        supervisor.end_detached("fill", size, done=None)
+        if not supervisor.submit("fill", self.fill, plan, entry, key=plan.key, timeout=math.inf, size=size):
+            self.locks.give_up(plan)  # shutting down, or the queue is full: the lock goes now
 
     async def fill(self, plan: FillPlan, entry: Entry) -> None:
         if plan.generations is None:
@@ -71,12 +126,14 @@ class Fills:
                 await self.locks.unlock(plan.key, plan.token)
             return
         ticket = self.l1.seq
-        stored = await self._store(plan, data, plan.policy.usable_for, entry.tags)
-        if stored:
-            route_metrics = self.route_metrics(plan)
-            route_metrics.stored_entries += 1
-            route_metrics.stored_bytes += len(data)
-        if stored and plan.policy.sync > 0 and self._l1_on:
+        if await self._store(plan, data, plan.policy.usable_for, entry.tags):
+            self._stored(plan, entry, len(data), ticket)
+
+    def _stored(self, plan: FillPlan, entry: Entry, stored_bytes: int, ticket: int) -> None:
+        route_metrics = self.route_metrics(plan)
+        route_metrics.stored_entries += 1
+        route_metrics.stored_bytes += stored_bytes
+        if plan.policy.sync > 0 and self._l1_on:
             self.l1.put(plan.key, entry, plan.policy.sync, ticket)
 
     def pass_through(self, plan: FillPlan) -> None:

@@ -198,6 +198,10 @@ class Supervisor:
         self._services: list[tuple[str, ServiceFunction]] = []
         self._state: _State | None = None
         self._draining = False
+        # Jobs under way without a worker (a fill written to the store, its reply awaited by a callback),
+        # and what a drain waiting for them to end waits on.
+        self.detached = 0
+        self._detached_done: anyio.Event | None = None
         # Where its loop runs in a thread of its own (the WSGI shell): how another thread's detach()
         # gets there (runs the call on the loop's thread and returns its result), and that thread.
         self.hop: Callable[[Callable[[], bool]], bool] | None = None
@@ -272,6 +276,31 @@ class Supervisor:
         self.queued_bytes += size
         return True
 
+    def start_detached(self, kind: str, size: int = 0) -> bool:
+        """Count a job of ``kind`` that runs without a worker (its caller sent it, a callback ends it) as
+        running, holding ``size`` bytes; False (nothing counted) when not running or the bytes do not fit:
+        the caller then ``submit``s it, which sheds and counts."""
+        size += JOB_BYTES
+        if not self.running or self.queued_bytes + size > self.queue_max_bytes:
+            return False
+        self.counters_for(kind).running += 1
+        self.queued_bytes += size
+        self.detached += 1
+        return True
+
+    def end_detached(self, kind: str, size: int = 0, *, done: bool | None = True) -> None:
+        """``start_detached``'s job ended: done, failed (``done=False``), or handed on to a worker (None)."""
+        counters = self.counters_for(kind)
+        counters.running -= 1
+        if done:
+            counters.done += 1
+        elif done is not None:
+            counters.failed += 1
+        self.queued_bytes -= size + JOB_BYTES
+        self.detached -= 1
+        if self.detached == 0 and self._detached_done is not None:
+            self._detached_done.set()
+
     def detach(self, function: JobFunction, *args: Any, kind: str = "task", retries: int = 0) -> bool:
         """The public face of ``submit`` for handlers' own work; also from a WSGI view's thread."""
         hop = self.hop
@@ -337,7 +366,11 @@ class Supervisor:
             lane.close()
         with anyio.move_on_after(self.grace_period):
             await state.idle.wait()
-        if not state.idle.is_set():
+            while self.detached:  # a retry a detached job hands on after this is not taken: it ends here
+                self._detached_done = anyio.Event()
+                await self._detached_done.wait()
+        self._detached_done = None
+        if not state.idle.is_set() or self.detached:
             left = 0
             for counters in self.counters.values():
                 left += counters.queued + counters.running

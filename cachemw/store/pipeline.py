@@ -50,7 +50,7 @@ if sys.version_info >= (3, 11):
 else:  # redis-py brings async-timeout on 3.10
     from async_timeout import timeout as _timeout  # type: ignore[import-not-found,unused-ignore]
 
-from cachemw.store.base import StoreError, StoreTimeout
+from cachemw.store.base import ScriptMissing, StoreError, StoreTimeout
 from cachemw.store.loops import LoopGuard, running_loop, running_or_none
 
 __all__ = ["ErrorReply", "NoScript", "PipelinedRedis", "ReadOnly", "Redirected", "encode_command", "evalsha"]
@@ -323,7 +323,7 @@ class ErrorReply(StoreError):
     """The server answered with an error: the connection is fine, and in step."""
 
 
-class NoScript(ErrorReply):
+class NoScript(ErrorReply, ScriptMissing):
     """EVALSHA of a script the server does not have (yet, or any more after a restart)."""
 
 

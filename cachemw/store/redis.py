@@ -9,6 +9,7 @@ import from here are re-exported.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import secrets
@@ -100,7 +101,8 @@ class RedisStore:
         self.bounded = self._bound.pipelined is not None or self._bound.routed is not None
         self.lookup_locks = not self.cluster  # get_or_lock is one round trip on one server
         self.capabilities = StoreCapabilities(remote=True, keeps_budget=self.bounded, lookup_locks=self.lookup_locks,
-                                              sharded=self.cluster)
+                                              sharded=self.cluster,
+                                              sends_fills=not self.cluster and self._bound.pipelined is not None)
         self.channel = channel
         self.invalidation_channel = invalidation_channel
         self.notifications = Notifications()
@@ -330,6 +332,19 @@ class RedisStore:
             raise
         except Exception as exc:
             raise StoreError(f"redis fill failed: {exc!r}") from exc
+
+    def fill_nowait(self, key: str, value: bytes, ttl: float, token: str | None, tag_sets: Sequence[str],
+                    generation_keys: Sequence[str], generations: Sequence[int]) -> asyncio.Future[Any] | None:
+        """``FILL_ALL_SCRIPT`` by its digest on the background connection, if it is open on this loop."""
+        bound = self._bound
+        pipelined = bound.background_pipelined
+        if self.cluster or pipelined is None or bound.dropped or not pipelined.connected:
+            return None
+        keys, args = fill_call(key, value, ttl, token, self.channel, tag_sets, generation_keys, generations,
+                               time.time())
+        sent = pipelined.execute(encode_command(["EVALSHA", bound.fill_all.sha, len(keys), *keys, *args]))
+        assert isinstance(sent, asyncio.Future)  # connected: the connection's own future
+        return sent
 
     async def unlock(self, key: str, token: str, *, timeout: float | None = None) -> None:
         try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+from typing import Any
 
 import anyio
 import httpx
 import pytest
+import redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -69,11 +72,11 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str, budgets: Budgets) -> None:
-    """Fills shed by a full queue are lost (and counted), but their locks are released at once."""
+def _busy_worker_app(redis_url: str, budgets: Budgets, release_worker: anyio.Event, **settings: Any
+                     ) -> tuple[Starlette, Any]:
+    """``/busy`` holds the only background worker and fills its queue of one until ``release_worker``;
+    ``/items/{n}`` is cached. The app and its RedisStore."""
     from cachemw import RedisStore, detach
-
-    release_worker = anyio.Event()
 
     async def hold_the_worker() -> None:
         await release_worker.wait()
@@ -91,7 +94,17 @@ async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str
     store = RedisStore.from_url(redis_url, timeout=2.0)
     app.add_middleware(CacheMiddleware, store=store,
                        settings=Settings(queue_size=1, concurrency=1, lock_timeout=budgets.lock_timeout,
-                                         store_timeout=2.0))
+                                         store_timeout=2.0, **settings))
+    return app, store
+
+
+async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str, budgets: Budgets) -> None:
+    """Fills shed by a full queue are lost (and counted), but their locks are released at once.
+
+    The queue holds the two jobs that keep its only worker busy and no more bytes: a fill
+    sent to Redis at once is bounded by the same bytes as one queued for a worker."""
+    release_worker = anyio.Event()
+    app, store = _busy_worker_app(redis_url, budgets, release_worker, queue_max_bytes=1024)
     raw = store.client
     try:
         async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
@@ -122,12 +135,72 @@ async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str
         await store.aclose()
 
 
+async def test_fills_are_stored_while_every_background_worker_is_busy(redis_url: str, budgets: Budgets) -> None:
+    """A miss's fill is written to Redis at once, not queued behind the workers: with the only worker
+    held by a slow job and its queue full, every miss is still stored, and no lock is left behind."""
+    release_worker = anyio.Event()
+    app, store = _busy_worker_app(redis_url, budgets, release_worker)
+    raw = store.client
+    try:
+        async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                    base_url="http://testserver") as http:
+            assert (await http.get("/busy")).status_code == 200
+            fills = find_middleware(app).supervisor.counters_for("fill")
+            for n in range(20):
+                assert (await http.get(f"/items/{n}")).text == f"item {n}"
+
+            async def all_stored() -> bool:
+                return fills.done == 20 and not await raw.keys("*:lock")
+
+            await eventually(all_stored, within=budgets.condition, what="every fill stored, every lock released")
+            assert fills.shed == 0
+            for n in range(20):
+                assert (await http.get(f"/items/{n}")).headers["x-cache"] == "HIT"
+            release_worker.set()
+    finally:
+        await store.aclose()
+
+
+async def test_a_fill_in_flight_at_shutdown_is_stored_before_the_app_stops(redis_url: str, budgets: Budgets) -> None:
+    """Shutdown waits (within the grace period) for fills already written to Redis, not only for the
+    jobs in the queue: Redis pauses writes, a miss is answered, the app stops, the entry is there."""
+    @cache(ttl="5m")
+    async def item(request: Request) -> Response:
+        return PlainTextResponse("item")
+
+    app = Starlette(routes=[Route("/item", item)])
+    # The middleware's own store (from the URL), which it closes on the way out.
+    app.add_middleware(CacheMiddleware, redis_url=redis_url,
+                       settings=Settings(lock_timeout=budgets.lock_timeout, store_timeout=2.0,
+                                         background_timeout=5.0))
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                    base_url="http://testserver") as http:
+            assert (await http.get("/item")).text == "item"  # the route is known to miss: one round trip
+            await eventually(lambda: _true(find_middleware(app).supervisor.counters_for("fill").done == 1),
+                             what="the first fill")
+            raw.client_pause(500, all=False)  # writes wait half a second; this fill is sent into the pause
+            assert (await http.get("/item?v=2")).text == "item"
+            supervisor = find_middleware(app).supervisor
+            assert supervisor.detached == 1
+        assert supervisor.counters_for("fill").done == 2 and supervisor.detached == 0  # waited for, not abandoned
+        assert len(raw.keys("cachemw:e:*}")) == 2
+    finally:
+        raw.close()
+
+
 async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str, budgets: Budgets) -> None:
     from cachemw import RedisStore, StoreError
 
     class LosingFills(SpyStore):
         async def fill(self, *args: object, **kwargs: object) -> bool:
             raise StoreError("NOSCRIPT, and the EVAL fallback timed out")
+
+        def fill_nowait(self, *args: object) -> asyncio.Future[bool]:
+            lost: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            lost.set_exception(StoreError("the connection dropped before the reply"))
+            return lost  # then the fill is retried in a job, which fails too
 
     @cache(ttl="5m")
     async def item(request: Request) -> Response:
