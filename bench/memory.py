@@ -11,7 +11,9 @@ Each case builds a Starlette app behind ``CacheMiddleware`` with ``/item/{id:int
 under ``@cache(ttl="1h")`` (``sync="1h"`` for ``l1``) answering a ~1 KB JSON body,
 distinct per id, at once (no database sleep). It runs the lifespan (so background
 fills run in the supervisor as in production), then sends ``--keys`` GETs for
-``/item/0`` .. ``/item/N-1``, each id once, from ``--concurrency`` asyncio tasks
+``/item/0`` .. ``/item/N-1``, each id once (for ``l1`` each id is read again 512 ids
+later, a Redis hit that the L1 keeps: a fill's own copy is dropped by the invalidation
+its write sends back), from ``--concurrency`` asyncio tasks
 calling the ASGI app in process (no HTTP server; each task yields to the event
 loop between two requests, as a server does while it reads the next one). It waits
 until the supervisor has no job left, then reports RSS before (after startup) and
@@ -60,6 +62,7 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 CASES = ("memory", "l1")
+READ_BACK_LAG = 512  # l1: ids behind the newest fill that are read again (filled by then: a Redis hit)
 RSS_TARGET = 1.3  # issue #15: RSS growth at most 1.3x the configured bounds summed
 MIB = 1024 * 1024
 BODY_BYTES = 1024
@@ -388,6 +391,7 @@ async def run_case(case: str, keys: int, concurrency: int, memory_max_bytes: int
               flush=True)
 
         tally = _Tally()
+        read_backs = _Tally()  # l1: the second request of each id, READ_BACK_LAG ids behind its fill
         ids: Iterator[int] = iter(range(keys))
         done = 0
         max_accounted = 0
@@ -409,6 +413,10 @@ async def run_case(case: str, keys: int, concurrency: int, memory_max_bytes: int
             nonlocal done
             for item_id in ids:  # one shared iterator: every id is requested once
                 await mw(_scope(f"/item/{item_id}"), _receive, tally.send)
+                if case == "l1" and item_id >= READ_BACK_LAG:
+                    # A fill's own write comes back as an invalidation on the tracking link and drops
+                    # the fill's L1 copy: the L1 fills from reads (a Redis hit keeps its copy).
+                    await mw(_scope(f"/item/{item_id - READ_BACK_LAG}"), _receive, read_backs.send)
                 done += 1
                 if done % BOUND_CHECK_EVERY == 0 or done % step == 0 or done == keys:
                     look()
@@ -450,7 +458,8 @@ async def run_case(case: str, keys: int, concurrency: int, memory_max_bytes: int
             result.update({"evictions": stats.evictions, "expirations": stats.expirations,
                            "rejected": stats.rejected})
         else:
-            result.update({"l1_hits": mw.l1.hits, "l1_misses": mw.l1.misses, "l1_dropped": mw.l1.dropped})
+            result.update({"l1_hits": mw.l1.hits, "l1_misses": mw.l1.misses, "l1_dropped": mw.l1.dropped,
+                           "read_backs": dict(read_backs.x_cache)})
         result["samples"], result["coverage"] = await _samples(case, mw, keys)
         await _wait_settled(case, mw, deadline=30.0)
         result["heap"] = _heap_breakdown(case, mw)
@@ -619,7 +628,9 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], redis: dict[
                          f"rejected {r['rejected']:,}")
         else:
             lines.append(f"- L1 lookups during the run: {r['l1_hits']:,} hits, {r['l1_misses']:,} misses "
-                         f"(every fill request looks first), {r['l1_dropped']:,} dropped by invalidation")
+                         f"(every fill request looks first), {r['l1_dropped']:,} dropped by invalidation; "
+                         f"read-backs ({READ_BACK_LAG} ids behind each fill), X-Cache: "
+                         + ", ".join(f"{k} {v:,}" for k, v in sorted(r.get("read_backs", {}).items())))
             if redis is not None:
                 lines.append(f"- Redis (not bounded here, no maxmemory): {redis['entries']:,} entries, "
                              f"{redis['dbsize']:,} keys in all (tag indexes included), used_memory "

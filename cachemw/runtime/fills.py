@@ -20,6 +20,7 @@ import anyio
 from cachemw.core.entry import PASS_MARKER, Entry, encode_entry, entry_cost
 from cachemw.core.keyspace import tag_keys
 from cachemw.core.metrics import Metrics, RouteMetrics
+from cachemw.core.sizes import bytes_cost
 from cachemw.runtime.locks import FillLocks, fresh_entry
 from cachemw.runtime.origin import OriginSlots
 from cachemw.runtime.plan import FILL_PLAN_BYTES, FillPlan
@@ -29,6 +30,8 @@ from cachemw.store.guarded import GuardedStore
 from cachemw.store.l1 import L1
 
 __all__ = ["Fills"]
+
+_SENT_BYTES = 512  # a sent fill's command beyond its value: the keys, the arguments, the connection's future
 
 OriginCall = Callable[[], Awaitable["Entry | None"]]
 """Runs the app for a request nobody waits on: the entry if its response may be stored, else None."""
@@ -79,6 +82,9 @@ class Fills:
             data = encode_entry(entry, ttl=policy.ttl, stale_while_revalidate=policy.stale_while_revalidate)
         except ValueError:
             return False  # the job finds it again and releases the lock
+        # In flight, the encoded entry and the command that carries it are held too (until the reply):
+        # the bytes bound counts them, or a slow Redis would hold three times what it says.
+        size += _SENT_BYTES + 2 * bytes_cost(data)
         if not supervisor.start_detached("fill", size):
             return False
         assert plan.generations is not None
