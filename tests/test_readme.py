@@ -134,7 +134,10 @@ def test_the_benchmark_table_quotes_the_results_files() -> None:
     peers = {t["target"]: t["median"] for t in json.loads((RESULTS / "peers.json").read_text())["targets"]}
     runs = json.loads((RESULTS / "overload.json").read_text())["runs"]
     staleness = json.loads((RESULTS / "staleness.json").read_text())
-    miss = json.loads((RESULTS / "peers-miss.json").read_text())["targets"][0]
+    miss_run = json.loads((RESULTS / "peers-miss.json").read_text())
+    miss = miss_run["targets"][0]
+    cpu = {case["case"]: case["cpu_us"] for case in miss_run["cases"]}  # per round, in round order
+    miss_cpu = statistics.median(m / u for u, m in zip(cpu["uncached-miss"], cpu["cachemw-fastapi-miss"], strict=True))
     topologies = {results: [statistics.median(r["rps"] for r in hits[name]["per_round"])
                             for name in ("cluster", "sentinel", "tls")]
                   for results in ("cluster", "cluster-redis-elsewhere")
@@ -148,6 +151,7 @@ def test_the_benchmark_table_quotes_the_results_files() -> None:
         "cachemw hit on Redis vs cashews hit on Redis (FastAPI, req/s)":
             f"{peers['cachemw hit on Redis vs cashews hit on Redis (FastAPI, req/s)']:.2f}{TIMES}",
         "cachemw miss vs the uncached app (FastAPI, req/s; a CPU-bound server)": f"{miss['median']:.2f}{TIMES}",
+        "the same miss, CPU per request (the app and its Redis) over the uncached request's": f"{miss_cpu:.2f}{TIMES}",
         "hit on a 3-master Cluster, a Sentinel-named master, TLS vs one Redis (req/s; every Redis on the app's core)":
             ", ".join(f"{ratio:.2f}{TIMES}" for ratio in topologies["cluster"]),
         "the same, every Redis on the other core (as Redis on other hosts)":
