@@ -23,8 +23,8 @@ import anyio
 
 from cachemw.core.breaker import CircuitBreaker
 from cachemw.core.metrics import Metrics
-from cachemw.store.base import LockResult, Store, StoreError, StoreTimeout
-from cachemw.store.retrying import FIRST_PAUSE, within_deadline
+from cachemw.store.base import LockResult, Store, StoreTimeout
+from cachemw.store.retrying import within_deadline
 
 __all__ = ["GuardedStore", "Report"]
 
@@ -139,23 +139,6 @@ class GuardedStore:
         if not self.remote:
             return await call(None)
         breaker = self.breaker_for(key)
-        budget = self.background_budget
-        pause = FIRST_PAUSE
-        if self.keeps_budget:
-            # The first attempt bare: a fill waits on the store inside it, and each frame and
-            # closure held across that wait is walked by the garbage collector (a miss's fill
-            # is a third of its cost); the retries below are the rare case.
-            began = time.perf_counter()
-            try:
-                return await call(budget)
-            except Exception as exc:
-                self.failed(breaker, exc, began, budget=budget)
-                budget -= time.perf_counter() - began
-                if not isinstance(exc, (StoreError, TimeoutError)) or budget <= pause or breaker.state == "open":
-                    raise
-            await anyio.sleep(pause)
-            budget -= pause
-            pause *= 4
 
         async def attempt(left: float) -> T:
             began = time.perf_counter()
@@ -165,8 +148,8 @@ class GuardedStore:
                 self.failed(breaker, exc, began, budget=left)
                 raise
 
-        return await within_deadline(attempt, budget, scoped=not self.keeps_budget,
-                                     given_up=lambda: breaker.state == "open", pause=pause)
+        return await within_deadline(attempt, self.background_budget, scoped=not self.keeps_budget,
+                                     given_up=lambda: breaker.state == "open")
 
     async def _within_budget(self, call: Awaitable[T]) -> T:
         """A request-path store call, failing with TimeoutError after the budget whatever the driver does."""

@@ -28,7 +28,7 @@ MAX_PAUSE = 0.25
 
 
 async def within_deadline(call: Callable[[float], Awaitable[T]], budget: float, *, scoped: bool = True,
-                          given_up: Callable[[], bool] | None = None, pause: float = FIRST_PAUSE) -> T:
+                          given_up: Callable[[], bool] | None = None) -> T:
     """``call(seconds_left)`` until it answers or ``budget`` seconds have passed; then its last error.
 
     Retries on ``StoreError`` and ``TimeoutError``. ``scoped=False`` for a store that
@@ -36,10 +36,9 @@ async def within_deadline(call: Callable[[float], Awaitable[T]], budget: float, 
     attempt is cancelled when the deadline passes. ``given_up()`` true after a failure
     ends the retries early: a store that is down (its breaker open) is not hammered
     for the rest of the deadline, and work run at the end of a request does not hold it.
-    ``pause``: the one before the first retry (a caller that made a first attempt itself
-    passes the next one).
     """
     deadline = time.monotonic() + budget
+    pause = FIRST_PAUSE
     while True:
         left = deadline - time.monotonic()
         try:
