@@ -110,10 +110,7 @@ class Fills:
         if error is None:
             supervisor.end_detached("fill", size)
             if reply.result():
-                # One loop turn later, as a job resuming would: the key's own invalidation (this write's,
-                # on the tracking link) read in the same poll is handled first, so the copy it evicts is
-                # never served from the L1 in between.
-                asyncio.get_running_loop().call_soon(self._stored, plan, entry, stored_bytes, ticket)
+                self._stored(plan, entry, stored_bytes, ticket)
             return
         if not isinstance(error, ScriptMissing):  # a restart's lost script is sent again in full, not a failure
             self.guarded.failed(self.guarded.breaker_for(plan.key), error, began, budget=self.guarded.background_budget)

@@ -294,13 +294,17 @@ def _seen(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def evalsha_command(sha: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]) -> bytes:
+    return encode_command(["EVALSHA", sha, len(keys), *keys, *args])
+
+
 async def evalsha(execute: Callable[[bytes, float], Awaitable[Any]], sha: str, script: str, keys: Sequence[str],
                   args: Sequence[bytes | str | int | float], budget: float) -> Any:
     """A script by its digest through ``execute(command, timeout)``; sent once in full when the server does not
     know it (a restart, a failover, a new node). Both within ``budget``, which the first reply's wait uses up."""
     began = time.monotonic()
     try:
-        return await execute(encode_command(["EVALSHA", sha, len(keys), *keys, *args]), budget)
+        return await execute(evalsha_command(sha, keys, args), budget)
     except NoScript:
         left = budget - (time.monotonic() - began)
         if left <= 0:
@@ -435,11 +439,26 @@ class PipelinedRedis:
         """Run a script by its digest; sent once in full when the server does not know it (see ``evalsha``)."""
         return evalsha(self.execute, sha, script, keys, args, self._timeout if timeout is None else timeout)
 
+    def send_evalsha(self, sha: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]
+                     ) -> asyncio.Future[Any] | None:
+        """A script by its digest, written now within the budget: the connection's future of its reply
+        (NOSCRIPT fails it, nothing is sent again); None when not connected on this loop."""
+        connection = self._open_here()
+        if connection is None:
+            return None
+        return connection.send(evalsha_command(sha, keys, args), connection.loop.time() + self._timeout)
+
+    def _open_here(self) -> _Connection | None:
+        """The connection, if it is open on the running loop (``execute`` asks the same inline: a hit's path)."""
+        connection = self._connection
+        if connection is None or connection.closed or connection.loop is not _get_running_loop():
+            return None
+        return connection
+
     @property
     def connected(self) -> bool:
         """Open on the running loop: ``execute`` answers a future at once, without connecting first."""
-        connection = self._connection
-        return connection is not None and not connection.closed and connection.loop is _get_running_loop()
+        return self._open_here() is not None
 
     async def execute_after(self, first: bytes, command: bytes, timeout: float | None = None) -> Any:
         """``command``'s reply, sent right behind ``first`` on one connection, nothing between them

@@ -338,13 +338,11 @@ class RedisStore:
         """``FILL_ALL_SCRIPT`` by its digest on the background connection, if it is open on this loop."""
         bound = self._bound
         pipelined = bound.background_pipelined
-        if self.cluster or pipelined is None or bound.dropped or not pipelined.connected:
+        if self.cluster or pipelined is None or bound.dropped:
             return None
         keys, args = fill_call(key, value, ttl, token, self.channel, tag_sets, generation_keys, generations,
                                time.time())
-        sent = pipelined.execute(encode_command(["EVALSHA", bound.fill_all.sha, len(keys), *keys, *args]))
-        assert isinstance(sent, asyncio.Future)  # connected: the connection's own future
-        return sent
+        return pipelined.send_evalsha(bound.fill_all.sha, keys, args)
 
     async def unlock(self, key: str, token: str, *, timeout: float | None = None) -> None:
         try:
