@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -16,6 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from cachemw import CacheMiddleware, Settings, cache
+from cachemw.runtime.supervisor import JobCounters
 from tests.budgets import Budgets
 from tests.helpers import SpyStore, assert_counted, eventually, find_middleware, lifespan
 from tests.redis_server import RedisServer
@@ -98,6 +101,19 @@ def _busy_worker_app(redis_url: str, budgets: Budgets, release_worker: anyio.Eve
     return app, store
 
 
+@contextlib.asynccontextmanager
+async def _twenty_misses_behind_a_busy_worker(app: Starlette) -> AsyncIterator[tuple[httpx.AsyncClient, JobCounters]]:
+    """The app served, ``/busy`` asked (its worker held), then 20 misses answered; the client and the fill
+    counters."""
+    async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                base_url="http://testserver") as http:
+        assert (await http.get("/busy")).status_code == 200
+        fills = find_middleware(app).supervisor.counters_for("fill")
+        for n in range(20):
+            assert (await http.get(f"/items/{n}")).text == f"item {n}"
+        yield http, fills
+
+
 async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str, budgets: Budgets) -> None:
     """Fills shed by a full queue are lost (and counted), but their locks are released at once.
 
@@ -107,12 +123,7 @@ async def test_a_full_background_queue_leaves_no_fill_lock_behind(redis_url: str
     app, store = _busy_worker_app(redis_url, budgets, release_worker, queue_max_bytes=1024)
     raw = store.client
     try:
-        async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                                    base_url="http://testserver") as http:
-            assert (await http.get("/busy")).status_code == 200
-            fills = find_middleware(app).supervisor.counters_for("fill")
-            for n in range(20):
-                assert (await http.get(f"/items/{n}")).text == f"item {n}"
+        async with _twenty_misses_behind_a_busy_worker(app) as (_, fills):
             assert fills.shed >= 19  # the queue really was full
             # Per route, where the operator looks: the entries a full queue cost.
             assert_counted(app, "/items/{n}", "fills_shed", fills.shed, lambda n: (
@@ -142,13 +153,7 @@ async def test_fills_are_stored_while_every_background_worker_is_busy(redis_url:
     app, store = _busy_worker_app(redis_url, budgets, release_worker)
     raw = store.client
     try:
-        async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                                    base_url="http://testserver") as http:
-            assert (await http.get("/busy")).status_code == 200
-            fills = find_middleware(app).supervisor.counters_for("fill")
-            for n in range(20):
-                assert (await http.get(f"/items/{n}")).text == f"item {n}"
-
+        async with _twenty_misses_behind_a_busy_worker(app) as (http, fills):
             async def all_stored() -> bool:
                 return fills.done == 20 and not await raw.keys("*:lock")
 
