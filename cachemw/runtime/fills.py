@@ -80,8 +80,8 @@ class Fills:
         policy = plan.policy
         try:
             data = encode_entry(entry, ttl=policy.ttl, stale_while_revalidate=policy.stale_while_revalidate)
-        except ValueError:
-            return False  # the job finds it again and releases the lock
+        except Exception:  # runs in the request's task: whatever it is, the job meets it behind its barrier
+            return False  # (and releases the lock)
         # In flight, the encoded entry and the command that carries it are held too (until the reply):
         # the bytes bound counts them, or a slow Redis would hold three times what it says.
         size += _SENT_BYTES + 2 * bytes_cost(data)
@@ -93,7 +93,7 @@ class Fills:
             sent = sender.fill_nowait(plan.key, data, policy.usable_for, plan.token,
                                       [tag_keys(self.prefix, tag)[0] for tag in entry.tags], plan.generation_keys,
                                       plan.generations)
-        except StoreError:  # the connection closed, or too many commands in flight: the job waits its turn
+        except Exception:  # the connection closed, too many commands in flight: the job waits its turn
             sent = None
         if sent is None:
             supervisor.end_detached("fill", size, done=None)

@@ -230,6 +230,36 @@ async def test_a_fill_the_store_refuses_still_releases_its_lock(redis_url: str, 
         await inner.aclose()
 
 
+async def test_a_fill_that_cannot_be_sent_at_once_is_stored_by_its_job_not_raised(redis_url: str,
+                                                                                   budgets: Budgets) -> None:
+    """Sending a fill at once runs in the request's task: whatever goes wrong there (here a driver bug)
+    never reaches the client or the server; the fill job stores it instead."""
+    from cachemw import RedisStore
+
+    class BrokenSend(SpyStore):
+        def fill_nowait(self, *args: object) -> asyncio.Future[bool]:
+            raise RuntimeError("a bug in the driver")
+
+    @cache(ttl="5m")
+    async def item(request: Request) -> Response:
+        return PlainTextResponse("item")
+
+    inner = RedisStore.from_url(redis_url, timeout=2.0)
+    store = BrokenSend(inner)
+    app = Starlette(routes=[Route("/item", item)])
+    app.add_middleware(CacheMiddleware, store=store,
+                       settings=Settings(lock_timeout=budgets.lock_timeout, store_timeout=2.0))
+    try:
+        async with lifespan(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                    base_url="http://testserver") as http:
+            assert (await http.get("/item")).text == "item"
+            await eventually(lambda: _true(store.keys_set != []), within=budgets.condition,
+                             what="the fill stored by its job")
+            assert (await http.get("/item")).headers["x-cache"] == "HIT"
+    finally:
+        await inner.aclose()
+
+
 async def test_waiters_are_answered_when_the_response_is_complete_not_after_its_background_task(
         store: SpyStore, budgets: Budgets) -> None:
     from starlette.background import BackgroundTask
